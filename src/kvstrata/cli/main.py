@@ -1,0 +1,65 @@
+"""`kvstrata` command line: one sub-command per module, imported only when used.
+
+Each sub-command module defines `add_arguments(parser)` and `run(args) -> int`. User errors
+(KvstrataError) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from kvstrata.core import KvstrataError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("kvstrata.cli.generate", "generate text for prompts or chat messages"),
+    "chat": ("kvstrata.cli.chat", "interactive chat, streaming tokens as they come"),
+    "serve": ("kvstrata.cli.serve", "run the OpenAI-compatible HTTP server"),
+    "cache": ("kvstrata.cli.cache", "inspect, verify or clear the KV tiers"),
+    "plan": ("kvstrata.cli.plan", "predict where bytes live, speed and cost across hardware"),
+    "jobs": ("kvstrata.cli.jobs", "run files of agent tasks without a person in the loop"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstrata", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen command's module is imported (torch stays out of `kvstrata plan`).
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name == module:
+                    raise KvstrataError(f"`kvstrata {name}` is not available in this build") from e
+                raise
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        return int(args._run(args) or 0)
+    except KvstrataError as e:
+        print(f"kvstrata: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
