@@ -1,0 +1,265 @@
+"""The tier stack: lookup order, verified loads, promote on hit, write-down through a background mover.
+
+The stack owns policy only (kvstrata.tiers.policy); the tiers own bytes. Every load is verified
+(fingerprint, key, token ids, checksums); a bad copy is removed and counted, and the next tier is
+tried, so a corrupt or foreign block can cost a recompute but never a wrong answer. Writes (offers,
+promotions, write-downs) go through one mover thread with a queue bounded in bytes: when it is full
+the write is dropped and counted, so the engine never blocks on, or grows memory for, a cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kvstrata.core import KvstrataError
+from kvstrata.tiers import codec as kvcodec
+from kvstrata.tiers.base import Tier
+from kvstrata.tiers.policy import TierPolicy, prefix_holders
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    kind: str  # "offer" | "promote" | "demote"
+    key: bytes
+    targets: list[int]
+    nbytes: int
+    payload: torch.Tensor | None = None  # offers: (2, L, T, H, D)
+    token_ids: tuple[int, ...] = ()
+    blob: bytes | bytearray | None = None  # promotions / demotions: an encoded block
+
+
+@dataclass
+class _MoverStats:
+    accepted: Counter = field(default_factory=Counter)  # by job kind
+    dropped: Counter = field(default_factory=Counter)  # by job kind: queue full or stack closed
+    dropped_bytes: int = 0
+    written: Counter = field(default_factory=Counter)  # tier name -> blocks written by the mover
+    write_failures: Counter = field(default_factory=Counter)  # tier name -> puts that returned False
+    errors: int = 0  # exceptions inside a job (encoding, a tier bug)
+
+
+class TierStack:
+    """Tiers below device memory, fastest first, under one policy.
+
+    tiers: e.g. [HostTier, DiskTier, RedisTier]; names must differ. codecs: one codec name for all
+    tiers or one per tier ("raw" | "int8"). max_pending_bytes bounds the mover's queue.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], fingerprint: str, codecs: str | Sequence[str] = "raw", *,
+                 write_policy: str = "write-on-evict", max_pending_bytes: int = 256 << 20,
+                 promote_on_hit: bool = True) -> None:
+        self.tiers = list(tiers)
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise KvstrataError(f"tier names must differ, got {names}; pass name=... to the tiers")
+        self.fingerprint = fingerprint
+        codecs = [codecs] * len(self.tiers) if isinstance(codecs, str) else list(codecs)
+        if len(codecs) != len(self.tiers):
+            raise KvstrataError(f"{len(codecs)} codecs for {len(self.tiers)} tiers; give one per tier or one for all")
+        for c in codecs:
+            kvcodec.get_codec(c)
+        self.codecs = codecs
+        self.policy = TierPolicy(write_policy, promote_on_hit)
+        self.max_pending_bytes = int(max_pending_bytes)
+        self._discards: dict[str, Counter] = {n: Counter() for n in names}
+        self._good_hits: Counter = Counter()
+        self._load_misses = 0
+        self._mover = _MoverStats()
+        self._cv = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._pending_bytes = 0
+        self._busy = 0
+        self._closing = False
+        for i, t in enumerate(self.tiers):
+            if self.policy.demote_target(i, len(self.tiers)) is not None:
+                t.set_evict_listener(lambda key, blob, i=i: self._on_evict(i, key, blob))
+        self._thread = threading.Thread(target=self._run, name="kv-tier-mover", daemon=True)
+        self._thread.start()
+
+    # ---- reads (caller's thread) ----
+
+    def lookup_prefix(self, keys: Sequence[bytes]) -> list[str]:
+        """Tier names holding the leading keys, fastest holder each; stops at the first key none holds.
+
+        A hint: a block seen here may still fail to load (evicted meanwhile, or corrupt); then `load`
+        returns None and the caller recomputes from that block on.
+        """
+        keys = list(keys)
+        found: list[list[bool]] = []
+        missing = list(range(len(keys)))  # indices no faster tier holds
+        for tier in self.tiers:
+            row = [False] * len(keys)
+            if missing:
+                for idx, ok in zip(missing, tier.contains_many([keys[j] for j in missing])):
+                    row[idx] = ok
+            found.append(row)
+            missing = [j for j in missing if not row[j]]
+        return [self.tiers[t].name for t in prefix_holders(found, len(keys))]
+
+    def load(self, key: bytes, token_ids: Sequence[int]) -> torch.Tensor | None:
+        """The verified block (2, L, T, H, D) from the fastest tier with a good copy, or None.
+
+        A copy that fails verification is removed from its tier and counted as a discard; the next
+        tier is tried. A hit is promoted (in the background) to the faster tiers.
+        """
+        for i, tier in enumerate(self.tiers):
+            blob = tier.get(key)
+            if blob is None:
+                continue
+            try:
+                x = kvcodec.decode(blob, self.fingerprint, key, token_ids)  # may alias a bytearray blob
+            except kvcodec.CorruptBlockError as e:
+                tier.remove(key)
+                with self._cv:
+                    self._discards[tier.name][e.reason] += 1
+                logger.warning("discarded block %s from tier %s: %s", key.hex()[:16], tier.name, e.detail)
+                continue
+            with self._cv:
+                self._good_hits[tier.name] += 1
+            targets = self.policy.promote_targets(i)
+            if targets:
+                snapshot = blob if isinstance(blob, bytes) else bytes(blob)  # x may alias `blob`
+                self._enqueue(_Job("promote", key, targets, len(blob), blob=snapshot))
+            return x
+        with self._cv:
+            self._load_misses += 1
+        return None
+
+    # ---- writes (queued; the mover thread does them) ----
+
+    def offer(self, key: bytes, token_ids: Sequence[int], payload: torch.Tensor) -> bool:
+        """Queue a block (2, L, T, H, D) for writing down; never blocks. False if dropped (queue full).
+
+        The stack takes ownership of `payload`: the caller must not modify it afterwards.
+        """
+        targets = self.policy.offer_targets(len(self.tiers))
+        if not targets:
+            return False
+        job = _Job("offer", key, targets, payload.numel() * payload.element_size(), payload=payload,
+                   token_ids=tuple(int(t) for t in token_ids))
+        return self._enqueue(job)
+
+    def pin(self, key: bytes, tier: str) -> bool:
+        return self._tier(tier).pin(key)
+
+    def unpin(self, key: bytes, tier: str) -> None:
+        self._tier(tier).unpin(key)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write is done; False if `timeout` seconds passed first."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._queue and self._busy == 0, timeout)
+
+    def close(self, timeout: float | None = 10.0, *, close_tiers: bool = True) -> None:
+        """Finish queued writes (up to `timeout`), stop the mover, and close the tiers."""
+        if not self.flush(timeout):
+            logger.warning("tier stack closing with %d writes still queued; dropping them", len(self._queue))
+        with self._cv:
+            self._closing = True
+            self._queue.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        for t in self.tiers:
+            t.set_evict_listener(None)
+            if close_tiers:
+                t.close()
+
+    def __enter__(self) -> "TierStack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def offer_on_compute(self) -> bool:
+        return self.policy.offer_on_compute
+
+    def stats(self) -> dict:
+        """Per tier: blocks, bytes, hits, misses, hit rate, bytes / GB/s read and written, discards, errors."""
+        per_tier = {}
+        for t, c in zip(self.tiers, self.codecs):
+            d = t.stats().as_dict()
+            with self._cv:
+                d.update(codec=c, verified_hits=self._good_hits[t.name], discards=dict(self._discards[t.name]),
+                         mover_writes=self._mover.written[t.name],
+                         mover_write_failures=self._mover.write_failures[t.name])
+            per_tier[t.name] = d
+        with self._cv:
+            m = self._mover
+            mover = dict(pending_bytes=self._pending_bytes, queued_jobs=len(self._queue),
+                         max_pending_bytes=self.max_pending_bytes, accepted=dict(m.accepted),
+                         dropped=dict(m.dropped), dropped_bytes=m.dropped_bytes, errors=m.errors)
+            misses = self._load_misses
+        return dict(fingerprint=self.fingerprint, write_policy=self.policy.write_policy, tiers=per_tier,
+                    load_misses=misses, mover=mover)
+
+    # ---- mover ----
+
+    def _tier(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KvstrataError(f"no tier named {name!r}; tiers are {[t.name for t in self.tiers]}")
+
+    def _enqueue(self, job: _Job) -> bool:
+        with self._cv:
+            if self._closing or self._pending_bytes + job.nbytes > self.max_pending_bytes:
+                self._mover.dropped[job.kind] += 1
+                self._mover.dropped_bytes += job.nbytes
+                return False
+            self._queue.append(job)
+            self._pending_bytes += job.nbytes
+            self._mover.accepted[job.kind] += 1
+            self._cv.notify_all()
+            return True
+
+    def _on_evict(self, tier_index: int, key: bytes, blob: bytes | bytearray) -> None:
+        target = self.policy.demote_target(tier_index, len(self.tiers))
+        if target is not None:
+            self._enqueue(_Job("demote", key, [target], len(blob), blob=blob))
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._queue or self._closing)
+                if self._closing and not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._busy += 1
+            try:
+                self._do(job)
+            except Exception:  # a bug in a job must not kill the mover
+                logger.exception("tier mover job %s for %s failed", job.kind, job.key.hex()[:16])
+                with self._cv:
+                    self._mover.errors += 1
+            finally:
+                with self._cv:
+                    self._pending_bytes -= job.nbytes
+                    self._busy -= 1
+                    self._cv.notify_all()
+
+    def _do(self, job: _Job) -> None:
+        encoded: dict[str, bytes] = {}
+        if job.blob is not None:
+            encoded[kvcodec.read_header(job.blob).codec] = bytes(job.blob)
+        for i in job.targets:
+            tier, codec = self.tiers[i], self.codecs[i]
+            if tier.contains(job.key):
+                continue
+            if codec not in encoded:
+                if job.payload is not None:
+                    encoded[codec] = kvcodec.encode(job.payload, key=job.key, token_ids=job.token_ids,
+                                                    fingerprint=self.fingerprint, codec=codec)
+                else:
+                    encoded[codec] = kvcodec.recode(next(iter(encoded.values())), codec)
+            ok = tier.put(job.key, encoded[codec])
+            with self._cv:
+                (self._mover.written if ok else self._mover.write_failures)[tier.name] += 1
