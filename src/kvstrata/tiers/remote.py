@@ -108,7 +108,7 @@ class RedisTier(Tier):
     def _up(self) -> None:
         if self._backoff != self._backoff_initial:
             with self._state_lock:
-                self._backoff = self._backoff_initial
+                self._backoff, self._down_until = self._backoff_initial, 0.0
             logger.warning("remote tier %s is reachable again", self.url)
 
     def _ex(self, key: bytes) -> int | None:
