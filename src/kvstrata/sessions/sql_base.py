@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from kvstrata.core import KvstrataError
-from kvstrata.sessions.types import ANY_OWNER, _AnyOwner
+from kvstrata.sessions.types import ANY_OWNER, SessionNotFound, _AnyOwner
 
 
 class SqlBase:
@@ -47,6 +47,15 @@ class SqlBase:
 
     def _now(self) -> float:
         return float(self.clock())
+
+    def _load_row(self, cur: Any, session_id: str, owner: Any, cols: str, lock: bool) -> tuple:
+        """The session row (columns `cols`, the second being `owner`); SessionNotFound if not visible."""
+        self._check_owner_arg(owner)
+        sql = f"SELECT {cols} FROM sessions WHERE id = ?" + (self.for_update if lock else "")
+        row = self._one(cur, sql, (session_id,))
+        if row is None or not self._visible(row[1], owner):
+            raise SessionNotFound(session_id)
+        return row
 
     @staticmethod
     def _check_owner_arg(owner: Any, allow_any: bool = True) -> None:

@@ -1,6 +1,6 @@
-"""The SQL core shared by the SQLite and PostgreSQL stores: sessions and Responses-API records.
+"""The SQL core shared by the SQLite and PostgreSQL stores: sessions.
 
-Jobs, job tasks and tool calls are in sql_jobs.py. Everything here is plain SQL that both databases
+Responses-API records are in sql_responses.py; jobs, job tasks and tool calls in sql_jobs.py. Everything here is plain SQL that both databases
 run unchanged, so the two backends cannot drift apart.
 
 Consistency of reads without a snapshot: messages are only ever appended, and a session row names how
@@ -16,21 +16,19 @@ from typing import Any, Sequence
 from kvstrata.core import BLOCK_KEY_BYTES, KvstrataError, RequestClass
 from kvstrata.sessions import codec
 from kvstrata.sessions.sql_jobs import JobsSql
+from kvstrata.sessions.sql_responses import ResponsesSql
 from kvstrata.sessions.store import SessionStore
 from kvstrata.sessions.types import (
     SESSION_TRANSITIONS,
     UNSET,
     InvalidTransition,
     Page,
-    ResponseNotFound,
-    ResponseRecord,
     Session,
     SessionInfo,
     SessionNotFound,
     SessionState,
     VersionConflict,
     check_transition,
-    new_response_id,
     new_session_id,
 )
 
@@ -62,18 +60,10 @@ def _info(row: Sequence[Any]) -> dict[str, Any]:
     )
 
 
-class SqlStore(JobsSql, SessionStore):
+class SqlStore(ResponsesSql, JobsSql, SessionStore):
     """SessionStore on any backend that provides the SqlBase hooks."""
 
     # ------------------------------------------------------------------------------------ reads
-
-    def _load_row(self, cur: Any, session_id: str, owner: Any, cols: str, lock: bool) -> tuple:
-        self._check_owner_arg(owner)
-        sql = f"SELECT {cols} FROM sessions WHERE id = ?" + (self.for_update if lock else "")
-        row = self._one(cur, sql, (session_id,))
-        if row is None or not self._visible(row[1], owner):
-            raise SessionNotFound(session_id)
-        return row
 
     def get_session_info(self, session_id: str, *, owner: Any) -> SessionInfo:
         with self._read() as cur:
@@ -373,43 +363,3 @@ class SqlStore(JobsSql, SessionStore):
             )
         s.messages = [codec.loads(b[0]) for b in bodies]
         return s
-
-    # ------------------------------------------------------------------------------------ responses
-
-    def put_response(
-        self, session_id: str, *, owner: Any, turn: int, output: Any, usage: Any = None
-    ) -> ResponseRecord:
-        turn = codec.check_count(turn, "turn")
-        rec = ResponseRecord(
-            id=new_response_id(),
-            session_id=session_id,
-            turn=turn,
-            output=codec.loads(codec.dumps(output, "output")),
-            usage=codec.loads(codec.dumps(usage, "usage")),
-            created_at=self._now(),
-        )
-        with self._write() as cur:
-            self._load_row(cur, session_id, owner, "id, owner", True)
-            self._x(
-                cur,
-                "INSERT INTO responses (id, session_id, turn, output, usage, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (rec.id, session_id, turn, codec.dumps(output, "output"),
-                 None if usage is None else codec.dumps(usage, "usage"), rec.created_at),
-            )  # fmt: skip
-        return rec
-
-    def get_response(self, response_id: str, *, owner: Any) -> ResponseRecord:
-        self._check_owner_arg(owner)
-        with self._read() as cur:
-            row = self._one(
-                cur,
-                "SELECT r.id, r.session_id, r.turn, r.output, r.usage, r.created_at, s.owner "
-                "FROM responses r JOIN sessions s ON s.id = r.session_id WHERE r.id = ?",
-                (response_id,),
-            )
-        if row is None or not self._visible(row[6], owner):
-            raise ResponseNotFound(response_id)
-        return ResponseRecord(
-            id=row[0], session_id=row[1], turn=row[2], output=codec.loads(row[3]),
-            usage=codec.loads(row[4]), created_at=row[5],
-        )  # fmt: skip
