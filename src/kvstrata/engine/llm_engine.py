@@ -1,0 +1,231 @@
+"""The synchronous engine: add requests, step (schedule -> run model -> sample -> update), collect outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import torch
+
+from kvstrata.config import EngineConfig
+from kvstrata.core import (
+    CompletionOutput,
+    ContextLengthError,
+    FinishReason,
+    KvstrataError,
+    RequestClass,
+    RequestOutput,
+    SamplingParams,
+)
+from kvstrata.engine.runner import ModelRunner
+from kvstrata.engine.sampler import Sampler
+from kvstrata.engine.setup import build_model, pool_blocks, resolve_device_dtype
+from kvstrata.kv.manager import KVManager
+from kvstrata.kv.pool import BlockPool
+from kvstrata.loader import load_model
+from kvstrata.sched.scheduler import Scheduler
+from kvstrata.sched.sequence import Sequence
+from kvstrata.tokenizer.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    seqs: list[Sequence]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+        cfg = config or EngineConfig(**overrides)
+        self.config = cfg
+        self.device, self.dtype = resolve_device_dtype(cfg)
+        if self.device.type == "cpu" and cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        t0 = time.perf_counter()
+        lm = load_model(cfg.model, self.dtype)
+        self.model_config = mc = lm.config
+        self.tokenizer = lm.tokenizer
+        self.model_path = lm.path
+        self.quantization = lm.quantization
+        self.model = build_model(lm, self.dtype, self.device)
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        if mc.sliding_window and self.max_model_len > mc.sliding_window:
+            log.warning("capping max_model_len to the model's sliding window %d", mc.sliding_window)
+            self.max_model_len = mc.sliding_window
+        # The fingerprint names everything that makes a KV block's bytes what they are.
+        fp = hashlib.sha256()
+        for part in (lm.source_id, str(self.dtype), "layout:LBSHD", cfg.block_size, mc.rope_theta, mc.rope_scaling):
+            fp.update(str(part).encode())
+        self.fingerprint = fp.hexdigest()
+        nblocks = pool_blocks(cfg, mc, self.dtype, self.device)
+        self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        self.kv = KVManager(self.pool, self.fingerprint, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
+        self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_prompt_tokens": 0,
+                         "generated_tokens": 0, "steps": 0, "preemptions": 0}
+        log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s",
+                 time.perf_counter() - t0, mc.name or cfg.model, nblocks, cfg.block_size,
+                 nblocks * BlockPool.bytes_per_block(cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype) / 2**20,
+                 self.device, self.dtype)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        request_class: RequestClass | str = RequestClass.INTERACTIVE,
+    ) -> str:
+        params = params or SamplingParams()
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise KvstrataError(f"request id {rid!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self._validate_prompt(ids, params)
+        rc = RequestClass(request_class)
+        seqs = [Sequence(rid, i, list(ids), params, rc) for i in range(params.n)]
+        for s in seqs:
+            s.detok = IncrementalDetokenizer(self.tokenizer, ids)
+            self.scheduler.add(s)
+        self.requests[rid] = _Request(rid, text, seqs)
+        return rid
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise KvstrataError("the prompt is empty; give at least one token")
+        V = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise KvstrataError(f"prompt token ids out of range [0, {V}): {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens "
+                "(prompt plus at least one generated token); shorten the prompt"
+            )
+        need = self.kv.blocks_needed(min(len(ids) + params.max_tokens, self.max_model_len))
+        if need > self.pool.num_blocks:
+            raise ContextLengthError(
+                f"this request needs up to {need} KV blocks but the device pool has {self.pool.num_blocks}; "
+                "lower max_tokens, shorten the prompt, or raise --kv-device-bytes"
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for s in req.seqs:
+            if not s.is_finished:
+                s.finish_reason = FinishReason.ABORT
+                self.scheduler.finish(s)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        self.counters["preemptions"] += len(so.preempted)
+        if so.empty:
+            return []
+        now = time.time()
+        for s in so.scheduled:
+            seq = s.seq
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+                self.counters["prompt_tokens"] += len(seq.prompt_token_ids)
+                self.counters["cached_prompt_tokens"] += seq.metrics.cached_prompt_tokens
+            if seq.in_prefill:
+                n = min(s.num_new_tokens, len(seq.prompt_token_ids) - seq.num_computed_tokens)
+                seq.metrics.computed_prompt_tokens += n
+                self.counters["computed_prompt_tokens"] += n
+        sample_seqs, logits = self.runner.execute(so)
+        for s in so.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.kv.commit(s.seq)
+        touched: dict[str, None] = {s.seq.request_id: None for s in so.scheduled}
+        if sample_seqs:
+            tokens = self.sampler(sample_seqs, logits)
+            for seq, tok in zip(sample_seqs, tokens):
+                self._append_token(seq, tok)
+        self.counters["steps"] += 1
+        return [self._output(rid) for rid in touched if rid in self.requests]
+
+    def _append_token(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        seq.output_token_ids.append(tok)
+        self.counters["generated_tokens"] += 1
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = time.time()
+        if tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos):
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, (tok if tok in p.stop_token_ids else None)
+        else:
+            delta = seq.detok.push(tok)
+            if p.stop and delta:
+                self._check_stop_strings(seq, len(delta))
+        if seq.finish_reason is None and (
+            len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            seq.metrics.finished_time = time.time()
+            self.scheduler.finish(seq)
+
+    def _check_stop_strings(self, seq: Sequence, delta_len: int) -> None:
+        text = seq.detok.text
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, len(text) - delta_len - longest + 1)
+        hits = [(text.find(s, start), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits)
+            seq.detok.text = text[: i + len(s)] if seq.params.include_stop_str_in_output else text[:i]
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, s
+
+    def _visible_text(self, seq: Sequence) -> str:
+        """Text safe to show now: while running, hold back a tail that could begin a stop string."""
+        text = seq.detok.text
+        if seq.finish_reason is not None or not seq.params.stop:
+            return text
+        hold = 0
+        for s in seq.params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[: len(text) - hold]
+
+    def _output(self, rid: str) -> RequestOutput:
+        req = self.requests[rid]
+        outs = [
+            CompletionOutput(s.index, self._visible_text(s), list(s.output_token_ids), s.finish_reason,
+                             s.stop_reason, s.logprobs)
+            for s in req.seqs
+        ]
+        finished = all(s.finish_reason is not None for s in req.seqs)
+        m = req.seqs[0].metrics
+        if finished:
+            del self.requests[rid]
+        return RequestOutput(rid, req.prompt, req.seqs[0].prompt_token_ids, outs, finished, m)
+
+    # -- convenience ------------------------------------------------------------------------------
+    def run_to_completion(self) -> dict[str, RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return done

@@ -1,0 +1,73 @@
+"""The model runner: turns a SchedulerOutput into tensors, runs the model, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from kvstrata.kv.manager import KVManager
+from kvstrata.model.attention import AttnMetadata, PrefillSpan
+from kvstrata.model.llama import LlamaModel
+from kvstrata.sched.scheduler import SchedulerOutput
+from kvstrata.sched.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVManager, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.pool = kv.pool
+        self.device = device
+        self.bs = kv.block_size
+
+    def execute(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Runs one step. Returns the sequences that get a next token this step and their logits (S, V)."""
+        dev, bs = self.device, self.bs
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        meta = AttnMetadata(slot_mapping=None)  # type: ignore[arg-type]
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        offset = 0
+        for s in so.scheduled:
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            toks = seq.all_token_ids[start : start + n]
+            ids.extend(toks)
+            pos = torch.arange(start, start + n)
+            table = torch.tensor(seq.block_table, dtype=torch.long)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                meta.num_decodes += 1
+                dec_tables.append(seq.block_table)
+                dec_lens.append(start + 1)
+            else:
+                nblk = self.kv.blocks_needed(start + n)
+                meta.prefills.append(PrefillSpan(offset, n, start, table[:nblk].to(dev)))
+            if start + n == seq.num_tokens:  # caught up: the last position's logits give the next token
+                sample_rows.append(offset + n - 1)
+                sample_seqs.append(seq)
+            offset += n
+        if meta.num_decodes:
+            nb = max(len(t) for t in dec_tables)
+            bt = torch.zeros(meta.num_decodes, nb, dtype=torch.long)
+            for i, t in enumerate(dec_tables):
+                bt[i, : len(t)] = torch.tensor(t)
+            lens = torch.tensor(dec_lens)
+            meta.decode_block_tables = bt.to(dev)
+            meta.decode_mask = (torch.arange(nb * bs)[None, :] < lens[:, None]).view(len(dec_lens), 1, 1, -1).to(dev)
+        meta.slot_mapping = torch.cat(slots).to(dev)
+        if not ids:
+            return [], None
+        logits = self.model(
+            torch.tensor(ids, device=dev),
+            torch.cat(positions).to(dev),
+            self.pool.k_layers,
+            self.pool.v_layers,
+            meta,
+            torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+        return sample_seqs, logits

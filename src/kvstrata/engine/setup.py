@@ -1,0 +1,76 @@
+"""Engine start-up helpers: device and dtype choice, model construction, KV pool sizing."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvstrata.config import EngineConfig
+from kvstrata.core import KvstrataError
+from kvstrata.kv.pool import BlockPool
+from kvstrata.model.config import ModelConfig
+from kvstrata.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise KvstrataError(f"device {dev!r} asked for but no CUDA device is available; use --device cpu")
+    device = torch.device(dev)
+    if cfg.dtype == "auto":
+        # bf16 matmul has no native CPU support on common x86 parts (~1.3 GFLOP/s measured): fp32 there.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _DTYPES[cfg.dtype]
+    return device, dtype
+
+
+def build_model(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    with torch.device("meta"):
+        model = LlamaModel(lm.config, dtype, lm.rope_freqs)
+    weights = dict(lm.weights)
+    model.load_state_dict(weights, strict=True, assign=True)
+    inv = model.rotary.inv_freq
+    model.rotary.inv_freq = _inv_freq(lm)  # buffers built on meta must be recomputed for real
+    del inv
+    return model.to(device).eval()
+
+
+def _inv_freq(lm) -> torch.Tensor:
+    from kvstrata.model.layers import rope_inv_freq
+
+    return rope_inv_freq(lm.config, lm.rope_freqs)
+
+
+def pool_blocks(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    per_block = BlockPool.bytes_per_block(cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+    if cfg.kv_device_bytes:
+        budget = cfg.kv_device_bytes
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * cfg.kv_device_fraction)
+    else:
+        budget = int(_available_ram() * cfg.kv_device_fraction)
+        # never more than the whole context of max_num_seqs sequences needs
+        budget = min(budget, per_block * (-(-mc.max_position_embeddings // cfg.block_size)) * cfg.max_num_seqs)
+    n = budget // per_block
+    if n < 1:
+        raise KvstrataError(f"the KV pool budget ({budget} bytes) holds no block of {per_block} bytes; raise --kv-device-bytes")
+    return int(n)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30

@@ -1,0 +1,98 @@
+"""Per-sequence block tables over the BlockPool: prefix matching, slot allocation, registration, free.
+
+The scheduler calls these; it never touches the pool's dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvstrata.core import block_key
+from kvstrata.kv.pool import BlockPool
+from kvstrata.sched.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class KVManager:
+    def __init__(self, pool: BlockPool, fingerprint: str, enable_prefix_caching: bool = True) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.fingerprint = fingerprint
+        self.enable_prefix_caching = enable_prefix_caching
+        # Optional lower tiers (set by the engine): finds and loads blocks the pool no longer holds.
+        self.tier_loader = None
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attach cached blocks for the longest cached prefix of seq's tokens; returns tokens reused.
+
+        At least one token is always left to compute, so the step that finishes the prompt yields logits.
+        Blocks missing from the pool are asked of the lower tiers (if any), in order, until one misses.
+        """
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return 0
+        toks = seq.all_token_ids
+        bs = self.block_size
+        max_blocks = (len(toks) - 1) // bs
+        parent = None
+        by_tier: dict[str, int] = {}
+        for i in range(max_blocks):
+            chunk = toks[i * bs : (i + 1) * bs]
+            key = block_key(parent, chunk, self.fingerprint)
+            b = self.pool.lookup(key, chunk)
+            if b is not None:
+                self.pool.acquire(b)
+                tier = "device"
+            elif self.tier_loader is not None and self.pool.num_available > 0:
+                b, tier = self.tier_loader(key, chunk)
+                if b is None:
+                    break
+            else:
+                break
+            seq.block_table.append(b)
+            seq.block_keys.append(key)
+            by_tier[tier] = by_tier.get(tier, 0) + bs
+            parent = key
+        n = len(seq.block_table) * bs
+        seq.num_computed_tokens = n
+        seq.metrics.cached_prompt_tokens = n
+        seq.metrics.cached_prompt_tokens_by_tier = by_tier
+        return n
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return need <= self.pool.num_available
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        for _ in range(need):
+            seq.block_table.append(self.pool.allocate())
+
+    def slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def commit(self, seq: Sequence) -> None:
+        """Register every block of seq that became full (all its tokens computed) since last time."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        parent = seq.block_keys[-1] if seq.block_keys else None
+        for i in range(len(seq.block_keys), full):
+            chunk = [seq.token_at(j) for j in range(i * bs, (i + 1) * bs)]
+            key = block_key(parent, chunk, self.fingerprint)
+            self.pool.register(seq.block_table[i], key, chunk)
+            seq.block_keys.append(key)
+            parent = key
+
+    def free(self, seq: Sequence) -> None:
+        """Release seq's blocks, tail first, so the LRU evicts a prefix's tail before its head."""
+        for b in reversed(seq.block_table):
+            self.pool.release(b)
+        seq.block_table = []
+        seq.block_keys = []
+        seq.num_computed_tokens = 0

@@ -1,0 +1,92 @@
+"""Hugging Face checkpoints: config.json + model.safetensors (or sharded with an index) + tokenizer.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kvstrata.core import KvstrataError
+from kvstrata.model.config import ModelConfig
+
+
+def _our_name(hf: str) -> str | None:
+    name = hf.removeprefix("model.").replace("self_attn.", "").replace("mlp.", "")
+    if name.startswith("rotary_emb") or name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name
+
+
+def _shards(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = [d / f for f in files]
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise KvstrataError(f"{index} names shards that are missing: {', '.join(missing)}")
+        return shards
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(d.glob("*.safetensors"))
+    if not found:
+        raise KvstrataError(f"{d}: no model.safetensors or *.safetensors found (PyTorch .bin is not supported)")
+    return found
+
+
+def load_hf(path: str, dtype: torch.dtype):
+    from safetensors import safe_open
+
+    from kvstrata.loader import LoadedModel
+    from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir
+
+    d = Path(path)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise KvstrataError(f"{d}: config.json is missing; a Hugging Face checkpoint directory needs one")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise KvstrataError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = ModelConfig.from_hf(raw, str(cfg_path))
+    gen = d / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        extra = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        cfg = _with_eos(cfg, extra)
+    h = hashlib.sha256(b"hf")
+    h.update(cfg_path.read_bytes())
+    weights: dict[str, torch.Tensor] = {}
+    for shard in _shards(d):
+        h.update(f"{shard.name}:{os.path.getsize(shard)}".encode())
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    name = _our_name(key)
+                    if name is None:
+                        continue
+                    t = f.get_tensor(key)
+                    h.update(f"{key}:{list(t.shape)}:{t.dtype}".encode())
+                    flat = t.reshape(-1)
+                    h.update(flat[:64].float().numpy().tobytes() + flat[-64:].float().numpy().tobytes())
+                    weights[name] = t.to(dtype)
+        except KvstrataError:
+            raise
+        except Exception as e:
+            raise KvstrataError(f"{shard}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+    expected = {"embed_tokens.weight", "norm.weight"} | {f"layers.{i}.q_proj.weight" for i in range(cfg.num_layers)}
+    missing = sorted(expected - weights.keys())
+    if missing:
+        raise KvstrataError(f"{d}: checkpoint lacks tensors {missing[:5]}; is it a complete {cfg.architecture} model?")
+    tok = tokenizer_from_hf_dir(d, cfg.eos_token_ids)
+    return LoadedModel(cfg, weights, tok, h.hexdigest(), str(d), None, "none")
+
+
+def _with_eos(cfg: ModelConfig, extra: tuple[int, ...]) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(cfg, eos_token_ids=tuple(sorted(set(cfg.eos_token_ids) | {int(e) for e in extra})))

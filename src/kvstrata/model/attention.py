@@ -1,0 +1,87 @@
+"""Attention over the paged KV pool.
+
+The pool stores, per layer, K and V as (num_blocks, block_size, num_kv_heads, head_dim). A sequence's
+context is the concatenation of the blocks in its block table. Tokens in a step are laid out as
+[decode tokens (one per decoding sequence) | prefill chunks, one span per sequence]; see AttnMetadata.
+
+Decodes are attended as one batch (block tables padded, masked); each prefill chunk attends to its
+cached context plus itself with a causal mask offset by the context length. Grouped-query attention
+goes through SDPA's `enable_gqa` so K/V heads are never repeated in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    q_start: int  # offset of this chunk's first token in the step's token list
+    q_len: int
+    ctx_len: int  # tokens of this sequence already in the pool before this chunk
+    block_table: torch.Tensor  # (ceil((ctx_len + q_len) / block_size),) int64
+
+
+@dataclass
+class AttnMetadata:
+    """Per-step attention layout, built by the model runner and read by every layer."""
+
+    slot_mapping: torch.Tensor  # (T,) int64: pool slot (block * block_size + offset) of each new token
+    num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int64, padded with block 0
+    decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool, True = attend
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Scatter new K/V (T, KVH, d) into the pool (num_blocks, block_size, KVH, d) at `slots` (T,)."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slots, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # (T, H, d), RoPE applied
+    k: torch.Tensor,  # (T, KVH, d), RoPE applied (already written to the pool)
+    v: torch.Tensor,  # (T, KVH, d)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, KVH, d)
+    v_cache: torch.Tensor,
+    meta: AttnMetadata,
+    scale: float,
+) -> torch.Tensor:  # (T, H, d)
+    T, H, d = q.shape
+    kvh = k.shape[1]
+    out = torch.empty_like(q)
+    B = meta.num_decodes
+    if B:
+        bt = meta.decode_block_tables  # (B, nb)
+        nb, bs = bt.shape[1], k_cache.shape[1]
+        # index_select, not k_cache[bt]: advanced indexing on CPU is ~1000x slower here
+        kk = k_cache.index_select(0, bt.reshape(-1)).view(B, nb * bs, kvh, d).transpose(1, 2)  # (B, KVH, L, d)
+        vv = v_cache.index_select(0, bt.reshape(-1)).view(B, nb * bs, kvh, d).transpose(1, 2)
+        qq = q[:B].view(B, kvh, H // kvh, d)  # (B, KVH, G, d): GQA without repeating K/V
+        scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # (B, KVH, G, L)
+        scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
+        o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), vv)  # (B, KVH, G, d)
+        out[:B] = o.reshape(B, H, d)
+    for span in meta.prefills:
+        s, n, c = span.q_start, span.q_len, span.ctx_len
+        qq = q[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, H, n, d)
+        if c == 0:
+            kk = k[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, KVH, n, d)
+            vv = v[s : s + n].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            L = c + n
+            kk = k_cache.index_select(0, span.block_table).view(-1, kvh, d)[:L].transpose(0, 1).unsqueeze(0)  # (1, KVH, L, d)
+            vv = v_cache.index_select(0, span.block_table).view(-1, kvh, d)[:L].transpose(0, 1).unsqueeze(0)
+            # query i (absolute position c + i) sees keys 0 .. c + i
+            mask = torch.ones(n, L, dtype=torch.bool).tril(diagonal=c)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[s : s + n] = o.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,88 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a paged KV pool.
+
+forward() takes a flat step of T tokens from many sequences (see model/attention.py for the layout)
+and returns logits only at the positions the sampler needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvstrata.model.attention import AttnMetadata, paged_attention, write_kv
+from kvstrata.model.config import ModelConfig
+from kvstrata.model.layers import RMSNorm, Rotary, rope_inv_freq
+
+
+def _linear(i: int, o: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
+    return nn.Linear(i, o, bias=bias, dtype=dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = _linear(h, cfg.num_heads * hd, cfg.attention_bias, dtype)
+        self.k_proj = _linear(h, cfg.num_kv_heads * hd, cfg.attention_bias, dtype)
+        self.v_proj = _linear(h, cfg.num_kv_heads * hd, cfg.attention_bias, dtype)
+        self.o_proj = _linear(cfg.num_heads * hd, h, False, dtype)
+        self.gate_proj = _linear(h, cfg.intermediate_size, False, dtype)
+        self.up_proj = _linear(h, cfg.intermediate_size, False, dtype)
+        self.down_proj = _linear(cfg.intermediate_size, h, False, dtype)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.scale = hd**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        cos: torch.Tensor,  # (T, 1, d)
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,  # (num_blocks, block_size, KVH, d)
+        v_cache: torch.Tensor,
+        meta: AttnMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        hs = self.input_layernorm(x)
+        q = self.q_proj(hs).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(hs).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hs).view(T, self.num_kv_heads, self.head_dim)
+        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        x = x + self.o_proj(attn.reshape(T, -1))
+        hs = self.post_attention_layernorm(x)
+        # SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))
+        return x + self.down_proj(F.silu(self.gate_proj(hs)) * self.up_proj(hs))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, rope_freqs: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+        self.rotary = Rotary(rope_inv_freq(cfg, rope_freqs))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64
+        positions: torch.Tensor,  # (T,) int64
+        k_caches: list[torch.Tensor],  # per layer (num_blocks, block_size, KVH, d)
+        v_caches: list[torch.Tensor],
+        meta: AttnMetadata,
+        logits_indices: torch.Tensor,  # (S,) rows of the step whose next-token logits are wanted
+    ) -> torch.Tensor:  # (S, vocab) fp32
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, k_caches[i], v_caches[i], meta)
+        x = self.norm(x[logits_indices])
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, w).float()
