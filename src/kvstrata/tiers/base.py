@@ -138,6 +138,12 @@ class Tier(abc.ABC):
     def _usage(self) -> tuple[int | None, int | None, int | None, int]:
         """(blocks, bytes, capacity_bytes, pinned) held now; cheap."""
 
+    def peek(self, key: bytes, nbytes: int | None = None) -> bytes | bytearray | None:
+        """The first `nbytes` (all if None) of a block, for inspection: no hit / miss counted, no
+        recency refreshed. The default goes through `get`; tiers override it where that matters."""
+        blob = self.get(key)
+        return blob if blob is None or nbytes is None else blob[:nbytes]
+
     # ---- built from the primitives --------------------------------------------------------------
 
     def stats(self) -> TierStats:

@@ -242,8 +242,12 @@ def encode(x: torch.Tensor, *, key: bytes, token_ids: Sequence[int], fingerprint
     return b"".join([header, *parts])
 
 
-def read_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
-    """Parse and check the header's own consistency (magic, version, header CRC, lengths)."""
+def read_header(blob: bytes | bytearray | memoryview, *, header_only: bool = False) -> BlockHeader:
+    """Parse and check the header's own consistency (magic, version, header CRC, lengths).
+
+    `header_only`: `blob` may be just the first bytes of a block (at least the header); the payload's
+    length is then not checked.
+    """
     mv = memoryview(blob)
     if len(mv) < len(MAGIC):
         raise TruncatedBlockError(f"{len(mv)} bytes, shorter than the magic")
@@ -291,12 +295,21 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
         raise MalformedBlockError(f"shape {shape} does not suit codec {codec!r}") from None
     if payload_len != expected_payload:
         raise MalformedBlockError(f"payload_len {payload_len} but {codec} {dname} {shape} needs {expected_payload}")
-    if len(mv) < header_len + payload_len:
+    if header_only:
+        pass
+    elif len(mv) < header_len + payload_len:
         raise TruncatedBlockError(f"{len(mv)} bytes, header says {header_len + payload_len}")
-    if len(mv) > header_len + payload_len:
+    elif len(mv) > header_len + payload_len:
         raise MalformedBlockError(f"{len(mv) - header_len - payload_len} bytes after the payload")
     return BlockHeader(version, bytes(key), dtype, codec, fingerprint, tuple(shape), tuple(token_ids),
                        header_len, payload_len, payload_crc)
+
+
+def header_len_of(prefix: bytes | bytearray | memoryview) -> int:
+    """The header length a block starting with `prefix` (>= 24 bytes) declares; 0 if not a block."""
+    if len(prefix) < _FIXED.size or bytes(prefix[:4]) != MAGIC:
+        return 0
+    return int(_FIXED.unpack_from(prefix, 0)[3])
 
 
 def verify(blob: bytes | bytearray | memoryview, *, expected_fingerprint: str | None = None,

@@ -90,9 +90,10 @@ class DiskTier(Tier):
         logger.info("disk tier %s: %d blocks, %d bytes; %d stray temp files removed",
                     self.root, len(self._index), self._used, removed)
 
-    def _read(self, path: Path) -> bytearray:
+    def _read(self, path: Path, nbytes: int | None = None) -> bytearray:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
+            size = size if nbytes is None else min(size, nbytes)
             buf = bytearray(size)
             n = f.readinto(buf)
             if n != size:
@@ -153,6 +154,12 @@ class DiskTier(Tier):
             pass
         self._count_hit(len(blob), t0)
         return blob
+
+    def peek(self, key: bytes, nbytes: int | None = None) -> bytearray | None:
+        try:
+            return self._read(self.path(check_key(key)), nbytes)
+        except OSError:
+            return None
 
     def put(self, key: bytes, blob: bytes | bytearray | memoryview) -> bool:
         t0 = time.perf_counter()

@@ -85,6 +85,14 @@ class HostTier(Tier):
         self._count_hit(len(blob), t0)
         return blob
 
+    def peek(self, key: bytes, nbytes: int | None = None) -> bytes | None:
+        with self._lock:
+            stored = self._blobs.get(check_key(key))
+        if stored is None:
+            return None
+        blob = self._load(stored)
+        return blob if nbytes is None else blob[:nbytes]
+
     def put(self, key: bytes, blob: bytes | bytearray | memoryview) -> bool:
         t0 = time.perf_counter()
         key, size = check_key(key), len(blob)

@@ -154,6 +154,13 @@ class RedisTier(Tier):
         self._count(misses=len(keys) - len(hits))
         return list(blobs)
 
+    def peek(self, key: bytes, nbytes: int | None = None) -> bytes | None:
+        name = self.rkey(check_key(key))  # GET / GETRANGE leave the TTL alone
+        if nbytes is None:
+            return self._call(lambda r: r.get(name), None)
+        data = self._call(lambda r: r.getrange(name, 0, nbytes - 1), None)
+        return data or None
+
     def put(self, key: bytes, blob: bytes | bytearray | memoryview) -> bool:
         return self.put_many([(key, blob)])[0]
 
