@@ -7,7 +7,8 @@ PostgreSQL refuses to run as root. When the tests run as root (as on CI), initdb
 an unprivileged user: `postgres` if that account exists (the Debian package creates it), else
 `nobody`, via subprocess's `user=`/`group=` (setuid in the child; no sudo/runuser needed). The
 cluster directory is created with mkdtemp under the system temp dir (/tmp) and chowned to that user.
-The cluster is made for speed, not durability (`fsync=off`): tests kill clients, never the server.
+The cluster is made for speed, not durability (`fsync=off`, see DEFAULT_SETTINGS): tests kill
+clients, never the server.
 Clients connect over TCP with `trust` auth as user `kvstrata`; Unix sockets are off.
 
 Anything that goes wrong raises PostgresServerError with the server's log: tests that need
@@ -82,7 +83,16 @@ def _run_as() -> pwd.struct_passwd | None:
 class PostgresServer:
     """One postgres process with its own cluster; `url` is the maintenance database's URL."""
 
-    def __init__(self, port: int | None = None) -> None:
+    # Server settings (-c name=value); made for test speed. Pass `settings` to override, e.g.
+    # {"fsync": "on", "full_page_writes": "on"} to measure a durable server.
+    DEFAULT_SETTINGS = {
+        "listen_addresses": "127.0.0.1", "unix_socket_directories": "", "fsync": "off",
+        "full_page_writes": "off", "max_connections": "200", "dynamic_shared_memory_type": "mmap",
+        "shared_buffers": "32MB",
+    }
+
+    def __init__(self, port: int | None = None, *, settings: dict[str, str] | None = None) -> None:
+        self.settings = {**self.DEFAULT_SETTINGS, **(settings or {})}
         self.bindir = find_bindir()
         self.port = port or free_port()
         self.user = _run_as()
@@ -127,12 +137,10 @@ class PostgresServer:
         log = open(self.log_path, "ab")
         if self.user is not None:
             os.chown(self.log_path, self.user.pw_uid, self.user.pw_gid)
-        self.proc = self._popen(
-            [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-             "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
-             "-c", "dynamic_shared_memory_type=mmap", "-c", "shared_buffers=32MB"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        args = [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port)]
+        for name, value in self.settings.items():
+            args += ["-c", f"{name}={value}"]
+        self.proc = self._popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
