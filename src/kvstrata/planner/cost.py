@@ -115,7 +115,7 @@ def decode_step(model: ModelSpec, batch: int, context_tokens: int, *, bandwidth_
             mem = math.inf
         else:
             mem += kv * spill_fraction / (spill_bandwidth_GBps * 1e9)
-    flops = batch * model.forward_flops(tokens_per_step, context_tokens) * layers_fraction
+    flops = batch * model.forward_flops(tokens_per_step, context_tokens, logits_tokens=tokens_per_step) * layers_fraction
     comp = flops / (compute_GFLOPs * 1e9 * compute_efficiency)
     lat = model.n_layers * layers_fraction * per_layer_latency_s
     return StepTime(mem, comp, lat, comm_s)

@@ -225,12 +225,15 @@ class ModelSpec:
             sliding = full
         return (self.n_layers - self.n_sliding_layers) * full + self.n_sliding_layers * sliding
 
-    def forward_flops(self, new_tokens: int, context_tokens: int = 0) -> float:
+    def forward_flops(self, new_tokens: int, context_tokens: int = 0, logits_tokens: int = 1) -> float:
         """FLOPs to run `new_tokens` tokens after `context_tokens` cached ones: 2 * matmul weights per
-        token plus 2 * heads * (score dim + value dim) per attended position per layer."""
+        token plus 2 * heads * (score dim + value dim) per attended position per layer. The output head
+        runs only for `logits_tokens` positions (prefill needs logits of the last token only)."""
         dq, dv = self.attn_dims
         attn = 2.0 * self.n_heads * (dq + dv) * self.attended_positions(new_tokens, context_tokens)
-        return 2.0 * self.matmul_params * new_tokens + attn
+        head = self.vocab * self.hidden
+        body = 2.0 * (self.matmul_params - head) * new_tokens
+        return body + 2.0 * head * min(max(logits_tokens, 1), max(new_tokens, 1)) + attn
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
