@@ -41,9 +41,10 @@ def test_file_layout_is_sharded_by_key_hex(tmp_path):
 def test_index_rebuilt_after_reopen_keeps_blocks_and_recency(tmp_path):
     blocks = [make_block(i) for i in range(4)]
     t = DiskTier(tmp_path, 3 * BLOB_BYTES)
-    for b in blocks[:3]:
+    now = time.time()
+    for i, b in enumerate(blocks[:3]):
         t.put(b.key, b.blob())
-        time.sleep(0.02)  # distinct mtimes (the kernel's file clock is coarse)
+        os.utime(t.path(b.key), (now - 100 + i, now - 100 + i))  # written 100, 99, 98 seconds ago
     assert t.get(blocks[0].key) is not None  # a hit touches the file: 1 is now the oldest
     t.close()
 

@@ -4,8 +4,9 @@ Layout: `<root>/<first two hex chars of the key>/<64 hex chars>.kvb`. A block is
 file in the same shard directory (`.<hex>.<random>.tmp`), fsynced, then renamed over its final name
 (os.replace), so a crash leaves either the whole block or no block, never a partial file under a block
 name. At start the index is rebuilt from the files (oldest mtime first: a hit touches the file's
-mtime, so recency survives restarts) and stray temporary files are removed. One engine process per
-directory: the index lives in memory (share blocks between engines through the remote tier).
+mtime, at most once per TOUCH_AFTER_S, so recency survives restarts) and stray temporary files are
+removed. One engine process per directory: the index lives in memory (engines share blocks through
+the remote tier).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvb"
 TMP_SUFFIX = ".tmp"
+TOUCH_AFTER_S = 1.0  # a hit refreshes the file's mtime when it is older than this
 _BLOCK_NAME = re.compile(r"^[0-9a-f]{64}\.kvb$")
 
 
@@ -90,14 +92,19 @@ class DiskTier(Tier):
         logger.info("disk tier %s: %d blocks, %d bytes; %d stray temp files removed",
                     self.root, len(self._index), self._used, removed)
 
-    def _read(self, path: Path, nbytes: int | None = None) -> bytearray:
+    def _read(self, path: Path, nbytes: int | None = None, touch: bool = False) -> bytearray:
         with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            size = size if nbytes is None else min(size, nbytes)
+            st = os.fstat(f.fileno())
+            size = st.st_size if nbytes is None else min(st.st_size, nbytes)
             buf = bytearray(size)
             n = f.readinto(buf)
             if n != size:
                 raise OSError(f"short read {n} of {size}")
+            if touch and time.time() - st.st_mtime > TOUCH_AFTER_S:
+                try:  # recency for the index rebuilt at the next start; coarse, to spare metadata writes
+                    os.utime(f.fileno())
+                except OSError:
+                    pass
         return buf
 
     def _write_atomic(self, path: Path, blob: bytes | bytearray | memoryview) -> None:
@@ -139,7 +146,7 @@ class DiskTier(Tier):
             return None
         path = self.path(key)
         try:
-            blob = self._read(path)
+            blob = self._read(path, touch=True)
         except FileNotFoundError:  # removed behind our back (cache clear, another tool)
             self._forget(key)
             self._count(misses=1)
@@ -148,10 +155,6 @@ class DiskTier(Tier):
             logger.warning("disk tier read of %s failed: %s", path, e)
             self._count(misses=1, errors=1)
             return None
-        try:
-            os.utime(path)  # recency for the index rebuilt at the next start
-        except OSError:
-            pass
         self._count_hit(len(blob), t0)
         return blob
 
