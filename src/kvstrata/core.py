@@ -83,6 +83,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: off; N >= 0: chosen token's logprob plus the top-N
     n: int = 1
+    # Constrained decoding: {"type": "json_object"} | {"type": "json_schema", "schema": {...}} |
+    # {"type": "regex", "pattern": "..."} | {"type": "grammar", "grammar": "<EBNF>"}; see engine/structured.py
+    structured: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -123,6 +126,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing that changes the argmax: eligible for the batched fast path."""
+        return self.greedy and not self.has_penalties and self.structured is None
 
     @property
     def has_penalties(self) -> bool:

@@ -99,6 +99,10 @@ class LLMEngine:
         seqs = [Sequence(rid, i, list(ids), params, rc) for i in range(params.n)]
         for s in seqs:
             s.detok = IncrementalDetokenizer(self.tokenizer, ids)
+            if params.structured is not None:
+                from kvstrata.engine.structured import build_processor
+
+                s.logits_processor = build_processor(params.structured, self.tokenizer, self.model_config.vocab_size)
             self.scheduler.add(s)
         self.requests[rid] = _Request(rid, text, seqs)
         return rid
@@ -176,6 +180,8 @@ class LLMEngine:
             delta = seq.detok.push(tok)
             if p.stop and delta:
                 self._check_stop_strings(seq, len(delta))
+        if seq.finish_reason is None and seq.logits_processor is not None and seq.logits_processor.is_terminated():
+            seq.finish_reason = FinishReason.STOP
         if seq.finish_reason is None and (
             len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
         ):

@@ -55,21 +55,25 @@ class Sampler:
         """logits (S, V) fp32 for S sequences -> one token id each; appends logprobs when asked."""
         S = logits.shape[0]
         out = [0] * S
-        plain_greedy = [i for i, s in enumerate(seqs) if s.params.greedy and not s.params.has_penalties]
+        plain_greedy = [i for i, s in enumerate(seqs) if s.params.plain]
         if plain_greedy:
             idx = torch.tensor(plain_greedy)
             for i, t in zip(plain_greedy, logits[idx].argmax(-1).tolist()):
                 out[i] = t
         for i, seq in enumerate(seqs):
             p = seq.params
-            if not (p.greedy and not p.has_penalties):
+            if not p.plain:
                 row = apply_penalties(logits[i], seq)
+                if seq.logits_processor is not None:
+                    row = seq.logits_processor.mask(row)
                 if p.greedy:
                     out[i] = int(row.argmax())
                 else:
                     row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
                     probs = torch.softmax(row, -1)
                     out[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+            if seq.logits_processor is not None:
+                seq.logits_processor.accept(out[i])
             if p.logprobs is not None:
                 seq.logprobs.append(token_logprob(logits[i], out[i], p.logprobs))
         return out

@@ -39,6 +39,9 @@ class Sequence:
     generator: torch.Generator | None = None
     metrics: RequestMetrics = None  # type: ignore[assignment]
     detok: object = None  # IncrementalDetokenizer, set by the engine
+    # Constrained decoding state (engine/structured.py LogitsProcessor): mask(logits) before sampling,
+    # accept(token) after; is_terminated() once the grammar is complete.
+    logits_processor: object = None
 
     def __post_init__(self) -> None:
         if self.metrics is None:
