@@ -14,6 +14,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: tests run beside servers and subprocesses on 2 cores, and OpenMP's spinning
+# threads slow each other ~10x when oversubscribed. Speed lives in `make bench`, not here.
+torch.set_num_threads(1)
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "

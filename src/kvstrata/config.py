@@ -54,7 +54,6 @@ class EngineConfig:
     max_num_batched_tokens: int = _f(2048, "token budget of one engine step, shared by prefill chunks and decodes")
     enable_prefix_caching: bool = _f(True, "reuse KV blocks of earlier requests that share a prefix")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: the machine's cores)")
-    seed: int = _f(0, "seed of the engine's own randomness (requests carry their own seeds)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
