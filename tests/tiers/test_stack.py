@@ -72,6 +72,7 @@ def test_write_on_evict_cascades_victims_down(tmp_path):
     assert set(d.keys()) == {b.key for b in blocks[:3]}
     for b in blocks:
         assert torch.equal(stack.load(b.key, b.token_ids), b.x)
+        assert stack.flush(10)
     assert not stack.offer_on_compute
     stack.close()
 
@@ -162,6 +163,12 @@ def test_full_mover_queue_drops_and_counts_and_never_blocks():
     m = stack.stats()["mover"]
     assert m["accepted"] == {"offer": 3} and m["dropped"] == {"offer": 3}
     assert m["dropped_bytes"] == 3 * nbytes and m["pending_bytes"] == 3 * nbytes
+    # queued blocks stay visible: found by lookup and served by load (token ids still checked)
+    assert stack.lookup_prefix([b.key for b in blocks]) == ["host", "host", "host"]
+    assert torch.equal(stack.load(blocks[2].key, blocks[2].token_ids), blocks[2].x)
+    assert stack.load(blocks[2].key, blocks[3].token_ids) is None
+    assert stack.load(blocks[4].key, blocks[4].token_ids) is None  # dropped: gone
+    assert stack.stats()["mover"]["inflight_hits"] == 1
     slow.release.set()
     assert stack.flush(10)
     assert set(slow.keys()) == {b.key for b in blocks[:3]}
@@ -230,8 +237,9 @@ def test_concurrent_offers_and_loads_keep_stats_consistent(tmp_path):
     hs, ds, m = s["tiers"]["host"], s["tiers"]["disk"], s["mover"]
     assert counts["wrong"] == 0
     assert m["accepted"].get("offer", 0) + m["dropped"].get("offer", 0) == counts["offers"]
-    assert hs["verified_hits"] + ds["verified_hits"] + s["load_misses"] == counts["loads"]
-    assert hs["hits"] + hs["misses"] == counts["loads"]  # every load asks the host tier first
+    from_tiers = counts["loads"] - m["inflight_hits"]  # the rest were served from the mover's queue
+    assert hs["verified_hits"] + ds["verified_hits"] + s["load_misses"] == from_tiers
+    assert hs["hits"] + hs["misses"] == from_tiers  # every such load asks the host tier first
     assert ds["hits"] + ds["misses"] == hs["misses"]  # and the disk tier when the host missed
     assert hs["discards"] == {} and ds["discards"] == {} and m["errors"] == 0
     assert hs["bytes"] == hs["blocks"] * BLOB_BYTES <= hs["capacity_bytes"]

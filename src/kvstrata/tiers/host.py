@@ -111,6 +111,9 @@ class HostTier(Tier):
             # Reserve the bytes now so concurrent puts see them; the copy happens below.
             self._sizes[key] = size
             self._used += size
+        # Victims go to the listener first, so a block on its way down is out of sight only briefly.
+        self._notify_evicted([(k, self._load(s)) for k, s in evicted] if self._evict_listener else
+                             [(k, None) for k, _ in evicted])
         try:
             stored = self._store(blob)
         except Exception as e:  # out of (pinned) memory: a failed put, never an engine error
@@ -122,8 +125,6 @@ class HostTier(Tier):
         with self._lock:
             self._blobs[key] = stored
         self._count_put(size, t0)
-        self._notify_evicted([(k, self._load(s)) for k, s in evicted] if self._evict_listener else
-                             [(k, None) for k, _ in evicted])
         return True
 
     def _make_room(self, size: int) -> list[bytes] | None:

@@ -39,6 +39,7 @@ class _Job:
 @dataclass
 class _MoverStats:
     accepted: Counter = field(default_factory=Counter)  # by job kind
+    inflight_hits: int = 0  # loads served from a queued offer / write-down
     dropped: Counter = field(default_factory=Counter)  # by job kind: queue full or stack closed
     dropped_bytes: int = 0
     written: Counter = field(default_factory=Counter)  # tier name -> blocks written by the mover
@@ -75,6 +76,7 @@ class TierStack:
         self._mover = _MoverStats()
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
+        self._inflight: dict[bytes, _Job] = {}  # offers and write-downs not yet written: still served
         self._pending_bytes = 0
         self._busy = 0
         self._closing = False
@@ -102,14 +104,23 @@ class TierStack:
                     row[idx] = ok
             found.append(row)
             missing = [j for j in missing if not row[j]]
+        with self._cv:  # blocks on their way down count as held by the tier they are going to
+            for j in missing:
+                job = self._inflight.get(keys[j])
+                if job is not None:
+                    found[job.targets[0]][j] = True
         return [self.tiers[t].name for t in prefix_holders(found, len(keys))]
 
     def load(self, key: bytes, token_ids: Sequence[int]) -> torch.Tensor | None:
         """The verified block (2, L, T, H, D) from the fastest tier with a good copy, or None.
 
         A copy that fails verification is removed from its tier and counted as a discard; the next
-        tier is tried. A hit is promoted (in the background) to the faster tiers.
+        tier is tried. A hit is promoted (in the background) to the faster tiers. A block still queued
+        for writing is served from the queue.
         """
+        x = self._load_inflight(key, token_ids)
+        if x is not None:
+            return x
         for i, tier in enumerate(self.tiers):
             blob = tier.get(key)
             if blob is None:
@@ -129,9 +140,29 @@ class TierStack:
                 snapshot = blob if isinstance(blob, bytes) else bytes(blob)  # x may alias `blob`
                 self._enqueue(_Job("promote", key, targets, len(blob), blob=snapshot))
             return x
+        x = self._load_inflight(key, token_ids)  # evicted and queued for a lower tier while we looked
+        if x is not None:
+            return x
         with self._cv:
             self._load_misses += 1
         return None
+
+    def _load_inflight(self, key: bytes, token_ids: Sequence[int]) -> torch.Tensor | None:
+        with self._cv:
+            job = self._inflight.get(key)
+        if job is None:
+            return None
+        if job.payload is not None:
+            x = job.payload.clone() if job.token_ids == tuple(int(t) for t in token_ids) else None
+        else:
+            try:
+                x = kvcodec.decode(bytes(job.blob), self.fingerprint, key, token_ids)
+            except kvcodec.CorruptBlockError:
+                x = None
+        if x is not None:
+            with self._cv:
+                self._mover.inflight_hits += 1
+        return x
 
     # ---- writes (queued; the mover thread does them) ----
 
@@ -165,6 +196,7 @@ class TierStack:
         with self._cv:
             self._closing = True
             self._queue.clear()
+            self._inflight.clear()
             self._cv.notify_all()
         self._thread.join(timeout)
         for t in self.tiers:
@@ -196,7 +228,8 @@ class TierStack:
             m = self._mover
             mover = dict(pending_bytes=self._pending_bytes, queued_jobs=len(self._queue),
                          max_pending_bytes=self.max_pending_bytes, accepted=dict(m.accepted),
-                         dropped=dict(m.dropped), dropped_bytes=m.dropped_bytes, errors=m.errors)
+                         dropped=dict(m.dropped), dropped_bytes=m.dropped_bytes, errors=m.errors,
+                         inflight_hits=m.inflight_hits)
             misses = self._load_misses
         return dict(fingerprint=self.fingerprint, write_policy=self.policy.write_policy, tiers=per_tier,
                     load_misses=misses, mover=mover)
@@ -216,6 +249,8 @@ class TierStack:
                 self._mover.dropped_bytes += job.nbytes
                 return False
             self._queue.append(job)
+            if job.kind != "promote":
+                self._inflight[job.key] = job
             self._pending_bytes += job.nbytes
             self._mover.accepted[job.kind] += 1
             self._cv.notify_all()
@@ -242,6 +277,8 @@ class TierStack:
                     self._mover.errors += 1
             finally:
                 with self._cv:
+                    if self._inflight.get(job.key) is job:
+                        del self._inflight[job.key]
                     self._pending_bytes -= job.nbytes
                     self._busy -= 1
                     self._cv.notify_all()
