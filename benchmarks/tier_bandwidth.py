@@ -208,7 +208,8 @@ def main() -> int:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     lines = ["# KV tier bandwidth", "",
-             f"Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; torch {torch.__version__}. "
+             f"Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+             f"torch {torch.__version__}. "
              f"Block: SmolLM2-135M fp32, 16 tokens, shape {SHAPE}, {block_bytes:,} bytes encoded (raw); "
              f"{args.blocks} blocks per tier. One Python thread, torch intra-op threads: {args.threads}. "
              "On a shared machine figures move by up to 2x between runs; compare within one run.", "",

@@ -320,9 +320,11 @@ def verify(blob: bytes | bytearray | memoryview, *, expected_fingerprint: str | 
     """
     h = read_header(blob)
     if expected_fingerprint is not None and h.fingerprint != expected_fingerprint:
-        raise FingerprintMismatchError(f"block is for model {h.fingerprint[:16]}…, expected {expected_fingerprint[:16]}…")
+        raise FingerprintMismatchError(
+            f"block is for model {h.fingerprint[:16]}…, expected {expected_fingerprint[:16]}…")
     if expected_key is not None and h.key != bytes(expected_key):
-        raise KeyMismatchError(f"header key {h.key.hex()[:16]}… is not the requested {bytes(expected_key).hex()[:16]}…")
+        raise KeyMismatchError(
+            f"header key {h.key.hex()[:16]}… is not the requested {bytes(expected_key).hex()[:16]}…")
     if expected_token_ids is not None and h.token_ids != tuple(int(t) for t in expected_token_ids):
         raise TokenMismatchError(f"stored token ids differ from the {len(expected_token_ids)} expected ones")
     mv = memoryview(blob)
