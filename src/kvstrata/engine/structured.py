@@ -1,0 +1,220 @@
+"""Constrained decoding: JSON, JSON Schema, regex, grammar and forced tool calls, via llguidance.
+
+The engine calls `build_processor(spec, tokenizer, vocab_size)` once per sequence whose
+`SamplingParams.structured` is set; the sampler then calls, every step, `mask(logits)` before the draw
+and `accept(token)` after it, and the engine ends the sequence (finish_reason stop) once
+`is_terminated()` says the grammar can take nothing more.
+
+The spec dict (docs/structured.md has the full reference):
+
+    {"type": "json_object"}                                   any JSON object
+    {"type": "json_schema", "schema": {...}, "strict": bool}  JSON matching the schema
+    {"type": "regex", "pattern": "..."}                       text matching the whole regex
+    {"type": "grammar", "grammar": "..."}                     Lark (llguidance dialect) or GBNF text
+    {"type": "tool_call", "functions": [{"name", "parameters"}, ...], "multiple": bool}
+                                                              <tool_call>{"name": ..., "arguments": ...}</tool_call>
+                                                              (built by tokenizer.tools.forced_tool_call_spec)
+
+JSON is generated compactly with ", " and ": " separators and no other whitespace, so a model (even a
+random one) cannot pad its output with endless blanks. The token-level view of the vocabulary
+(`llguidance.LLTokenizer`, ~0.7 s to build for a 49k vocabulary) is cached per tokenizer object, and
+compiled grammars are cached per (tokenizer, spec): each sequence gets a cheap deep copy.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstrata.core import KvstrataError
+from kvstrata.tokenizer.tools import check_grammar, schema_with_options, tool_call_lark
+
+log = logging.getLogger(__name__)
+
+SPEC_TYPES = ("json_object", "json_schema", "regex", "grammar", "tool_call")
+_GRAMMAR_CACHE_SIZE = 64
+
+
+class LogitsProcessor(abc.ABC):
+    """Per-sequence constraint on the next token. One object per sequence; not shared, not thread-safe.
+
+    Call order per step: `mask(logits)` (at most once), then `accept(token)` with the token drawn, then
+    `is_terminated()`. The engine never calls `mask` after `is_terminated()` returned True.
+    """
+
+    @abc.abstractmethod
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (V,) fp32 -> a new (V,) tensor with every disallowed token at -inf; the input is not
+        modified. V may exceed the tokenizer's vocabulary: rows beyond it (padding) are always masked.
+        EOS is allowed exactly when the text so far is a complete match."""
+
+    @abc.abstractmethod
+    def accept(self, token_id: int) -> None:
+        """Advances the constraint by the token that was chosen."""
+
+    @abc.abstractmethod
+    def is_terminated(self) -> bool:
+        """True once nothing but EOS can follow (or EOS was accepted): the sequence is complete."""
+
+
+class GrammarProcessor(LogitsProcessor):
+    """An llguidance `LLMatcher` plus a reusable bitmask buffer."""
+
+    def __init__(self, matcher, n_tok: int, description: str) -> None:
+        self.matcher = matcher
+        self.n_tok = n_tok  # tokenizer vocabulary size; ids >= n_tok are padding rows
+        self.description = description
+        self._bitmask = torch.zeros((n_tok + 31) // 32, dtype=torch.int32)  # (W,) one bit per token
+        self._error_logged = False
+
+    def allowed(self, V: int) -> torch.Tensor:
+        """(V,) bool: which token ids may come next (ids >= the tokenizer's vocabulary never)."""
+        bm = self._bitmask
+        self.matcher.unsafe_compute_mask_ptr(bm.data_ptr(), bm.numel() * 4)
+        # little-endian words, bit j of word w = token 32 w + j  ->  (W * 32,) 0/1 bytes
+        bits = np.unpackbits(bm.numpy().view(np.uint8), bitorder="little")
+        n = min(V, self.n_tok)
+        out = torch.zeros(V, dtype=torch.bool)
+        out[:n] = torch.from_numpy(bits[:n].view(np.bool_))
+        return out
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        allowed = self.allowed(logits.shape[-1])
+        if not bool(allowed.any()):  # only after an error: keep the draw well-defined, end next check
+            self._log_error("no token is allowed")
+            return logits
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def accept(self, token_id: int) -> None:
+        if not self.matcher.consume_token(int(token_id)):
+            self._log_error(f"token {token_id} was not allowed")
+
+    def is_terminated(self) -> bool:
+        return bool(self.matcher.is_stopped())  # also True in the error state
+
+    @property
+    def is_complete(self) -> bool:
+        """The text so far is a full match (EOS would be allowed)."""
+        return bool(self.matcher.is_accepting())
+
+    def _log_error(self, what: str) -> None:
+        if not self._error_logged:
+            self._error_logged = True
+            log.error("structured output (%s): %s; matcher error: %s", self.description, what,
+                      self.matcher.get_error() or "none")
+
+
+# -- caches ---------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_ll_tokenizers: dict[int, Any] = {}  # id(Tokenizer) -> llguidance.LLTokenizer
+_grammars: OrderedDict[tuple[int, str], Any] = OrderedDict()  # (id(Tokenizer), spec json) -> LLMatcher
+
+
+def _forget(key: int) -> None:
+    with _lock:
+        _ll_tokenizers.pop(key, None)
+        for k in [k for k in _grammars if k[0] == key]:
+            del _grammars[k]
+
+
+def ll_tokenizer(tokenizer):
+    """The llguidance token-level view of `tokenizer.backend`, built once per tokenizer object."""
+    import llguidance
+
+    key = id(tokenizer)
+    with _lock:
+        hit = _ll_tokenizers.get(key)
+    if hit is not None:
+        return hit
+    eos = list(tokenizer.eos_token_ids)
+    if not eos and tokenizer.eos_token:
+        tid = tokenizer.token_to_id(tokenizer.eos_token)
+        eos = [tid] if tid is not None else []
+    if not eos:
+        log.warning("the tokenizer names no EOS token: constrained outputs end when the grammar is complete")
+    llt = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size, eos_token=eos or None)
+    with _lock:
+        if key not in _ll_tokenizers:
+            _ll_tokenizers[key] = llt
+            weakref.finalize(tokenizer, _forget, key)
+        return _ll_tokenizers[key]
+
+
+# -- specs to grammars ----------------------------------------------------------------------------
+def _need(spec: dict, key: str, kind: type, what: str):
+    v = spec.get(key)
+    if not isinstance(v, kind):
+        raise KvstrataError(f"structured output of type {spec['type']!r} needs {key!r}: {what}; got {v!r}")
+    return v
+
+
+def grammar_text(spec: dict) -> str:
+    """The llguidance grammar (a JSON string) for a structured spec; KvstrataError if the spec is malformed.
+
+    The grammar is not yet checked for validity; `check_grammar` does that.
+    """
+    import llguidance
+
+    if not isinstance(spec, dict) or spec.get("type") not in SPEC_TYPES:
+        got = spec.get("type") if isinstance(spec, dict) else spec
+        raise KvstrataError(f"structured output type must be one of {', '.join(SPEC_TYPES)}; got {got!r}")
+    t = spec["type"]
+    if t == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema(schema_with_options({"type": "object"}, True))
+    if t == "json_schema":
+        schema = spec.get("schema")
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise KvstrataError(f"structured output of type 'json_schema' needs 'schema': a JSON Schema object; got {schema!r}")
+        strict = spec.get("strict", False)
+        if not isinstance(strict, bool):
+            raise KvstrataError(f"'strict' must be true or false; got {strict!r}")
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema_with_options(schema, strict))
+        except (ValueError, TypeError) as e:
+            raise KvstrataError(f"invalid JSON schema: {e}") from None
+    if t == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(_need(spec, "pattern", str, "a regular expression"))
+    if t == "grammar":
+        text = _need(spec, "grammar", str, "Lark or GBNF grammar text")
+        try:
+            return llguidance.grammar_from("grammar", text)
+        except ValueError as e:
+            raise KvstrataError(f"invalid grammar: {e}") from None
+    return llguidance.LLMatcher.grammar_from_lark(tool_call_lark(spec))
+
+
+def _what(spec: dict) -> str:
+    return {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex",
+            "grammar": "grammar", "tool_call": "tool-call grammar"}[spec["type"]]
+
+
+def build_processor(spec: dict, tokenizer, vocab_size: int) -> GrammarProcessor:
+    """One processor per sequence. KvstrataError (the server's HTTP 400) for an invalid spec."""
+    import llguidance
+
+    grammar = grammar_text(spec)
+    key = (id(tokenizer), json.dumps(spec, sort_keys=True, default=str))
+    with _lock:
+        template = _grammars.get(key)
+        if template is not None:
+            _grammars.move_to_end(key)
+    if template is None:
+        check_grammar(grammar, _what(spec))
+        template = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0)
+        if template.is_error():
+            raise KvstrataError(f"invalid {_what(spec)}: {template.get_error()}")
+        with _lock:
+            _grammars[key] = template
+            while len(_grammars) > _GRAMMAR_CACHE_SIZE:
+                _grammars.popitem(last=False)
+    return GrammarProcessor(template.deep_copy(), tokenizer.vocab_size, spec["type"])
