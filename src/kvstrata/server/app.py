@@ -1,0 +1,136 @@
+"""The FastAPI app: routes, auth, per-route metrics, health; `create_app(aengine, store, ...)`.
+
+Auth and request counting are one pure-ASGI middleware (Starlette's BaseHTTPMiddleware would wrap
+streaming responses and hide client disconnects from them). Every route but /health needs a key
+when keys are configured; the key's hash is the owner of the sessions it creates.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from kvstrata.engine.async_engine import AsyncEngine
+from kvstrata.server import completions, openai_chat, responses, sessions
+from kvstrata.server.errors import APIError, error_body, install_error_handlers
+from kvstrata.server.state import ServerState, get_state, make_api_keys
+from kvstrata.server.turns import park_touched_sessions
+from kvstrata.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = frozenset({"/health"})
+
+
+class AuthAndMetrics:
+    """Checks `Authorization: Bearer <key>` (or `x-api-key`), sets request.state.owner, counts requests."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.st = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        status = {"code": 500}
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if path not in OPEN_PATHS:
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+                key = None
+                auth = headers.get("authorization", "")
+                if auth.lower().startswith("bearer "):
+                    key = auth[7:].strip()
+                key = key or headers.get("x-api-key")
+                try:
+                    owner = self.st.owner_for_key(key)
+                except APIError as e:
+                    status["code"] = e.status
+                    resp = JSONResponse(error_body(e.status, e.message, e.code), status_code=e.status,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                    return await resp(scope, receive, send)
+                scope.setdefault("state", {})["owner"] = owner
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or ("unmatched" if status["code"] == 404 else path)
+            self.st.metrics.requests.labels(label, scope.get("method", ""), str(status["code"])).inc()
+
+
+def create_app(
+    aengine: AsyncEngine,
+    store: SessionStore,
+    *,
+    model_names: list[str],
+    api_keys: list[str] | None = None,
+    close_on_shutdown: bool = False,
+    park_tier_on_shutdown: str | None = None,
+) -> FastAPI:
+    """The server app over a running AsyncEngine and an open SessionStore.
+
+    close_on_shutdown: on the app's shutdown, stop the engine thread and close the store (the CLI sets
+    it; tests that share one engine between apps do not). park_tier_on_shutdown: park the sessions
+    served by this process at that tier when shutting down (after in-flight requests finished).
+    """
+    st = ServerState(aengine=aengine, store=store, model_names=list(model_names), api_keys=make_api_keys(api_keys or []))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        log.info("serving %s", ", ".join(st.model_names))
+        yield
+        st.draining = True
+        if park_tier_on_shutdown:
+            await park_touched_sessions(st, park_tier_on_shutdown)
+        if close_on_shutdown:
+            log.info("shutting down: stopping the engine and closing the session store")
+            aengine.shutdown()
+            store.close()
+
+    app = FastAPI(title="kvstrata", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API with durable agent sessions (see docs/server.md)")
+    app.state.kv = st
+    install_error_handlers(app)
+    app.add_middleware(AuthAndMetrics, state=st)
+    app.include_router(openai_chat.router)
+    app.include_router(completions.router)
+    app.include_router(responses.router)
+    app.include_router(sessions.router)
+
+    @app.get("/health", tags=["ops"])
+    async def health(request: Request):
+        s = get_state(request)
+        if s.aengine._dead is not None:
+            raise APIError(503, f"the engine stopped: {s.aengine._dead!r}", code="engine_dead")
+        return {"status": "draining" if s.draining else "ok", "model": s.model_id}
+
+    @app.get("/v1/models", tags=["openai"])
+    async def list_models(request: Request):
+        s = get_state(request)
+        return {"object": "list", "data": [_model_card(s, n) for n in s.model_names[:1]]}
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def get_model(model_id: str, request: Request):
+        s = get_state(request)
+        s.check_model(model_id)
+        return _model_card(s, model_id)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics(request: Request):
+        s = get_state(request)
+        return Response(await s.metrics.render(s.aengine), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _model_card(st: ServerState, name: str) -> dict[str, Any]:
+    e = st.engine
+    return {"id": name, "object": "model", "created": st.created, "owned_by": "kvstrata",
+            "max_model_len": e.max_model_len, "root": str(e.model_path)}

@@ -1,0 +1,137 @@
+"""Errors in OpenAI's body format, `{"error": {"message", "type", "param", "code"}}`, with OpenAI's codes.
+
+Every error a client can cause becomes a 4xx with that body: request validation (FastAPI's 422 is
+turned into 400, as OpenAI answers), KvstrataError (400), a too-long prompt (400,
+`context_length_exceeded`), missing / wrong API key (401), unknown model, session or response (404),
+a stale session write (409), a full queue (429 with Retry-After). Anything else is a 500 whose body
+says only that the server failed (the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvstrata.core import ContextLengthError, KvstrataError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """Raised by route handlers: becomes an OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def to_api_error(e: BaseException) -> APIError:
+    """Map an exception raised below the HTTP layer to the status a client should see."""
+    from kvstrata.engine.async_engine import EngineDeadError, QueueFullError
+    from kvstrata.sessions import (
+        InvalidTransition,
+        JobNotFound,
+        ResponseNotFound,
+        SessionNotFound,
+        VersionConflict,
+    )
+
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFullError):
+        return APIError(429, f"the server is busy: {e}", code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, ContextLengthError):
+        return APIError(400, str(e), code="context_length_exceeded", param="messages")
+    if isinstance(e, SessionNotFound):
+        return APIError(404, str(e), code="session_not_found")
+    if isinstance(e, ResponseNotFound):
+        return APIError(404, str(e), code="response_not_found", param="previous_response_id")
+    if isinstance(e, JobNotFound):
+        return APIError(404, str(e), code="job_not_found")
+    if isinstance(e, VersionConflict):
+        return APIError(409, str(e), code="version_conflict")
+    if isinstance(e, InvalidTransition):
+        return APIError(409, str(e), code="invalid_state")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), code="engine_dead")
+    if isinstance(e, KvstrataError):
+        return APIError(400, str(e), code="invalid_request")
+    log.exception("internal error", exc_info=e)
+    return APIError(500, f"internal server error ({type(e).__name__}); see the server log", code="internal_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    if e.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {e.get('msg', '')} ({e.get('ctx', {}).get('error', '')})", None
+    msg = e.get("msg", "invalid value")
+    if not loc:
+        return f"the request body must be a JSON object (Content-Type: application/json): {msg}", None
+    more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
+    return (f"{param}: {msg}" if param else msg) + more, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msg, param = _validation_message(exc)
+        return error_response(400, msg, code="invalid_request", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and msg == "Not Found":
+            msg = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return error_response(exc.status_code, msg, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(KvstrataError)
+    async def _kvstrata(request: Request, exc: KvstrataError) -> JSONResponse:
+        e = to_api_error(exc)
+        return error_response(e.status, e.message, e.code, e.param, e.headers)
+
+    @app.exception_handler(Exception)
+    async def _other(request: Request, exc: Exception) -> JSONResponse:
+        e = to_api_error(exc)
+        return error_response(e.status, e.message, e.code, e.param, e.headers)

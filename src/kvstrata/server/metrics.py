@@ -1,0 +1,77 @@
+"""Prometheus metrics at GET /metrics: requests, tokens, latency histograms, queue depth, KV pool use.
+
+Each app owns a CollectorRegistry (several servers can live in one process, as the tests do). Gauges
+that describe the engine (queue depth, KV blocks) are read from the engine thread at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from kvstrata.core import RequestOutput
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("kvstrata_http_requests", "HTTP requests by route and status code",
+                                ["route", "method", "status"], registry=r)
+        self.prompt_tokens = Counter("kvstrata_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("kvstrata_generation_tokens", "generated tokens", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "kvstrata_cached_prompt_tokens", "prompt tokens loaded instead of computed, by tier", ["tier"], registry=r)
+        self.finished = Counter("kvstrata_requests_finished", "engine requests finished, by reason",
+                                ["finish_reason"], registry=r)
+        self.ttft = Histogram("kvstrata_time_to_first_token_seconds", "arrival to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("kvstrata_time_per_output_token_seconds", "mean inter-token latency per request",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("kvstrata_request_latency_seconds", "arrival to finish", buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.waiting = Gauge("kvstrata_requests_waiting", "requests queued in the engine (queue depth)", registry=r)
+        self.running = Gauge("kvstrata_requests_running", "requests streaming from the engine", registry=r)
+        self.kv_blocks = Gauge("kvstrata_kv_blocks", "device KV pool blocks by state", ["state"], registry=r)
+        self.kv_usage = Gauge("kvstrata_kv_usage_ratio", "fraction of device KV blocks in use", registry=r)
+
+    def observe_output(self, out: "RequestOutput") -> None:
+        """Record a finished engine request."""
+        m = out.metrics
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        ngen = sum(len(o.token_ids) for o in out.outputs)
+        self.generation_tokens.inc(ngen)
+        for tier, n in (m.cached_prompt_tokens_by_tier or {}).items():
+            self.cached_prompt_tokens.labels(tier).inc(n)
+        if not m.cached_prompt_tokens_by_tier and m.cached_prompt_tokens:
+            self.cached_prompt_tokens.labels("device").inc(m.cached_prompt_tokens)
+        for o in out.outputs:
+            self.finished.labels(o.finish_reason.value if o.finish_reason else "none").inc()
+        if m.ttft_s is not None:
+            self.ttft.observe(max(0.0, m.ttft_s))
+        n0 = len(out.outputs[0].token_ids)
+        rate = m.decode_tokens_per_s(n0)
+        if rate:
+            self.tpot.observe(1.0 / rate)
+        if m.finished_time is not None:
+            self.e2e.observe(max(0.0, m.finished_time - m.arrival_time))
+
+    async def render(self, aengine) -> bytes:
+        try:
+            summary, waiting = await aengine.call_async(
+                lambda e: (e.pool.summary(), len(e.scheduler.waiting)))
+            self.waiting.set(waiting)
+            for k, v in summary.items():
+                self.kv_blocks.labels(k).set(v)
+            self.kv_usage.set(summary["in_use"] / max(1, summary["total"]))
+        except Exception as e:  # a dead engine still lets the counters be scraped
+            log.warning("could not read engine gauges: %s", e)
+        self.running.set(aengine.num_active)
+        return generate_latest(self.registry)

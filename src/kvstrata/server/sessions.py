@@ -1,0 +1,184 @@
+"""The sessions extension, /v1/sessions: durable agent conversations whose KV outlives a request.
+
+    POST   /v1/sessions                      {system, tools, class, messages, metadata} -> session
+    GET    /v1/sessions                      ?limit&after&state&order -> list
+    GET    /v1/sessions/{id}                 ?include_tokens&locate -> session with messages
+    DELETE /v1/sessions/{id}
+    POST   /v1/sessions/{id}/messages        {messages} (user turns, tool results)
+    POST   /v1/sessions/{id}/generate        {sampling..., messages} -> assistant message + usage
+    POST   /v1/sessions/{id}/park            {tier, lease_s}: KV down to a tier, pinned until the lease
+    POST   /v1/sessions/{id}/resume          prefetch the KV back into device memory
+    POST   /v1/sessions/{id}/fork            a copy that shares the prefix (and so its KV)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal, Optional
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from kvstrata.core import RequestClass
+from kvstrata.server import chat_format as cf
+from kvstrata.server.common import build_sampling, new_id
+from kvstrata.server.errors import APIError
+from kvstrata.server.protocol import MessagesAppend, SessionCreate, SessionFork, SessionGenerate, SessionPark
+from kvstrata.server.state import get_state, owner
+from kvstrata.server.turns import prefetch, resume_if_parked, run_turn
+from kvstrata.sessions import Session, SessionInfo, SessionState
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def session_json(s: SessionInfo, *, include_tokens: bool = False) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "id": s.id, "object": "session", "state": s.state.value, "class": s.request_class.value,
+        "version": s.version, "created_at": s.created_at, "updated_at": s.updated_at, "parent_id": s.parent_id,
+        "lease_expires_at": s.lease_expires_at, "parked_tier": s.parked_tier, "num_messages": s.num_messages,
+        "num_tokens": s.num_tokens, "num_blocks": s.num_blocks, "metadata": s.metadata,
+    }
+    if isinstance(s, Session):
+        d.update(system=s.system_prompt, tools=s.tools, messages=s.messages)
+        if include_tokens:
+            d["token_ids"] = s.token_ids
+    return d
+
+
+@router.post("")
+async def create_session(body: SessionCreate, request: Request, who=Depends(owner)):
+    st = get_state(request)
+    cf.check_tools(body.tools, None)
+    msgs = cf.messages_to_dicts(body.messages)
+    if any(m["role"] == "system" for m in msgs) and body.system:
+        raise APIError(400, "give the system prompt either as `system` or as a system message, not both",
+                       param="messages")
+    s = await st.db(st.store.create_session, owner=who, messages=msgs, system_prompt=body.system,
+                    tools=body.tools, request_class=RequestClass(body.request_class), metadata=body.metadata)
+    return session_json(s)
+
+
+@router.get("")
+async def list_sessions(request: Request, who=Depends(owner), limit: int = Query(20, ge=1, le=1000),
+                        after: Optional[str] = None, order: Literal["asc", "desc"] = "desc",
+                        state: Optional[Literal["active", "parked", "waiting_on_tool", "closed"]] = None):
+    st = get_state(request)
+    page = await st.db(st.store.list_sessions, owner=who, limit=limit, after=after, order=order,
+                       state=SessionState(state) if state else None)
+    data = [session_json(s) for s in page.items]
+    return {"object": "list", "data": data, "has_more": page.has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/{session_id}")
+async def get_session(session_id: str, request: Request, who=Depends(owner), include_tokens: bool = False,
+                      locate: bool = Query(False, description="report where the session's KV is, per tier")):
+    st = get_state(request)
+    s = await st.db(st.store.get_session, session_id, owner=who)
+    d = session_json(s, include_tokens=include_tokens)
+    if locate:
+        d["kv_location"] = await _locate(st, s.token_ids)
+    return d
+
+
+async def _locate(st, token_ids: list[int]) -> dict[str, int] | None:
+    if not token_ids or not hasattr(st.engine, "locate"):
+        return None
+    return await st.aengine.call_async(lambda e: e.locate(list(token_ids)))
+
+
+@router.delete("/{session_id}")
+async def delete_session(session_id: str, request: Request, who=Depends(owner)):
+    st = get_state(request)
+    async with st.session_lock(session_id):
+        await st.db(st.store.delete_session, session_id, owner=who)
+    return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+
+@router.post("/{session_id}/messages")
+async def append_messages(session_id: str, body: MessagesAppend, request: Request, who=Depends(owner)):
+    """Append messages (a user turn, tool results) without generating."""
+    st = get_state(request)
+    msgs = cf.messages_to_dicts(body.messages)
+    async with st.session_lock(session_id):
+        info = await st.db(st.store.get_session_info, session_id, owner=who)
+        new_state = None
+        if info.state == SessionState.WAITING_ON_TOOL and any(m["role"] == "tool" for m in msgs):
+            new_state = SessionState.ACTIVE
+        info = await st.db(st.store.append, session_id, owner=who, expected_version=info.version,
+                           messages=msgs, new_state=new_state)
+    return session_json(info)
+
+
+@router.post("/{session_id}/generate")
+async def generate(session_id: str, body: SessionGenerate, request: Request, who=Depends(owner)):
+    """The next assistant message of the session (after `messages`, if given), appended to it."""
+    st = get_state(request)
+    new_msgs = cf.messages_to_dicts(body.messages)
+    structured = cf.structured_from_response_format(body.response_format)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+
+    def make_params(prompt_len: int, forced: dict | None):
+        if forced and structured:
+            raise APIError(400, "a forced tool call and response_format cannot be combined", param="response_format")
+        return build_sampling(st, body, prompt_len, max_tokens=body.max_completion_tokens or body.max_tokens,
+                              logprobs=top, structured=forced or structured)
+
+    async with st.session_lock(session_id):
+        sess = await st.db(st.store.get_session, session_id, owner=who)
+        if sess.state == SessionState.CLOSED:
+            raise APIError(409, f"session {session_id!r} is closed; fork it to continue", code="invalid_state")
+        sess = await resume_if_parked(st, sess, who)
+        turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
+    return {
+        "id": new_id("gen-"), "object": "session.generation", "session_id": session_id,
+        "message": turn.message, "finish_reason": turn.finish_reason, "usage": turn.usage,
+        "session": session_json(turn.info) if turn.info else None,
+    }
+
+
+@router.post("/{session_id}/park")
+async def park(session_id: str, body: SessionPark, request: Request, who=Depends(owner)):
+    """Move the session's KV down to `tier` and pin it there until `lease_s` from now."""
+    st = get_state(request)
+    async with st.session_lock(session_id):
+        sess = await st.db(st.store.get_session, session_id, owner=who)
+        if sess.state == SessionState.CLOSED:
+            raise APIError(409, f"session {session_id!r} is closed", code="invalid_state")
+        kv: dict[str, Any] = {"moved": False}
+        if not hasattr(st.engine, "park"):
+            kv["reason"] = "this engine build cannot move KV between tiers (LLMEngine.park is missing)"
+        elif sess.token_ids:
+            t0 = time.perf_counter()
+            res = await st.aengine.call_async(lambda e: e.park(list(sess.token_ids), body.tier))
+            kv = {"moved": True, "seconds": round(time.perf_counter() - t0, 4), **(res or {})}
+        lease = time.time() + body.lease_s if body.lease_s else None
+        info = await st.db(st.store.park, session_id, owner=who, tier=body.tier, lease_expires_at=lease,
+                           expected_version=sess.version)
+    return {**session_json(info), "kv": kv}
+
+
+@router.post("/{session_id}/resume")
+async def resume(session_id: str, request: Request, who=Depends(owner)):
+    """Prefetch the session's KV into device memory and make it active (lease and parked tier cleared)."""
+    st = get_state(request)
+    async with st.session_lock(session_id):
+        sess = await st.db(st.store.get_session, session_id, owner=who)
+        if sess.state == SessionState.CLOSED:
+            raise APIError(409, f"session {session_id!r} is closed; fork it to continue", code="invalid_state")
+        loaded = await prefetch(st, sess.token_ids)
+        info = await st.db(st.store.set_state, session_id, SessionState.ACTIVE, owner=who,
+                           expected_version=sess.version, lease_expires_at=None, parked_tier=None)
+    kv = {"prefetched_tokens": loaded}
+    if loaded is None:
+        kv["reason"] = "this engine build cannot prefetch from the tiers (LLMEngine.prefetch is missing)"
+    return {**session_json(info), "kv": kv}
+
+
+@router.post("/{session_id}/fork")
+async def fork(session_id: str, request: Request, body: Optional[SessionFork] = None, who=Depends(owner)):
+    """A new session with a copy of this one's history; its turns reuse the shared prefix's KV."""
+    st = get_state(request)
+    s = await st.db(st.store.fork_session, session_id, owner=who, metadata=body.metadata if body else None)
+    return session_json(s)

@@ -1,0 +1,153 @@
+"""One turn of a durable session: render, splice onto the stored token ids, generate, append atomically.
+
+The session's stored token ids are the source of truth: a turn's prompt is those ids (cut only where
+the chat template now renders the history differently) followed by the tokens of the new text. So
+each turn's prompt starts with the previous turn's prompt *and its generated tokens*, and the
+engine's content-addressed prefix cache (device pool or any tier below it) serves that prefix
+instead of recomputing it; `usage.prompt_tokens_details.cached_tokens` shows how much.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from kvstrata.core import RequestOutput, SamplingParams, chain_keys
+from kvstrata.server import chat_format as cf
+from kvstrata.server.common import generate_final, usage
+from kvstrata.server.state import ServerState
+from kvstrata.sessions import Session, SessionInfo, SessionState
+
+log = logging.getLogger(__name__)
+
+
+def splice(tok, stored: list[int], text: str) -> tuple[int, list[int]]:
+    """(keep, new ids): the longest prefix of `stored` whose text begins `text`, and the ids of the rest.
+
+    `stored[:keep] + new_ids` decodes to `text`. keep == len(stored) whenever the template renders the
+    history as the stored tokens decode (the usual case); else a binary search finds where they part.
+    """
+    if not stored:
+        return 0, tok.encode(text, add_special_tokens=False)
+    s = tok.decode(stored, skip_special_tokens=False)
+    keep = len(stored)
+    if not text.startswith(s):
+        lo, hi = 0, len(stored)
+        while lo < hi:  # invariant: stored[:lo] decodes to a prefix of text
+            mid = (lo + hi + 1) // 2
+            if text.startswith(tok.decode(stored[:mid], skip_special_tokens=False)):
+                lo = mid
+            else:
+                hi = mid - 1
+        keep = lo
+        s = tok.decode(stored[:keep], skip_special_tokens=False)
+        log.debug("template re-rendered the history: keeping %d of %d stored tokens", keep, len(stored))
+    rest = text[len(s):]
+    return keep, (tok.encode(rest, add_special_tokens=False) if rest else [])
+
+
+def history(sess: Session) -> list[dict[str, Any]]:
+    sys_msgs = [{"role": "system", "content": sess.system_prompt}] if sess.system_prompt else []
+    return sys_msgs + list(sess.messages)
+
+
+@dataclass
+class TurnResult:
+    message: dict[str, Any]  # the assistant message appended
+    has_calls: bool
+    out: RequestOutput
+    usage: dict[str, Any]
+    info: SessionInfo | None  # after the append (None when not persisted)
+    finish_reason: str
+
+
+async def run_turn(
+    st: ServerState,
+    request: Request,
+    sess: Session,
+    owner: Any,
+    new_messages: list[dict[str, Any]],
+    make_params,  # (prompt_len) -> SamplingParams
+    *,
+    tool_choice: Any = None,
+    persist: bool = True,
+) -> TurnResult:
+    """Generate the session's next assistant message after `new_messages`; append both atomically.
+
+    Raises VersionConflict (-> 409) if another writer changed the session meanwhile.
+    """
+    tok = st.tokenizer
+    tools, choice = cf.check_tools(sess.tools, tool_choice)
+    text = cf.render(tok, history(sess) + new_messages, tools, choice)
+    keep, new_ids = splice(tok, sess.token_ids, text)
+    prompt = sess.token_ids[:keep] + new_ids
+    params: SamplingParams = make_params(len(prompt), cf.forced_spec(tools, choice))
+    rc = sess.request_class.value if hasattr(sess.request_class, "value") else sess.request_class
+    out = await generate_final(st, request, prompt, params, rc)
+    o = out.outputs[0]
+    msg, has_calls = cf.assistant_message(o.text, cf.parses_tools(tools, choice))
+    info = None
+    if persist:
+        eng = st.engine
+        bs = eng.pool.block_size
+        full = prompt + list(o.token_ids)
+        keys = chain_keys(full, bs, eng.fingerprint)
+        keep_blocks = min(len(sess.block_keys), keep // bs)
+        info = await st.db(
+            st.store.append, sess.id, owner=owner, expected_version=sess.version,
+            messages=new_messages + [msg], token_ids=new_ids + list(o.token_ids), keep_tokens=keep,
+            block_keys=keys[keep_blocks:], keep_blocks=keep_blocks,
+            new_state=SessionState.WAITING_ON_TOOL if has_calls else SessionState.ACTIVE,
+        )
+        st.touched_sessions[sess.id] = owner
+    return TurnResult(msg, has_calls, out, usage(out), info, cf.finish_reason(o, has_calls))
+
+
+async def prefetch(st: ServerState, token_ids: list[int]) -> int | None:
+    """Load the session's stored prefix back into device memory (None: the engine cannot yet)."""
+    if not token_ids or not hasattr(st.engine, "prefetch"):
+        return None
+    t0 = time.perf_counter()
+    n = await st.aengine.call_async(lambda e: e.prefetch(list(token_ids)))
+    log.info("prefetched %s of %d tokens in %.3fs", n, len(token_ids), time.perf_counter() - t0)
+    return int(n)
+
+
+async def resume_if_parked(st: ServerState, sess: Session, owner: Any) -> Session:
+    """A turn on a parked session resumes it first (prefetch, state active, lease cleared)."""
+    if sess.state != SessionState.PARKED:
+        return sess
+    await prefetch(st, sess.token_ids)
+    info = await st.db(st.store.set_state, sess.id, SessionState.ACTIVE, owner=owner,
+                       expected_version=sess.version, lease_expires_at=None, parked_tier=None)
+    sess.state, sess.version, sess.parked_tier, sess.lease_expires_at = info.state, info.version, None, None
+    return sess
+
+
+async def park_touched_sessions(st: ServerState, tier: str = "disk", budget_s: float = 30.0) -> int:
+    """At graceful shutdown: write the KV of every session this process served down to `tier` and mark
+    them parked, so that after a restart their next turn loads the prefix instead of recomputing it.
+    Returns how many were parked; does nothing when the engine cannot park."""
+    if not hasattr(st.engine, "park") or not st.touched_sessions:
+        return 0
+    t0 = time.monotonic()
+    n = 0
+    for sid, owner in list(st.touched_sessions.items()):
+        if time.monotonic() - t0 > budget_s:
+            log.warning("shutdown: parking budget spent; %d sessions left unparked", len(st.touched_sessions) - n)
+            break
+        try:
+            sess = await st.db(st.store.get_session, sid, owner=owner)
+            if sess.state == SessionState.CLOSED or not sess.token_ids:
+                continue
+            await st.aengine.call_async(lambda e, ids=list(sess.token_ids): e.park(ids, tier))
+            await st.db(st.store.park, sid, owner=owner, tier=tier, lease_expires_at=None)
+            n += 1
+        except Exception as e:  # a deleted session, a tier that is not configured: log and go on
+            log.warning("shutdown: could not park session %s: %s", sid, e)
+    log.info("shutdown: parked %d sessions at %s in %.2fs", n, tier, time.monotonic() - t0)
+    return n
