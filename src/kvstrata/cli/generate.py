@@ -81,7 +81,10 @@ def run(a: argparse.Namespace) -> int:
     engine = LLMEngine(engine_config_from_args(a))
     items = _read_inputs(a, engine.tokenizer)
     rids = [engine.add_request(ids, params) for _, ids in items]
-    done = engine.run_to_completion()
+    try:
+        done = engine.run_to_completion()
+    finally:
+        engine.close()  # writes cached device blocks down (write-on-evict) so a later run finds them
     for rid in rids:
         out = done[rid]
         m = out.metrics

@@ -25,6 +25,7 @@ from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
 from kvstrata.engine.setup import build_model, pool_blocks, resolve_device_dtype
 from kvstrata.kv.manager import KVManager
+from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.pool import BlockPool
 from kvstrata.loader import load_model
 from kvstrata.sched.scheduler import Scheduler
@@ -67,6 +68,9 @@ class LLMEngine:
         nblocks = pool_blocks(cfg, mc, self.dtype, self.device)
         self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         self.kv = KVManager(self.pool, self.fingerprint, cfg.enable_prefix_caching)
+        stack = build_tier_stack(cfg, self.fingerprint)
+        self.offload = Offload(self.pool, stack, self.fingerprint) if stack is not None else None
+        self.kv.offload = self.offload
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.sampler = Sampler()
@@ -75,6 +79,7 @@ class LLMEngine:
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_prompt_tokens": 0,
                          "generated_tokens": 0, "steps": 0, "preemptions": 0}
+        self.cached_tokens_by_tier: dict[str, int] = {}
         log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s",
                  time.perf_counter() - t0, mc.name or cfg.model, nblocks, cfg.block_size,
                  nblocks * BlockPool.bytes_per_block(cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype) / 2**20,
@@ -152,6 +157,8 @@ class LLMEngine:
                 seq.metrics.first_scheduled_time = now
                 self.counters["prompt_tokens"] += len(seq.prompt_token_ids)
                 self.counters["cached_prompt_tokens"] += seq.metrics.cached_prompt_tokens
+                for tier, n in seq.metrics.cached_prompt_tokens_by_tier.items():
+                    self.cached_tokens_by_tier[tier] = self.cached_tokens_by_tier.get(tier, 0) + n
             if seq.in_prefill:
                 n = min(s.num_new_tokens, len(seq.prompt_token_ids) - seq.num_computed_tokens)
                 seq.metrics.computed_prompt_tokens += n
@@ -226,6 +233,49 @@ class LLMEngine:
         if finished:
             del self.requests[rid]
         return RequestOutput(rid, req.prompt, req.seqs[0].prompt_token_ids, outs, finished, m)
+
+    # -- the KV hierarchy (sessions park and resume through these) -------------------------------
+    def _need_offload(self) -> Offload:
+        if self.offload is None:
+            raise KvstrataError("no KV tier is configured; start the engine with --kv-host-bytes, --kv-disk-dir "
+                                "or --kv-redis-url")
+        return self.offload
+
+    def park(self, token_ids: Seq[int], tier: str = "disk", pin: bool = True) -> dict:
+        """Writes the KV of this token prefix to `tier` now and frees its device copies (see kv/offload.py)."""
+        return self._need_offload().park(list(token_ids), tier, pin)
+
+    def unpin(self, token_ids: Seq[int], tier: str) -> None:
+        self._need_offload().unpin(list(token_ids), tier)
+
+    def prefetch(self, token_ids: Seq[int]) -> int:
+        """Loads the longest stored prefix of token_ids back into device memory; returns tokens loaded."""
+        return self._need_offload().prefetch(list(token_ids)) if self.offload else 0
+
+    def locate(self, token_ids: Seq[int]) -> dict[str, int]:
+        """Tokens of the longest stored prefix of token_ids, per tier (device included)."""
+        if self.offload is None:
+            from kvstrata.core import chain_keys
+
+            keys = chain_keys(list(token_ids), self.pool.block_size, self.fingerprint)
+            n = next((i for i, k in enumerate(keys) if k not in self.pool.key_to_block), len(keys))
+            return {"device": n * self.pool.block_size} if n else {}
+        return self.offload.locate(list(token_ids))
+
+    def kv_stats(self) -> dict:
+        out = {"device": {**self.pool.summary(), **self.pool.stats, "block_size": self.pool.block_size},
+               "cached_tokens_by_tier": dict(self.cached_tokens_by_tier)}
+        if self.offload is not None:
+            out.update(self.offload.stats())
+        return out
+
+    def close(self, flush_device: bool = True) -> None:
+        """Graceful stop: under write-on-evict, cached device blocks are written down first."""
+        if self.offload is not None:
+            if flush_device and not self.offload.stack.offer_on_compute:
+                self.offload.flush_device()
+            self.offload.close()
+            self.offload = self.kv.offload = None
 
     # -- convenience ------------------------------------------------------------------------------
     def run_to_completion(self) -> dict[str, RequestOutput]:

@@ -20,8 +20,8 @@ class KVManager:
         self.block_size = pool.block_size
         self.fingerprint = fingerprint
         self.enable_prefix_caching = enable_prefix_caching
-        # Optional lower tiers (set by the engine): finds and loads blocks the pool no longer holds.
-        self.tier_loader = None
+        # Optional lower tiers (kv/offload.py, set by the engine): blocks the pool no longer holds.
+        self.offload = None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -40,28 +40,34 @@ class KVManager:
         max_blocks = (len(toks) - 1) // bs
         parent = None
         by_tier: dict[str, int] = {}
-        for i in range(max_blocks):
-            chunk = toks[i * bs : (i + 1) * bs]
-            key = block_key(parent, chunk, self.fingerprint)
+        chunks = [toks[i * bs : (i + 1) * bs] for i in range(max_blocks)]
+        keys: list[bytes] = []
+        for chunk in chunks:
+            parent = block_key(parent, chunk, self.fingerprint)
+            keys.append(parent)
+        for key, chunk in zip(keys, chunks):  # device first
             b = self.pool.lookup(key, chunk)
-            if b is not None:
-                self.pool.acquire(b)
-                tier = "device"
-            elif self.tier_loader is not None and self.pool.num_available > 0:
-                b, tier = self.tier_loader(key, chunk)
+            if b is None:
+                break
+            self.pool.acquire(b)
+            self._attach(seq, b, key, "device", by_tier)
+        i = len(seq.block_table)
+        if self.offload is not None and i < max_blocks:  # then the tiers below, each load verified
+            for name, key, chunk in zip(self.offload.lookup(keys[i:]), keys[i:], chunks[i:]):
+                b = self.offload.load_block(key, chunk)
                 if b is None:
                     break
-            else:
-                break
-            seq.block_table.append(b)
-            seq.block_keys.append(key)
-            by_tier[tier] = by_tier.get(tier, 0) + bs
-            parent = key
+                self._attach(seq, b, key, name, by_tier)
         n = len(seq.block_table) * bs
         seq.num_computed_tokens = n
         seq.metrics.cached_prompt_tokens = n
         seq.metrics.cached_prompt_tokens_by_tier = by_tier
         return n
+
+    def _attach(self, seq: Sequence, b: int, key: bytes, tier: str, by_tier: dict[str, int]) -> None:
+        seq.block_table.append(b)
+        seq.block_keys.append(key)
+        by_tier[tier] = by_tier.get(tier, 0) + self.block_size
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -85,7 +91,9 @@ class KVManager:
         for i in range(len(seq.block_keys), full):
             chunk = [seq.token_at(j) for j in range(i * bs, (i + 1) * bs)]
             key = block_key(parent, chunk, self.fingerprint)
-            self.pool.register(seq.block_table[i], key, chunk)
+            b = seq.block_table[i]
+            if self.pool.register(b, key, chunk) and self.offload is not None:
+                self.offload.on_register(b, key, chunk)
             seq.block_keys.append(key)
             parent = key
 

@@ -148,6 +148,14 @@ class BlockPool:
         self.k[:, b].copy_(payload[0])
         self.v[:, b].copy_(payload[1])
 
+    def drop_cached(self, b: int) -> None:
+        """Forget one cached (unreferenced) block: its memory becomes free."""
+        assert self.ref_count[b] == 0 and b in self.cached_lru
+        del self.cached_lru[b]
+        del self.key_to_block[self.block_key[b]]
+        self.block_key[b] = self.block_tokens[b] = None
+        self.free_ids.append(b)
+
     def reset_prefix_cache(self) -> int:
         """Drop every cached (unreferenced) block; returns how many."""
         n = len(self.cached_lru)

@@ -1,0 +1,170 @@
+"""The device pool's link to the tiers below it (host, disk, remote): write-down, verified reload,
+park / prefetch / locate of a token prefix.
+
+Built from EngineConfig by `build_offload`; None when no tier is configured. All methods run on the
+engine thread; the TierStack's own mover thread does the queued writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from kvstrata.config import EngineConfig
+from kvstrata.core import KvstrataError, chain_keys
+from kvstrata.kv.pool import BlockPool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DISK_BYTES = 10 << 30
+
+
+def build_tier_stack(cfg: EngineConfig, fingerprint: str):
+    """The TierStack the config asks for (host, disk, remote, fastest first), or None."""
+    from kvstrata.tiers import DiskTier, HostTier, RedisTier, TierStack
+
+    tiers, codecs = [], []
+    if cfg.kv_host_bytes:
+        tiers.append(HostTier(cfg.kv_host_bytes))
+        codecs.append("raw")
+    if cfg.kv_disk_dir:
+        tiers.append(DiskTier(cfg.kv_disk_dir, cfg.kv_disk_bytes or DEFAULT_DISK_BYTES))
+        codecs.append(cfg.kv_cold_codec)
+    if cfg.kv_redis_url:
+        tiers.append(RedisTier(cfg.kv_redis_url))
+        codecs.append(cfg.kv_cold_codec)
+    if not tiers:
+        return None
+    return TierStack(tiers, fingerprint, codecs, write_policy=cfg.kv_write_policy)
+
+
+class Offload:
+    def __init__(self, pool: BlockPool, stack, fingerprint: str) -> None:
+        self.pool = pool
+        self.stack = stack
+        self.fingerprint = fingerprint
+        self.tier_names = [t.name for t in stack.tiers]
+        self.counters = {"blocks_written_down": 0, "blocks_loaded": 0, "blocks_load_failed": 0, "offers_dropped": 0}
+        pool.evict_hooks.append(self._on_evict)
+
+    # -- write-down -------------------------------------------------------------------------------
+    def _on_evict(self, b: int, key: bytes, token_ids: tuple[int, ...]) -> None:
+        if not self.stack.offer_on_compute:  # write-on-evict; with write-through it is already below
+            self._offer(b, key, token_ids)
+
+    def on_register(self, b: int, key: bytes, token_ids: Sequence[int]) -> None:
+        if self.stack.offer_on_compute:
+            self._offer(b, key, token_ids)
+
+    def _offer(self, b: int, key: bytes, token_ids: Sequence[int]) -> None:
+        if self.stack.offer(key, token_ids, self.pool.block_payload(b).cpu()):
+            self.counters["blocks_written_down"] += 1
+        else:
+            self.counters["offers_dropped"] += 1
+
+    # -- reload -----------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> list[str]:
+        return self.stack.lookup_prefix(keys)
+
+    def load_block(self, key: bytes, token_ids: Sequence[int]) -> int | None:
+        """Loads a verified block into a fresh pool block (ref_count 1, registered); None on a miss."""
+        if self.pool.num_available == 0:
+            return None
+        payload = self.stack.load(key, token_ids)
+        if payload is None:
+            self.counters["blocks_load_failed"] += 1
+            return None
+        b = self.pool.allocate()
+        self.pool.load_payload(b, payload)
+        self.pool.register(b, key, token_ids)
+        self.counters["blocks_loaded"] += 1
+        return b
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def _chain(self, token_ids: Sequence[int]) -> list[tuple[bytes, list[int]]]:
+        bs = self.pool.block_size
+        keys = chain_keys(token_ids, bs, self.fingerprint)
+        return [(k, list(token_ids[i * bs : (i + 1) * bs])) for i, k in enumerate(keys)]
+
+    def locate(self, token_ids: Sequence[int]) -> dict[str, int]:
+        """Tokens of the longest stored prefix of token_ids, by the fastest tier holding each block."""
+        bs = self.pool.block_size
+        out: dict[str, int] = {}
+        chain = self._chain(token_ids)
+        i = 0
+        while i < len(chain) and chain[i][0] in self.pool.key_to_block:
+            i += 1
+        if i:
+            out["device"] = i * bs
+        for name in self.lookup([k for k, _ in chain[i:]]):
+            out[name] = out.get(name, 0) + bs
+        return out
+
+    def park(self, token_ids: Sequence[int], tier: str, pin: bool = True) -> dict[str, int]:
+        """Writes the prefix's blocks to `tier` now (synchronously) and frees their device copies.
+
+        Blocks still used by a running sequence stay in device memory too. Pinned blocks are never
+        evicted from that tier until `unpin` (the session's lease).
+        """
+        from kvstrata.tiers import codec as kvcodec
+
+        if tier not in self.tier_names:
+            raise KvstrataError(f"tier {tier!r} is not configured; configured tiers: {self.tier_names}")
+        idx = self.tier_names.index(tier)
+        t, codec = self.stack.tiers[idx], self.stack.codecs[idx]
+        written = already = dropped = failed = 0
+        for key, toks in self._chain(token_ids):
+            b = self.pool.key_to_block.get(key)
+            if not t.contains(key):
+                if b is None:
+                    payload = self.stack.load(key, toks)  # only in another tier: copy it across
+                    if payload is None:
+                        break
+                else:
+                    payload = self.pool.block_payload(b).cpu()
+                blob = kvcodec.encode(payload, key=key, token_ids=toks, fingerprint=self.fingerprint, codec=codec)
+                if not t.put(key, blob):
+                    failed += 1
+                    break
+                written += 1
+            else:
+                already += 1
+            if pin:
+                t.pin(key)
+            if b is not None and self.pool.ref_count[b] == 0:
+                self.pool.drop_cached(b)
+                dropped += 1
+        return {"blocks_written": written, "blocks_already_there": already, "device_blocks_freed": dropped,
+                "failed": failed, "tokens": (written + already) * self.pool.block_size}
+
+    def unpin(self, token_ids: Sequence[int], tier: str) -> None:
+        t = self.stack.tiers[self.tier_names.index(tier)]
+        for key, _ in self._chain(token_ids):
+            t.unpin(key)
+
+    def prefetch(self, token_ids: Sequence[int]) -> int:
+        """Loads the prefix's stored blocks back into the device pool (as cached blocks); tokens loaded."""
+        loaded = 0
+        for key, toks in self._chain(token_ids):
+            if key in self.pool.key_to_block:
+                continue
+            b = self.load_block(key, toks)
+            if b is None:
+                break
+            self.pool.release(b)  # unreferenced but cached: the next request's prefix match takes it
+            loaded += self.pool.block_size
+        return loaded
+
+    def flush_device(self) -> int:
+        """Offers every cached device block down (for a graceful shutdown under write-on-evict)."""
+        n = 0
+        for b in list(self.pool.cached_lru):
+            self._offer(b, self.pool.block_key[b], self.pool.block_tokens[b])
+            n += 1
+        return n
+
+    def stats(self) -> dict:
+        return {**self.stack.stats(), "engine": dict(self.counters)}
+
+    def close(self) -> None:
+        self.stack.close()
