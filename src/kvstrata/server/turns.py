@@ -82,7 +82,9 @@ async def run_turn(
     """
     tok = st.tokenizer
     tools, choice = cf.check_tools(sess.tools, tool_choice)
-    text = cf.render(tok, history(sess) + new_messages, tools, choice)
+    # tool_choice "none" still advertises the session's tools (only the parsing is off), so the
+    # rendered history, and the KV of it, stay the same from turn to turn
+    text = cf.render(tok, history(sess) + new_messages, tools, "auto" if choice == "none" else choice)
     keep, new_ids = splice(tok, sess.token_ids, text)
     prompt = sess.token_ids[:keep] + new_ids
     params: SamplingParams = make_params(len(prompt), cf.forced_spec(tools, choice))

@@ -1,0 +1,38 @@
+"""Fixtures of the server tests: one tiny-model engine and server shared by the package."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # so `tests.server.harness` imports however pytest was started
+    sys.path.insert(0, str(ROOT))
+
+from tests.server.harness import make_engine, serve  # noqa: E402
+
+
+@pytest.fixture(scope="package")
+def tiny_engine(tiny_llama):
+    ae = make_engine(str(tiny_llama))
+    yield ae
+    ae.shutdown()
+
+
+@pytest.fixture(scope="package")
+def tiny_server(tiny_engine, tmp_path_factory):
+    from kvstrata.sessions import open_store
+
+    store = open_store(tmp_path_factory.mktemp("store") / "sessions.db")
+    with serve(tiny_engine, store) as srv:
+        yield srv
+    store.close()
+
+
+@pytest.fixture
+def client(tiny_server):
+    return tiny_server.client()
+
+
