@@ -182,8 +182,9 @@ def grammar_text(spec: dict) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema(schema_with_options(schema, strict))
         except (ValueError, TypeError) as e:
             raise KvstrataError(f"invalid JSON schema: {e}") from None
-    if t == "regex":
-        return llguidance.LLMatcher.grammar_from_regex(_need(spec, "pattern", str, "a regular expression"))
+    if t == "regex":  # \d \w \s mean ASCII, as in JSON Schema (the Rust regex default is Unicode)
+        pattern = llguidance.regex_to_lark(_need(spec, "pattern", str, "a regular expression"), "dws")
+        return llguidance.LLMatcher.grammar_from_lark(f"start: /{pattern}/")
     if t == "grammar":
         text = _need(spec, "grammar", str, "Lark or GBNF grammar text")
         try:

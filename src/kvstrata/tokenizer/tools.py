@@ -93,8 +93,10 @@ def _tool_choice_name(tool_choice) -> str | None:
 def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
     """The `SamplingParams.structured` spec that forces a tool call, or None when nothing is forced.
 
-    "required": one or more calls (newline-separated) of any tool; a named function: exactly one call of
-    it. Arguments always match the function's parameters schema.
+    "required": exactly one call of any of the tools; a named function: exactly one call of it. The
+    arguments always match the function's parameters schema (see `schema_with_options`). Set the
+    returned spec's "multiple" to True to allow several newline-separated calls (small models then
+    tend to repeat calls until max_tokens, so it is off by default).
     """
     name = _tool_choice_name(tool_choice)
     if tool_choice != "required" and name is None:
@@ -112,7 +114,7 @@ def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
         "type": "tool_call",
         "functions": [{"name": f["name"], "parameters": f.get("parameters") or {"type": "object", "properties": {}},
                        "strict": bool(f.get("strict", False))} for f in fns],
-        "multiple": name is None,
+        "multiple": False,
     }
     import llguidance
 
@@ -122,10 +124,45 @@ def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
 
 # -- grammar pieces shared with engine/structured.py (llguidance's JSON / Lark dialect) ------------
 def schema_with_options(schema: dict, strict: bool) -> dict:
-    """The schema with llguidance's compile options (x-guidance) set: compact JSON; lenient unless strict."""
+    """The schema as compiled: objects closed (`close_objects`), llguidance's options (x-guidance) set for
+    compact JSON, and unsupported keywords an error when `strict`, ignored (with a warning) otherwise."""
     opts = dict(JSON_OPTIONS, lenient=not strict)
+    schema = close_objects(schema)
     user = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
     return {**schema, "x-guidance": {**user, **opts}}
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def close_objects(schema, closable: bool = True):
+    """A copy in which every object schema that lists `properties` but says nothing about extra keys
+    (no additionalProperties / patternProperties / unevaluatedProperties) gets additionalProperties:
+    false. Output under the closed schema still validates against the original; it just never invents
+    keys, which small models otherwise do. allOf branches are left open (closing them would conflict).
+    """
+    if isinstance(schema, list):
+        return [close_objects(s, closable) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for k in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(k), dict):
+            out[k] = {name: close_objects(s) for name, s in out[k].items()}
+    for k in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [close_objects(s) for s in out[k]]
+    for k in _SUBSCHEMA_ONE:
+        if isinstance(out.get(k), dict):
+            out[k] = close_objects(out[k])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [close_objects(s, closable=False) for s in out["allOf"]]
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
+    if closable and isinstance(out.get("properties"), dict) and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
 
 
 def tool_call_lark(spec: dict) -> str:
