@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
+
+from kvstrata.engine.llm_engine import LLMEngine
 
 from kvstrata.core import chain_keys
 
@@ -89,28 +93,54 @@ def test_tool_results_appended_and_state(http):
                      ).status_code == 400  # a tool result must name its call
 
 
-def _park_api(engine) -> bool:
-    return all(hasattr(engine, n) for n in ("park", "prefetch", "locate"))
-
-
-def test_park_resume_records_state(tiny_server, http):
+def test_park_without_tiers_is_400(http):
     sid = ok(http.post("/v1/sessions", json={}))["id"]
     ok(http.post(f"/v1/sessions/{sid}/generate", json={"messages": [{"role": "user", "content": "hello"}],
-                                                         "max_tokens": 4}))
-    r = http.post(f"/v1/sessions/{sid}/park", json={"tier": "host", "lease_s": 60})
-    if _park_api(tiny_server.state.engine):  # no host tier configured on this engine: a clear 400
-        assert r.status_code == 400, r.text
-        return
-    p = ok(r)
-    assert p["state"] == "parked" and p["parked_tier"] == "host" and p["lease_expires_at"] is not None
-    assert p["kv"]["moved"] is False and "park" in p["kv"]["reason"]
-    res = ok(http.post(f"/v1/sessions/{sid}/resume"))
-    assert res["state"] == "active" and res["parked_tier"] is None and res["lease_expires_at"] is None
-    # a turn on a parked session resumes it
-    ok(http.post(f"/v1/sessions/{sid}/park", json={"tier": "disk"}))
-    g = ok(http.post(f"/v1/sessions/{sid}/generate", json={"messages": [{"role": "user", "content": "again"}],
-                                                             "max_tokens": 2}))
-    assert g["session"]["state"] == "active"
+                                                         "max_tokens": 2}))
+    r = http.post(f"/v1/sessions/{sid}/park", json={"tier": "host"})
+    assert r.status_code == 400 and "tier" in r.json()["error"]["message"]
+    assert ok(http.get(f"/v1/sessions/{sid}"))["state"] == "active"  # nothing recorded
+
+
+@pytest.mark.xfail(not all(hasattr(LLMEngine, n) for n in ("park", "prefetch", "locate", "unpin")), strict=False,
+                   reason="needs LLMEngine.park/prefetch/locate/unpin")
+def test_park_resume_with_host_tier(tiny_llama, tmp_path):
+    import asyncio
+
+    from kvstrata.server.turns import sweep_leases
+    from kvstrata.sessions import open_store
+    from tests.server.harness import make_engine, serve
+
+    ae = make_engine(str(tiny_llama), kv_host_bytes="8M")
+    store = open_store(tmp_path / "s.db")
+    try:
+        with serve(ae, store) as srv, httpx.Client(base_url=srv.url, timeout=60) as h:
+            sid = ok(h.post("/v1/sessions", json={"system": "You are a test."}))["id"]
+            g = ok(h.post(f"/v1/sessions/{sid}/generate", json={
+                "messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 3}],
+                "max_tokens": 8, "temperature": 0}))
+            full = (g["session"]["num_tokens"] // 16) * 16
+            p = ok(h.post(f"/v1/sessions/{sid}/park", json={"tier": "host", "lease_s": 600}))
+            assert p["state"] == "parked" and p["parked_tier"] == "host" and p["lease_expires_at"] > 0
+            assert p["kv"]["moved"] and p["kv"]["tokens"] == full and p["kv"]["device_blocks_freed"] > 0
+            loc = ok(h.get(f"/v1/sessions/{sid}", params={"locate": True}))["kv_location"]
+            assert loc.get("host", 0) == full and loc.get("device", 0) == 0, loc
+            r = ok(h.post(f"/v1/sessions/{sid}/resume"))
+            assert r["state"] == "active" and r["parked_tier"] is None and r["kv"]["prefetched_tokens"] == full
+            g2 = ok(h.post(f"/v1/sessions/{sid}/generate", json={
+                "messages": [{"role": "user", "content": "more"}], "max_tokens": 2, "temperature": 0}))
+            assert g2["usage"]["prompt_tokens_details"]["cached_tokens"] >= full
+            bad = h.post(f"/v1/sessions/{sid}/park", json={"tier": "disk"})  # not configured here
+            assert bad.status_code == 400 and "disk" in bad.json()["error"]["message"]
+            # a lease that ends is swept: the lease is cleared (the KV unpinned), the session stays parked
+            ok(h.post(f"/v1/sessions/{sid}/park", json={"tier": "host", "lease_s": 0.01}))
+            time.sleep(0.05)
+            assert asyncio.run(sweep_leases(srv.state)) >= 1
+            s = ok(h.get(f"/v1/sessions/{sid}"))
+            assert s["state"] == "parked" and s["lease_expires_at"] is None
+    finally:
+        ae.shutdown()
+        store.close()
 
 
 def test_closed_or_bad_requests(http):

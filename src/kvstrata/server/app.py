@@ -7,6 +7,7 @@ when keys are configured; the key's hash is the owner of the sessions it creates
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.server import completions, openai_chat, responses, sessions
 from kvstrata.server.errors import APIError, error_body, install_error_handlers
 from kvstrata.server.state import ServerState, get_state, make_api_keys
-from kvstrata.server.turns import park_touched_sessions
+from kvstrata.server.turns import park_touched_sessions, sweep_leases
 from kvstrata.sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -73,20 +74,25 @@ def create_app(
     api_keys: list[str] | None = None,
     close_on_shutdown: bool = False,
     park_tier_on_shutdown: str | None = None,
+    lease_sweep_s: float = 30.0,
 ) -> FastAPI:
     """The server app over a running AsyncEngine and an open SessionStore.
 
     close_on_shutdown: on the app's shutdown, stop the engine thread and close the store (the CLI sets
     it; tests that share one engine between apps do not). park_tier_on_shutdown: park the sessions
     served by this process at that tier when shutting down (after in-flight requests finished).
+    lease_sweep_s: how often expired session leases are swept (their KV unpinned); 0 disables.
     """
     st = ServerState(aengine=aengine, store=store, model_names=list(model_names), api_keys=make_api_keys(api_keys or []))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         log.info("serving %s", ", ".join(st.model_names))
+        sweeper = asyncio.create_task(_sweep_forever(st, lease_sweep_s)) if lease_sweep_s > 0 else None
         yield
         st.draining = True
+        if sweeper is not None:
+            sweeper.cancel()
         if park_tier_on_shutdown:
             await park_touched_sessions(st, park_tier_on_shutdown)
         if close_on_shutdown:
@@ -128,6 +134,17 @@ def create_app(
         return Response(await s.metrics.render(s.aengine), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def _sweep_forever(st: ServerState, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            n = await sweep_leases(st)
+            if n:
+                log.info("lease sweep: %d sessions' leases ended; their KV is unpinned", n)
+        except Exception as e:  # a store hiccup must not end the sweeper
+            log.warning("lease sweep failed: %s", e)
 
 
 def _model_card(st: ServerState, name: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from kvstrata.server.common import build_sampling, new_id
 from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import MessagesAppend, SessionCreate, SessionFork, SessionGenerate, SessionPark
 from kvstrata.server.state import get_state, owner
-from kvstrata.server.turns import prefetch, resume_if_parked, run_turn
+from kvstrata.server.turns import prefetch, resume_if_parked, run_turn, unpin
 from kvstrata.sessions import Session, SessionInfo, SessionState
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ async def resume(session_id: str, request: Request, who=Depends(owner)):
         if sess.state == SessionState.CLOSED:
             raise APIError(409, f"session {session_id!r} is closed; fork it to continue", code="invalid_state")
         loaded = await prefetch(st, sess.token_ids)
+        await unpin(st, sess.token_ids, sess.parked_tier)
         info = await st.db(st.store.set_state, session_id, SessionState.ACTIVE, owner=who,
                            expected_version=sess.version, lease_expires_at=None, parked_tier=None)
     kv = {"prefetched_tokens": loaded}

@@ -119,11 +119,39 @@ async def prefetch(st: ServerState, token_ids: list[int]) -> int | None:
     return int(n)
 
 
+async def unpin(st: ServerState, token_ids: list[int], tier: str | None) -> None:
+    """Release the pins a park put on the session's blocks at `tier` (they may be evicted again)."""
+    if not tier or not token_ids or not hasattr(st.engine, "unpin"):
+        return
+    try:
+        await st.aengine.call_async(lambda e: e.unpin(list(token_ids), tier))
+    except Exception as e:  # the tier is gone from this configuration (e.g. a restart without it)
+        log.info("could not unpin %d tokens at %s: %s", len(token_ids), tier, e)
+
+
+async def sweep_leases(st: ServerState) -> int:
+    """Sessions whose lease ended: unpin their KV at the parked tier and clear the lease. They stay
+    parked (their KV stays in the tier until evicted); returns how many were swept."""
+    from kvstrata.sessions import ANY_OWNER
+
+    expired = await st.db(st.store.sessions_expired_leases, time.time())
+    for info in expired:
+        try:
+            if info.parked_tier:
+                sess = await st.db(st.store.get_session, info.id, owner=ANY_OWNER)
+                await unpin(st, sess.token_ids, info.parked_tier)
+            await st.db(st.store.set_lease, info.id, owner=ANY_OWNER, lease_expires_at=None)
+        except Exception as e:  # deleted or closed meanwhile
+            log.info("lease sweep: session %s: %s", info.id, e)
+    return len(expired)
+
+
 async def resume_if_parked(st: ServerState, sess: Session, owner: Any) -> Session:
     """A turn on a parked session resumes it first (prefetch, state active, lease cleared)."""
     if sess.state != SessionState.PARKED:
         return sess
     await prefetch(st, sess.token_ids)
+    await unpin(st, sess.token_ids, sess.parked_tier)
     info = await st.db(st.store.set_state, sess.id, SessionState.ACTIVE, owner=owner,
                        expected_version=sess.version, lease_expires_at=None, parked_tier=None)
     sess.state, sess.version, sess.parked_tier, sess.lease_expires_at = info.state, info.version, None, None
