@@ -83,3 +83,29 @@ def default_gguf() -> Path:
 def nice_prefix(level: int = 19) -> list[str]:
     """``["nice", "-n", level]`` where `nice` exists, so builds leave the 2 cores to other work."""
     return ["nice", "-n", str(level)] if shutil.which("nice") else []
+
+
+def cpu_pressure() -> dict:
+    """Load average and Linux PSI CPU pressure ("some" avg10/avg60, % of time a task waited for a CPU).
+
+    Other work on a 2-core machine skews every number here; the results record this next to them.
+    """
+    out: dict = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+        fields = dict(kv.split("=") for kv in some[1:])
+        out["psi_some_avg10"], out["psi_some_avg60"] = float(fields["avg10"]), float(fields["avg60"])
+    except (OSError, IndexError, KeyError, ValueError):
+        pass
+    return out
+
+
+def wait_for_quiet(max_wait_s: float = 60.0, load_below: float = 1.0, poll_s: float = 5.0) -> dict:
+    """Wait up to `max_wait_s` for the 1-minute load average to drop below `load_below`; returns
+    `cpu_pressure()` at the end (whether or not it got quiet)."""
+    import time
+
+    deadline = time.monotonic() + max_wait_s
+    while os.getloadavg()[0] >= load_below and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return cpu_pressure()

@@ -1,4 +1,4 @@
-"""Build the llama.cpp peer once into ``$KVSTRATA_HOME/peers`` and install the llama-cpp-python bindings.
+"""Build the llama.cpp peer once into ``$KVSTRATA_HOME/peers`` (and, on request, the llama-cpp-python bindings).
 
 Steps (each skipped when its output already exists; a stamp file makes a full rerun instant):
 
@@ -7,11 +7,13 @@ Steps (each skipped when its output already exists; a stamp file makes a full re
 3. CMake-configure ``vendor/llama.cpp`` for the CPU (no CURL, no OpenSSL, no web-UI download, static
    libraries, native CPU flags) and build the targets ``llama-server`` and ``llama-bench`` with ``-j2``
    under ``nice``
-4. build a wheel of the bindings from the same sdist (``CMAKE_ARGS`` CPU-only) once into the cache,
-   then ``pip install`` that wheel into the running interpreter's environment. ``--no-bindings``
-   skips this step (the wheel compiles libllama a second time, a few minutes on 2 cores).
+4. only with ``--bindings`` (or ``KVSTRATA_PEER_BINDINGS=1``): build a wheel of the llama-cpp-python
+   bindings from the same sdist (``CMAKE_ARGS`` CPU-only) once into the cache, then ``pip install``
+   it into the running interpreter's environment. Off by default: the wheel compiles ggml and
+   libllama a second time (about 11.5 minutes on 2 cores, on top of about 7.5 for the binaries)
+   and no benchmark needs it; once built, the cached wheel installs in a second.
 
-Usage: ``python -m benchmarks.peers.prepare [--no-bindings] [--force] [--jobs 2]``
+Usage: ``python -m benchmarks.peers.prepare [--bindings] [--force] [--jobs 2]``
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_SERVER=ON",
 ]
 TARGETS = ["llama-server", "llama-bench"]
-BINDINGS_CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF"
+BINDINGS_CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF "
+                       "-DLLAVA_BUILD=OFF")  # no multimodal library: the benchmarks do not use it
 
 
 def say(msg: str) -> None:
@@ -159,7 +162,7 @@ def install_bindings(root: Path, sdist: Path, version: str, jobs: int) -> tuple[
     return cmds, seconds
 
 
-def prepare(*, bindings: bool = True, force: bool = False, jobs: int = 2,
+def prepare(*, bindings: bool = False, force: bool = False, jobs: int = 2,
             version: str = LLAMA_CPP_PYTHON_VERSION) -> dict:
     """Build what is missing and return the stamp (also written to `stamp_path(version)`)."""
     root = cache_dir()
@@ -198,13 +201,15 @@ def prepare(*, bindings: bool = True, force: bool = False, jobs: int = 2,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-bindings", action="store_true", help="skip building/installing llama-cpp-python")
+    ap.add_argument("--bindings", action="store_true",
+                    default=os.environ.get("KVSTRATA_PEER_BINDINGS", "") not in ("", "0"),
+                    help="also build (once, ~11 min on 2 cores) and install the llama-cpp-python bindings")
     ap.add_argument("--force", action="store_true", help="rebuild even when the stamp file exists")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        prepare(bindings=not args.no_bindings, force=args.force, jobs=args.jobs)
+        prepare(bindings=args.bindings, force=args.force, jobs=args.jobs)
     except PeerMissingError as exc:
         print(f"[bench-peers] error: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ def single_stream_table(res: dict, engine: dict | None = None) -> str:
     ss, tf = res.get("single_stream", {}), res.get("transformers") or {}
     eng = (engine or {}).get("single_stream", {})
     name = (engine or {}).get("name", "kvstrata")
-    head = "| workload | llama.cpp tok/s | transformers tok/s | llama.cpp / transformers |"
+    head = "| workload | llama.cpp tok/s, mean (best repetition) | transformers tok/s | llama.cpp / transformers |"
     sep = "|---|---:|---:|---:|"
     if engine:
         head += f" {name} tok/s | {name} / llama.cpp |"
@@ -40,7 +40,9 @@ def single_stream_table(res: dict, engine: dict | None = None) -> str:
         for row in ss.get(kind, []):
             k = row[key]
             t = tfr.get(k, {}).get("tps")
-            line = f"| {label.format(f'{k:,}')} | {_f(row['tps'])} | {_f(t)} | {_ratio(row['tps'], t)} |"
+            best = max((row.get("raw") or {}).get("samples_ts") or [row["tps"]])
+            line = (f"| {label.format(f'{k:,}')} | {_f(row['tps'])} (best {_f(best)}) | {_f(t)} | "
+                    f"{_ratio(row['tps'], t)} |")
             if engine:
                 e = er.get(k, {}).get("tps")
                 line += f" {_f(e)} | {_ratio(e, row['tps'])} |"
@@ -125,7 +127,13 @@ def markdown(res: dict, engine: dict | None = None) -> str:
         "",
         f"transformers: {tf.get('method', 'not run')}",
         "",
-        f"Run time by part (s): {res.get('seconds')}",
+        f"Run time by part (s): {res.get('seconds')}.",
+        "",
+        "CPU contention while each part ran (load average 1/5/15 min; PSI `some` avg10 = % of the last 10 s "
+        "in which a runnable task waited for a CPU). Other work on the 2 cores skews the numbers; llama.cpp's "
+        "2 threads synchronise at every op and suffer most when a core is taken:",
+        "",
+        *[f"- {k}: before {v.get('before')}, after {v.get('after')}" for k, v in (res.get("cpu_pressure") or {}).items()],
         "",
     ]
     for p in res.get("plots", []):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.peers import llamacpp
-from benchmarks.peers.common import PeerMissingError, cache_dir, default_gguf, load_stamp
+from benchmarks.peers.common import PeerMissingError, cache_dir, cpu_pressure, default_gguf, load_stamp, wait_for_quiet
 from benchmarks.peers.http_load import load
 from benchmarks.peers.report import markdown, plots
 from benchmarks.peers.tau_replay import load_sessions, replay
@@ -45,6 +45,19 @@ WORKLOADS = {
 }
 QUICK = {"prefill_tokens": [512, 2048], "decode_depths": [512], "concurrency": [8],
          "requests": {8: 8}, "tau": {**WORKLOADS["tau"], "n_sessions": 2, "concurrency": 2}}
+
+
+def machine() -> str:
+    """CPU model and count, e.g. "AMD EPYC, 2 cpus (x86_64)"."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cpus ({platform.machine()})"
 
 
 def run_single_stream(gguf: Path, w: dict) -> dict:
@@ -86,8 +99,11 @@ def run_tau(gguf: Path, w: dict, logs: Path, *, cache_ram: int | None = None) ->
 
 
 def run(*, quick: bool = False, transformers: bool = True, tau_control: bool = False,
-        out_dir: Path = RESULTS_DIR, tool_wait_s: float | None = None) -> dict:
-    """Run every peer workload; returns the results dict (also written to `out_dir`)."""
+        out_dir: Path = RESULTS_DIR, tool_wait_s: float | None = None, quiet_wait_s: float = 60.0) -> dict:
+    """Run every peer workload; returns the results dict (also written to `out_dir`).
+
+    Before each part it waits up to `quiet_wait_s` for the machine to be idle (load < 1) and records
+    the CPU pressure before and after, since other work on 2 cores skews the numbers badly."""
     load_stamp()  # fail first, clearly, when the peer is not built
     gguf = default_gguf()
     w = {**WORKLOADS, **(QUICK if quick else {})}
@@ -96,26 +112,33 @@ def run(*, quick: bool = False, transformers: bool = True, tau_control: bool = F
     logs = cache_dir() / "logs" / "runs"  # server logs stay outside the repository
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    res: dict = {"model": str(gguf.name), "machine": f"{platform.machine()} {os.cpu_count()} cpus, "
-                 f"{platform.processor() or ''}".strip(), "workloads": w, "versions": llamacpp.versions()}
-    timings = {}
+    res: dict = {"model": str(gguf.name), "machine": machine(), "workloads": w, "versions": llamacpp.versions(),
+}
+    timings, pressure = {}, {}
     for name, fn in [("single_stream", lambda: run_single_stream(gguf, w)),
                      ("concurrency", lambda: run_concurrency(gguf, w, logs)),
                      ("tau", lambda: run_tau(gguf, w, logs))]:
+        pressure[name] = {"before": wait_for_quiet(quiet_wait_s)}
         s = time.monotonic()
         res[name] = fn()
         timings[name] = round(time.monotonic() - s, 1)
+        pressure[name]["after"] = cpu_pressure()
     if tau_control:
+        pressure["tau_no_cache_ram"] = {"before": wait_for_quiet(quiet_wait_s)}
         s = time.monotonic()
         res["tau_no_cache_ram"] = run_tau(gguf, w, logs, cache_ram=0)
         timings["tau_no_cache_ram"] = round(time.monotonic() - s, 1)
+        pressure["tau_no_cache_ram"]["after"] = cpu_pressure()
     if transformers:
         from benchmarks.peers import transformers_peer
 
+        pressure["transformers"] = {"before": wait_for_quiet(quiet_wait_s)}
         s = time.monotonic()
         res["transformers"] = transformers_peer.measure(gguf, prefill=[n for n in w["prefill_tokens"] if n <= 2048],
                                                         decode_depths=[w["decode_depths"][0]])
         timings["transformers"] = round(time.monotonic() - s, 1)
+        pressure["transformers"]["after"] = cpu_pressure()
+    res["cpu_pressure"] = pressure
     res["seconds"] = timings | {"total": round(time.monotonic() - t0, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "peers_llamacpp.json").write_text(json.dumps(res, indent=2))
@@ -131,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau-control", action="store_true", help="also replay tau-bench with --cache-ram 0")
     ap.add_argument("--tool-wait", type=float, default=None, help="seconds per tool call in the tau replay")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--quiet-wait", type=float, default=60.0, help="seconds to wait for an idle machine per part")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         res = run(quick=args.quick, transformers=not args.skip_transformers, tau_control=args.tau_control,
-                  out_dir=args.out, tool_wait_s=args.tool_wait)
+                  out_dir=args.out, tool_wait_s=args.tool_wait, quiet_wait_s=args.quiet_wait)
     except PeerMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
