@@ -26,6 +26,7 @@ from kvstrata.engine.sampler import Sampler
 from kvstrata.engine.setup import build_model, pool_blocks, resolve_device_dtype
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
+from kvstrata.kv.paused import PausedSessions
 from kvstrata.kv.pool import BlockPool
 from kvstrata.loader import load_model
 from kvstrata.sched.scheduler import Scheduler
@@ -71,7 +72,9 @@ class LLMEngine:
         stack = build_tier_stack(cfg, self.fingerprint)
         self.offload = Offload(self.pool, stack, self.fingerprint) if stack is not None else None
         self.kv.offload = self.offload
+        self.paused = PausedSessions(self)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler.on_preempt = self._on_preempt
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
@@ -79,7 +82,6 @@ class LLMEngine:
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_prompt_tokens": 0,
                          "generated_tokens": 0, "steps": 0, "preemptions": 0}
-        self.cached_tokens_by_tier: dict[str, int] = {}
         log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s",
                  time.perf_counter() - t0, mc.name or cfg.model, nblocks, cfg.block_size,
                  nblocks * BlockPool.bytes_per_block(cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype) / 2**20,
@@ -157,8 +159,6 @@ class LLMEngine:
                 seq.metrics.first_scheduled_time = now
                 self.counters["prompt_tokens"] += len(seq.prompt_token_ids)
                 self.counters["cached_prompt_tokens"] += seq.metrics.cached_prompt_tokens
-                for tier, n in seq.metrics.cached_prompt_tokens_by_tier.items():
-                    self.cached_tokens_by_tier[tier] = self.cached_tokens_by_tier.get(tier, 0) + n
             if seq.in_prefill:
                 n = min(s.num_new_tokens, len(seq.prompt_token_ids) - seq.num_computed_tokens)
                 seq.metrics.computed_prompt_tokens += n
@@ -262,9 +262,38 @@ class LLMEngine:
             return {"device": n * self.pool.block_size} if n else {}
         return self.offload.locate(list(token_ids))
 
+    def _on_preempt(self, seq: Sequence) -> None:
+        """Recompute-preemption frees the blocks; for batch work with tiers, move them down first
+        when the cost model says reloading beats recomputing."""
+        if self.offload is None or seq.request_class != RequestClass.BATCH or not seq.block_keys:
+            return
+        n = len(seq.block_keys)
+        mc = self.model_config
+        per_block = BlockPool.bytes_per_block(self.pool.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                              self.dtype)
+        d = self.paused.model.preempt_choice(per_block * n, n * self.pool.block_size)
+        if d.action != "drop":
+            self.offload.offer_blocks(seq.block_table[:n])
+
+    @property
+    def cached_tokens_by_tier(self) -> dict[str, int]:
+        """Tokens reused instead of computed, by the tier they came from, over every admission."""
+        return self.scheduler.reused_tokens_by_tier
+
+    def pause(self, token_ids: Seq[int], tool_name: str | None = None, wait_s: float | None = None) -> dict:
+        """An agent waits (on `tool_name`): the cost model keeps, moves down or drops its KV (kv/paused.py)."""
+        return self.paused.pause(list(token_ids), tool_name, wait_s)
+
+    def resume(self, token_ids: Seq[int]) -> int:
+        """The agent continues: its KV is brought back (prefetched) or released from its hold."""
+        return self.paused.resume(list(token_ids))
+
+    def record_tool_duration(self, tool_name: str, seconds: float) -> None:
+        self.paused.record_tool_duration(tool_name, seconds)
+
     def kv_stats(self) -> dict:
         out = {"device": {**self.pool.summary(), **self.pool.stats, "block_size": self.pool.block_size},
-               "cached_tokens_by_tier": dict(self.cached_tokens_by_tier)}
+               "cached_tokens_by_tier": dict(self.cached_tokens_by_tier), "placement": self.paused.stats()}
         if self.offload is not None:
             out.update(self.offload.stats())
         return out

@@ -60,8 +60,10 @@ class KVManager:
                 self._attach(seq, b, key, name, by_tier)
         n = len(seq.block_table) * bs
         seq.num_computed_tokens = n
-        seq.metrics.cached_prompt_tokens = n
-        seq.metrics.cached_prompt_tokens_by_tier = by_tier
+        if seq.num_preemptions == 0:  # usage reports the first admission; re-admissions count below
+            seq.metrics.cached_prompt_tokens = n
+            seq.metrics.cached_prompt_tokens_by_tier = by_tier
+        seq.last_hit_by_tier = by_tier
         return n
 
     def _attach(self, seq: Sequence, b: int, key: bytes, tier: str, by_tier: dict[str, int]) -> None:

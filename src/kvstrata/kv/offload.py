@@ -62,6 +62,13 @@ class Offload:
         else:
             self.counters["offers_dropped"] += 1
 
+    def offer_blocks(self, blocks: Sequence[int]) -> None:
+        """Write these registered device blocks down now (a preempted sequence moving down)."""
+        for b in blocks:
+            key = self.pool.block_key[b]
+            if key is not None and not self.stack.offer_on_compute:
+                self._offer(b, key, self.pool.block_tokens[b])
+
     # -- reload -----------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> list[str]:
         return self.stack.lookup_prefix(keys)

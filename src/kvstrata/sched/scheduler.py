@@ -25,6 +25,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    out_of_memory: bool = False  # running work had to be preempted for room: admit nothing new this step
 
     @property
     def num_tokens(self) -> int:
@@ -42,6 +43,10 @@ class Scheduler:
         self.budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Called with a sequence about to be preempted, before its blocks are freed (the engine moves
+        # a batch sequence's KV down a tier there when that is cheaper than recomputing it).
+        self.on_preempt = None
+        self.reused_tokens_by_tier: dict[str, int] = {}  # every admission, re-admissions included
 
     def add(self, seq: Sequence) -> None:
         if seq.request_class == RequestClass.INTERACTIVE:
@@ -61,18 +66,25 @@ class Scheduler:
         # modes: a decode is a sequence one token behind, a prefill chunk is one many tokens behind.
         out = SchedulerOutput()
         budget = self.budget
-        for seq in list(self.running):  # oldest first; the newest are preempted first
+        # interactive work first (its decodes are never starved by batch prefill), then oldest first
+        self.running.sort(key=lambda s: s.request_class != RequestClass.INTERACTIVE)
+        reserve = self._make_room_for_interactive(out)
+        for seq in list(self.running):
             if budget == 0:
                 break
             if seq not in self.running:  # preempted to make room for an older one
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.request_class == RequestClass.BATCH and n > 1:
+                n = min(n, max(budget - reserve, 0))  # batch prefill leaves room for waiting interactive work
+                if n == 0:
+                    continue
             if not self._make_room(seq, n, out):
                 continue
             self.kv.allocate_slots(seq, n)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.out_of_memory:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0 and not seq.block_table:
                 self.kv.match_prefix(seq)
@@ -82,6 +94,8 @@ class Scheduler:
                 self.kv.free(seq)
                 break
             self.waiting.popleft()
+            for tier, k in seq.last_hit_by_tier.items():
+                self.reused_tokens_by_tier[tier] = self.reused_tokens_by_tier.get(tier, 0) + k
             self.kv.allocate_slots(seq, n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -91,24 +105,49 @@ class Scheduler:
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
         return out
 
+    def _make_room_for_interactive(self, out: SchedulerOutput) -> int:
+        """If interactive work waits, preempt running batch work until it can be admitted this step.
+        Returns the token budget to keep free of batch prefill for it."""
+        if not self.waiting or self.waiting[0].request_class != RequestClass.INTERACTIVE:
+            return 0
+        head = self.waiting[0]
+        first_chunk = min(head.num_tokens, self.budget)
+        while True:
+            batch = [s for s in self.running if s.request_class == RequestClass.BATCH]
+            full = len(self.running) >= self.max_num_seqs
+            short = self.kv.blocks_needed(first_chunk) > self.kv.pool.num_available
+            if not batch or not (full or short):
+                break
+            self._preempt(batch[-1], out)
+        return first_chunk
+
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Preempt the newest running sequences (batch class first) until seq's next n tokens fit."""
         while not self.kv.can_allocate(seq, n):
             victims = [s for s in self.running if s is not seq and all(s is not x.seq for x in out.scheduled)]
             if not victims:
                 self._preempt(seq, out)
+                out.out_of_memory = True
                 return False
             batch = [s for s in victims if s.request_class == RequestClass.BATCH]
             self._preempt((batch or victims)[-1], out)
+            out.out_of_memory = True
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute-preemption: its blocks go back to the pool (still cached by key), it waits again."""
         self.running.remove(seq)
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
         self.kv.free(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        # back to the front of its class: waiting interactive work stays ahead of preempted batch work
+        idx = 0
+        if seq.request_class == RequestClass.BATCH:
+            idx = next((i for i, s in enumerate(self.waiting) if s.request_class == RequestClass.BATCH),
+                       len(self.waiting))
+        self.waiting.insert(idx, seq)
         out.preempted.append(seq)
         log.debug("preempted %s (%d tokens)", seq.seq_id, seq.num_tokens)
 

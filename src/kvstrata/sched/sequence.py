@@ -42,6 +42,7 @@ class Sequence:
     # Constrained decoding state (engine/structured.py LogitsProcessor): mask(logits) before sampling,
     # accept(token) after; is_terminated() once the grammar is complete.
     logits_processor: object = None
+    last_hit_by_tier: dict = field(default_factory=dict)  # where the last prefix match found its blocks
 
     def __post_init__(self) -> None:
         if self.metrics is None:
