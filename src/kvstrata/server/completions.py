@@ -48,11 +48,15 @@ def _prompts(st: ServerState, p: Any) -> list[tuple[str, list[int]]]:
         raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
     if len(items) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
+    vocab = st.engine.model_config.vocab_size
     out = []
     for x in items:
         if isinstance(x, str):
             out.append((x, tok.encode(x)))
         else:
+            bad = [t for t in x if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt token ids must be in [0, {vocab}); got {bad[:5]}", param="prompt")
             out.append((tok.decode(x, skip_special_tokens=False), [int(t) for t in x]))
         if not out[-1][1]:
             raise APIError(400, "a prompt has no tokens; give at least one", param="prompt")
