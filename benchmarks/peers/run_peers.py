@@ -1,6 +1,7 @@
 """Run the peers' side of every workload on the default GGUF and write the results.
 
-    python -m benchmarks.peers.run_peers [--quick] [--skip-transformers] [--tool-wait 0.5]
+    python -m benchmarks.peers.run_peers [--quick] [--parts single_stream,concurrency,tau,transformers]
+                                         [--tau-control] [--skip-transformers] [--tool-wait 0.5]
 
 Writes benchmarks/results/peers_llamacpp.json and benchmarks/results/peers_llamacpp.md (a markdown
 section `benchmarks.run_all` can paste into peers.md), plus PNG plots next to them.
@@ -98,12 +99,27 @@ def run_tau(gguf: Path, w: dict, logs: Path, *, cache_ram: int | None = None) ->
     return res | {"server_command": srv.command, "task_ids": [s.task_id for s in sessions]}
 
 
-def run(*, quick: bool = False, transformers: bool = True, tau_control: bool = False,
-        out_dir: Path = RESULTS_DIR, tool_wait_s: float | None = None, quiet_wait_s: float = 60.0) -> dict:
-    """Run every peer workload; returns the results dict (also written to `out_dir`).
+PARTS = ("single_stream", "concurrency", "tau", "tau_no_cache_ram", "transformers")
+DEFAULT_PARTS = ("single_stream", "concurrency", "tau", "transformers")
 
-    Before each part it waits up to `quiet_wait_s` for the machine to be idle (load < 1) and records
-    the CPU pressure before and after, since other work on 2 cores skews the numbers badly."""
+
+def _transformers(gguf: Path, w: dict) -> dict:
+    from benchmarks.peers import transformers_peer
+
+    return transformers_peer.measure(gguf, prefill=[n for n in w["prefill_tokens"] if n <= 2048],
+                                     decode_depths=[w["decode_depths"][0]])
+
+
+def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir: Path = RESULTS_DIR,
+        tool_wait_s: float | None = None, quiet_wait_s: float = 60.0) -> dict:
+    """Run the peer workloads in `parts`; returns the results dict, written to `out_dir` after each part.
+
+    Parts not in `parts` keep their results from an earlier peers_llamacpp.json in `out_dir`, so one
+    part can be rerun alone. Before each part it waits up to `quiet_wait_s` for the machine to be idle
+    (load < 1) and records the CPU pressure before and after: other work on 2 cores skews the numbers."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     load_stamp()  # fail first, clearly, when the peer is not built
     gguf = default_gguf()
     w = {**WORKLOADS, **(QUICK if quick else {})}
@@ -111,38 +127,27 @@ def run(*, quick: bool = False, transformers: bool = True, tau_control: bool = F
         w["tau"] = {**w["tau"], "tool_wait_s": tool_wait_s}
     logs = cache_dir() / "logs" / "runs"  # server logs stay outside the repository
     logs.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    res: dict = {"model": str(gguf.name), "machine": machine(), "workloads": w, "versions": llamacpp.versions(),
-}
-    timings, pressure = {}, {}
-    for name, fn in [("single_stream", lambda: run_single_stream(gguf, w)),
-                     ("concurrency", lambda: run_concurrency(gguf, w, logs)),
-                     ("tau", lambda: run_tau(gguf, w, logs))]:
-        pressure[name] = {"before": wait_for_quiet(quiet_wait_s)}
-        s = time.monotonic()
-        res[name] = fn()
-        timings[name] = round(time.monotonic() - s, 1)
-        pressure[name]["after"] = cpu_pressure()
-    if tau_control:
-        pressure["tau_no_cache_ram"] = {"before": wait_for_quiet(quiet_wait_s)}
-        s = time.monotonic()
-        res["tau_no_cache_ram"] = run_tau(gguf, w, logs, cache_ram=0)
-        timings["tau_no_cache_ram"] = round(time.monotonic() - s, 1)
-        pressure["tau_no_cache_ram"]["after"] = cpu_pressure()
-    if transformers:
-        from benchmarks.peers import transformers_peer
-
-        pressure["transformers"] = {"before": wait_for_quiet(quiet_wait_s)}
-        s = time.monotonic()
-        res["transformers"] = transformers_peer.measure(gguf, prefill=[n for n in w["prefill_tokens"] if n <= 2048],
-                                                        decode_depths=[w["decode_depths"][0]])
-        timings["transformers"] = round(time.monotonic() - s, 1)
-        pressure["transformers"]["after"] = cpu_pressure()
-    res["cpu_pressure"] = pressure
-    res["seconds"] = timings | {"total": round(time.monotonic() - t0, 1)}
+    out_json = out_dir / "peers_llamacpp.json"
+    res: dict = json.loads(out_json.read_text()) if out_json.is_file() and set(parts) != set(PARTS) else {}
+    res = {k: v for k, v in res.items() if k in PARTS or k in ("cpu_pressure", "seconds")}
+    res |= {"model": str(gguf.name), "machine": machine(), "workloads": w, "versions": llamacpp.versions()}
+    runners = {"single_stream": lambda: run_single_stream(gguf, w),
+               "concurrency": lambda: run_concurrency(gguf, w, logs),
+               "tau": lambda: run_tau(gguf, w, logs),
+               "tau_no_cache_ram": lambda: run_tau(gguf, w, logs, cache_ram=0),
+               "transformers": lambda: _transformers(gguf, w)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "peers_llamacpp.json").write_text(json.dumps(res, indent=2))
+    for name in PARTS:
+        if name not in parts:
+            continue
+        pressure = {"before": wait_for_quiet(quiet_wait_s)}
+        s = time.monotonic()
+        res[name] = runners[name]()
+        res.setdefault("seconds", {})[name] = round(time.monotonic() - s, 1)
+        res.setdefault("cpu_pressure", {})[name] = pressure | {"after": cpu_pressure()}
+        out_json.write_text(json.dumps(res, indent=2))
     res["plots"] = [str(p) for p in plots(res, out_dir)]
+    out_json.write_text(json.dumps(res, indent=2))
     (out_dir / "peers_llamacpp.md").write_text(markdown(res))
     return res
 
@@ -150,6 +155,8 @@ def run(*, quick: bool = False, transformers: bool = True, tau_control: bool = F
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="llama.cpp and transformers peer benchmarks")
     ap.add_argument("--quick", action="store_true", help="small settings for a smoke run")
+    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                    help=f"comma-separated parts to run, of {','.join(PARTS)} (others keep earlier results)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--tau-control", action="store_true", help="also replay tau-bench with --cache-ram 0")
     ap.add_argument("--tool-wait", type=float, default=None, help="seconds per tool call in the tau replay")
@@ -159,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        res = run(quick=args.quick, transformers=not args.skip_transformers, tau_control=args.tau_control,
-                  out_dir=args.out, tool_wait_s=args.tool_wait, quiet_wait_s=args.quiet_wait)
-    except PeerMissingError as exc:
+        parts = [p for p in args.parts.split(",") if p]
+        parts += ["tau_no_cache_ram"] if args.tau_control else []
+        parts = [p for p in parts if not (args.skip_transformers and p == "transformers")]
+        res = run(quick=args.quick, parts=tuple(parts), out_dir=args.out, tool_wait_s=args.tool_wait,
+                  quiet_wait_s=args.quiet_wait)
+    except (PeerMissingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown(res))

@@ -94,3 +94,10 @@ def test_real_llama_server_streams_exactly_max_tokens(tmp_path):
     assert res.ok == 2 and res.completion_tokens == 24  # ignore_eos honoured
     assert res.ttft_ms["p50"] > 0 and res.prompt_tokens > 20
     assert srv.proc is None
+
+
+def test_run_peers_rejects_unknown_parts(capsys):
+    from benchmarks.peers import run_peers
+
+    assert run_peers.main(["--parts", "single_stream,bogus"]) == 2
+    assert "unknown parts ['bogus']" in capsys.readouterr().err
