@@ -204,3 +204,12 @@ def test_bad_specs_raise(llm, spec, msg):
     with pytest.raises(KvstrataError, match=msg):
         llm.generate("hi", SamplingParams(max_tokens=2, structured=spec))
     assert llm.generate("hi", SamplingParams(max_tokens=2))[0].outputs[0].finished  # the engine still works
+
+
+def test_disallowed_token_ends_the_sequence_with_eos_only(llm):
+    tok, V = llm.tokenizer, llm.engine.model_config.vocab_size
+    proc = build_processor({"type": "regex", "pattern": "ab"}, tok, V)
+    assert not proc.is_terminated()
+    proc.accept(tok.encode("z", add_special_tokens=False)[0])  # not allowed: the matcher enters its error state
+    assert proc.is_terminated()
+    assert torch.isfinite(proc.mask(torch.zeros(V))).nonzero().flatten().tolist() == [tok.eos_token_ids[0]]

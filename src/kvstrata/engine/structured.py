@@ -68,9 +68,10 @@ class LogitsProcessor(abc.ABC):
 class GrammarProcessor(LogitsProcessor):
     """An llguidance `LLMatcher` plus a reusable bitmask buffer."""
 
-    def __init__(self, matcher, n_tok: int, description: str) -> None:
+    def __init__(self, matcher, n_tok: int, description: str, eos_ids: tuple[int, ...] = ()) -> None:
         self.matcher = matcher
         self.n_tok = n_tok  # tokenizer vocabulary size; ids >= n_tok are padding rows
+        self.eos_ids = eos_ids
         self.description = description
         self._bitmask = torch.zeros((n_tok + 31) // 32, dtype=torch.int32)  # (W,) one bit per token
         self._error_logged = False
@@ -81,16 +82,18 @@ class GrammarProcessor(LogitsProcessor):
         self.matcher.unsafe_compute_mask_ptr(bm.data_ptr(), bm.numel() * 4)
         # little-endian words, bit j of word w = token 32 w + j  ->  (W * 32,) 0/1 bytes
         bits = np.unpackbits(bm.numpy().view(np.uint8), bitorder="little")
-        n = min(V, self.n_tok)
-        out = torch.zeros(V, dtype=torch.bool)
-        out[:n] = torch.from_numpy(bits[:n].view(np.bool_))
+        if V <= self.n_tok:
+            return torch.from_numpy(bits[:V].view(np.bool_))
+        out = torch.zeros(V, dtype=torch.bool)  # padding rows past the tokenizer stay disallowed
+        out[: self.n_tok] = torch.from_numpy(bits[: self.n_tok].view(np.bool_))
         return out
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         allowed = self.allowed(logits.shape[-1])
-        if not bool(allowed.any()):  # only after an error: keep the draw well-defined, end next check
+        if not bool(allowed.any()):  # only in the matcher's error state: end the sequence with EOS
             self._log_error("no token is allowed")
-            return logits
+            allowed = torch.zeros_like(allowed)
+            allowed[[t for t in self.eos_ids if t < allowed.shape[0]] or slice(None)] = True
         return logits.masked_fill(~allowed, float("-inf"))
 
     def accept(self, token_id: int) -> None:
@@ -218,4 +221,5 @@ def build_processor(spec: dict, tokenizer, vocab_size: int) -> GrammarProcessor:
             _grammars[key] = template
             while len(_grammars) > _GRAMMAR_CACHE_SIZE:
                 _grammars.popitem(last=False)
-    return GrammarProcessor(template.deep_copy(), tokenizer.vocab_size, spec["type"])
+    llt = ll_tokenizer(tokenizer)
+    return GrammarProcessor(template.deep_copy(), tokenizer.vocab_size, spec["type"], tuple(llt.eos_tokens))
