@@ -70,7 +70,8 @@ def results(llm):
                                        structured=forced_tool_call_spec(TOOLS, NAMED))) for s in range(2)],
         "regex": [(phone, SamplingParams(temperature=0.0, max_tokens=20,
                                          structured={"type": "regex", "pattern": r"\d{3}-\d{4}"}))],
-        "cut": [(pet, SamplingParams(temperature=0.0, max_tokens=8, structured={"type": "json_schema", "schema": PET}))],
+        "cut": [(pet, SamplingParams(temperature=0.0, max_tokens=8,
+                                     structured={"type": "json_schema", "schema": PET}))],
     }
     flat = [j for js in jobs.values() for j in js]
     outs = [r.outputs[0] for r in llm.generate([p for p, _ in flat], [sp for _, sp in flat])]

@@ -213,3 +213,10 @@ def test_disallowed_token_ends_the_sequence_with_eos_only(llm):
     proc.accept(tok.encode("z", add_special_tokens=False)[0])  # not allowed: the matcher enters its error state
     assert proc.is_terminated()
     assert torch.isfinite(proc.mask(torch.zeros(V))).nonzero().flatten().tolist() == [tok.eos_token_ids[0]]
+
+
+def test_openai_response_format_layout_and_null_strict(llm):
+    # {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} as OpenAI's response_format has it
+    spec = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": None}}
+    for o in _run(llm, spec, max_tokens=300, seeds=range(2)):
+        jsonschema.validate(json.loads(o.text), PERSON)

@@ -66,7 +66,8 @@ def test_parse_plain_text_and_empty():
 
 def test_parse_malformed_json_stays_content():
     bad = '<tool_call>{"name": "add", "arguments": {"a": 1,</tool_call>'
-    content, calls = parse_tool_calls("before " + bad + ' <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
+    good = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    content, calls = parse_tool_calls("before " + bad + " " + good)
     assert calls and len(calls) == 1 and json.loads(calls[0]["function"]["arguments"]) == {"a": 1}
     assert content == "before " + bad
     for text in ['<tool_call>["not", "an", "object"]</tool_call>', '<tool_call>{"arguments": {}}</tool_call>',

@@ -174,11 +174,15 @@ def grammar_text(spec: dict) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(schema_with_options({"type": "object"}, True))
     if t == "json_schema":
         schema = spec.get("schema")
+        if schema is None and isinstance(spec.get("json_schema"), dict):  # OpenAI's response_format layout
+            spec = {**spec, **spec["json_schema"]}
+            schema = spec.get("schema")
         if schema is True:
             schema = {}
         if not isinstance(schema, dict):
-            raise KvstrataError(f"structured output of type 'json_schema' needs 'schema': a JSON Schema object; got {schema!r}")
-        strict = spec.get("strict", False)
+            raise KvstrataError(f"structured output of type 'json_schema' needs 'schema': a JSON Schema object; "
+                                f"got {schema!r}")
+        strict = spec.get("strict") or False  # OpenAI clients send null for "not strict"
         if not isinstance(strict, bool):
             raise KvstrataError(f"'strict' must be true or false; got {strict!r}")
         try:
