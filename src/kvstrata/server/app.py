@@ -149,5 +149,7 @@ async def _sweep_forever(st: ServerState, every_s: float) -> None:
 
 def _model_card(st: ServerState, name: str) -> dict[str, Any]:
     e = st.engine
+    if st.weight_bytes is None:
+        st.weight_bytes = sum(p.numel() * p.element_size() for p in e.model.parameters())
     return {"id": name, "object": "model", "created": st.created, "owned_by": "kvstrata",
-            "max_model_len": e.max_model_len, "root": str(e.model_path)}
+            "max_model_len": e.max_model_len, "root": str(e.model_path), "weight_bytes": st.weight_bytes}

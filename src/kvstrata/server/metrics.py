@@ -41,6 +41,8 @@ class Metrics:
         self.running = Gauge("kvstrata_requests_running", "requests streaming from the engine", registry=r)
         self.kv_blocks = Gauge("kvstrata_kv_blocks", "device KV pool blocks by state", ["state"], registry=r)
         self.kv_usage = Gauge("kvstrata_kv_usage_ratio", "fraction of device KV blocks in use", registry=r)
+        self.engine = Gauge("kvstrata_engine_counter", "the engine's own counters (steps, preemptions, tokens)",
+                            ["name"], registry=r)
 
     def observe_output(self, out: "RequestOutput") -> None:
         """Record a finished engine request."""
@@ -65,9 +67,12 @@ class Metrics:
 
     async def render(self, aengine) -> bytes:
         try:
-            summary, waiting = await aengine.call_async(
-                lambda e: (e.pool.summary(), len(e.scheduler.waiting)))
+            summary, waiting, counters = await aengine.call_async(
+                lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters)))
             self.waiting.set(waiting)
+            for k, v in counters.items():
+                if isinstance(v, (int, float)):
+                    self.engine.labels(k).set(v)
             for k, v in summary.items():
                 self.kv_blocks.labels(k).set(v)
             self.kv_usage.set(summary["in_use"] / max(1, summary["total"]))

@@ -32,6 +32,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # set on shutdown: new generations get 503
+    weight_bytes: int | None = None  # of the model's parameters, computed on first use
     touched_sessions: dict[str, Any] = field(default_factory=dict)  # id -> owner, for parking at shutdown
     _session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
