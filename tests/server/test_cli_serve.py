@@ -1,0 +1,41 @@
+"""`kvstrata serve` argument handling (the process itself is exercised in test_process.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from kvstrata.cli import serve
+from kvstrata.config import engine_config_from_args
+from kvstrata.core import KvstrataError
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_api_keys_from_flags_and_file(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# team keys\nk-file-1\n\n  k-file-2  \n")
+    a = parse(["--api-key", "k-flag", "--api-key-file", str(f)])
+    assert serve.read_api_keys(a) == ["k-flag", "k-file-1", "k-file-2"]
+    with pytest.raises(KvstrataError, match="does not exist"):
+        serve.read_api_keys(parse(["--api-key-file", str(tmp_path / "missing")]))
+
+
+def test_defaults_and_model_names(tmp_path):
+    a = parse(["--model", "/models/smol.gguf"])
+    assert (a.host, a.port, a.max_waiting, a.session_store) == ("127.0.0.1", 8000, 256, None)
+    assert serve.model_names(a, engine_config_from_args(a)) == ["/models/smol.gguf", "smol"]
+    a = parse(["--served-model-name", "m1", "--served-model-name", "m2"])
+    assert serve.model_names(a, engine_config_from_args(a)) == ["m1", "m2"]
+    assert serve.default_store_path().endswith("sessions.db")
+
+
+def test_negative_max_waiting_is_a_user_error():
+    from kvstrata.cli.main import main
+
+    assert main(["serve", "--max-waiting", "-1"]) == 2
