@@ -204,6 +204,7 @@ class Agent:
         if calls:
             msg["tool_calls"] = calls
         msg["kvstrata"] = {"step": len(steps) + 1, "prompt_tokens": len(prompt), "completion_tokens": len(gen),
+                           "history_tokens_kept": keep,
                            "cached_prompt_tokens": m.cached_prompt_tokens,
                            "computed_prompt_tokens": m.computed_prompt_tokens,
                            "cached_by_tier": dict(m.cached_prompt_tokens_by_tier),

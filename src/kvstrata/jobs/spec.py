@@ -43,7 +43,7 @@ TASK_FIELDS: dict[str, tuple[Any, str]] = {
     "sampling": ({}, "temperature, top_p, top_k, min_p, seed, stop, repetition_penalty"),
     "metadata": (None, "anything; copied into the task's result"),
 }
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repetition_penalty",
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repetition_penalty", "ignore_eos",
                  "presence_penalty", "frequency_penalty")
 JOB_KEYS = ("kvstrata_job", "name", "tools", "mcp_servers", "defaults", "tasks", "max_concurrent_agents",
             "tool_workers", "max_tool_output_chars")
