@@ -109,3 +109,26 @@ def test_bf16_matches_transformers_bf16(tiny_llama):
     assert rel < 4 * 2**-8, rel
     out = llm.generate([ids], SamplingParams(max_tokens=16, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == _hf_greedy(ref, ids, 16)
+
+
+@pytest.mark.slow
+def test_int8_fast_path_stays_close_to_the_reference(hf_default):
+    """int8 weights + per-token dynamic int8 activations on the default model: lossy by design (the
+    file's Q4_1 groups are re-quantized per output channel; down_proj and v_proj inputs carry channel
+    outliers). Bounds, set from measurement (KL at the last position 0.36-0.65 nats, mean 0.24-0.29):
+    KL(reference || int8) < 1.0 nat at the last prompt position and < 0.5 on average, and the argmax
+    agrees with transformers' fp32 at >= 70% of prompt positions (measured 72-89%). The fp32 path is the exact one."""
+    llm = LLM("default", kv_device_bytes="256M", quantization="int8")
+    for msgs in PROMPTS:
+        ids = llm.tokenizer.encode_chat(msgs)
+        ours = torch.log_softmax(_our_prefill_logits(llm, ids), -1)
+        with torch.no_grad():
+            theirs = torch.log_softmax(hf_default(torch.tensor([ids])).logits[0].float(), -1)
+        kl = (theirs.exp() * (theirs - ours)).sum(-1)
+        agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+        assert kl[-1] < 1.0 and kl.mean() < 0.5 and agree >= 0.7, (kl[-1].item(), kl.mean().item(), agree)
+
+
+def test_int8_needs_cpu_float32(tiny_llama):
+    with pytest.raises(Exception, match="int8"):
+        LLM(str(tiny_llama), kv_device_bytes="16M", quantization="int8", dtype="bfloat16")

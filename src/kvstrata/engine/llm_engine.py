@@ -23,7 +23,7 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.setup import build_model, pool_blocks, resolve_device_dtype
+from kvstrata.engine.setup import apply_quantization, build_model, pool_blocks, resolve_device_dtype
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.paused import PausedSessions
@@ -56,14 +56,16 @@ class LLMEngine:
         self.tokenizer = lm.tokenizer
         self.model_path = lm.path
         self.quantization = lm.quantization
-        self.model = build_model(lm, self.dtype, self.device)
+        self.model = apply_quantization(build_model(lm, self.dtype, self.device), cfg.quantization, self.device,
+                                        self.dtype)
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if mc.sliding_window and self.max_model_len > mc.sliding_window:
             log.warning("capping max_model_len to the model's sliding window %d", mc.sliding_window)
             self.max_model_len = mc.sliding_window
         # The fingerprint names everything that makes a KV block's bytes what they are.
         fp = hashlib.sha256()
-        for part in (lm.source_id, str(self.dtype), "layout:LBSHD", cfg.block_size, mc.rope_theta, mc.rope_scaling):
+        for part in (lm.source_id, str(self.dtype), "layout:LBSHD", cfg.block_size, mc.rope_theta, mc.rope_scaling,
+                     cfg.quantization):
             fp.update(str(part).encode())
         self.fingerprint = fp.hexdigest()
         nblocks = pool_blocks(cfg, mc, self.dtype, self.device)

@@ -42,6 +42,18 @@ def build_model(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
     return model.to(device).eval()
 
 
+def apply_quantization(model: LlamaModel, mode: str, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    if mode == "none":
+        return model
+    if mode == "int8":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise KvstrataError("--quantization int8 is the CPU fast path: it needs --device cpu and float32")
+        from kvstrata.model.quant import quantize_model_int8
+
+        return quantize_model_int8(model)
+    raise KvstrataError(f"unknown quantization {mode!r}; choose none or int8")
+
+
 def _inv_freq(lm) -> torch.Tensor:
     from kvstrata.model.layers import rope_inv_freq
 

@@ -68,6 +68,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
         self.rotary = Rotary(rope_inv_freq(cfg, rope_freqs))
+        self.lm_head_q: nn.Module | None = None  # int8 LM head (model/quant.py), when quantized
 
     @torch.inference_mode()
     def forward(
@@ -84,5 +85,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, k_caches[i], v_caches[i], meta)
         x = self.norm(x[logits_indices])
+        if self.lm_head_q is not None:
+            return self.lm_head_q(x).float()
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, w).float()
