@@ -73,28 +73,35 @@ class GrammarProcessor(LogitsProcessor):
         self.n_tok = n_tok  # tokenizer vocabulary size; ids >= n_tok are padding rows
         self.eos_ids = eos_ids
         self.description = description
-        self._bitmask = torch.zeros((n_tok + 31) // 32, dtype=torch.int32)  # (W,) one bit per token
+        self._bitmask = np.zeros((n_tok + 31) // 32, dtype=np.int32)  # (W,) one bit per token
         self._error_logged = False
 
     def allowed(self, V: int) -> torch.Tensor:
         """(V,) bool: which token ids may come next (ids >= the tokenizer's vocabulary never)."""
+        return torch.from_numpy(self._allowed(V))
+
+    def _allowed(self, V: int) -> np.ndarray:
         bm = self._bitmask
-        self.matcher.unsafe_compute_mask_ptr(bm.data_ptr(), bm.numel() * 4)
+        self.matcher.unsafe_compute_mask_ptr(bm.ctypes.data, bm.nbytes)
         # little-endian words, bit j of word w = token 32 w + j  ->  (W * 32,) 0/1 bytes
-        bits = np.unpackbits(bm.numpy().view(np.uint8), bitorder="little")
+        bits = np.unpackbits(bm.view(np.uint8), bitorder="little").view(np.bool_)
         if V <= self.n_tok:
-            return torch.from_numpy(bits[:V].view(np.bool_))
-        out = torch.zeros(V, dtype=torch.bool)  # padding rows past the tokenizer stay disallowed
-        out[: self.n_tok] = torch.from_numpy(bits[: self.n_tok].view(np.bool_))
+            return bits[:V]
+        out = np.zeros(V, dtype=np.bool_)  # padding rows past the tokenizer stay disallowed
+        out[: self.n_tok] = bits[: self.n_tok]
         return out
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        allowed = self.allowed(logits.shape[-1])
-        if not bool(allowed.any()):  # only in the matcher's error state: end the sequence with EOS
+        allowed = self._allowed(logits.shape[-1])
+        if not allowed.any():  # only in the matcher's error state: end the sequence with EOS
             self._log_error("no token is allowed")
-            allowed = torch.zeros_like(allowed)
+            allowed = np.zeros_like(allowed)
             allowed[[t for t in self.eos_ids if t < allowed.shape[0]] or slice(None)] = True
-        return logits.masked_fill(~allowed, float("-inf"))
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+            # numpy, single-threaded: a 49k-element torch op is split over the intra-op thread pool,
+            # which stalls for a scheduler slice (tens of ms) whenever the cores are busy elsewhere
+            return torch.from_numpy(np.where(allowed, logits.numpy(), np.float32("-inf")))
+        return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def accept(self, token_id: int) -> None:
         if not self.matcher.consume_token(int(token_id)):
