@@ -143,3 +143,16 @@ def test_queue_full_is_429_with_retry_after(tiny_llama, tmp_path):
     finally:
         ae.shutdown()
         store.close()
+
+
+def test_extreme_sampling_values_never_break_the_engine(tiny_server):
+    """Found by the fuzz test: a seed beyond int64, a temperature whose inverse overflows, a tiny
+    repetition penalty. Each is a 400 or a normal answer; the engine thread stays alive."""
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, status in [({"seed": 2**70}, 400), ({"seed": -(2**70)}, 400), ({"temperature": 1e-300}, 200),
+                          ({"repetition_penalty": 1e-300}, 400)]:
+        r = httpx.post(tiny_server.url + "/v1/chat/completions", json={**base, **extra}, timeout=60)
+        assert r.status_code == status, (extra, r.text)
+        if status == 400:
+            assert_openai_error(r, 400)
+    assert httpx.get(tiny_server.url + "/health").json()["status"] == "ok"

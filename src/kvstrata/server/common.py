@@ -16,6 +16,7 @@ from kvstrata.server.protocol import SamplingFields
 from kvstrata.server.state import ServerState, until_disconnect
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature=0 for greedy decoding
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding (vLLM's _SAMPLING_EPS)
 
 
 def new_id(prefix: str) -> str:
@@ -49,6 +50,8 @@ def build_sampling(
     if stop and len(stop) > 16:
         raise APIError(400, f"at most 16 stop strings, got {len(stop)}", param="stop")
     temperature = OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    if 0.0 < temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf: treat as greedy (as vLLM)
+        temperature = 0.0
     try:
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens(st, prompt_len),

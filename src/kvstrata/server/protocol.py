@@ -36,7 +36,7 @@ class SamplingFields(_Lenient):
 
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     stop: Union[str, list[str], None] = None
@@ -44,7 +44,7 @@ class SamplingFields(_Lenient):
     # kvstrata extensions (vLLM's names)
     top_k: Optional[int] = Field(None, ge=-1, description="kvstrata extension: 0 or -1 disables")
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0, description="kvstrata extension")
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0, description="kvstrata extension")
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10.0, description="kvstrata extension")
     ignore_eos: bool = Field(False, description="kvstrata extension: keep generating past EOS")
     request_class: Optional[RequestClassName] = Field(
         None, description="kvstrata extension: interactive (a person waits) or batch (agentic work)")
