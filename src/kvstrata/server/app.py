@@ -93,6 +93,9 @@ def create_app(
         st.draining = True
         if sweeper is not None:
             sweeper.cancel()
+        jobs = getattr(app.state, "jobs", None)
+        if jobs is not None and hasattr(jobs, "shutdown"):  # running jobs stay RUNNING and resume later
+            await jobs.shutdown()
         if park_tier_on_shutdown:
             await park_touched_sessions(st, park_tier_on_shutdown)
         if close_on_shutdown:
@@ -109,6 +112,12 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(responses.router)
     app.include_router(sessions.router)
+    try:  # the agent-jobs extension (kvstrata.jobs), when this build has it
+        from kvstrata.jobs.routes import router as jobs_router
+    except ImportError as e:
+        log.info("jobs routes not mounted: %s", e)
+    else:
+        app.include_router(jobs_router)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request):
