@@ -1,8 +1,9 @@
 """Tools for the jobs tests, loaded by module path (`jobs_sample_tools`) and through an entry point.
 
 `pick` appends one line per execution to $KVSTRATA_TEST_SIDE_EFFECTS (when set): the tests count
-executions with it. $KVSTRATA_TEST_TOOL_DELAY seconds of sleep come first, so a kill can land inside
-a call that has not had its effect yet.
+executions with it. Before that it writes its call id to $KVSTRATA_TEST_TOOL_BEGIN and sleeps
+$KVSTRATA_TEST_TOOL_DELAY seconds, so a test can kill the process inside a call that has started but
+not had its effect.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ DIGITS = {"type": "object", "properties": {"n": {"type": "integer", "enum": [1, 
 
 @tool(description="Pick a number.", parameters=DIGITS)
 def pick(n: int, tool_context: ToolContext) -> dict:
+    begin = os.environ.get("KVSTRATA_TEST_TOOL_BEGIN")
+    if begin:  # "this call has started" (no effect yet)
+        with open(begin, "a") as f:
+            f.write(tool_context.call_id + "\n")
     time.sleep(float(os.environ.get("KVSTRATA_TEST_TOOL_DELAY", "0")))
     path = os.environ.get("KVSTRATA_TEST_SIDE_EFFECTS")
     if path:

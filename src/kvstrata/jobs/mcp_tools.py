@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from typing import Any
 
 from kvstrata.core import KvstrataError
@@ -37,6 +38,7 @@ class MCPConnection:
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.dead: str | None = None
+        self.errlog_path: str | None = None
 
     async def start(self) -> list[Tool]:
         try:
@@ -63,8 +65,11 @@ class MCPConnection:
 
         s = self.spec
         params = StdioServerParameters(command=s.command, args=list(s.args), env=dict(s.env) or None, cwd=s.cwd)
+        # the server's stderr goes to a log file, not over the progress display
+        errlog = tempfile.NamedTemporaryFile("w", prefix=f"kvstrata-mcp-{s.name}-", suffix=".log", delete=False)
+        self.errlog_path = errlog.name
         try:
-            async with stdio_client(params) as streams:
+            async with stdio_client(params, errlog=errlog) as streams:
                 read, write = streams[0], streams[1]
                 async with ClientSession(read, write) as session:
                     await session.initialize()
@@ -83,9 +88,11 @@ class MCPConnection:
             log.warning("MCP server %s stopped: %s", s.name, self.dead)
             if not self._ready.done():
                 self._ready.set_exception(KvstrataError(
-                    f"MCP server {s.name!r} ({s.command} {' '.join(s.args)}) failed to start: {self.dead}"))
+                    f"MCP server {s.name!r} ({s.command} {' '.join(s.args)}) failed to start: {self.dead} "
+                    f"(its stderr: {self.errlog_path})"))
         finally:
             self.session = None
+            errlog.close()
 
     async def call(self, name: str, args: dict, timeout_s: float, max_chars: int) -> tuple[str, str | None]:
         """(content for the model, error or None)."""
