@@ -214,7 +214,11 @@ def _what(spec: dict) -> str:
 
 
 def build_processor(spec: dict, tokenizer, vocab_size: int) -> GrammarProcessor:
-    """One processor per sequence. KvstrataError (the server's HTTP 400) for an invalid spec."""
+    """One processor per sequence. KvstrataError (the server's HTTP 400) for an invalid spec.
+
+    vocab_size is the model's logits width; `mask` reads the width from each row it gets, so it is
+    informational (rows past the tokenizer's vocabulary are always masked).
+    """
     import llguidance
 
     grammar = grammar_text(spec)
