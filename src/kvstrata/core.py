@@ -94,6 +94,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if 0.0 < self.temperature < 1e-5:  # as vLLM: a vanishing temperature is greedy (and avoids inf / NaN)
+            object.__setattr__(self, "temperature", 0.0)
         self.validate()
 
     def validate(self) -> None:
@@ -102,8 +104,10 @@ class SamplingParams:
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not (self.temperature >= 0.0):
-            bad(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 <= self.temperature <= 100.0):
+            bad(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad(f"seed must be an integer, got {self.seed!r}")
         if self.top_k < 0:
             bad(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
@@ -114,8 +118,8 @@ class SamplingParams:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not (-2.0 <= self.frequency_penalty <= 2.0):
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not (self.repetition_penalty > 0.0):
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (0.01 <= self.repetition_penalty <= 100.0):
+            bad(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             bad(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.n < 1:

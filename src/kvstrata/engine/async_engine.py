@@ -54,6 +54,7 @@ class AsyncEngine:
 
     # -- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        failures = 0
         try:
             while not self._stop:
                 while True:
@@ -62,16 +63,31 @@ class AsyncEngine:
                     except queue.Empty:
                         break
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
+                    try:
+                        outs = self.engine.step()
+                        failures = 0
+                    except Exception as e:  # fail the requests in flight, keep serving the next ones
+                        failures += 1
+                        if failures >= 3:
+                            raise
+                        log.exception("engine step failed; aborting the requests in flight")
+                        self._fail_in_flight(e)
+                        continue
+                    for out in outs:
                         self._deliver(out.request_id, out)
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
-        except BaseException as e:  # an internal error: fail every stream loudly, never hang them
+        except BaseException as e:  # repeated internal errors: fail every stream loudly, never hang them
             log.exception("engine thread died")
             self._dead = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"the engine stopped: {e!r}"))
+
+    def _fail_in_flight(self, err: Exception) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort_request(rid)
+            self._deliver(rid, KvstrataError(f"the engine step failed and this request was aborted: {err!r}"))
 
     def _deliver(self, rid: str, item: Any) -> None:
         entry = self._streams.get(rid)

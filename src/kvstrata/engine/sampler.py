@@ -38,12 +38,13 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        probs, idx = torch.sort(torch.softmax(logits, -1), descending=True)
-        cum = probs.cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it is kept)
-        drop_sorted = (cum - probs) >= top_p
-        drop_sorted[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, idx, drop_sorted), float("-inf"))
+        probs = torch.softmax(logits, -1)
+        sorted_p = torch.sort(probs, descending=True).values
+        cum = sorted_p.cumsum(-1)
+        # the smallest prefix whose mass reaches top_p (the token that crosses it is kept); tokens tied
+        # with the least likely kept one stay too, so the choice never depends on sort order
+        last = int(torch.searchsorted(cum, torch.tensor(top_p, dtype=cum.dtype)).clamp(max=len(cum) - 1))
+        logits = logits.masked_fill(probs < sorted_p[last], float("-inf"))
     if min_p > 0.0:
         probs = torch.softmax(logits, -1)
         logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
@@ -71,7 +72,10 @@ class Sampler:
                 else:
                     row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
                     probs = torch.softmax(row, -1)
-                    out[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+                    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                        out[i] = int(row.argmax())  # degenerate distribution (overflow): its mode
+                    else:
+                        out[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
             if seq.logits_processor is not None:
                 seq.logits_processor.accept(out[i])
             if p.logprobs is not None:

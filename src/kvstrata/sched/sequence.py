@@ -50,7 +50,8 @@ class Sequence:
         if self.params.logprobs is not None:
             self.logprobs = []
         if not self.params.greedy:
-            seed = self.params.seed + self.index if self.params.seed is not None else random.getrandbits(63)
+            # any integer seed maps deterministically into torch's 64-bit seed range
+            seed = (self.params.seed + self.index) & (2**63 - 1) if self.params.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator().manual_seed(seed)
 
     @property
