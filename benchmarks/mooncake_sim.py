@@ -24,11 +24,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvstrata.planner.workloads import trace_dir
 from kvstrata.tiers.policy import TierPolicy, prefix_holders
 
 logger = logging.getLogger(__name__)
 
-TRACE = Path("/work/shared/data/traces/mooncake/synthetic_trace.jsonl")
+TRACE = trace_dir() / "mooncake" / "synthetic_trace.jsonl"
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_TOKENS = 512
 # For scale: Llama-3.1-8B in bf16 holds 32 layers x 8 KV heads x 128 dims x 2 (K, V) x 2 bytes
