@@ -1,0 +1,104 @@
+"""BFCL-derived jobs: the converter against the real traces, our API implementations, and a small job
+file run to completion on the default model (slow: it loads the default GGUF)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvstrata.jobs.bfcl import IMPLEMENTED, build_job, find_data_dir, write_jsonl
+from kvstrata.jobs.bfcl_apis import GorillaFileSystem, MathAPI, MessageAPI
+from kvstrata.jobs.spec import JobSpec, read_job_file
+
+from .conftest import run_job
+
+DATA = Path("/work/shared/data/traces/bfcl")
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return find_data_dir(str(DATA) if DATA.is_dir() else None)
+
+
+def test_converter_keeps_implemented_entries_with_their_docs_turns_and_state(data_dir, tmp_path):
+    job = build_job(data_dir, limit=6, tool_choice="required")
+    entries = {}
+    for line in (data_dir / "BFCL_v4_multi_turn_base.json").read_text().splitlines():
+        e = json.loads(line)
+        entries[e["id"]] = e
+    assert len(job["tasks"]) == 6
+    for t in job["tasks"]:
+        e = entries[t["id"]]
+        assert set(e["involved_classes"]) <= set(IMPLEMENTED)
+        assert [t["user"], *t["followups"]] == [turn[0]["content"] for turn in e["question"]]
+        names = {d["function"]["name"] for d in t["tools"]}
+        assert not names & set(e.get("excluded_function") or [])
+        for d in t["tools"]:  # BFCL's "dict" / "float" became JSON Schema
+            ps = d["function"]["parameters"]
+            assert ps["type"] == "object"
+            assert all(p.get("type") in (None, "string", "number", "integer", "boolean", "array", "object")
+                       for p in ps["properties"].values())
+        assert t["tool_state"] == {c: e["initial_config"].get(c) or {} for c in e["involved_classes"]}
+    path = tmp_path / "bfcl.jsonl"
+    write_jsonl(job, path)
+    raw, _ = read_job_file(path)
+    spec = JobSpec.parse(raw)
+    assert [t.id for t in spec.tasks] == [t["id"] for t in job["tasks"]]
+
+
+def test_file_system_state_and_snapshot_round_trip():
+    fs = GorillaFileSystem({"root": {"alex": {"type": "directory", "contents": {
+        "notes.txt": {"type": "file", "content": "b line\na Error here\nc"}}}}})
+    assert fs.mkdir("archive") == {}
+    assert "error" in fs.mkdir("archive")
+    assert fs.mv("notes.txt", "archive")["result"].endswith("archive/notes.txt'")
+    assert "error" in fs.cat("notes.txt")
+    assert fs.cd("archive") == {"current_working_directory": "archive"}
+    assert fs.grep("notes.txt", "Error") == {"matching_lines": ["a Error here"]}
+    assert fs.sort("notes.txt") == {"sorted_content": "a Error here\nb line\nc"}
+    assert fs.tail("notes.txt", 1) == {"last_lines": "c"}
+    again = GorillaFileSystem(json.loads(json.dumps(fs.snapshot())))  # what a resumed agent gets
+    assert again.pwd() == {"current_working_directory": "/alex/archive"}
+    assert again.wc("notes.txt", "l") == {"count": 3, "type": "lines"}
+    assert again.find("..", "notes") == {"matches": ["../archive/notes.txt"]}
+
+
+def test_message_and_math_apis():
+    m = MessageAPI({})
+    assert "error" in m.send_message("USR002", "hi")  # not logged in
+    assert m.message_login("USR001")["login_status"] is True
+    assert m.send_message("USR002", "hi there")["sent_status"] is True
+    assert m.view_messages_sent() == {"messages": {"USR002": ["hi there"]}}
+    assert MessageAPI(m.snapshot()).search_messages("THERE")["results"] == [{"receiver_id": "USR002", "message": "hi there"}]
+    math = MathAPI(None)
+    assert math.divide(1, 0) == {"error": "Cannot divide by zero"}
+    assert math.mean([1, 2, 3]) == {"result": 2.0}
+    assert math.imperial_si_conversion(1, "inch", "cm") == {"result": 2.54}
+    assert math.imperial_si_conversion(2.54, "cm", "inch") == {"result": 1.0}
+
+
+@pytest.mark.slow
+def test_bfcl_job_runs_to_completion_on_the_default_model(data_dir, store):
+    from kvstrata.engine.async_engine import AsyncEngine
+    from kvstrata.engine.llm_engine import LLMEngine
+
+    job = build_job(data_dir, limit=12, max_turns=1, max_steps=2, max_tokens=40, tool_choice="required")
+    # two file-system tasks: their prompts share the long tool-docs prefix, so it is computed once
+    job["tasks"] = [t for t in job["tasks"] if t["metadata"]["involved_classes"] == ["GorillaFileSystem"]][:2]
+    aeng = AsyncEngine(LLMEngine(model="default", kv_device_bytes="512M"))
+    try:
+        _, recs = run_job(aeng, store, job)
+    finally:
+        aeng.shutdown()
+    assert sorted(recs) == sorted(t["id"] for t in job["tasks"])
+    for r in recs.values():
+        assert r["status"] == "done" and r["steps"] >= 1
+        calls = [c for m in r["transcript"] if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+        tools = [m for m in r["transcript"] if m["role"] == "tool"]
+        # the forced first step called one of the task's BFCL functions, and our implementation answered
+        assert calls and len(tools) == len(calls)
+        allowed = {d["function"]["name"] for t in job["tasks"] if t["id"] == r["task_id"] for d in t["tools"]}
+        assert calls[0]["function"]["name"] in allowed
+        assert tools[0]["content"] and tools[0]["tool_call_id"] == calls[0]["id"]
