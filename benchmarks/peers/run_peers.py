@@ -78,7 +78,8 @@ def run_single_stream(gguf: Path, w: dict) -> dict:
 def run_concurrency(gguf: Path, w: dict, logs: Path) -> list[dict]:
     out = []
     for c in w["concurrency"]:
-        srv = llamacpp.LlamaServer(gguf, parallel=c, ctx=c * w["slot_ctx"], cache_ram=0,
+        # split KV (one buffer per slot): independent prompts, so no cross-sequence attention (PR 14363)
+        srv = llamacpp.LlamaServer(gguf, parallel=c, ctx=c * w["slot_ctx"], cache_ram=0, kv_unified=False,
                                    log_path=logs / f"llama-server-c{c}.log")
         with srv:
             load(srv.url, concurrency=2, num_requests=2, max_tokens=8, prompt_words=20, seed=99)  # warmup
