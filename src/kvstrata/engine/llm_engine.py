@@ -44,14 +44,16 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+    def __init__(self, config: EngineConfig | None = None, loaded=None, **overrides) -> None:
+        """`loaded`: an already-built LoadedModel (e.g. random weights made on the GPU by a benchmark)
+        used instead of reading `config.model`."""
         cfg = config or EngineConfig(**overrides)
         self.config = cfg
         self.device, self.dtype = resolve_device_dtype(cfg)
         if self.device.type == "cpu" and cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         t0 = time.perf_counter()
-        lm = load_model(cfg.model, self.dtype)
+        lm = loaded if loaded is not None else load_model(cfg.model, self.dtype)
         self.model_config = mc = lm.config
         self.tokenizer = lm.tokenizer
         self.model_path = lm.path
