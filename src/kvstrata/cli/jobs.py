@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--new", action="store_true", help="start a new job even if this file has an unfinished one")
     r.add_argument("--job-id", help="resume this job (its stored spec is used, not the file's)")
     r.add_argument("--retry-failed", action="store_true", help="run failed tasks of a resumed job again")
-    r.add_argument("--no-progress", action="store_true", help="no live display (plain log lines only at the end)")
+    r.add_argument("--no-progress", action="store_true", help="no live display: one plain line per finished task")
     r.add_argument("--progress-every", type=float, default=5.0,
                    help="seconds between plain progress lines when stderr is not a terminal (default 5)")
     add_engine_args(r)

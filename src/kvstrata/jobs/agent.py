@@ -18,6 +18,7 @@ step's prompt plus its generated tokens plus the new messages' tokens, so the en
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -79,7 +80,11 @@ class Agent:
     async def _open(self, jt: JobTask) -> None:
         st, t = self.rc.store, self.task
         if jt.session_id:
-            self.sess = await self._db(st.get_session, jt.session_id, owner=ANY_OWNER)
+            sess = await self._db(st.get_session, jt.session_id, owner=ANY_OWNER)
+            if sess.state == SessionState.CLOSED:  # a failed task retried: start its conversation over
+                jt = dataclasses.replace(jt, session_id=None)
+        if jt.session_id:
+            self.sess = sess
             calls = await self._db(st.list_tool_calls, jt.session_id)
             snaps: dict[str, Any] = {}
             for rec in calls:  # in start order: the last recorded state of each toolset wins
