@@ -47,6 +47,7 @@ def copy_bandwidth(device: str) -> float:
 
 def correctness(device: str) -> bool:
     from tests.conftest import make_tiny_checkpoint
+    from tests.engine.test_reference import _hf_greedy
     from transformers import AutoModelForCausalLM
 
     d = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "llama")
@@ -57,9 +58,7 @@ def correctness(device: str) -> bool:
         ids = eng.tokenizer.encode(text)
         eng.add_request(ids, SamplingParams(max_tokens=32, ignore_eos=True), request_id=text)
         ours = eng.run_to_completion()[text].outputs[0].token_ids
-        with torch.no_grad():
-            theirs = ref.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                  pad_token_id=0)[0, len(ids):].tolist()
+        theirs = _hf_greedy(ref, ids, 32)
         ok &= ours == theirs
     return ok
 

@@ -131,6 +131,12 @@ def hf_default(default_gguf):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    # tokenizer caches and calibration profiles go to a per-session temp dir, never ~/.cache
-    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path_factory.getbasetemp() / "kvstrata-home"))
+def _isolated_home(tmp_path, tmp_path_factory, monkeypatch):
+    """A fresh KVSTRATA_HOME per test (calibration profiles, sessions), never ~/.cache; only the
+    converted-tokenizer cache is shared across the session, since it depends on nothing but the file."""
+    shared = tmp_path_factory.getbasetemp() / "kvstrata-tokenizers"
+    shared.mkdir(exist_ok=True)
+    home = tmp_path / "kvstrata-home"
+    home.mkdir()
+    (home / "tokenizers").symlink_to(shared, target_is_directory=True)
+    monkeypatch.setenv("KVSTRATA_HOME", str(home))

@@ -7,6 +7,7 @@ import torch
 
 from kvstrata import LLM, SamplingParams
 from tests.engine.gguf_writer import reference_from, write_gguf
+from tests.engine.test_reference import _hf_greedy
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,7 @@ def test_gguf_quant_types_match_reference(wide_llama, tmp_path, qtype):
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0, -1]
     out = llm.generate([ids], SamplingParams(max_tokens=24, ignore_eos=True, logprobs=1))[0].outputs[0]
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert out.token_ids == want[0, len(ids):].tolist()
+    assert out.token_ids == _hf_greedy(ref, ids, 24)
     assert abs(out.logprobs[0].logprob - torch.log_softmax(theirs, -1)[out.token_ids[0]].item()) < 1e-3
 
 

@@ -41,10 +41,16 @@ def _our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain argmax decoding with transformers' own KV cache (generate's min_new_tokens would mask EOS,
+    which is not greedy)."""
+    out: list[int] = []
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        res = model(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+    return out
 
 
 def _check_model(llm: LLM, ref, prompts_ids: list[list[int]], n_tokens: int = 64) -> None:
