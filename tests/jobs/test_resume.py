@@ -33,18 +33,18 @@ def test_sigkill_mid_run_then_rerun_completes_every_task_once(tiny_llama, tmp_pa
     effects, begins, out, db = tmp_path / "effects.jsonl", tmp_path / "begin.txt", tmp_path / "out.jsonl", tmp_path / "s.db"
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{Path(__file__).parent}",
            "KVSTRATA_TEST_SIDE_EFFECTS": str(effects), "KVSTRATA_TEST_TOOL_BEGIN": str(begins),
-           "KVSTRATA_TEST_TOOL_DELAY": "0.4", "KVSTRATA_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+           "KVSTRATA_TEST_TOOL_DELAY": "1.0", "KVSTRATA_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kvstrata.cli.main", "jobs", "run", str(job), "--store", str(db), "-o", str(out),
            "--model", str(tiny_llama), "--kv-device-bytes", "16M", "--kv-disk-dir", str(tmp_path / "kv"),
            "--kv-write-policy", "write-through", "--no-progress"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     seen: dict[str, float] = {}  # call id -> when its start was first seen
-    while True:  # kill inside a call that started just now (its effect is >= 0.25 s away), after two that ended
+    while True:  # kill inside a call that started just now (its effect is >= 0.5 s away), after two that ended
         for c in _lines(begins):
             seen.setdefault(c, time.time())
         done_ids = {json.loads(x)["call_id"] for x in _lines(effects)}
-        open_calls = [c for c, t in seen.items() if c not in done_ids and time.time() - t < 0.15]
+        open_calls = [c for c, t in seen.items() if c not in done_ids and time.time() - t < 0.5]
         if len(done_ids) >= 2 and open_calls:
             break
         assert p.poll() is None, p.communicate()
