@@ -43,6 +43,14 @@ class Metrics:
         self.kv_usage = Gauge("kvstrata_kv_usage_ratio", "fraction of device KV blocks in use", registry=r)
         self.engine = Gauge("kvstrata_engine_counter", "the engine's own counters (steps, preemptions, tokens)",
                             ["name"], registry=r)
+        # the KV tiers below device memory (the same figures as `kvstrata cache stats`)
+        self.tier = Gauge("kvstrata_kv_tier", "per KV tier: blocks, bytes, hits, misses, hit_rate, bytes_read, "
+                          "bytes_written, read_gbps, write_gbps, put_failures, evictions, errors, verified_hits",
+                          ["tier", "stat"], registry=r)
+        self.tier_discards = Gauge("kvstrata_kv_tier_discards", "blocks that failed verification, by tier and reason",
+                                   ["tier", "reason"], registry=r)
+        self.placement = Gauge("kvstrata_placement_decisions", "placement cost-model decisions by action",
+                               ["action"], registry=r)
 
     def observe_output(self, out: "RequestOutput") -> None:
         """Record a finished engine request."""
@@ -65,10 +73,23 @@ class Metrics:
         if m.finished_time is not None:
             self.e2e.observe(max(0.0, m.finished_time - m.arrival_time))
 
+    def _tiers(self, kv: dict) -> None:
+        for name, st in (kv.get("tiers") or {}).items():
+            for stat in ("blocks", "bytes", "hits", "misses", "hit_rate", "bytes_read", "bytes_written", "read_gbps",
+                         "write_gbps", "put_failures", "evictions", "errors", "verified_hits"):
+                v = st.get(stat)
+                if isinstance(v, (int, float)):
+                    self.tier.labels(name, stat).set(v)
+            for reason, n in (st.get("discards") or {}).items():
+                self.tier_discards.labels(name, reason).set(n)
+        for action, n in (kv.get("placement", {}).get("decisions") or {}).items():
+            self.placement.labels(action).set(n)
+
     async def render(self, aengine) -> bytes:
         try:
-            summary, waiting, counters = await aengine.call_async(
-                lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters)))
+            summary, waiting, counters, kv = await aengine.call_async(
+                lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters), e.kv_stats()))
+            self._tiers(kv)
             self.waiting.set(waiting)
             for k, v in counters.items():
                 if isinstance(v, (int, float)):
