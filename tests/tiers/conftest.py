@@ -14,25 +14,7 @@ import pytest
 from kvstrata.tiers.disk import DiskTier
 from kvstrata.tiers.host import HostTier
 from kvstrata.tiers.remote import RedisTier
-from tests.support.redis_server import RedisServer
 from tests.tiers.blocks import BLOB_BYTES
-
-
-@pytest.fixture(scope="session")
-def redis_server():
-    server = RedisServer()
-    server.start()  # raises RedisServerError with the log when it cannot start: the test fails
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def own_redis():
-    """A server this test may stop and start again (same port)."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture
