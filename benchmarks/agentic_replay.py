@@ -8,8 +8,9 @@ device KV budget smaller than the sessions' working set. Three ways to hold a wa
 
 Each session replays its trajectory: at every recorded assistant turn the engine generates (greedy, EOS
 ignored) as many tokens as the recorded message had (capped), then the *recorded* message is appended,
-so every configuration serves exactly the same prompts. After an assistant turn with tool calls the
-session waits on its tools. Waits sweep 1 s .. 5 min (log-spaced, one wait class per tool name, +-20%
+so every configuration serves exactly the same prompts. After each assistant turn the session waits:
+on its tools after a turn with tool calls, else on the user (tau-bench's user is an LLM simulator,
+an external call like a tool; its wait class is named "user"). Waits sweep 1 s .. 5 min (log-spaced, one wait class per tool name, +-20%
 jitter) and are SCALED by --time-scale (default 1/100: 10 ms .. 3 s of real sleep) so the run fits in
 ~10 minutes on 2 cores; the engine learns the scaled durations, so its decisions are made for them.
 
@@ -62,7 +63,7 @@ def load_sessions(path: Path, n: int, steps: int, system_chars: int, msg_chars: 
 
 
 def wait_classes(sessions: list[list[dict]], lo: float = 1.0, hi: float = 300.0) -> dict[str, float]:
-    names = sorted({c["function"]["name"] for s in sessions for m in s for c in m.get("tool_calls") or []})
+    names = sorted({c["function"]["name"] for s in sessions for m in s for c in m.get("tool_calls") or []} | {"user"})
     if len(names) == 1:
         return {names[0]: math.sqrt(lo * hi)}
     return {nm: lo * (hi / lo) ** (i / (len(names) - 1)) for i, nm in enumerate(names)}
@@ -97,9 +98,10 @@ async def replay(aeng, msgs: list[dict], cfg: str, waits: dict[str, float], scal
         stored = prompt
         calls = target.get("tool_calls") or []
         i += 1
-        if not calls or not any(m["role"] == "assistant" for m in msgs[i:]):
-            continue  # no tool wait after the last replayed turn: nothing would resume
-        name = calls[0]["function"]["name"]
+        if not any(m["role"] == "assistant" for m in msgs[i:]):
+            continue  # no wait after the last replayed turn: nothing would resume
+        # the session now waits on its tools, or on the (LLM-simulated, in tau-bench) user
+        name = calls[0]["function"]["name"] if calls else "user"
         if cfg == "cost-model":
             await aeng.call_async(lambda e, p=prompt: e.pause(p, name))
         elif cfg == "recompute":
@@ -195,7 +197,7 @@ def main() -> int:
         f"policy prompt cut to {a.system_chars} characters and other messages to {a.msg_chars}.",
         f"Device KV budget {a.kv_device_bytes} (smaller than the working set: see 'device' in the JSON); cost model "
         f"with a {a.kv_host_bytes} host tier and a disk tier.",
-        f"Tool waits: {len(waits)} wait classes (one per tool name) log-spaced from {ws[0]:.0f} s to {ws[-1]:.0f} s of "
+        f"Waits after every turn (tools, or the simulated user): {len(waits)} wait classes (one per tool name, plus `user`) log-spaced from {ws[0]:.0f} s to {ws[-1]:.0f} s of "
         f"traced time, +-20% jitter, **scaled by {a.time_scale:g}** (real sleeps {ws[0] * a.time_scale:.2f}..{ws[-1] * a.time_scale:.1f} s) "
         "so the run fits in minutes on 2 cores; the engine learns the scaled waits.\n",
         table(["config", "job completion s", "aggregate tok/s (prompt+gen served)", "generated tok/s",
