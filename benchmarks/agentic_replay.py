@@ -14,7 +14,7 @@ an external call like a tool; its wait class is named "user"). Waits sweep 1 s .
 jitter) and are SCALED by --time-scale (default 1/100: 10 ms .. 3 s of real sleep) so the run fits in
 ~10 minutes on 2 cores; the engine learns the scaled durations, so its decisions are made for them.
 
-    python -m benchmarks.agentic_replay [--sessions 6 --steps 5 --kv-device-bytes 160M ...]
+    python -m benchmarks.agentic_replay [--sessions 8 --steps 8 --kv-device-bytes 256M ...]
 
 Writes benchmarks/results/agentic_replay.md and .json.
 """
@@ -156,14 +156,14 @@ def run_config(cfg: str, sessions, waits, a) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--sessions", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=6, help="assistant turns replayed per session")
-    ap.add_argument("--system-chars", type=int, default=2400, help="characters of the shared policy prompt kept")
-    ap.add_argument("--msg-chars", type=int, default=400, help="characters kept of each other message")
-    ap.add_argument("--max-gen", type=int, default=24, help="most tokens generated per assistant turn")
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="assistant turns replayed per session")
+    ap.add_argument("--system-chars", type=int, default=1200, help="characters of the shared policy prompt kept")
+    ap.add_argument("--msg-chars", type=int, default=800, help="characters kept of each other message")
+    ap.add_argument("--max-gen", type=int, default=8, help="most tokens generated per assistant turn")
     ap.add_argument("--time-scale", type=float, default=0.01, help="real seconds per traced second of tool wait")
-    ap.add_argument("--kv-device-bytes", default="160M")
-    ap.add_argument("--kv-host-bytes", default="320M")
+    ap.add_argument("--kv-device-bytes", default="256M")
+    ap.add_argument("--kv-host-bytes", default="2G")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--trace", default=str(TRACE))
