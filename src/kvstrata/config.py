@@ -91,7 +91,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
+            base_type = str(f.type).replace(" | None", "").strip()  # annotations are strings here
+            typ = {"int": int, "float": float}.get(base_type, str)
             if f.metadata.get("bytes"):
                 typ = str
             g.add_argument(flag, type=typ, default=None, help=f.metadata["help"] + f" (default: {f.default})")

@@ -176,3 +176,16 @@ def test_cli_generate_json(tiny_llama, capsys, tmp_path):
                   "cached_prompt_tokens_by_tier"):
             assert k in obj
         assert len(obj["token_ids"]) == 5
+
+
+def test_engine_flags_parse_to_their_types():
+    import argparse
+
+    from kvstrata.config import add_engine_args, engine_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    cfg = engine_config_from_args(p.parse_args(["--num-threads", "2", "--max-model-len", "512", "--kv-device-bytes", "1G",
+                                                "--kv-device-fraction", "0.5", "--no-enable-prefix-caching"]))
+    assert cfg.num_threads == 2 and cfg.max_model_len == 512 and cfg.kv_device_bytes == 1 << 30
+    assert cfg.kv_device_fraction == 0.5 and cfg.enable_prefix_caching is False
