@@ -21,6 +21,7 @@ BENCHES = [
     ("tier TTFT", ["-m", "benchmarks.tier_ttft"], "tier_ttft.md"),
     ("tier bandwidth", ["-m", "benchmarks.tier_bandwidth"], "tier_bandwidth.md"),
     ("mooncake cache simulation", ["-m", "benchmarks.mooncake_sim"], "mooncake_sim.md"),
+    ("resumed agent turns", ["-m", "benchmarks.session_resume"], "session_resume.md"),
     ("serving (HTTP)", ["-m", "benchmarks.serving"], "serving.md"),
     ("agentic replay", ["-m", "benchmarks.agentic_replay"], "agentic_replay.md"),
     ("peers (llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers_llamacpp.md"),
