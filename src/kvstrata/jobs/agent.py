@@ -31,6 +31,7 @@ from kvstrata.jobs.results import summarize
 from kvstrata.jobs.tools import ToolContext
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
 from kvstrata.sessions import ANY_OWNER, JobTask, Session, SessionState, TaskState
+from kvstrata.tokenizer.tokenizer import splice_tokens
 
 log = logging.getLogger(__name__)
 _rids = itertools.count()
@@ -45,25 +46,6 @@ class RunContext:
     progress: Any  # jobs.progress.JobProgress
 
 
-def splice(tok, stored: list[int], text: str) -> tuple[int, list[int]]:
-    """(keep, new ids): the longest prefix of `stored` that decodes to a prefix of `text`, and the ids
-    of the rest, so `stored[:keep] + new_ids` decodes to `text` and shares the stored prefix's KV."""
-    if not stored:
-        return 0, tok.encode(text, add_special_tokens=False)
-    s = tok.decode(stored, skip_special_tokens=False)
-    keep = len(stored)
-    if not text.startswith(s):
-        lo, hi = 0, len(stored)
-        while lo < hi:  # invariant: stored[:lo] decodes to a prefix of text
-            mid = (lo + hi + 1) // 2
-            if text.startswith(tok.decode(stored[:mid], skip_special_tokens=False)):
-                lo = mid
-            else:
-                hi = mid - 1
-        keep = lo
-        s = tok.decode(stored[:keep], skip_special_tokens=False)
-    rest = text[len(s):]
-    return keep, (tok.encode(rest, add_special_tokens=False) if rest else [])
 
 
 class Agent:
@@ -180,7 +162,7 @@ class Agent:
         choice = t.tool_choice if s.messages[-1]["role"] == "user" else "auto"
         history = ([{"role": "system", "content": s.system_prompt}] if s.system_prompt else []) + s.messages
         text = render_chat(tok, history, defs, "auto" if defs else None)
-        keep, new_ids = splice(tok, s.token_ids, text)
+        keep, new_ids = splice_tokens(tok, s.token_ids, text)
         prompt = s.token_ids[:keep] + new_ids
         room = self.eng.max_model_len - len(prompt)
         if room < 1:

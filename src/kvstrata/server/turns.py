@@ -21,33 +21,12 @@ from kvstrata.server import chat_format as cf
 from kvstrata.server.common import generate_final, usage
 from kvstrata.server.state import ServerState
 from kvstrata.sessions import Session, SessionInfo, SessionState
+from kvstrata.tokenizer.tokenizer import splice_tokens
+
 
 log = logging.getLogger(__name__)
 
 
-def splice(tok, stored: list[int], text: str) -> tuple[int, list[int]]:
-    """(keep, new ids): the longest prefix of `stored` whose text begins `text`, and the ids of the rest.
-
-    `stored[:keep] + new_ids` decodes to `text`. keep == len(stored) whenever the template renders the
-    history as the stored tokens decode (the usual case); else a binary search finds where they part.
-    """
-    if not stored:
-        return 0, tok.encode(text, add_special_tokens=False)
-    s = tok.decode(stored, skip_special_tokens=False)
-    keep = len(stored)
-    if not text.startswith(s):
-        lo, hi = 0, len(stored)
-        while lo < hi:  # invariant: stored[:lo] decodes to a prefix of text
-            mid = (lo + hi + 1) // 2
-            if text.startswith(tok.decode(stored[:mid], skip_special_tokens=False)):
-                lo = mid
-            else:
-                hi = mid - 1
-        keep = lo
-        s = tok.decode(stored[:keep], skip_special_tokens=False)
-        log.debug("template re-rendered the history: keeping %d of %d stored tokens", keep, len(stored))
-    rest = text[len(s):]
-    return keep, (tok.encode(rest, add_special_tokens=False) if rest else [])
 
 
 def history(sess: Session) -> list[dict[str, Any]]:
@@ -85,7 +64,7 @@ async def run_turn(
     # tool_choice "none" still advertises the session's tools (only the parsing is off), so the
     # rendered history, and the KV of it, stay the same from turn to turn
     text = cf.render(tok, history(sess) + new_messages, tools, "auto" if choice == "none" else choice)
-    keep, new_ids = splice(tok, sess.token_ids, text)
+    keep, new_ids = splice_tokens(tok, sess.token_ids, text)
     prompt = sess.token_ids[:keep] + new_ids
     params: SamplingParams = make_params(len(prompt), cf.forced_spec(tools, choice))
     rc = sess.request_class.value if hasattr(sess.request_class, "value") else sess.request_class

@@ -101,6 +101,30 @@ def _jinja_env():
     return env
 
 
+def splice_tokens(tok: "Tokenizer", stored: list[int], text: str) -> tuple[int, list[int]]:
+    """(keep, new ids): the longest prefix of `stored` whose text begins `text`, and the ids of the rest.
+
+    `stored[:keep] + new_ids` decodes to `text`. keep == len(stored) whenever the template renders the
+    history as the stored tokens decode (the usual case); else a binary search finds where they part.
+    """
+    if not stored:
+        return 0, tok.encode(text, add_special_tokens=False)
+    s = tok.decode(stored, skip_special_tokens=False)
+    keep = len(stored)
+    if not text.startswith(s):
+        lo, hi = 0, len(stored)
+        while lo < hi:  # invariant: stored[:lo] decodes to a prefix of text
+            mid = (lo + hi + 1) // 2
+            if text.startswith(tok.decode(stored[:mid], skip_special_tokens=False)):
+                lo = mid
+            else:
+                hi = mid - 1
+        keep = lo
+        s = tok.decode(stored[:keep], skip_special_tokens=False)
+    rest = text[len(s):]
+    return keep, (tok.encode(rest, add_special_tokens=False) if rest else [])
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, never splitting a multi-byte character.
 
