@@ -72,7 +72,7 @@ def wait_classes(sessions: list[list[dict]], lo: float = 1.0, hi: float = 300.0)
 async def replay(aeng, msgs: list[dict], cfg: str, waits: dict[str, float], scale: float, max_gen: int,
                  rng: random.Random, stats: dict) -> None:
     from kvstrata.core import SamplingParams, chain_keys
-    from kvstrata.jobs.agent import splice
+    from kvstrata.tokenizer.tokenizer import splice_tokens as splice
     from kvstrata.tokenizer.tools import render_chat
 
     eng = aeng.engine
