@@ -62,8 +62,9 @@ def paged_attention(
         bt = meta.decode_block_tables  # (B, nb)
         nb, bs = bt.shape[1], k_cache.shape[1]
         # index_select, not k_cache[bt]: advanced indexing on CPU is ~1000x slower here
-        kk = k_cache.index_select(0, bt.reshape(-1)).view(B, nb * bs, kvh, d).transpose(1, 2)  # (B, KVH, L, d)
-        vv = v_cache.index_select(0, bt.reshape(-1)).view(B, nb * bs, kvh, d).transpose(1, 2)
+        # (B, KVH, L, d), made contiguous once: batched matmul on the strided view is ~20% slower here
+        kk = k_cache.index_select(0, bt.reshape(-1)).view(B, nb * bs, kvh, d).transpose(1, 2).contiguous()
+        vv = v_cache.index_select(0, bt.reshape(-1)).view(B, nb * bs, kvh, d).transpose(1, 2).contiguous()
         qq = q[:B].view(B, kvh, H // kvh, d)  # (B, KVH, G, d): GQA without repeating K/V
         scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # (B, KVH, G, L)
         scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
