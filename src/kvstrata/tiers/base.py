@@ -232,3 +232,38 @@ class Tier(abc.ABC):
                     listener(key, blob)
                 except Exception:  # a listener bug must not break the put that evicted
                     logger.exception("evict listener failed for %s in tier %s", key.hex(), self.name)
+
+
+class LocalIndexTier(Tier):
+    """pin / unpin / keys for tiers that keep an in-process index of their blocks under `self._lock`
+    (host, disk). Subclasses set `self._lock` and `self._pins` ({key: count}) and return their index
+    (a mapping keyed by block key) from `_block_index()`."""
+
+    _lock: "threading.Lock"
+    _pins: dict[bytes, int]
+
+    @abc.abstractmethod
+    def _block_index(self) -> "dict[bytes, object]":
+        """The mapping whose keys are the blocks held now (read under self._lock)."""
+
+    def pin(self, key: bytes) -> bool:
+        key = check_key(key)
+        with self._lock:
+            if key not in self._block_index():
+                return False
+            self._pins[key] = self._pins.get(key, 0) + 1
+            return True
+
+    def unpin(self, key: bytes) -> None:
+        key = check_key(key)
+        with self._lock:
+            n = self._pins.get(key, 0)
+            if n <= 1:
+                self._pins.pop(key, None)
+            else:
+                self._pins[key] = n - 1
+
+    def keys(self) -> Iterator[bytes]:
+        with self._lock:
+            return iter(list(self._block_index()))
+

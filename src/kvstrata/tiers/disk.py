@@ -18,10 +18,9 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
 
 from kvstrata.core import KvstrataError
-from kvstrata.tiers.base import Tier, check_key
+from kvstrata.tiers.base import LocalIndexTier, check_key
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ TOUCH_AFTER_S = 1.0  # a hit refreshes the file's mtime when it is older than th
 _BLOCK_NAME = re.compile(r"^[0-9a-f]{64}\.kvb$")
 
 
-class DiskTier(Tier):
+class DiskTier(LocalIndexTier):
     """Blocks as files under `root`, at most `capacity_bytes` of them (None: no budget).
 
     `fsync=False` skips the fsync before the rename (faster, still never partial: the rename is
@@ -255,26 +254,8 @@ class DiskTier(Tier):
             logger.warning("disk tier could not delete %s: %s", self.path(key), e)
             self._count(errors=1)
 
-    def pin(self, key: bytes) -> bool:
-        key = check_key(key)
-        with self._lock:
-            if key not in self._index:
-                return False
-            self._pins[key] = self._pins.get(key, 0) + 1
-            return True
-
-    def unpin(self, key: bytes) -> None:
-        key = check_key(key)
-        with self._lock:
-            n = self._pins.get(key, 0)
-            if n <= 1:
-                self._pins.pop(key, None)
-            else:
-                self._pins[key] = n - 1
-
-    def keys(self) -> Iterator[bytes]:
-        with self._lock:
-            return iter(list(self._index))
+    def _block_index(self) -> dict:
+        return self._index
 
     def _usage(self) -> tuple[int | None, int | None, int | None, int]:
         with self._lock:

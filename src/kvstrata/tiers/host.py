@@ -10,10 +10,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Iterator
 
 from kvstrata.core import KvstrataError
-from kvstrata.tiers.base import Tier, check_key
+from kvstrata.tiers.base import LocalIndexTier, check_key
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ def _cuda_available() -> bool:
         return False
 
 
-class HostTier(Tier):
+class HostTier(LocalIndexTier):
     """A DRAM pool of `capacity_bytes`; LRU eviction of unpinned blocks.
 
     `pin_memory=None` pins when CUDA is available. Blob bytes are counted against the budget
@@ -151,26 +150,8 @@ class HostTier(Tier):
                 self._used -= self._sizes.pop(key)
                 self._pins.pop(key, None)
 
-    def pin(self, key: bytes) -> bool:
-        key = check_key(key)
-        with self._lock:
-            if key not in self._blobs:
-                return False
-            self._pins[key] = self._pins.get(key, 0) + 1
-            return True
-
-    def unpin(self, key: bytes) -> None:
-        key = check_key(key)
-        with self._lock:
-            n = self._pins.get(key, 0)
-            if n <= 1:
-                self._pins.pop(key, None)
-            else:
-                self._pins[key] = n - 1
-
-    def keys(self) -> Iterator[bytes]:
-        with self._lock:
-            return iter(list(self._blobs))
+    def _block_index(self) -> dict:
+        return self._blobs
 
     def _usage(self) -> tuple[int | None, int | None, int | None, int]:
         with self._lock:
