@@ -19,6 +19,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 BENCHES = [
     ("engine", ["-m", "benchmarks.engine_bench"], "engine.md"),
     ("tier TTFT", ["-m", "benchmarks.tier_ttft"], "tier_ttft.md"),
+    ("int8 KV codec effect on output", ["-m", "benchmarks.kv_codec_effect"], "kv_codec_effect.md"),
     ("tier bandwidth", ["-m", "benchmarks.tier_bandwidth"], "tier_bandwidth.md"),
     ("mooncake cache simulation", ["-m", "benchmarks.mooncake_sim"], "mooncake_sim.md"),
     ("resumed agent turns", ["-m", "benchmarks.session_resume"], "session_resume.md"),
