@@ -88,7 +88,7 @@ class LLMEngine:
                          "generated_tokens": 0, "steps": 0, "preemptions": 0}
         log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s",
                  time.perf_counter() - t0, mc.name or cfg.model, nblocks, cfg.block_size,
-                 nblocks * BlockPool.bytes_per_block(cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype) / 2**20,
+                 nblocks * self.pool.block_bytes / 2**20,
                  self.device, self.dtype)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -272,10 +272,7 @@ class LLMEngine:
         if self.offload is None or seq.request_class != RequestClass.BATCH or not seq.block_keys:
             return
         n = len(seq.block_keys)
-        mc = self.model_config
-        per_block = BlockPool.bytes_per_block(self.pool.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                                              self.dtype)
-        d = self.paused.model.preempt_choice(per_block * n, n * self.pool.block_size)
+        d = self.paused.model.preempt_choice(self.pool.block_bytes * n, n * self.pool.block_size)
         if d.action != "drop":
             self.offload.offer_blocks(seq.block_table[:n])
 

@@ -60,9 +60,7 @@ class PausedSessions:
         if not keys:
             return {"action": "none", "reason": "shorter than one block"}
         self.resume(token_ids, prefetch=False)  # a second pause of the same prefix replaces the first
-        mc = self.engine.model_config
-        per_block = BlockPool.bytes_per_block(self.pool.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                                              self.pool.k.dtype)
+        per_block = self.pool.block_bytes
         pressure = self.pool.num_in_use / self.pool.num_blocks
         d = self.model.decide(per_block * len(keys), len(keys) * self.pool.block_size, tool, pressure,
                               per_block * self.pool.num_blocks, wait_s)

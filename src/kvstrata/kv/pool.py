@@ -57,6 +57,11 @@ class BlockPool:
     def bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype=torch.float32) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's K and V across all layers (the unit the tiers move)."""
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
     # -- accounting -------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
