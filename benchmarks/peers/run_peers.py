@@ -1,11 +1,13 @@
-"""Run the peers' side of every workload on the default GGUF and write the results.
+"""Run kvstrata and its peers (llama.cpp, transformers) through the same workloads, side by side.
 
-    python -m benchmarks.peers.run_peers [--quick] [--parts single_stream,concurrency,tau,transformers]
-                                         [--tau-control] [--skip-transformers] [--tool-wait 0.5]
+    python -m benchmarks.peers.run_peers [--quick] [--parts single_stream,kvstrata_single_stream,...]
+                                         [--tau-control] [--skip-transformers] [--skip-kvstrata]
+                                         [--tool-wait 0.5] [--kvstrata-quant int8] [--kvstrata-opt KEY=VALUE]
 
-Writes benchmarks/results/peers_llamacpp.json and benchmarks/results/peers_llamacpp.md (a markdown
-section `benchmarks.run_all` can paste into peers.md), plus PNG plots next to them.
-The workload settings below are the contract: kvstrata's run must use the same ones (`WORKLOADS`).
+Writes benchmarks/results/peers.json (raw records) and benchmarks/results/peers.md (tables with
+ratios, the goals, commands, versions, CPU pressure), plus PNG plots next to them.
+The workload settings below are the contract every engine runs (`WORKLOADS`); kvstrata's engine
+settings are `kvstrata_side.KVSTRATA_ENGINE`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.peers import llamacpp
+from benchmarks.peers import kvstrata_side, llamacpp
 from benchmarks.peers.common import PeerMissingError, cache_dir, cpu_pressure, default_gguf, load_stamp, wait_for_quiet
 from benchmarks.peers.http_load import load
 from benchmarks.peers.report import markdown, plots
 from benchmarks.peers.tau_replay import load_sessions, replay
+from kvstrata.core import KvstrataError
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,15 @@ def run_tau(gguf: Path, w: dict, logs: Path, *, cache_ram: int | None = None) ->
     return res | {"server_command": srv.command, "task_ids": [s.task_id for s in sessions]}
 
 
-PARTS = ("single_stream", "concurrency", "tau", "tau_no_cache_ram", "transformers")
-DEFAULT_PARTS = ("single_stream", "concurrency", "tau", "transformers")
+# Run order: each kvstrata part right after the llama.cpp part of the same workload, so both see about
+# the same machine (other work on 2 cores moves the numbers by minutes).
+PARTS = ("single_stream", "kvstrata_single_stream", "concurrency", "kvstrata_concurrency", "tau", "kvstrata_tau",
+         "tau_no_cache_ram", "transformers")
+DEFAULT_PARTS = tuple(p for p in PARTS if p != "tau_no_cache_ram")
+KVSTRATA_PARTS = ("kvstrata_single_stream", "kvstrata_concurrency", "kvstrata_tau")
+LLAMA_PARTS = ("single_stream", "concurrency", "tau", "tau_no_cache_ram")
+RESULTS_JSON, RESULTS_MD = "peers.json", "peers.md"
+LEGACY_JSON = "peers_llamacpp.json"  # the name before kvstrata joined; read once so partial reruns keep it
 
 
 def _transformers(gguf: Path, w: dict) -> dict:
@@ -111,30 +121,54 @@ def _transformers(gguf: Path, w: dict) -> dict:
                                      decode_depths=[w["decode_depths"][0]])
 
 
-def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir: Path = RESULTS_DIR,
-        tool_wait_s: float | None = None, quiet_wait_s: float = 60.0) -> dict:
-    """Run the peer workloads in `parts`; returns the results dict, written to `out_dir` after each part.
+def _earlier(out_dir: Path, parts: tuple[str, ...]) -> dict:
+    """Results of an earlier run to keep (all but `parts`); nothing when every part runs again."""
+    if set(parts) == set(PARTS):
+        return {}
+    for name in (RESULTS_JSON, LEGACY_JSON):
+        if (out_dir / name).is_file():
+            return json.loads((out_dir / name).read_text())
+    return {}
 
-    Parts not in `parts` keep their results from an earlier peers_llamacpp.json in `out_dir`, so one
-    part can be rerun alone. Before each part it waits up to `quiet_wait_s` for the machine to be idle
-    (load < 1) and records the CPU pressure before and after: other work on 2 cores skews the numbers."""
+
+def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir: Path = RESULTS_DIR,
+        tool_wait_s: float | None = None, quiet_wait_s: float = 60.0, kvstrata_engine: dict | None = None,
+        workloads: dict | None = None) -> dict:
+    """Run the workloads in `parts`; returns the results dict, written to `out_dir` after each part.
+
+    Parts not in `parts` keep their results from an earlier peers.json in `out_dir`, so one part can be
+    rerun alone. Before each part it waits up to `quiet_wait_s` for the machine to be idle (load < 1)
+    and records the CPU pressure before and after: other work on 2 cores skews the numbers.
+    `kvstrata_engine`: EngineConfig settings for the kvstrata parts (default KVSTRATA_ENGINE);
+    `workloads`: replaces WORKLOADS / QUICK entries (tests use it for tiny runs)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    load_stamp()  # fail first, clearly, when the peer is not built
+    if set(parts) & set(LLAMA_PARTS):
+        load_stamp()  # fail first, clearly, when the peer is not built
+    settings = kvstrata_side.engine_settings(kvstrata_engine)  # a bad key fails here, before any part runs
     gguf = default_gguf()
-    w = {**WORKLOADS, **(QUICK if quick else {})}
+    w = {**WORKLOADS, **(QUICK if quick else {}), **(workloads or {})}
     if tool_wait_s is not None:
         w["tau"] = {**w["tau"], "tool_wait_s": tool_wait_s}
     logs = cache_dir() / "logs" / "runs"  # server logs stay outside the repository
     logs.mkdir(parents=True, exist_ok=True)
-    out_json = out_dir / "peers_llamacpp.json"
-    res: dict = json.loads(out_json.read_text()) if out_json.is_file() and set(parts) != set(PARTS) else {}
-    res = {k: v for k, v in res.items() if k in PARTS or k in ("cpu_pressure", "seconds")}
-    res |= {"model": str(gguf.name), "machine": machine(), "workloads": w, "versions": llamacpp.versions()}
+    out_json = out_dir / RESULTS_JSON
+    res = {k: v for k, v in _earlier(out_dir, parts).items() if k in PARTS or k in ("cpu_pressure", "seconds", "versions", "part_runs")}
+    versions = dict(res.get("versions") or {})
+    try:
+        versions |= llamacpp.versions()
+    except PeerMissingError as exc:  # only kvstrata / transformers parts asked for
+        logger.info("llama.cpp versions not recorded: %s", exc)
+    versions["kvstrata"] = kvstrata_side.versions()
+    res |= {"model": str(gguf.name), "machine": machine(), "workloads": w, "versions": versions,
+            "kvstrata_engine": settings}
     runners = {"single_stream": lambda: run_single_stream(gguf, w),
+               "kvstrata_single_stream": lambda: kvstrata_side.single_stream(w, settings),
                "concurrency": lambda: run_concurrency(gguf, w, logs),
+               "kvstrata_concurrency": lambda: kvstrata_side.concurrency(w, settings, logs),
                "tau": lambda: run_tau(gguf, w, logs),
+               "kvstrata_tau": lambda: kvstrata_side.tau(w, settings, logs),
                "tau_no_cache_ram": lambda: run_tau(gguf, w, logs, cache_ram=0),
                "transformers": lambda: _transformers(gguf, w)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,19 +180,26 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
         res[name] = runners[name]()
         res.setdefault("seconds", {})[name] = round(time.monotonic() - s, 1)
         res.setdefault("cpu_pressure", {})[name] = pressure | {"after": cpu_pressure()}
+        res.setdefault("part_runs", {})[name] = {"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick,
+                                                 **({"kvstrata": versions["kvstrata"]} if name in KVSTRATA_PARTS else {})}
         out_json.write_text(json.dumps(res, indent=2))
     res["plots"] = [str(p) for p in plots(res, out_dir)]
     out_json.write_text(json.dumps(res, indent=2))
-    (out_dir / "peers_llamacpp.md").write_text(markdown(res))
+    (out_dir / RESULTS_MD).write_text(markdown(res))
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="llama.cpp and transformers peer benchmarks")
+    ap = argparse.ArgumentParser(description="kvstrata beside llama.cpp and transformers, same workloads, one run")
     ap.add_argument("--quick", action="store_true", help="small settings for a smoke run")
     ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                     help=f"comma-separated parts to run, of {','.join(PARTS)} (others keep earlier results)")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-kvstrata", action="store_true", help="peers only (the kvstrata parts keep earlier results)")
+    ap.add_argument("--kvstrata-quant", default=None,
+                    help=f"kvstrata --quantization (default {kvstrata_side.KVSTRATA_ENGINE.get('quantization')})")
+    ap.add_argument("--kvstrata-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="another kvstrata EngineConfig setting for every kvstrata part, e.g. max_num_batched_tokens=4096")
     ap.add_argument("--tau-control", action="store_true", help="also replay tau-bench with --cache-ram 0")
     ap.add_argument("--tool-wait", type=float, default=None, help="seconds per tool call in the tau replay")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -170,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         parts = [p for p in args.parts.split(",") if p]
         parts += ["tau_no_cache_ram"] if args.tau_control else []
         parts = [p for p in parts if not (args.skip_transformers and p == "transformers")]
+        parts = [p for p in parts if not (args.skip_kvstrata and p in KVSTRATA_PARTS)]
+        engine = dict(kvstrata_side.parse_opt(o) for o in args.kvstrata_opt)
+        if args.kvstrata_quant:
+            engine["quantization"] = args.kvstrata_quant
         res = run(quick=args.quick, parts=tuple(parts), out_dir=args.out, tool_wait_s=args.tool_wait,
-                  quiet_wait_s=args.quiet_wait)
-    except (PeerMissingError, ValueError) as exc:
+                  quiet_wait_s=args.quiet_wait, kvstrata_engine=engine)
+    except (KvstrataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown(res))

@@ -1,0 +1,99 @@
+"""The goals kvstrata is measured against, computed from one results dict (one run, same machine).
+
+`engine_view(res)` gathers kvstrata's parts (`kvstrata_single_stream`, `kvstrata_concurrency`,
+`kvstrata_tau`) into the shape the report's tables take; `goals(res)` returns one row per goal with
+the measured ratio and whether it was reached. A goal whose numbers are missing (a part not run, a
+quick run without 32 streams) is "not measured", never guessed; a workload with failed requests is
+"not reached" whatever its speed, since its wall time would flatter it.
+"""
+
+from __future__ import annotations
+
+# (label, target ratio): what the issue asks of kvstrata.
+DECODE_VS_LLAMA = 1.0
+PREFILL_2048_VS_TRANSFORMERS = 1.2
+PREFILL_2048_VS_LLAMA = 2.0
+AGG_32_VS_LLAMA = 3.0
+TAU_SPEEDUP_VS_LLAMA = 2.0
+
+
+def engine_view(res: dict, name: str = "kvstrata") -> dict | None:
+    """kvstrata's parts of `res` as {"name", "single_stream", "concurrency", "tau"}; None when none ran."""
+    if not any(res.get(k) for k in ("kvstrata_single_stream", "kvstrata_concurrency", "kvstrata_tau")):
+        return None
+    return {"name": name, "single_stream": res.get("kvstrata_single_stream") or {},
+            "concurrency": res.get("kvstrata_concurrency") or [], "tau": res.get("kvstrata_tau")}
+
+
+def best_tps(row: dict | None) -> float | None:
+    """The best repetition's tokens/s: llama-bench's samples_ts, kvstrata's samples_ts, else tps."""
+    if not row:
+        return None
+    samples = row.get("samples_ts") or (row.get("raw") or {}).get("samples_ts")
+    return max(samples) if samples else row.get("tps")
+
+
+def _row(rows: list[dict] | None, key: str, value) -> dict | None:
+    return next((r for r in rows or [] if r.get(key) == value), None)
+
+
+def _goal(goal: str, target: float, num: float | None, den: float | None, detail: str, *, failed: str = "") -> dict:
+    ratio = num / den if num and den else None
+    if ratio is None:
+        status = "not measured"
+    elif failed:
+        status = "not reached"
+        detail = f"{detail}; {failed}"
+    else:
+        status = "reached" if ratio >= target else "not reached"
+    return {"goal": goal, "target": target, "ratio": None if ratio is None else round(ratio, 3), "status": status,
+            "detail": detail}
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:,.1f}"
+
+
+def goals(res: dict, engine: dict | None = None) -> list[dict]:
+    """One dict per goal: goal, target (×), ratio (× or None), status (reached / not reached / not measured),
+    detail (the two numbers). Ratios compare best repetitions (kvstrata's best of N with llama-bench's
+    and transformers' best sample)."""
+    eng = engine if engine is not None else (engine_view(res) or {})
+    ss, kss, tf = res.get("single_stream") or {}, eng.get("single_stream") or {}, res.get("transformers") or {}
+    out = []
+    depths = sorted({r["depth"] for r in (ss.get("decode") or []) + (kss.get("decode") or [])}) or [512]
+    for d in depths:
+        k, l = best_tps(_row(kss.get("decode"), "depth", d)), best_tps(_row(ss.get("decode"), "depth", d))
+        out.append(_goal(f"single-stream decode at {d:,} context ≥ {DECODE_VS_LLAMA:g}× llama.cpp", DECODE_VS_LLAMA,
+                         k, l, f"kvstrata {_fmt(k)} vs llama.cpp {_fmt(l)} tok/s"))
+    k = best_tps(_row(kss.get("prefill"), "tokens", 2048))
+    t, l = best_tps(_row(tf.get("prefill"), "tokens", 2048)), best_tps(_row(ss.get("prefill"), "tokens", 2048))
+    out.append(_goal(f"prefill 2,048 tokens ≥ {PREFILL_2048_VS_TRANSFORMERS:g}× transformers",
+                     PREFILL_2048_VS_TRANSFORMERS, k, t, f"kvstrata {_fmt(k)} vs transformers {_fmt(t)} tok/s"))
+    out.append(_goal(f"prefill 2,048 tokens ≥ {PREFILL_2048_VS_LLAMA:g}× llama.cpp", PREFILL_2048_VS_LLAMA, k, l,
+                     f"kvstrata {_fmt(k)} vs llama.cpp {_fmt(l)} tok/s"))
+    kc, lc = _row(eng.get("concurrency"), "concurrency", 32), _row(res.get("concurrency"), "concurrency", 32)
+    failed = [f"{n} {r['requests'] - r['ok']} of {r['requests']} requests failed"
+              for n, r in (("kvstrata", kc), ("llama.cpp", lc)) if r and r["ok"] < r["requests"]]
+    out.append(_goal(f"aggregate tokens/s at 32 streams ≥ {AGG_32_VS_LLAMA:g}× llama-server", AGG_32_VS_LLAMA,
+                     (kc or {}).get("tokens_per_s"), (lc or {}).get("tokens_per_s"),
+                     f"kvstrata {_fmt((kc or {}).get('tokens_per_s'))} vs llama-server "
+                     f"{_fmt((lc or {}).get('tokens_per_s'))} tok/s", failed="; ".join(failed)))
+    kt, lt = eng.get("tau") or {}, res.get("tau") or {}
+    failed = [f"{n} {r['turns'] - r['ok_turns']} of {r['turns']} turns failed"
+              for n, r in (("kvstrata", kt), ("llama.cpp", lt)) if r and r.get("ok_turns", 0) < r.get("turns", 0)]
+    # speedup = llama wall / kvstrata wall, i.e. the ratio of the reciprocals
+    out.append(_goal(f"tau-bench replay completes ≥ {TAU_SPEEDUP_VS_LLAMA:g}× faster than llama-server (caches on)",
+                     TAU_SPEEDUP_VS_LLAMA, lt.get("wall_s"), kt.get("wall_s"),
+                     f"wall kvstrata {_fmt(kt.get('wall_s'))} s vs llama-server {_fmt(lt.get('wall_s'))} s",
+                     failed="; ".join(failed)))
+    return out
+
+
+def goals_table(rows: list[dict]) -> str:
+    lines = ["| goal | target | measured | status | numbers |", "|---|---:|---:|---|---|"]
+    for g in rows:
+        status = {"reached": "reached", "not reached": "**not reached**"}.get(g["status"], g["status"])
+        ratio = "–" if g["ratio"] is None else f"{g['ratio']:.2f}×"
+        lines.append(f"| {g['goal']} | {g['target']:g}× | {ratio} | {status} | {g['detail']} |")
+    return "\n".join(lines)
