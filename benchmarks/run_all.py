@@ -2,7 +2,9 @@
 
 Each benchmark runs as its own process (so one failing does not stop the rest) and writes its own
 tables; this script writes benchmarks/results/index.md listing what ran, how long, and what failed.
-The llama.cpp peer runs only when `make bench-peers` has built it; otherwise that is said here.
+The side-by-side peer benchmark (kvstrata beside llama.cpp and transformers, benchmarks/peers) runs
+only when `make bench-peers` has built llama.cpp; otherwise it is skipped and the index and the console
+say so, with the command to run.
 """
 
 from __future__ import annotations
@@ -25,8 +27,18 @@ BENCHES = [
     ("resumed agent turns", ["-m", "benchmarks.session_resume"], "session_resume.md"),
     ("serving (HTTP)", ["-m", "benchmarks.serving"], "serving.md"),
     ("agentic replay", ["-m", "benchmarks.agentic_replay"], "agentic_replay.md"),
-    ("peers (llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers_llamacpp.md"),
+    ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
+
+
+def peer_missing() -> str:
+    """Why the llama.cpp peer cannot run ("" when it is built)."""
+    try:
+        from benchmarks.peers.common import peers_available
+    except ImportError as exc:  # kvstrata not importable: the benchmark itself would fail the same way
+        return f"cannot check the llama.cpp peer ({exc})"
+    ok, why = peers_available()
+    return "" if ok else why
 
 
 def main() -> int:
@@ -40,6 +52,12 @@ def main() -> int:
             continue
         if not (ROOT / "benchmarks" / (args[1].split(".")[-1] + ".py")).exists() and "peers" not in args[1]:
             lines.append(f"| {name} | - | - | not present in this checkout |")
+            continue
+        if "peers" in args[1] and (why := peer_missing()):
+            msg = (f"skipped: llama.cpp peer not built; run `make bench-peers`, then `make bench` "
+                   f"(this part alone: `python -m benchmarks.run_all peers`) ({why})")
+            print(f"== {name}: {msg}", flush=True)
+            lines.append(f"| {name} | - | - | {msg} |")
             continue
         print(f"== {name}", flush=True)
         t0 = time.time()

@@ -233,6 +233,7 @@ class KvstrataServer:
     command: str = ""
     home: Path | None = None
     returncode: int | None = None
+    graceful: bool | None = None  # the log says uvicorn's shutdown completed
     extra: list[str] = field(default_factory=list)
 
     @property
@@ -294,8 +295,9 @@ class KvstrataServer:
                     logger.warning("kvstrata serve did not stop on SIGTERM; killing pid %d", self.proc.pid)
                     self.proc.kill()
                     self.proc.wait()
-            self.returncode = self.proc.returncode
+            self.returncode = self.proc.returncode  # -15 after a graceful stop: uvicorn re-raises SIGTERM
             self.proc = None
+            self.graceful = "Application shutdown complete" in (self.log_tail(15) if self.log_path else "")
         if self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)
             self.home = None
@@ -352,7 +354,7 @@ def concurrency(w: dict, settings: dict, logs: Path) -> list[dict]:
             m = _metrics_or_error(srv)
         out.append(res.to_dict() | {"server_command": srv.command, "engine_config": full_config(s),
                                     "server_metrics": m, "server_exit": srv.returncode,
-                                    "server_log": str(srv.log_path)})
+                                    "server_graceful_stop": srv.graceful, "server_log": str(srv.log_path)})
     return out
 
 
@@ -370,4 +372,4 @@ def tau(w: dict, settings: dict, logs: Path) -> dict:
         m = _metrics_or_error(srv)
     return res | {"server_command": srv.command, "task_ids": [x.task_id for x in sessions],
                   "engine_config": full_config(s), "server_metrics": m, "server_exit": srv.returncode,
-                  "server_log": str(srv.log_path)}
+                  "server_graceful_stop": srv.graceful, "server_log": str(srv.log_path)}

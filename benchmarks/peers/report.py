@@ -29,6 +29,14 @@ def _by(rows: list[dict] | None, key: str) -> dict:
     return {r[key]: r for r in rows or []}
 
 
+# one colour per engine in every plot
+_COLORS = {"llama.cpp": "C0", "transformers": "C1", "llama.cpp cache-ram 0": "C3"}
+
+
+def _color(who: str) -> str:
+    return _COLORS.get(who.replace("llama.cpp cache-ram on", "llama.cpp"), "C2")
+
+
 def _engine(res: dict, engine: dict | None) -> dict | None:
     return engine if engine is not None else engine_view(res)
 
@@ -82,6 +90,12 @@ def _server_notes(r: dict) -> str:
     bad = {k.split('status="')[1].rstrip('"}'): int(v) for k, v in m.items()
            if k.startswith("kvstrata_http_requests_total{") and "chat/completions" in k and 'status="200"' not in k}
     out = f"preemptions {_f(pre, 0)}" + (f"; HTTP {bad}" if bad else "")
+    tiers = sorted({k.split('tier="')[1].split('"')[0] for k in m if k.startswith("kvstrata_kv_tier{")})
+    for t in tiers:
+        hits, blocks = m.get(f'kvstrata_kv_tier{{stat="hits",tier="{t}"}}'), m.get(f'kvstrata_kv_tier{{stat="blocks",tier="{t}"}}')
+        out += f"; {t} tier: {_f(hits, 0)} block hits, {_f(blocks, 0)} blocks held"
+    if r.get("server_graceful_stop") is False:
+        out += "; server did not stop gracefully"
     return out + (f"; error: {r['errors'][0][:80]}" if r.get("errors") else "")
 
 
@@ -134,6 +148,8 @@ def tau_table(res: dict, engine: dict | None = None) -> str:
                      f"{_ratio(k.get('cache_hit_rate'), base.get('cache_hit_rate'))} | "
                      f"{_ratio(kj['mean'], bj['mean'])} / {_ratio(kj['p50'], bj['p50'])} / {_ratio(kj['p90'], bj['p90'])} | "
                      f"{_pct_ratios(k['turn_ttft_ms'], base['turn_ttft_ms'])} |")
+    if k and _server_notes(k):
+        lines += ["", f"{name} server: {_server_notes(k)}."]
     return "\n".join(lines)
 
 
@@ -248,7 +264,7 @@ def plots(res: dict, out_dir: Path, engine: dict | None = None) -> list[Path]:
         width = 0.8 / len(series)
         for i, (who, data) in enumerate(series):
             vals = [best_tps(_by(data.get(kind), key).get(k)) or 0 for kind, key, k in keys]
-            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=who)
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=who, color=_color(who))
         ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(keys))], labels)
         ax.set_ylabel("tokens/s (best repetition)"), ax.set_title("single stream (2 threads)"), ax.legend()
         fig.tight_layout()
@@ -260,10 +276,10 @@ def plots(res: dict, out_dir: Path, engine: dict | None = None) -> list[Path]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         for who, rows in runs:
             cs = [r["concurrency"] for r in rows]
-            a1.plot(cs, [r["tokens_per_s"] for r in rows], "o-", label=who)
-            a2.plot(cs, [r["ttft_ms"]["p50"] or float("nan") for r in rows], "o-", label=f"{who} TTFT p50")
-            a2.plot(cs, [r["itl_ms"]["p50"] or float("nan") for r in rows], "s--", label=f"{who} ITL p50")
-        a1.set_xlabel("concurrent streams"), a1.set_ylabel("aggregate tokens/s"), a1.legend()
+            a1.plot(cs, [r["tokens_per_s"] for r in rows], "o-", label=who, color=_color(who))
+            a2.plot(cs, [r["ttft_ms"]["p50"] or float("nan") for r in rows], "o-", label=f"{who} TTFT p50", color=_color(who))
+            a2.plot(cs, [r["itl_ms"]["p50"] or float("nan") for r in rows], "s--", label=f"{who} ITL p50", color=_color(who))
+        a1.set_xlabel("concurrent streams"), a1.set_ylabel("aggregate tokens/s"), a1.set_ylim(bottom=0), a1.legend()
         a2.set_xlabel("concurrent streams"), a2.set_ylabel("ms"), a2.set_yscale("log"), a2.legend()
         fig.tight_layout()
         paths.append(out_dir / "peers_concurrency.png")
@@ -276,7 +292,9 @@ def plots(res: dict, out_dir: Path, engine: dict | None = None) -> list[Path]:
                    ("JCT p50", lambda t: t["jct_s"]["p50"]), ("JCT p90", lambda t: t["jct_s"]["p90"])]
         width = 0.8 / len(taus)
         for i, (who, t) in enumerate(taus):
-            ax.bar([x + i * width for x in range(len(metrics))], [f(t) or 0 for _, f in metrics], width, label=who)
+            ax.bar([x + i * width for x in range(len(metrics))], [f(t) or 0 for _, f in metrics], width, label=who,
+                   color=_color(who))
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend
         ax.set_xticks([x + width * (len(taus) - 1) / 2 for x in range(len(metrics))], [m for m, _ in metrics])
         ax.set_ylabel("seconds (lower is better)"), ax.set_title("tau-bench airline replay"), ax.legend()
         fig.tight_layout()

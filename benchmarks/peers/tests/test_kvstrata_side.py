@@ -95,3 +95,17 @@ def test_run_peers_rejects_a_bad_kvstrata_option(tmp_path, capsys):
 
     assert run_peers.main(["--parts", "kvstrata_concurrency", "--kvstrata-opt", "bogus=1", "--out", str(tmp_path)]) == 2
     assert "unknown keys ['bogus']" in capsys.readouterr().err
+
+
+def test_make_bench_says_when_the_peer_is_not_built(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks import run_all
+
+    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))  # no llama.cpp stamp here
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys, "argv", ["run_all", "peers"])
+    assert run_all.main() == 0
+    index = (tmp_path / "results" / "index.md").read_text()
+    assert "skipped: llama.cpp peer not built; run `make bench-peers`" in index
+    assert "make bench-peers" in capsys.readouterr().out
