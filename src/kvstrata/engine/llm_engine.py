@@ -64,6 +64,7 @@ class LLMEngine:
         if mc.sliding_window and self.max_model_len > mc.sliding_window:
             log.warning("capping max_model_len to the model's sliding window %d", mc.sliding_window)
             self.max_model_len = mc.sliding_window
+        self.model.rotary.build_table(self.max_model_len, self.dtype)
         # The fingerprint names everything that makes a KV block's bytes what they are.
         fp = hashlib.sha256()
         for part in (lm.source_id, str(self.dtype), "layout:LBSHD", cfg.block_size, mc.rope_theta, mc.rope_scaling,

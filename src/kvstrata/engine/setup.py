@@ -36,6 +36,8 @@ def build_model(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
         model = LlamaModel(lm.config, dtype, lm.rope_freqs)
     weights = dict(lm.weights)
     model.load_state_dict(weights, strict=True, assign=True)
+    for layer in model.layers:
+        layer.fuse_projections()
     inv = model.rotary.inv_freq
     model.rotary.inv_freq = _inv_freq(lm)  # buffers built on meta must be recomputed for real
     del inv

@@ -34,28 +34,46 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.scale = hd**-0.5
+        self.inter = cfg.intermediate_size
+
+    def fuse_projections(self) -> None:
+        """Concatenates q/k/v and gate/up into one weight each: two matmuls per layer instead of five.
+
+        Decode is dominated by per-op cost at batch 1, so fewer, larger kernels win; the outputs are the
+        same dot products, only summed by one kernel call (measured in benchmarks/results/engine.md)."""
+        def cat(mods: list[nn.Linear]) -> nn.Linear:
+            w = torch.cat([m.weight.detach() for m in mods])
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=mods[0].bias is not None, device="meta", dtype=w.dtype)
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            if mods[0].bias is not None:
+                lin.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]), requires_grad=False)
+            return lin
+
+        self.qkv_proj = cat([self.q_proj, self.k_proj, self.v_proj])
+        self.gate_up_proj = cat([self.gate_proj, self.up_proj])
+        del self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj
 
     def forward(
         self,
         x: torch.Tensor,  # (T, hidden)
         cos: torch.Tensor,  # (T, 1, d)
-        sin: torch.Tensor,
+        sin: torch.Tensor,  # (T, 1, d), sign-folded: rotate_half(x) * sin == swap_halves(x) * sin
         k_cache: torch.Tensor,  # (num_blocks, block_size, KVH, d)
         v_cache: torch.Tensor,
         meta: AttnMetadata,
     ) -> torch.Tensor:
-        T = x.shape[0]
-        hs = self.input_layernorm(x)
-        q = self.q_proj(hs).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(hs).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hs).view(T, self.num_kv_heads, self.head_dim)
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        T, H, KVH, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        # RoPE on q and k in one pass: they are adjacent columns of the fused projection
+        qk = Rotary.apply(qkv[:, : (H + KVH) * d].view(T, H + KVH, d), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, (H + KVH) * d :].view(T, KVH, d)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         x = x + self.o_proj(attn.reshape(T, -1))
-        hs = self.post_attention_layernorm(x)
+        gu = self.gate_up_proj(self.post_attention_layernorm(x))
         # SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))
-        return x + self.down_proj(F.silu(self.gate_proj(hs)) * self.up_proj(hs))
+        return x + self.down_proj(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
 
 
 class LlamaModel(nn.Module):

@@ -11,14 +11,16 @@ gets its own int8 copy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # after DecoderLayer.fuse_projections
 
 
 class PerTokenInt8Linear(nn.Module):
@@ -33,12 +35,31 @@ class PerTokenInt8Linear(nn.Module):
     def __init__(self, dyn: nn.Module, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.dyn = dyn
+        self.packed = dyn._packed_params._packed_params  # the op's own handle: no module call per matmul
+        self.reduce_range = not _has_vnni()
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, in)
-        s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)  # (T, 1)
-        y = self.dyn(x / s) * s
-        return y if self.bias is None else y + self.bias
+        if x.shape[0] == 1:  # one row: the op's per-tensor activation scale already is per-token
+            y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+        else:
+            s = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-6)  # (T, 1)
+            y = torch.ops.quantized.linear_dynamic(x / s, self.packed, self.reduce_range).mul_(s)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+@functools.cache
+def _has_vnni() -> bool:
+    """True when the CPU has VNNI (u8 x s8 dot products accumulate in int32, no int16 saturation).
+
+    Without VNNI, fbgemm's AVX2 kernels sum pairs of u8 x s8 products in int16, which can saturate, so
+    activations must be quantized to 7 bits (`reduce_range`); with it, the full 8 bits are safe and the
+    activation rounding error halves."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
