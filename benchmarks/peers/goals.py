@@ -15,6 +15,7 @@ PREFILL_2048_VS_TRANSFORMERS = 1.2
 PREFILL_2048_VS_LLAMA = 2.0
 AGG_32_VS_LLAMA = 3.0
 TAU_SPEEDUP_VS_LLAMA = 2.0
+DECODE_ROOFLINE_SHARE = 0.7
 
 
 def engine_view(res: dict, name: str = "kvstrata") -> dict | None:
@@ -66,6 +67,14 @@ def goals(res: dict, engine: dict | None = None) -> list[dict]:
         k, l = best_tps(_row(kss.get("decode"), "depth", d)), best_tps(_row(ss.get("decode"), "depth", d))
         out.append(_goal(f"single-stream decode at {d:,} context ≥ {DECODE_VS_LLAMA:g}× llama.cpp", DECODE_VS_LLAMA,
                          k, l, f"kvstrata {_fmt(k)} vs llama.cpp {_fmt(l)} tok/s"))
+    bw = (res.get("ceilings") or {}).get("memory_bw_GBps")
+    for r in kss.get("decode") or []:
+        if r.get("bytes_per_token"):
+            roof = bw * 1e9 / r["bytes_per_token"] if bw else None
+            out.append(_goal(f"single-stream decode at {r['depth']:,} context ≥ {DECODE_ROOFLINE_SHARE:.0%} of the "
+                             f"memory-bandwidth roofline", DECODE_ROOFLINE_SHARE, best_tps(r), roof,
+                             f"kvstrata {_fmt(best_tps(r))} tok/s vs roofline {_fmt(roof)} tok/s "
+                             f"({r['bytes_per_token'] / 1e6:,.1f} MB per token at {_fmt(bw)} GB/s)"))
     k = best_tps(_row(kss.get("prefill"), "tokens", 2048))
     t, l = best_tps(_row(tf.get("prefill"), "tokens", 2048)), best_tps(_row(ss.get("prefill"), "tokens", 2048))
     out.append(_goal(f"prefill 2,048 tokens ≥ {PREFILL_2048_VS_TRANSFORMERS:g}× transformers",

@@ -177,7 +177,8 @@ def single_stream(w: dict, settings: dict, *, seed: int = 0) -> dict:
     for d in w["decode_depths"]:
         ctx = ids(d)
         samples = [_decode_once(eng, ctx, n_gen) for _ in range(3)]
-        out["decode"].append({"depth": d, "n_gen": n_gen, "tps": _best(samples), "samples_ts": [round(x, 2) for x in samples]})
+        out["decode"].append({"depth": d, "n_gen": n_gen, "tps": _best(samples), "samples_ts": [round(x, 2) for x in samples],
+                              "bytes_per_token": decode_bytes_per_token(eng, d)})
         logger.info("kvstrata decode @%d: %.1f tok/s", d, max(samples))
     out["method"] = (f"in-process kvstrata.LLM(model='default', **{s}); prefill = N / TTFT of generate(max_tokens=1) "
                      f"after pool.reset_prefix_cache(), best of 2 (1 at 8,192); decode = {n_gen} tokens timed after the "
@@ -187,6 +188,30 @@ def single_stream(w: dict, settings: dict, *, seed: int = 0) -> dict:
     del llm, eng
     gc.collect()
     return out
+
+
+def decode_bytes_per_token(eng, depth: int) -> int:
+    """What one decoded token reads from memory: every weight matrix once, as the engine stores it (int8
+    with fp32 per-channel scales, or fp32), the LM head (tied: the embedding table), the norms, and K and V
+    of `depth` context tokens in the pool's dtype."""
+    from torch import nn
+
+    from kvstrata.model.quant import PerTokenInt8Linear
+
+    m, total = eng.model, 0
+    for mod in m.modules():
+        if isinstance(mod, PerTokenInt8Linear):
+            qw = mod.dyn.weight()
+            total += qw.numel() * qw.element_size() + 4 * qw.shape[0]
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    if m.lm_head_q is None and m.lm_head is None:  # tied fp32 head: the whole embedding table
+        total += m.embed_tokens.weight.numel() * m.embed_tokens.weight.element_size()
+    total += sum(p.numel() * p.element_size() for n, p in m.named_parameters() if n.endswith("layernorm.weight"))
+    pool = eng.pool
+    per_token_one_side = pool.k[:, 0, 0].numel()  # layers x kv heads x head_dim
+    total += depth * 2 * per_token_one_side * pool.k.element_size()
+    return int(total)
 
 
 def _decode_once(eng, ctx: list[int], n_gen: int) -> float:

@@ -71,6 +71,30 @@ def single_stream_table(res: dict, engine: dict | None = None) -> str:
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
+def roofline_table(res: dict, engine: dict | None = None) -> str:
+    """Each engine's decode rows against this machine's memory-bandwidth roofline, measured in the same run:
+    roofline tok/s = bandwidth / bytes one token reads (weights as stored + K/V of the context)."""
+    engine = _engine(res, engine)
+    bw = (res.get("ceilings") or {}).get("memory_bw_GBps")
+    if not bw:
+        return "(no memory-bandwidth ceiling measured in this run)"
+    rows = [("llama.cpp", (res.get("single_stream") or {}).get("decode"))]
+    if engine:
+        rows.append((engine.get("name", "kvstrata"), (engine.get("single_stream") or {}).get("decode")))
+    lines = [f"Memory read bandwidth measured in this run: {bw:.1f} GB/s.", "",
+             "| engine | context | MB read per token | roofline tok/s | measured tok/s (best) | share of roofline |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for who, dec in rows:
+        for r in dec or []:
+            b = r.get("bytes_per_token")
+            if not b:
+                continue
+            roof = bw * 1e9 / b
+            best = best_tps(r)
+            lines.append(f"| {who} | {r['depth']:,} | {b / 1e6:,.1f} | {roof:,.0f} | {_f(best)} | {best / roof:.0%} |")
+    return "\n".join(lines)
+
+
 def _pcts(d: dict, nd: int = 0) -> str:
     return " / ".join(_f(d.get(p), nd) for p in ("p50", "p90", "p99"))
 
@@ -206,6 +230,10 @@ def markdown(res: dict, engine: dict | None = None) -> str:
         "## Single stream",
         "",
         single_stream_table(res, engine),
+        "",
+        "### Decode against the memory-bandwidth roofline",
+        "",
+        roofline_table(res, engine),
         "",
         f"## Concurrency ({w.get('max_tokens')} tokens per request, ~{w.get('prompt_words')}-word prompts, "
         f"streaming, ignore_eos; {w.get('slot_ctx')} KV tokens per stream for every engine)",

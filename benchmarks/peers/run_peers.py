@@ -75,7 +75,27 @@ def run_single_stream(gguf: Path, w: dict) -> dict:
     for d in w["decode_depths"]:
         dec.append(llamacpp.decode_tps(gguf, d, n_gen=w["decode_n_gen"], reps=3))
         logger.info("llama.cpp decode @%d: %.1f tok/s", d, dec[-1]["tps"])
+    wbytes = gguf_weight_bytes(gguf)
+    for r in dec:  # what one decoded token reads: every weight once (the tied output reads token_embd) + the f16 KV
+        r["bytes_per_token"] = wbytes + r["depth"] * kv_bytes_per_token(gguf, 2)
     return {"prefill": rows, "decode": dec}
+
+
+def gguf_weight_bytes(gguf: Path) -> int:
+    """Bytes of every tensor in the file, as stored (Q4_1 blocks, Q8_0 embedding, f32 norms)."""
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(gguf).tensors))
+
+
+def kv_bytes_per_token(gguf: Path, elem_bytes: int) -> int:
+    """K and V bytes one context token holds over all layers."""
+    from gguf import GGUFReader
+
+    from kvstrata.loader.gguf_loader import gguf_config
+
+    cfg = gguf_config(GGUFReader(gguf), str(gguf))
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem_bytes
 
 
 def run_concurrency(gguf: Path, w: dict, logs: Path) -> list[dict]:
@@ -154,7 +174,7 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
     logs = cache_dir() / "logs" / "runs"  # server logs stay outside the repository
     logs.mkdir(parents=True, exist_ok=True)
     out_json = out_dir / RESULTS_JSON
-    res = {k: v for k, v in _earlier(out_dir, parts).items() if k in PARTS or k in ("cpu_pressure", "seconds", "versions", "part_runs")}
+    res = {k: v for k, v in _earlier(out_dir, parts).items() if k in PARTS or k in ("cpu_pressure", "seconds", "versions", "part_runs", "ceilings")}
     versions = dict(res.get("versions") or {})
     try:
         versions |= llamacpp.versions()
@@ -172,6 +192,12 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
                "tau_no_cache_ram": lambda: run_tau(gguf, w, logs, cache_ram=0),
                "transformers": lambda: _transformers(gguf, w)}
     out_dir.mkdir(parents=True, exist_ok=True)
+    if {"single_stream", "kvstrata_single_stream"} & set(parts):  # the roofline both decode rows are read against
+        from benchmarks.common import ceilings
+
+        c = ceilings(quick=True)
+        res["ceilings"] = {k: round(v, 2) for k, v in c.items() if k != "profile"} | {
+            "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     for name in PARTS:
         if name not in parts:
             continue

@@ -105,3 +105,20 @@ def test_markdown_without_kvstrata_still_renders():
     md = markdown(res)
     assert "| prefill 512 tokens | 300.0 (310.0) | 150.0 | 2.07× |" in md
     assert "not measured" in md
+
+
+def test_decode_against_the_memory_bandwidth_roofline():
+    from benchmarks.peers.report import roofline_table
+
+    res = _res()
+    assert "no memory-bandwidth ceiling" in roofline_table(res)
+    res["ceilings"] = {"memory_bw_GBps": 40.0}
+    res["single_stream"]["decode"][0]["bytes_per_token"] = 100_000_000  # roofline 400 tok/s; llama 50 -> 12%
+    res["kvstrata_single_stream"]["decode"][0]["bytes_per_token"] = 50_000_000  # roofline 800; kvstrata 40 -> 5%
+    t = roofline_table(res)
+    assert "| llama.cpp | 512 | 100.0 | 400 | 50.0 | 12% |" in t
+    assert "| kvstrata | 512 | 50.0 | 800 | 40.0 | 5% |" in t
+    g = next(x for x in goals(res) if "roofline" in x["goal"])
+    assert g["ratio"] == 0.05 and g["status"] == "not reached"
+    res["kvstrata_single_stream"]["decode"][0]["samples_ts"] = [600.0]  # 600 / 800 = 75% >= 70%
+    assert next(x for x in goals(res) if "roofline" in x["goal"])["status"] == "reached"
