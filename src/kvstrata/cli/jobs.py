@@ -121,8 +121,9 @@ async def _run_async(a, store, job: dict, digest: str, out: Path) -> int:
     from kvstrata.jobs.results import ResultsFile
 
     job_id = a.job_id or (None if a.new else await asyncio.to_thread(find_job, store, digest))
-    engine = LLMEngine(engine_config_from_args(a))
-    aeng = AsyncEngine(engine)
+    cfg = engine_config_from_args(a)
+    aeng = AsyncEngine(lambda: LLMEngine(cfg))  # built on the thread that steps it (see engine/async_engine.py)
+    engine = aeng.engine
     mgr = JobManager(aeng, store)
     err = Console(file=sys.stderr)
     try:

@@ -82,12 +82,11 @@ def run(args: argparse.Namespace) -> int:
     keys = read_api_keys(args)
     cfg = engine_config_from_args(args)
     store = open_store(args.session_store or default_store_path())
-    try:
-        engine = LLMEngine(cfg)
+    try:  # built on the thread that will step it (engine/async_engine.py says why)
+        aengine = AsyncEngine(lambda: LLMEngine(cfg), max_waiting=args.max_waiting)
     except BaseException:
         store.close()
         raise
-    aengine = AsyncEngine(engine, max_waiting=args.max_waiting)
     park_tier = "disk" if (cfg.kv_disk_dir and not args.no_park_on_shutdown) else None
     app = create_app(aengine, store, model_names=model_names(args, cfg), api_keys=keys,
                      close_on_shutdown=True, park_tier_on_shutdown=park_tier)

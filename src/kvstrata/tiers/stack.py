@@ -262,6 +262,9 @@ class TierStack:
             self._enqueue(_Job("demote", key, [target], len(blob), blob=blob))
 
     def _run(self) -> None:
+        # one OpenMP thread here: a second team beside the engine's would oversubscribe the CPUs and make
+        # libgomp sleep at every barrier of every engine op (engine/async_engine.py)
+        torch.set_num_threads(1)
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._queue or self._closing)
