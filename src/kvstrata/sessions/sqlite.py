@@ -88,7 +88,7 @@ class SQLiteSessionStore(SqlStore):
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = self._enable_wal(conn)
                 if mode.lower() != "wal":
                     raise SessionStoreError(f"SQLite refused WAL mode on {self.path} (got {mode!r})")
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -100,6 +100,20 @@ class SQLiteSessionStore(SqlStore):
             with self._lock:
                 self._conns.append(conn)
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> str:
+        """`PRAGMA journal_mode = WAL`, retried for up to busy_timeout_s: switching a new file to WAL takes
+        an exclusive lock, and SQLite answers "database is locked" at once there instead of calling its
+        busy handler, so concurrent first opens of one file would fail without this loop."""
+        deadline, delay = time.monotonic() + self.busy_timeout_s, 0.002
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if not ("locked" in str(e) or "busy" in str(e)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 0.1)
 
     def _wrap(self, e: sqlite3.DatabaseError) -> SessionStoreError:
         hint = ""
