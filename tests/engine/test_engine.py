@@ -125,3 +125,13 @@ def test_n_completions_and_finish_reasons(llm):
     assert len(out.outputs) == 3
     assert all(len(c.token_ids) == 5 and c.finish_reason == FinishReason.LENGTH for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different seeds per completion
+
+
+def test_host_allocator_keeps_freed_activation_memory():
+    """On glibc the engine raises malloc's mmap and trim thresholds (engine/setup.py says why); elsewhere it
+    must leave the allocator alone and say so."""
+    import platform
+
+    from kvstrata.engine.setup import keep_freed_host_memory
+
+    assert keep_freed_host_memory() is (platform.libc_ver()[0] == "glibc")

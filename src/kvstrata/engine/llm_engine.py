@@ -23,7 +23,7 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.setup import apply_quantization, build_model, pool_blocks, resolve_device_dtype
+from kvstrata.engine.setup import apply_quantization, build_model, keep_freed_host_memory, pool_blocks, resolve_device_dtype
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.paused import PausedSessions
@@ -50,8 +50,10 @@ class LLMEngine:
         cfg = config or EngineConfig(**overrides)
         self.config = cfg
         self.device, self.dtype = resolve_device_dtype(cfg)
-        if self.device.type == "cpu" and cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        if self.device.type == "cpu":
+            if cfg.num_threads:
+                torch.set_num_threads(cfg.num_threads)
+            keep_freed_host_memory()
         t0 = time.perf_counter()
         lm = loaded if loaded is not None else load_model(cfg.model, self.dtype)
         self.model_config = mc = lm.config

@@ -31,6 +31,28 @@ def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def keep_freed_host_memory() -> bool:
+    """Tells glibc malloc to keep freed activation buffers for reuse instead of returning them to the OS.
+
+    A CPU step allocates and frees tens of MB of activations. By default glibc serves blocks over its
+    mmap threshold with fresh mmaps and trims the heap top eagerly, so every step page-faults its
+    buffers in again (1.8 M minor faults in a 64-request wave of the default model). With allocations
+    up to 32 MB kept on the heap and trimming only above 1 GB of free top, the same wave ran in 9.5 s
+    instead of 11.8 s with 0.6 M faults. The price: up to ~1 GB of freed memory stays with the process.
+    Returns whether it applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def build_model(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
     with torch.device("meta"):
         model = LlamaModel(lm.config, dtype, lm.rope_freqs)
