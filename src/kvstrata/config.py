@@ -40,7 +40,7 @@ class EngineConfig:
     model: str = _f("default", "a .gguf file, a Hugging Face checkpoint directory, or `default` (SmolLM2-135M-Instruct)")
     dtype: str = _f("auto", "weights and KV dtype: float32, bfloat16 or auto (float32 on CPU, bfloat16 on CUDA)")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    quantization: str = _f("none", "weights in compute: none (as loaded, dequantized) or int8 (CPU fast path: int8 weights, dynamic int8 activations)")
+    quantization: str = _f("none", "weights in compute: none (as loaded, dequantized), int8 (CPU fast path: int8 weights, dynamic int8 activations) or int4 (CPU: 4-bit groups of 32, bf16 activations; fastest single-stream decode, slow prefill)")
     block_size: int = _f(16, "tokens per KV block (the unit of prefix caching and of every tier)")
     kv_device_bytes: int | None = _f(None, "bytes of the device KV pool (e.g. 2G); default: --kv-device-fraction of free memory", bytes=True)
     kv_device_fraction: float = _f(0.25, "fraction of free device memory (host RAM on CPU) for the KV pool when --kv-device-bytes is unset")
@@ -61,8 +61,8 @@ class EngineConfig:
             raise KvstrataError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise KvstrataError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
-        if self.quantization not in ("none", "int8"):
-            raise KvstrataError(f"quantization must be none or int8, got {self.quantization!r}")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise KvstrataError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
         if self.kv_write_policy not in ("write-on-evict", "write-through"):
             raise KvstrataError(f"kv_write_policy must be write-on-evict or write-through, got {self.kv_write_policy!r}")
         if self.kv_cold_codec not in ("raw", "int8"):

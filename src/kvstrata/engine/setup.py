@@ -75,7 +75,13 @@ def apply_quantization(model: LlamaModel, mode: str, device: torch.device, dtype
         from kvstrata.model.quant import quantize_model_int8
 
         return quantize_model_int8(model)
-    raise KvstrataError(f"unknown quantization {mode!r}; choose none or int8")
+    if mode == "int4":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise KvstrataError("--quantization int4 is a CPU path: it needs --device cpu and float32")
+        from kvstrata.model.quant import quantize_model_int4
+
+        return quantize_model_int4(model)
+    raise KvstrataError(f"unknown quantization {mode!r}; choose none, int8 or int4")
 
 
 def _inv_freq(lm) -> torch.Tensor:

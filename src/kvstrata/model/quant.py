@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kvstrata.core import KvstrataError
+
 log = logging.getLogger(__name__)
 _PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # after DecoderLayer.fuse_projections
 
@@ -90,4 +92,54 @@ def quantize_model_int8(model: nn.Module) -> nn.Module:
     if model.lm_head is not None:
         model.lm_head = None
         model.cfg_tied_head_dropped = True
+    return model
+
+
+GROUP = 32  # int4 group size: the GGUF Q4_0 / Q4_1 block, so a Q4_1 file's groups map one to one
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in asymmetric 4-bit groups of 32 along the input (a scale and a zero point per
+    group and output channel, as GGUF Q4_1 stores them), multiplied by PyTorch's CPU int4 kernel
+    (`_weight_int4pack_mm_for_cpu`) with bf16 activations and fp32 accumulation.
+
+    The kernel reads half the bytes of int8, which makes it the fastest single-row matmul here (33 vs
+    27-35 us for 576x3072, and whole-model decode 90 vs 81 tok/s), but it does not block for many rows:
+    from 8 rows on it is 3-4x slower than the int8 kernel, so prefill and large batches lose (measured in
+    docs/peers.md). Re-quantizing a Q4_1 file's dequantized weights gives back its own groups up to the
+    bf16 rounding of the scales."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        n, k = w.shape
+        g = w.view(n, k // GROUP, GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-10)
+        q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32).view(n, k)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), persistent=False)
+        # the kernel computes (q - 8) * scale + zero: zero = lo + 8 * scale; laid out (k / GROUP, n, 2)
+        sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).contiguous()
+        self.register_buffer("scales_zeros", sz.to(torch.bfloat16), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, in) fp32
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros).float()
+        return y if self.bias is None else y.add_(self.bias)
+
+
+def quantize_model_int4(model: nn.Module) -> nn.Module:
+    """Swaps every projection of a LlamaModel (fp32, CPU) for Int4Linear, in place; the LM head gets the
+    int8 kernel (a 49k-row matmul where int8's blocking wins). Needs input widths that are multiples of 32."""
+    for layer in model.layers:
+        for name in _PROJ:
+            lin: nn.Linear = getattr(layer, name)
+            if lin.weight.shape[1] % GROUP:
+                raise KvstrataError(f"--quantization int4 needs input widths divisible by {GROUP}; {name} has {lin.weight.shape[1]}")
+            setattr(layer, name, Int4Linear(lin.weight, lin.bias))
+    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    if "x86" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "x86"
+    model.lm_head_q = int8_linear(head, None)
+    model.lm_head = None
     return model
