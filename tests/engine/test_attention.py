@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstrata.model.attention import _SDPA_MIN_LEN_ONE_SEQ, AttnMetadata, paged_attention
+from kvstrata.model.attention import _SDPA_MIN_LEN_ONE_SEQ, PER_SEQ_DECODE_MAX, AttnMetadata, DecodeSeq, paged_attention
 
 BS, KVH, G, D = 16, 2, 3, 32
 
@@ -35,13 +35,13 @@ def _run(tables: list[list[int]], lens: list[int], pool_blocks: int, seed: int) 
     for i, t in enumerate(tables):
         bt[i, : len(t)] = torch.tensor(t)
     ln = torch.tensor(lens)
-    meta = AttnMetadata(slot_mapping=torch.zeros(B, dtype=torch.long), num_decodes=B, decode_block_tables=bt,
-                        decode_mask=(torch.arange(nb * BS)[None, :] < ln[:, None]).view(B, 1, 1, -1))
-    if B == 1:
-        meta.decode_len1 = lens[0]
-        t = tables[0]
-        if t == list(range(t[0], t[0] + len(t))):
-            meta.decode_first_block = t[0]
+    meta = AttnMetadata(slot_mapping=torch.zeros(B, dtype=torch.long), num_decodes=B)
+    if B <= PER_SEQ_DECODE_MAX:  # as the model runner lays it out: each sequence alone
+        meta.decode_each = [DecodeSeq(n, torch.tensor(t), t[0] if t == list(range(t[0], t[0] + len(t))) else None)
+                            for t, n in zip(tables, lens)]
+    else:  # one padded, masked batch
+        meta.decode_block_tables = bt
+        meta.decode_mask = (torch.arange(nb * BS)[None, :] < ln[:, None]).view(B, 1, 1, -1)
     new_kv = torch.zeros(B, KVH, D)  # unused by decode attention: the new token's K/V is already in the pool
     out = paged_attention(q, new_kv, new_kv, kc, vc, meta, D**-0.5)
     for i, t in enumerate(tables):
@@ -61,12 +61,14 @@ def test_one_sequence(length: int, adjacent: bool) -> None:
     _run([table], [length], pool_blocks=n + 45, seed=length)
 
 
-def test_padded_batch() -> None:
-    lens = [3, 40, 17, 100]
-    perm = torch.randperm(60, generator=torch.Generator().manual_seed(2)).tolist()
+@pytest.mark.parametrize("lens", [[3, 40, 17, 100], [3, 40, 17, 100, 1200, 64]])
+def test_batches(lens: list[int]) -> None:
+    """Up to PER_SEQ_DECODE_MAX sequences attend one by one, more as one padded masked batch."""
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(2)).tolist()
     tables, used = [], 0
     for n in lens:
         k = -(-n // BS)
         tables.append(perm[used : used + k])
         used += k
-    _run(tables, lens, pool_blocks=60, seed=3)
+    tables[0] = list(range(150, 150 + len(tables[0])))  # one with adjacent blocks (a pool slice)
+    _run(tables, lens, pool_blocks=200, seed=3)

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 # One sequence with a short context: two small matmuls beat SDPA's CPU kernel setup (measured at 512
 # tokens: ~10% faster per token); from here on, and for every batch, SDPA reads the strided K/V faster.
 _SDPA_MIN_LEN_ONE_SEQ = 1024
+# Up to this many decoding sequences, each attends alone: exact lengths (a padded batch gathers and
+# attends over every sequence's padding up to the longest; at agentic contexts of 1-5 k tokens that is
+# up to half the bytes) and no mask; beyond it, one batched call amortizes the per-call cost.
+PER_SEQ_DECODE_MAX = 4
 
 
 @dataclass
@@ -31,6 +35,15 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeSeq:
+    """One decoding sequence's context in the pool, for the per-sequence decode path."""
+
+    length: int  # tokens to attend over (its new token included, already in the pool)
+    block_table: torch.Tensor  # (ceil(length / block_size),) int64
+    first_block: int | None = None  # set when the blocks are adjacent (b0, b0+1, ...): a pool slice, no gather
+
+
+@dataclass
 class AttnMetadata:
     """Per-step attention layout, built by the model runner and read by every layer."""
 
@@ -39,8 +52,8 @@ class AttnMetadata:
     decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int64, padded with block 0
     decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool, True = attend
     prefills: list[PrefillSpan] = field(default_factory=list)
-    decode_len1: int = 0  # context length when exactly one sequence decodes
-    decode_first_block: int | None = None  # set when that sequence's blocks are adjacent (b0, b0+1, ...)
+    # set for small decode batches (<= PER_SEQ_DECODE_MAX): each sequence attends alone over its exact length
+    decode_each: list[DecodeSeq] | None = None
 
 
 def write_kv(
@@ -50,6 +63,24 @@ def write_kv(
     kvh, d = k.shape[1], k.shape[2]
     k_cache.view(-1, kvh, d).index_copy_(0, slots, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
+
+
+def _decode_one(q: torch.Tensor, ds: DecodeSeq, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (H, d) of one decoding sequence over its `ds.length` pooled tokens -> (H, d)."""
+    H, d = q.shape
+    nb, bs, kvh = ds.block_table.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if ds.first_block is not None:
+        kk, vv = k_cache[ds.first_block : ds.first_block + nb], v_cache[ds.first_block : ds.first_block + nb]
+    else:
+        kk, vv = k_cache.index_select(0, ds.block_table), v_cache.index_select(0, ds.block_table)
+    kk = kk.view(1, nb * bs, kvh, d)[:, : ds.length].transpose(1, 2)  # (1, KVH, L, d), strided
+    vv = vv.view(1, nb * bs, kvh, d)[:, : ds.length].transpose(1, 2)
+    if ds.length < _SDPA_MIN_LEN_ONE_SEQ and q.device.type == "cpu":
+        qq = q.reshape(1, kvh, H // kvh, d)  # (1, KVH, G, d): GQA without repeating K/V
+        scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # (1, KVH, G, L)
+        o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), vv)  # (1, KVH, G, d)
+        return o.reshape(H, d)
+    return F.scaled_dot_product_attention(q.view(1, H, 1, d), kk, vv, scale=scale, enable_gqa=True).view(H, d)
 
 
 def paged_attention(
@@ -65,29 +96,21 @@ def paged_attention(
     kvh = k.shape[1]
     out = torch.empty_like(q)
     B = meta.num_decodes
-    if B:
+    if B and meta.decode_each is not None:
+        for i, ds in enumerate(meta.decode_each):
+            out[i] = _decode_one(q[i], ds, k_cache, v_cache, scale)
+    elif B:
         bt = meta.decode_block_tables  # (B, nb)
         nb, bs = bt.shape[1], k_cache.shape[1]
-        if meta.decode_first_block is not None:  # one sequence on adjacent blocks: a view of the pool, no copy
-            b0 = meta.decode_first_block
-            kk, vv = k_cache[b0 : b0 + nb], v_cache[b0 : b0 + nb]
-        else:  # index_select, not k_cache[bt]: advanced indexing on CPU is ~1000x slower here
-            kk, vv = k_cache.index_select(0, bt.reshape(-1)), v_cache.index_select(0, bt.reshape(-1))
+        # index_select, not k_cache[bt]: advanced indexing on CPU is ~1000x slower here
+        kk, vv = k_cache.index_select(0, bt.reshape(-1)), v_cache.index_select(0, bt.reshape(-1))
         # (B, KVH, L, d) as strided views: SDPA reads them in place (a transposing copy cost 2-10x the
         # whole attention on CPU), and `enable_gqa` shares each K/V head among its query heads.
         kk = kk.view(B, nb * bs, kvh, d).transpose(1, 2)
         vv = vv.view(B, nb * bs, kvh, d).transpose(1, 2)
-        mask = meta.decode_mask
-        if B == 1:  # exact length: no mask
-            kk, vv, mask = kk[:, :, : meta.decode_len1], vv[:, :, : meta.decode_len1], None
-        if B == 1 and kk.shape[2] < _SDPA_MIN_LEN_ONE_SEQ and q.device.type == "cpu":
-            qq = q[:1].reshape(1, kvh, H // kvh, d)  # (1, KVH, G, d): GQA without repeating K/V
-            scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # (1, KVH, G, L)
-            o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), vv)  # (1, KVH, G, d)
-            out[:1] = o.reshape(1, H, d)
-        else:
-            o = F.scaled_dot_product_attention(q[:B].unsqueeze(2), kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[:B] = o.squeeze(2)
+        o = F.scaled_dot_product_attention(q[:B].unsqueeze(2), kk, vv, attn_mask=meta.decode_mask, scale=scale,
+                                           enable_gqa=True)
+        out[:B] = o.squeeze(2)
     for span in meta.prefills:
         s, n, c = span.q_start, span.q_len, span.ctx_len
         qq = q[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, H, n, d)
