@@ -36,12 +36,17 @@ def _run(tables: list[list[int]], lens: list[int], pool_blocks: int, seed: int) 
         bt[i, : len(t)] = torch.tensor(t)
     ln = torch.tensor(lens)
     meta = AttnMetadata(slot_mapping=torch.zeros(B, dtype=torch.long), num_decodes=B)
-    if B <= PER_SEQ_DECODE_MAX:  # as the model runner lays it out: each sequence alone
+    if 1 < B <= PER_SEQ_DECODE_MAX:  # as the model runner lays it out: each sequence alone
         meta.decode_each = [DecodeSeq(n, torch.tensor(t), t[0] if t == list(range(t[0], t[0] + len(t))) else None)
                             for t, n in zip(tables, lens)]
     else:  # one padded, masked batch
         meta.decode_block_tables = bt
         meta.decode_mask = (torch.arange(nb * BS)[None, :] < ln[:, None]).view(B, 1, 1, -1)
+        if B == 1:
+            meta.decode_len1 = lens[0]
+            t = tables[0]
+            if t == list(range(t[0], t[0] + len(t))):
+                meta.decode_first_block = t[0]
     new_kv = torch.zeros(B, KVH, D)  # unused by decode attention: the new token's K/V is already in the pool
     out = paged_attention(q, new_kv, new_kv, kc, vc, meta, D**-0.5)
     for i, t in enumerate(tables):

@@ -51,7 +51,7 @@ class ModelRunner:
                 sample_rows.append(offset + n - 1)
                 sample_seqs.append(seq)
             offset += n
-        if 0 < meta.num_decodes <= PER_SEQ_DECODE_MAX:
+        if 1 < meta.num_decodes <= PER_SEQ_DECODE_MAX:
             meta.decode_each = [
                 DecodeSeq(n, torch.tensor(t, dtype=torch.long).to(dev),
                           t[0] if t[-1] - t[0] == len(t) - 1 and t == list(range(t[0], t[0] + len(t))) else None)
@@ -65,6 +65,11 @@ class ModelRunner:
             lens = torch.tensor(dec_lens)
             meta.decode_block_tables = bt.to(dev)
             meta.decode_mask = (torch.arange(nb * bs)[None, :] < lens[:, None]).view(len(dec_lens), 1, 1, -1).to(dev)
+            if meta.num_decodes == 1:
+                t = dec_tables[0]
+                meta.decode_len1 = dec_lens[0]
+                if t[-1] - t[0] == len(t) - 1 and t == list(range(t[0], t[0] + len(t))):
+                    meta.decode_first_block = t[0]
         meta.slot_mapping = torch.cat(slots).to(dev)
         if not ids:
             return [], None
