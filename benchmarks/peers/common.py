@@ -109,3 +109,23 @@ def wait_for_quiet(max_wait_s: float = 60.0, load_below: float = 1.0, poll_s: fl
     while os.getloadavg()[0] >= load_below and time.monotonic() < deadline:
         time.sleep(poll_s)
     return cpu_pressure()
+
+
+def wait_healthy(proc, url: str, timeout_s: float) -> int | None:
+    """Polls `url`/health until it answers 200. Returns None when healthy, the exit code when `proc`
+    died first; raises TimeoutError after `timeout_s`."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc.returncode
+        try:
+            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:.0f}s")

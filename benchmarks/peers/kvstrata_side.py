@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.peers.common import default_gguf
+from benchmarks.peers.common import default_gguf, wait_healthy
 from benchmarks.peers.http_load import load
 from benchmarks.peers.llamacpp import DEFAULT_THREADS, free_port
 from benchmarks.peers.tau_replay import load_sessions, replay
@@ -291,23 +291,18 @@ class KvstrataServer:
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()  # the child has its own descriptor
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()
-                raise EngineServerError(f"kvstrata serve exited with {code} at start: {self.command}\n"
-                                        f"log {self.log_path}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        tail = self.log_tail()
-        self.stop()
-        raise EngineServerError(f"kvstrata serve not healthy after {self.timeout:.0f}s: {self.command}\n"
-                                f"log {self.log_path}:\n{tail}")
+        try:
+            code = wait_healthy(self.proc, self.url, self.timeout)
+        except TimeoutError:
+            tail = self.log_tail()
+            self.stop()
+            raise EngineServerError(f"kvstrata serve not healthy after {self.timeout:.0f}s: {self.command}\n"
+                                    f"log {self.log_path}:\n{tail}") from None
+        if code is not None:
+            self.stop()
+            raise EngineServerError(f"kvstrata serve exited with {code} at start: {self.command}\n"
+                                    f"log {self.log_path}:\n{self.log_tail()}")
+        return self
 
     def stop(self) -> None:
         """SIGTERM (graceful: in-flight requests get --shutdown-timeout), then SIGKILL if it hangs."""

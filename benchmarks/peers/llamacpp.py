@@ -12,13 +12,12 @@ import logging
 import shlex
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from benchmarks.peers.common import PeerMissingError, binary, load_stamp
+from benchmarks.peers.common import PeerMissingError, binary, load_stamp, wait_healthy
 
 logger = logging.getLogger(__name__)
 
@@ -136,19 +135,15 @@ class LlamaServer:
         logger.info("$ %s", self.command)
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                where = f"; log: {self.log_path}" if self.log_path else ""
-                raise PeerMissingError(f"llama-server exited with {self.proc.returncode} at start{where}: {self.command}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise PeerMissingError(f"llama-server not healthy after {timeout:.0f}s: {self.command}")
+        try:
+            code = wait_healthy(self.proc, self.url, timeout)
+        except TimeoutError:
+            self.stop()
+            raise PeerMissingError(f"llama-server not healthy after {timeout:.0f}s: {self.command}") from None
+        if code is not None:
+            where = f"; log: {self.log_path}" if self.log_path else ""
+            raise PeerMissingError(f"llama-server exited with {code} at start{where}: {self.command}")
+        return self
 
     def stop(self) -> None:
         if self.proc is None:

@@ -53,8 +53,7 @@ class ModelRunner:
             offset += n
         if 1 < meta.num_decodes <= PER_SEQ_DECODE_MAX:
             meta.decode_each = [
-                DecodeSeq(n, torch.tensor(t, dtype=torch.long).to(dev),
-                          t[0] if t[-1] - t[0] == len(t) - 1 and t == list(range(t[0], t[0] + len(t))) else None)
+                DecodeSeq(n, torch.tensor(t, dtype=torch.long).to(dev), _first_block_if_adjacent(t))
                 for t, n in zip(dec_tables, dec_lens)
             ]
         elif meta.num_decodes:
@@ -62,14 +61,13 @@ class ModelRunner:
             bt = torch.zeros(meta.num_decodes, nb, dtype=torch.long)
             for i, t in enumerate(dec_tables):
                 bt[i, : len(t)] = torch.tensor(t)
-            lens = torch.tensor(dec_lens)
             meta.decode_block_tables = bt.to(dev)
-            meta.decode_mask = (torch.arange(nb * bs)[None, :] < lens[:, None]).view(len(dec_lens), 1, 1, -1).to(dev)
-            if meta.num_decodes == 1:
-                t = dec_tables[0]
+            if meta.num_decodes == 1:  # attends over its exact length: no mask
                 meta.decode_len1 = dec_lens[0]
-                if t[-1] - t[0] == len(t) - 1 and t == list(range(t[0], t[0] + len(t))):
-                    meta.decode_first_block = t[0]
+                meta.decode_first_block = _first_block_if_adjacent(dec_tables[0])
+            else:
+                lens = torch.tensor(dec_lens)
+                meta.decode_mask = (torch.arange(nb * bs)[None, :] < lens[:, None]).view(len(dec_lens), 1, 1, -1).to(dev)
         meta.slot_mapping = torch.cat(slots).to(dev)
         if not ids:
             return [], None
@@ -82,3 +80,10 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
         return sample_seqs, logits
+
+
+def _first_block_if_adjacent(table: list[int]) -> int | None:
+    """The first block id when the table is b0, b0+1, ... (attention then reads a slice of the pool)."""
+    if table[-1] - table[0] == len(table) - 1 and table == list(range(table[0], table[0] + len(table))):
+        return table[0]
+    return None
