@@ -55,6 +55,7 @@ class EngineConfig:
     max_num_batched_tokens: int = _f(2048, "token budget of one engine step, shared by prefill chunks and decodes")
     enable_prefix_caching: bool = _f(True, "reuse KV blocks of earlier requests that share a prefix")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: the machine's cores)")
+    native_decode: str = _f("auto", "the fused C decode step for --quantization int8 on CPU (native/decode.c, built with the host's C compiler): auto (use it when it builds), on (fail if it cannot) or off")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -63,6 +64,8 @@ class EngineConfig:
             raise KvstrataError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.quantization not in ("none", "int8", "int4"):
             raise KvstrataError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.native_decode not in ("auto", "on", "off"):
+            raise KvstrataError(f"native_decode must be auto, on or off, got {self.native_decode!r}")
         if self.kv_write_policy not in ("write-on-evict", "write-through"):
             raise KvstrataError(f"kv_write_policy must be write-on-evict or write-through, got {self.kv_write_policy!r}")
         if self.kv_cold_codec not in ("raw", "int8"):

@@ -23,7 +23,8 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.setup import apply_quantization, build_model, keep_freed_host_memory, pool_blocks, resolve_device_dtype
+from kvstrata.engine.setup import (apply_quantization, build_model, keep_freed_host_memory, pool_blocks, resolve_device_dtype,
+                                   setup_native_decode)
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.paused import PausedSessions
@@ -83,6 +84,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.scheduler.on_preempt = self._on_preempt
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.runner.native = setup_native_decode(cfg, self.model, self.pool, self.device)
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()

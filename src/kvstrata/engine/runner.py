@@ -18,9 +18,37 @@ class ModelRunner:
         self.pool = kv.pool
         self.device = device
         self.bs = kv.block_size
+        self.native = None  # a NativeDecoder (native/decode.py) for all-decode steps, set by the engine
+        self.native_steps = 0
+
+    def _execute_native(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor] | None:
+        """All-decode steps of at most native.max_batch sequences, in one native call; None: not eligible."""
+        sched = so.scheduled
+        if not sched or len(sched) > self.native.max_batch:
+            return None
+        bs = self.bs
+        tokens, positions, slots, lens, tables, seqs = [], [], [], [], [], []
+        for s in sched:
+            seq = s.seq
+            p = seq.num_computed_tokens
+            if s.num_new_tokens != 1 or p + 1 != seq.num_tokens:
+                return None
+            table = seq.block_table
+            tokens.append(seq.token_at(p))
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(table)
+            seqs.append(seq)
+        self.native_steps += 1
+        return seqs, self.native.decode(tokens, positions, slots, lens, tables)
 
     def execute(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
         """Runs one step. Returns the sequences that get a next token this step and their logits (S, V)."""
+        if self.native is not None:
+            out = self._execute_native(so)
+            if out is not None:
+                return out
         dev, bs = self.device, self.bs
         ids: list[int] = []
         positions: list[torch.Tensor] = []

@@ -84,6 +84,29 @@ def apply_quantization(model: LlamaModel, mode: str, device: torch.device, dtype
     raise KvstrataError(f"unknown quantization {mode!r}; choose none, int8 or int4")
 
 
+def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, device: torch.device):
+    """The fused C decode step (native/) for this engine, or None when it is off or cannot run here.
+
+    `auto` uses it for int8 models on CPU when it builds and says why when it does not; `on` makes any
+    reason an error."""
+    if cfg.native_decode == "off" or (cfg.native_decode == "auto" and (cfg.quantization != "int8" or device.type != "cpu")):
+        return None
+    from kvstrata.native import library, native_status
+    from kvstrata.native.decode import NativeDecoder, unsupported_reason
+
+    reason = unsupported_reason(model, pool.k.dtype) if device.type == "cpu" else "the native decode step runs on CPU"
+    lib = None
+    if reason is None:
+        lib = library()
+        reason = None if lib is not None else native_status()["reason"]
+    if reason is not None:
+        if cfg.native_decode == "on":
+            raise KvstrataError(f"--native-decode on: {reason}")
+        log.warning("native decode step off: %s", reason)
+        return None
+    return NativeDecoder(model, pool, lib)
+
+
 def _inv_freq(lm) -> torch.Tensor:
     from kvstrata.model.layers import rope_inv_freq
 

@@ -1,0 +1,98 @@
+"""Native kernels compiled on the host: the fused int8 decode step (decode.c).
+
+The C source ships with the package and is built once per source version, compiler and CPU with the
+host's C compiler (`-O3 -march=native -fopenmp`, about a second), into $KVSTRATA_HOME/native (default
+~/.cache/kvstrata/native), then loaded with ctypes. It must be loaded after torch: its OpenMP runtime
+then resolves to the libgomp torch already loaded, so both share one thread team instead of two
+fighting over the cores. Where no compiler is available the engine keeps the torch path and says why
+(`native_status()`); `KVSTRATA_NATIVE=0` turns the native path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  (loaded first on purpose: see the module docstring)
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("decode.c")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall"]
+_status = {"available": False, "reason": "not built yet", "path": None}
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("KVSTRATA_HOME") or str(Path.home() / ".cache" / "kvstrata")
+    return Path(home) / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(force: bool = False) -> Path:
+    """Compiles decode.c for this CPU (cached) and returns the shared library's path; raises on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, CFLAGS, _cpu_flags())).encode()).hexdigest()[:16]
+    out = _cache_dir() / key / "libkvdecode.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # build aside, then rename: safe for concurrent builds
+    os.close(fd)
+    r = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{r.stderr[-2000:]}")
+    os.replace(tmp, out)
+    log.info("built the native decode kernels: %s", out)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded native library, or None (with the reason in `native_status()`)."""
+    if os.environ.get("KVSTRATA_NATIVE", "1") == "0":
+        _status.update(available=False, reason="disabled by KVSTRATA_NATIVE=0")
+        return None
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _status.update(available=False, reason=str(e))
+        log.warning("native decode kernels unavailable, using the torch path: %s", e)
+        return None
+    P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.kv_model_new.restype = P
+    lib.kv_model_new.argtypes = [P, P, P]
+    lib.kv_model_free.argtypes = [P]
+    lib.kv_has_vnni.restype = I
+    lib.kv_decode.restype = I
+    lib.kv_decode.argtypes = [P, I, P, P, P, P, P, I, P, P, I64, P, I]
+    _status.update(available=True, reason="", path=str(path), vnni=bool(lib.kv_has_vnni()))
+    return lib
+
+
+def native_status() -> dict:
+    library()
+    return dict(_status)

@@ -1,0 +1,103 @@
+"""NativeDecoder: runs an all-decode engine step of an int8 LlamaModel through decode.c in one call.
+
+It reads the int8 weights and per-channel scales the int8 path already made (model/quant.py), keeps one
+plain row-major copy of them for the C kernel (fbgemm's packed copy stays for prefill), and the engine's
+KV pool in place. Steps with a prefill chunk, more than `max_batch` sequences, or a model it cannot
+run (not int8, KV not fp32, head_dim > 512) stay on the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kvstrata.core import KvstrataError
+from kvstrata.model.llama import LlamaModel
+from kvstrata.model.quant import PerTokenInt8Linear
+
+_PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def unsupported_reason(model: LlamaModel, kv_dtype: torch.dtype) -> str | None:
+    """Why the native step cannot run this model, or None when it can."""
+    cfg = model.cfg
+    if not isinstance(model.lm_head_q, PerTokenInt8Linear):
+        return "the native decode step needs --quantization int8"
+    if any(not isinstance(getattr(layer, n, None), PerTokenInt8Linear) for layer in model.layers for n in _PROJ):
+        return "the native decode step needs every projection in int8"
+    if kv_dtype != torch.float32 or model.dtype != torch.float32:
+        return "the native decode step needs float32 activations and KV"
+    if cfg.head_dim > 512 or cfg.num_heads % cfg.num_kv_heads:
+        return "the native decode step needs head_dim <= 512 and whole query groups"
+    if model.rotary.cos_table is None:
+        return "the RoPE table is not built"
+    return None
+
+
+def _int8_parts(mod: PerTokenInt8Linear) -> list[torch.Tensor | None]:
+    qw = mod.dyn.weight()  # the same int8 values and per-channel scales the torch path multiplies with
+    w = qw.int_repr().contiguous()
+    return [w, qw.q_per_channel_scales().float().contiguous(), w.sum(dim=1, dtype=torch.int32).contiguous(),
+            None if mod.bias is None else mod.bias.detach().float().contiguous()]
+
+
+class NativeDecoder:
+    def __init__(self, model: LlamaModel, pool, lib: ctypes.CDLL, max_batch: int = 64) -> None:
+        reason = unsupported_reason(model, pool.k.dtype)
+        if reason:
+            raise KvstrataError(reason)
+        self.lib, self.pool, self.max_batch = lib, pool, max_batch
+        cfg = model.cfg
+        self.vocab = cfg.vocab_size
+        keep: list[torch.Tensor] = []  # everything the C side points at lives as long as this object
+
+        def ptr(t: torch.Tensor | None) -> int:
+            if t is None:
+                return 0
+            keep.append(t)
+            return t.data_ptr()
+
+        rot = model.rotary
+        ptrs = [ptr(model.embed_tokens.weight.detach().contiguous()), ptr(model.norm.weight.detach().float().contiguous()),
+                ptr(rot.cos_table.contiguous()), ptr(rot.sin_table.contiguous())]
+        hw, hs, hrs, _ = _int8_parts(model.lm_head_q)
+        ptrs += [ptr(hw), ptr(hs), ptr(hrs)]
+        for layer in model.layers:
+            ptrs += [ptr(layer.input_layernorm.weight.detach().contiguous()),
+                     ptr(layer.post_attention_layernorm.weight.detach().contiguous())]
+            for name in _PROJ:
+                ptrs += [ptr(t) for t in _int8_parts(getattr(layer, name))]
+        ints = torch.tensor([cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
+                             cfg.intermediate_size, cfg.vocab_size, pool.block_size, rot.cos_table.shape[0]], dtype=torch.int64)
+        floats = torch.tensor([cfg.rms_norm_eps, cfg.head_dim**-0.5], dtype=torch.float64)
+        pv = torch.tensor(ptrs, dtype=torch.int64)
+        self._keep = keep
+        self.handle = lib.kv_model_new(ints.data_ptr(), floats.data_ptr(), pv.data_ptr())
+        if not self.handle:
+            raise KvstrataError("the native decode step could not allocate its model description")
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in keep if t.dtype in (torch.int8, torch.int32))
+
+    def __del__(self) -> None:
+        h, self.handle = getattr(self, "handle", None), None
+        if h:
+            self.lib.kv_model_free(h)
+
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int], lens: list[int],
+               tables: list[list[int]]) -> torch.Tensor:
+        """One decode token for each of B sequences -> next-token logits (B, vocab) fp32."""
+        B = len(tokens)
+        nb = max(len(t) for t in tables)
+        bt = torch.zeros(B, nb, dtype=torch.int64)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int64) if len(t) > 1 else t[0]
+        meta = torch.tensor([tokens, positions, slots, lens], dtype=torch.int64)
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        k, v = self.pool.k, self.pool.v
+        base = meta.data_ptr()
+        rc = self.lib.kv_decode(self.handle, B, base, base + 8 * B, base + 16 * B, base + 24 * B, bt.data_ptr(), nb,
+                                k.data_ptr(), v.data_ptr(), k.stride(0), logits.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise KvstrataError({-1: "the native decode step ran out of memory",
+                                 -2: "a position lies outside the RoPE table (max_model_len)"}.get(rc, f"native decode failed ({rc})"))
+        return logits
