@@ -24,7 +24,7 @@ import torch  # noqa: F401  (loaded first on purpose: see the module docstring)
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.c")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wall"]
 _status = {"available": False, "reason": "not built yet", "path": None}
 
 

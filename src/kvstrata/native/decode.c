@@ -214,20 +214,26 @@ static inline float exp_neg(float x) {
     return p * u.f;
 }
 
-/* One work item: every query head of sequence b over context positions [t0, t1). A position's K (and
- * V) for all KV heads is one contiguous row of the pool, so an item streams whole rows (blocks of
- * block_size rows are contiguous). Writes the unnormalized output (H, D) and (max, sum) per head.
- * sc: (H, CHUNK) scratch. */
-static void attn_item(const Model *m, const float *q, const float *kc, const float *vc, const int64_t *bt,
-                      int t0, int t1, float *po, float *pml, float *sc) {
-    const int D = m->D, H = m->H, G = H / m->KVH, KVH = m->KVH, bs = m->bs, n = t1 - t0, row = KVH * D;
+/* Softmax over each head's scores in sc (H, CHUNK), in place; (max, sum) per head into pml. */
+__attribute__((noinline)) static void softmax_rows(float *sc, float *pml, int H, int n) {
+    for (int hh = 0; hh < H; hh++) {
+        float *s = sc + hh * CHUNK, mx = -INFINITY, sum = 0.0f;
+        for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+        #pragma omp simd reduction(+ : sum)
+        for (int t = 0; t < n; t++) { s[t] = exp_neg(s[t] - mx); sum += s[t]; }
+        pml[2 * hh] = mx; pml[2 * hh + 1] = sum;
+    }
+}
+
+/* One work item: every query head of one sequence over `n` context positions whose pool rows start at
+ * element offsets rows[0..n) (a position's K, or V, for all KV heads is one contiguous row; a block's
+ * rows are adjacent). Writes the unnormalized output po (H, D) and (max, sum) per head; sc: (H, CHUNK). */
+static void attn_item(const Model *m, const float *q, const float *kc, const float *vc, const int64_t *rows,
+                      int n, float *po, float *pml, float *sc) {
+    const int D = m->D, H = m->H, G = H / m->KVH;
     for (int t = 0; t < n; t++) {
-        int pos = t0 + t;
-        const float *kr = kc + ((size_t)bt[pos / bs] * bs + pos % bs) * row;
-        if (t + 2 < n) {  /* the next rows' first lines: keeps loads in flight across page boundaries */
-            int p2 = pos + 2;
-            __builtin_prefetch(kc + ((size_t)bt[p2 / bs] * bs + p2 % bs) * row);
-        }
+        const float *kr = kc + rows[t];
+        if (t + 2 < n) __builtin_prefetch(kc + rows[t + 2]);
         for (int hh = 0; hh < H; hh++) {
             const float *qh = q + (size_t)hh * D, *kh = kr + (size_t)(hh / G) * D;
             float s = 0.0f;
@@ -236,21 +242,11 @@ static void attn_item(const Model *m, const float *q, const float *kc, const flo
             sc[hh * CHUNK + t] = s * m->scale;
         }
     }
-    for (int hh = 0; hh < H; hh++) {
-        float *s = sc + hh * CHUNK, mx = -INFINITY, sum = 0.0f;
-        for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-        #pragma omp simd reduction(+ : sum)
-        for (int t = 0; t < n; t++) { s[t] = exp_neg(s[t] - mx); sum += s[t]; }
-        pml[2 * hh] = mx; pml[2 * hh + 1] = sum;
-    }
+    softmax_rows(sc, pml, H, n);
     memset(po, 0, sizeof(float) * H * D);
     for (int t = 0; t < n; t++) {
-        int pos = t0 + t;
-        const float *vr = vc + ((size_t)bt[pos / bs] * bs + pos % bs) * row;
-        if (t + 2 < n) {
-            int p2 = pos + 2;
-            __builtin_prefetch(vc + ((size_t)bt[p2 / bs] * bs + p2 % bs) * row);
-        }
+        const float *vr = vc + rows[t];
+        if (t + 2 < n) __builtin_prefetch(vc + rows[t + 2]);
         for (int hh = 0; hh < H; hh++) {
             float p = sc[hh * CHUNK + t], *o = po + (size_t)hh * D;
             const float *vh = vr + (size_t)(hh / G) * D;
@@ -258,6 +254,56 @@ static void attn_item(const Model *m, const float *q, const float *kc, const flo
             for (int d = 0; d < D; d++) o[d] += p * vh[d];
         }
     }
+}
+
+#if defined(__AVX512F__)
+/* The same for head_dim = 16 * NV with AVX-512: a head's K and V rows and its output accumulator live in
+ * NV registers, and each dot product is reduced with a shuffle tree instead of a scalar chain. */
+#define ATTN_ITEM_AVX512(NV)                                                                                   \
+static void attn_item_##NV(const Model *m, const float *q, const float *kc, const float *vc,                   \
+                           const int64_t *rows, int n, float *po, float *pml, float *sc) {                     \
+    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV;                                                \
+    const float scale = m->scale;                                                                              \
+    for (int t = 0; t < n; t++) {                                                                              \
+        const float *kr = kc + rows[t];                                                                        \
+        if (t + 2 < n) __builtin_prefetch(kc + rows[t + 2]);                                                   \
+        for (int h = 0; h < KVH; h++) {                                                                        \
+            __m512 k[NV];                                                                                      \
+            for (int j = 0; j < NV; j++) k[j] = _mm512_loadu_ps(kr + h * D + 16 * j);                          \
+            for (int g = 0; g < G; g++) {                                                                      \
+                const float *qh = q + (size_t)(h * G + g) * D;                                                 \
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);                                         \
+                for (int j = 1; j < NV; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), k[j], acc);   \
+                sc[(h * G + g) * CHUNK + t] = _mm512_reduce_add_ps(acc) * scale;                               \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    softmax_rows(sc, pml, H, n);                                                                               \
+    for (int hh = 0; hh < H; hh++) {                                                                           \
+        const float *vh = vc + (size_t)(hh / G) * D, *p = sc + hh * CHUNK;                                     \
+        __m512 acc[NV];                                                                                        \
+        for (int j = 0; j < NV; j++) acc[j] = _mm512_setzero_ps();                                             \
+        for (int t = 0; t < n; t++) {                                                                          \
+            __m512 pv = _mm512_set1_ps(p[t]);                                                                  \
+            for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vh + rows[t] + 16 * j), acc[j]); \
+        }                                                                                                      \
+        for (int j = 0; j < NV; j++) _mm512_storeu_ps(po + (size_t)hh * D + 16 * j, acc[j]);                  \
+    }                                                                                                          \
+}
+ATTN_ITEM_AVX512(4)
+ATTN_ITEM_AVX512(8)
+#endif
+
+typedef void (*attn_fn)(const Model *, const float *, const float *, const float *, const int64_t *, int, float *,
+                        float *, float *);
+
+static attn_fn pick_attn(int D) {
+#if defined(__AVX512F__)
+    if (D == 64 && !getenv("KV_GENERIC")) return attn_item_4;
+    if (D == 128) return attn_item_8;
+#endif
+    (void)D;
+    return attn_item;
 }
 
 /* ---- the step -------------------------------------------------------------------------------- */
@@ -283,12 +329,17 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
             m->it_b[i] = b; m->it_c[i] = c;
         }
     for (int b = 0; b < B; b++) memcpy(m->x + (size_t)b * Hd, m->embed + (size_t)tok[b] * Hd, sizeof(float) * Hd);
-    float *sc_all = malloc(sizeof(float) * (size_t)nthreads * H * CHUNK);
+    float *sc_all = malloc(sizeof(float) * (size_t)nthreads * (H + 2) * CHUNK);  /* scores, then row offsets */
+    const attn_fn attn = pick_attn(D);
+    const int64_t row_elems = (int64_t)KVH * D;
+    int bs_shift = 0;
+    while ((1 << bs_shift) < m->bs) bs_shift++;
     if (!sc_all) return -1;
 
     #pragma omp parallel num_threads(nthreads)
     {
-        float *sc = sc_all + (size_t)omp_get_thread_num() * H * CHUNK;
+        float *sc = sc_all + (size_t)omp_get_thread_num() * (H + 2) * CHUNK;
+        int64_t *rows = (int64_t *)(sc + H * CHUNK);
 #if defined(__SSE__)
         unsigned int csr = _mm_getcsr();
         _mm_setcsr(csr | 0x8040);
@@ -318,8 +369,11 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
             for (int i = 0; i < items; i++) {
                 int b = m->it_b[i], c = m->it_c[i];
                 int t0 = c * CHUNK, t1 = t0 + CHUNK < len[b] ? t0 + CHUNK : (int)len[b];
-                attn_item(m, m->qkvb + (size_t)b * nq, kc, vc, bt + (size_t)b * max_blocks, t0, t1,
-                          m->po + (size_t)i * H * D, m->pml + (size_t)i * H * 2, sc);
+                const int64_t *tab = bt + (size_t)b * max_blocks;
+                for (int t = t0; t < t1; t++)  /* pool row (element offset) of each position */
+                    rows[t - t0] = ((tab[t >> bs_shift] << bs_shift) + (t & (m->bs - 1))) * row_elems;
+                attn(m, m->qkvb + (size_t)b * nq, kc, vc, rows, t1 - t0, m->po + (size_t)i * H * D,
+                     m->pml + (size_t)i * H * 2, sc);
             }
             #pragma omp for schedule(static)
             for (int bh = 0; bh < B * H; bh++) { /* merge the chunks of sequence b, head hh (items: b-major) */

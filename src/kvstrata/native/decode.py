@@ -22,10 +22,9 @@ _PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 def unsupported_reason(model: LlamaModel, kv_dtype: torch.dtype) -> str | None:
     """Why the native step cannot run this model, or None when it can."""
     cfg = model.cfg
-    if not isinstance(model.lm_head_q, PerTokenInt8Linear):
+    if not isinstance(model.lm_head_q, PerTokenInt8Linear) or any(
+            not isinstance(getattr(layer, n, None), PerTokenInt8Linear) for layer in model.layers for n in _PROJ):
         return "the native decode step needs --quantization int8"
-    if any(not isinstance(getattr(layer, n, None), PerTokenInt8Linear) for layer in model.layers for n in _PROJ):
-        return "the native decode step needs every projection in int8"
     if kv_dtype != torch.float32 or model.dtype != torch.float32:
         return "the native decode step needs float32 activations and KV"
     if cfg.head_dim > 512 or cfg.num_heads % cfg.num_kv_heads:
