@@ -91,10 +91,10 @@ class LLMEngine:
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_prompt_tokens": 0,
                          "generated_tokens": 0, "steps": 0, "preemptions": 0}
-        log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s",
+        log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s, native decode %s",
                  time.perf_counter() - t0, mc.name or cfg.model, nblocks, cfg.block_size,
                  nblocks * self.pool.block_bytes / 2**20,
-                 self.device, self.dtype)
+                 self.device, self.dtype, "on" if self.runner.native is not None else "off")
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(
