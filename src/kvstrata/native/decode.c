@@ -47,11 +47,9 @@ typedef struct {
     const float **ln1, **ln2;
     const float *norm, *embed, *cos_t, *sin_t;
     QMat head;
-    /* workspace, grown on demand */
+    /* shared workspace, grown on demand (per-thread scratch: see Scratch) */
     int cap_b, cap_items;
-    float *x, *h, *qkvb, *attn, *gub, *act, *xs, *po, *pml;
-    int32_t *xz;
-    uint8_t *xq;
+    float *x, *qkvb, *gub, *act, *po, *pml;
     int *it_b, *it_c, *first_item;
 } Model;
 
@@ -100,27 +98,20 @@ void kv_model_free(void *mp) {
     Model *m = mp;
     if (!m) return;
     free(m->qkv); free(m->o); free(m->gu); free(m->dn); free(m->ln1); free(m->ln2);
-    free(m->x); free(m->h); free(m->qkvb); free(m->attn); free(m->gub); free(m->act); free(m->xs); free(m->xz);
-    free(m->po); free(m->pml); free(m->xq); free(m->it_b); free(m->it_c); free(m->first_item);
+    free(m->x); free(m->qkvb); free(m->gub); free(m->act);
+    free(m->po); free(m->pml); free(m->it_b); free(m->it_c); free(m->first_item);
     free(m);
 }
 
 static int reserve(Model *m, int B, int items) {
     if (B > m->cap_b) {
-        size_t nq = (size_t)(m->H + 2 * m->KVH) * m->D, maxk = m->hidden;
-        if ((size_t)m->inter > maxk) maxk = m->inter;
-        if ((size_t)m->H * m->D > maxk) maxk = (size_t)m->H * m->D;
+        size_t nq = (size_t)(m->H + 2 * m->KVH) * m->D;
         m->x = xrealloc(m->x, sizeof(float) * B * m->hidden);
-        m->h = xrealloc(m->h, sizeof(float) * B * m->hidden);
         m->qkvb = xrealloc(m->qkvb, sizeof(float) * B * nq);
-        m->attn = xrealloc(m->attn, sizeof(float) * B * m->H * m->D);
         m->gub = xrealloc(m->gub, sizeof(float) * B * 2 * m->inter);
         m->act = xrealloc(m->act, sizeof(float) * B * m->inter);
-        m->xs = xrealloc(m->xs, sizeof(float) * B);
-        m->xz = xrealloc(m->xz, sizeof(int32_t) * B);
         m->first_item = xrealloc(m->first_item, sizeof(int) * B);
-        m->xq = xrealloc(m->xq, B * maxk + 64);
-        if (!m->x || !m->h || !m->qkvb || !m->attn || !m->gub || !m->act || !m->xs || !m->xz || !m->xq || !m->first_item) return -1;
+        if (!m->x || !m->qkvb || !m->gub || !m->act || !m->first_item) return -1;
         m->cap_b = B;
     }
     if (items > m->cap_items) {
@@ -134,7 +125,7 @@ static int reserve(Model *m, int B, int items) {
     return 0;
 }
 
-/* ---- small row ops (run by one thread; B x hidden floats) ------------------------------------ */
+/* ---- small row ops (B x hidden floats) ------------------------------------ */
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
     double ss = 0.0;
@@ -178,24 +169,6 @@ static inline int32_t dot_u8s8(const uint8_t *a, const int8_t *w, int k) {
     for (int i = 0; i < k; i++) acc += (int32_t)a[i] * (int32_t)w[i];
     return acc;
 #endif
-}
-
-/* mode 0: y = result; mode 1: y += result (residual add; each row of W is owned by one thread) */
-static void qgemm(const QMat *W, const uint8_t *xq, const float *xs, const int32_t *xz, int B, float *y, int ldy, int mode) {
-    const int n = W->n, k = W->k;
-    #pragma omp for schedule(static)
-    for (int r0 = 0; r0 < n; r0 += 16) {
-        int r1 = r0 + 16 < n ? r0 + 16 : n;
-        for (int r = r0; r < r1; r++) {
-            const int8_t *wr = W->w + (size_t)r * k;
-            const float sw = W->s[r], bias = W->b ? W->b[r] : 0.0f;
-            for (int b = 0; b < B; b++) {
-                int32_t acc = dot_u8s8(xq + (size_t)b * k, wr, k) - xz[b] * W->rs[r];
-                float v = xs[b] * sw * (float)acc + bias;
-                if (mode) y[(size_t)b * ldy + r] += v; else y[(size_t)b * ldy + r] = v;
-            }
-        }
-    }
 }
 
 /* ---- attention ------------------------------------------------------------------------------- */
@@ -257,16 +230,26 @@ static void attn_item(const Model *m, const float *q, const float *kc, const flo
 }
 
 #if defined(__AVX512F__)
+#define PF_AHEAD 8 /* positions ahead whose whole K row is prefetched */
+#define VBLK 16    /* positions per V block: their rows stay in L1 while every head reads them */
+
+static inline void prefetch_row(const float *r, int floats) {
+    for (int i = 0; i < floats; i += 16) __builtin_prefetch(r + i);
+}
+
 /* The same for head_dim = 16 * NV with AVX-512: a head's K and V rows and its output accumulator live in
- * NV registers, and each dot product is reduced with a shuffle tree instead of a scalar chain. */
+ * NV registers, each dot product is reduced with a shuffle tree instead of a scalar chain, and whole
+ * rows are prefetched ahead (a pool block is only block_size rows, too short for the hardware
+ * prefetchers to ramp up on). */
 #define ATTN_ITEM_AVX512(NV)                                                                                   \
 static void attn_item_##NV(const Model *m, const float *q, const float *kc, const float *vc,                   \
                            const int64_t *rows, int n, float *po, float *pml, float *sc) {                     \
-    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV;                                                \
+    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV, row = KVH * D;                                 \
     const float scale = m->scale;                                                                              \
+    for (int t = 0; t < n && t < PF_AHEAD; t++) prefetch_row(kc + rows[t], row);                               \
     for (int t = 0; t < n; t++) {                                                                              \
         const float *kr = kc + rows[t];                                                                        \
-        if (t + 2 < n) __builtin_prefetch(kc + rows[t + 2]);                                                   \
+        if (t + PF_AHEAD < n) prefetch_row(kc + rows[t + PF_AHEAD], row);                                      \
         for (int h = 0; h < KVH; h++) {                                                                        \
             __m512 k[NV];                                                                                      \
             for (int j = 0; j < NV; j++) k[j] = _mm512_loadu_ps(kr + h * D + 16 * j);                          \
@@ -278,16 +261,22 @@ static void attn_item_##NV(const Model *m, const float *q, const float *kc, cons
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
+    for (int t = 0; t < n && t < VBLK; t++) prefetch_row(vc + rows[t], row);                                   \
     softmax_rows(sc, pml, H, n);                                                                               \
-    for (int hh = 0; hh < H; hh++) {                                                                           \
-        const float *vh = vc + (size_t)(hh / G) * D, *p = sc + hh * CHUNK;                                     \
-        __m512 acc[NV];                                                                                        \
-        for (int j = 0; j < NV; j++) acc[j] = _mm512_setzero_ps();                                             \
-        for (int t = 0; t < n; t++) {                                                                          \
-            __m512 pv = _mm512_set1_ps(p[t]);                                                                  \
-            for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vh + rows[t] + 16 * j), acc[j]); \
+    for (int t0 = 0; t0 < n; t0 += VBLK) {                                                                     \
+        int t1 = t0 + VBLK < n ? t0 + VBLK : n;                                                                \
+        for (int t = t1; t < n && t < t1 + VBLK; t++) prefetch_row(vc + rows[t], row);                         \
+        for (int hh = 0; hh < H; hh++) {                                                                       \
+            const float *vh = vc + (size_t)(hh / G) * D, *p = sc + hh * CHUNK;                                 \
+            float *o = po + (size_t)hh * D;                                                                    \
+            __m512 acc[NV];                                                                                    \
+            for (int j = 0; j < NV; j++) acc[j] = t0 ? _mm512_loadu_ps(o + 16 * j) : _mm512_setzero_ps();     \
+            for (int t = t0; t < t1; t++) {                                                                    \
+                __m512 pv = _mm512_set1_ps(p[t]);                                                              \
+                for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vh + rows[t] + 16 * j), acc[j]); \
+            }                                                                                                  \
+            for (int j = 0; j < NV; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);                                 \
         }                                                                                                      \
-        for (int j = 0; j < NV; j++) _mm512_storeu_ps(po + (size_t)hh * D + 16 * j, acc[j]);                  \
     }                                                                                                          \
 }
 ATTN_ITEM_AVX512(4)
@@ -308,6 +297,77 @@ static attn_fn pick_attn(int D) {
 
 /* ---- the step -------------------------------------------------------------------------------- */
 
+/* silu(g) * u with the vectorizable exponential: sigmoid(g) = 1 / (1 + e^-g) for g >= 0, e^g / (1 + e^g)
+ * below, both from e = e^-|g| <= 1. */
+static void swiglu(float *a, const float *g, const float *u, int n) {
+    #pragma omp simd
+    for (int i = 0; i < n; i++) {
+        float e = exp_neg(-fabsf(g[i])), r = 1.0f / (1.0f + e);
+        a[i] = g[i] * (g[i] >= 0.0f ? r : e * r) * u[i];
+    }
+}
+
+/* Per-thread scratch: every thread computes the small row operations (norms, activation quantization,
+ * the attention merge) itself, into its own buffers, instead of one thread doing them while the others
+ * wait at a barrier. */
+typedef struct {
+    float *h, *attn, *act, *xs, *sc;
+    int32_t *xz;
+    uint8_t *xq;
+    int64_t *rows;
+} Scratch;
+
+static size_t scratch_bytes(const Model *m, int B) {
+    size_t maxk = (size_t)m->hidden;
+    if ((size_t)m->inter > maxk) maxk = m->inter;
+    if ((size_t)m->H * m->D > maxk) maxk = (size_t)m->H * m->D;
+    size_t f = (size_t)B * m->hidden + (size_t)B * m->H * m->D + (size_t)B * m->inter + B + (size_t)m->H * CHUNK;
+    return 4 * f + 4 * (size_t)B + 8 * (size_t)CHUNK + B * maxk + 256;
+}
+
+static Scratch scratch_at(const Model *m, int B, char *base) {
+    Scratch t;
+    float *f = (float *)base;
+    t.h = f; f += (size_t)B * m->hidden;
+    t.attn = f; f += (size_t)B * m->H * m->D;
+    t.act = f; f += (size_t)B * m->inter;
+    t.xs = f; f += B;
+    t.sc = f; f += (size_t)m->H * CHUNK;
+    t.xz = (int32_t *)f;
+    t.rows = (int64_t *)(((uintptr_t)(t.xz + B) + 63) & ~(uintptr_t)63);
+    t.xq = (uint8_t *)(t.rows + CHUNK);
+    return t;
+}
+
+/* every thread: rmsnorm of the residual rows, quantized into its own activation buffer */
+static void norm_quant(const Model *m, const Scratch *t, const float *x, const float *w, int B) {
+    for (int b = 0; b < B; b++) {
+        rmsnorm(t->h + (size_t)b * m->hidden, x + (size_t)b * m->hidden, w, m->hidden, m->eps);
+        quantize_row(t->xq + (size_t)b * m->hidden, t->xs + b, t->xz + b, t->h + (size_t)b * m->hidden, m->hidden);
+    }
+}
+
+/* rows [r0, r1) of W for all B activation rows */
+static void qgemm_rows(const QMat *W, const Scratch *t, int B, float *y, int ldy, int mode, int r0, int r1) {
+    const int k = W->k;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *wr = W->w + (size_t)r * k;
+        const float sw = W->s[r], bias = W->b ? W->b[r] : 0.0f;
+        for (int b = 0; b < B; b++) {
+            int32_t acc = dot_u8s8(t->xq + (size_t)b * k, wr, k) - t->xz[b] * W->rs[r];
+            float v = t->xs[b] * sw * (float)acc + bias;
+            if (mode) y[(size_t)b * ldy + r] += v; else y[(size_t)b * ldy + r] = v;
+        }
+    }
+}
+
+/* mode 0: y = x W^T (+ b); mode 1: y += x W^T (the residual add; each row of W belongs to one thread) */
+static void qgemm(const QMat *W, const Scratch *t, int B, float *y, int ldy, int mode) {
+    #pragma omp for schedule(static)
+    for (int r0 = 0; r0 < W->n; r0 += 16)
+        qgemm_rows(W, t, B, y, ldy, mode, r0, r0 + 16 < W->n ? r0 + 16 : W->n);
+}
+
 /* tok/pos/slot/len: (B,) int64; bt: (B, max_blocks) int64 block tables; kpool/vpool: the pool's
  * (layers, blocks, bs, KVH, D) fp32 base pointers; logits: (B, vocab) fp32 out. Returns 0, or -1 when
  * out of memory, -2 on a position outside the RoPE table. */
@@ -322,6 +382,7 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
         if (pos[b] < 0 || pos[b] >= m->max_pos) return -2;
         items += (int)((len[b] + CHUNK - 1) / CHUNK);
     }
+    if (nthreads < 1) nthreads = 1;
     if (reserve(m, B, items)) return -1;
     for (int b = 0, i = 0; b < B; b++)
         for (int c = 0; c * CHUNK < len[b]; c++, i++) {
@@ -329,56 +390,58 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
             m->it_b[i] = b; m->it_c[i] = c;
         }
     for (int b = 0; b < B; b++) memcpy(m->x + (size_t)b * Hd, m->embed + (size_t)tok[b] * Hd, sizeof(float) * Hd);
-    float *sc_all = malloc(sizeof(float) * (size_t)nthreads * (H + 2) * CHUNK);  /* scores, then row offsets */
+    const size_t per_thread = (scratch_bytes(m, B) + 63) & ~(size_t)63;
+    char *scratch = aligned_alloc(64, per_thread * nthreads);
+    if (!scratch) return -1;
     const attn_fn attn = pick_attn(D);
     const int64_t row_elems = (int64_t)KVH * D;
     int bs_shift = 0;
     while ((1 << bs_shift) < m->bs) bs_shift++;
-    if (!sc_all) return -1;
+    const int split_swiglu = B > 4;  /* small batches: each thread does all of it, no barrier */
 
     #pragma omp parallel num_threads(nthreads)
     {
-        float *sc = sc_all + (size_t)omp_get_thread_num() * (H + 2) * CHUNK;
-        int64_t *rows = (int64_t *)(sc + H * CHUNK);
+        const Scratch t = scratch_at(m, B, scratch + per_thread * omp_get_thread_num());
 #if defined(__SSE__)
         unsigned int csr = _mm_getcsr();
-        _mm_setcsr(csr | 0x8040);
+        _mm_setcsr(csr | 0x8040);  /* flush denormals (tiny softmax weights) to zero */
 #endif
+        norm_quant(m, &t, m->x, m->ln1[0], B);
         for (int l = 0; l < m->L; l++) {
             float *kc = kpool + (size_t)l * layer_stride, *vc = vpool + (size_t)l * layer_stride;
-            #pragma omp single
-            for (int b = 0; b < B; b++) {
-                rmsnorm(m->h + (size_t)b * Hd, m->x + (size_t)b * Hd, m->ln1[l], Hd, m->eps);
-                quantize_row(m->xq + (size_t)b * Hd, m->xs + b, m->xz + b, m->h + (size_t)b * Hd, Hd);
-            }
-            qgemm(&m->qkv[l], m->xq, m->xs, m->xz, B, m->qkvb, nq, 0);
-            #pragma omp single
-            for (int b = 0; b < B; b++) { /* RoPE on q and k, then k and v into the pool */
-                float *row = m->qkvb + (size_t)b * nq;
-                const float *cs = m->cos_t + (size_t)pos[b] * D, *sn = m->sin_t + (size_t)pos[b] * D;
-                for (int hh = 0; hh < H + KVH; hh++) {
-                    float *v = row + (size_t)hh * D, tmp[512];
-                    for (int d = 0; d < D; d++) tmp[d] = v[d];
-                    for (int d = 0; d < D / 2; d++) v[d] = tmp[d] * cs[d] + tmp[d + D / 2] * sn[d];
-                    for (int d = D / 2; d < D; d++) v[d] = tmp[d] * cs[d] + tmp[d - D / 2] * sn[d];
+            /* q, k, v one head (D rows) at a time, so the thread that computed a head applies its RoPE
+             * and writes K / V into the pool */
+            #pragma omp for schedule(static)
+            for (int hh = 0; hh < H + 2 * KVH; hh++) {
+                qgemm_rows(&m->qkv[l], &t, B, m->qkvb, nq, 0, hh * D, (hh + 1) * D);
+                for (int b = 0; b < B; b++) {
+                    float *v = m->qkvb + (size_t)b * nq + (size_t)hh * D;
+                    if (hh < H + KVH) {
+                        const float *cs = m->cos_t + (size_t)pos[b] * D, *sn = m->sin_t + (size_t)pos[b] * D;
+                        float tmp[512];
+                        memcpy(tmp, v, sizeof(float) * D);
+                        for (int d = 0; d < D / 2; d++) v[d] = tmp[d] * cs[d] + tmp[d + D / 2] * sn[d];
+                        for (int d = D / 2; d < D; d++) v[d] = tmp[d] * cs[d] + tmp[d - D / 2] * sn[d];
+                    }
+                    if (hh >= H && hh < H + KVH)
+                        memcpy(kc + (size_t)slot[b] * row_elems + (size_t)(hh - H) * D, v, sizeof(float) * D);
+                    else if (hh >= H + KVH)
+                        memcpy(vc + (size_t)slot[b] * row_elems + (size_t)(hh - H - KVH) * D, v, sizeof(float) * D);
                 }
-                memcpy(kc + (size_t)slot[b] * KVH * D, row + (size_t)H * D, sizeof(float) * KVH * D);
-                memcpy(vc + (size_t)slot[b] * KVH * D, row + (size_t)(H + KVH) * D, sizeof(float) * KVH * D);
             }
             #pragma omp for schedule(dynamic, 1)
             for (int i = 0; i < items; i++) {
                 int b = m->it_b[i], c = m->it_c[i];
                 int t0 = c * CHUNK, t1 = t0 + CHUNK < len[b] ? t0 + CHUNK : (int)len[b];
                 const int64_t *tab = bt + (size_t)b * max_blocks;
-                for (int t = t0; t < t1; t++)  /* pool row (element offset) of each position */
-                    rows[t - t0] = ((tab[t >> bs_shift] << bs_shift) + (t & (m->bs - 1))) * row_elems;
-                attn(m, m->qkvb + (size_t)b * nq, kc, vc, rows, t1 - t0, m->po + (size_t)i * H * D,
-                     m->pml + (size_t)i * H * 2, sc);
+                for (int p = t0; p < t1; p++)  /* pool row (element offset) of each position */
+                    t.rows[p - t0] = ((tab[p >> bs_shift] << bs_shift) + (p & (m->bs - 1))) * row_elems;
+                attn(m, m->qkvb + (size_t)b * nq, kc, vc, t.rows, t1 - t0, m->po + (size_t)i * H * D,
+                     m->pml + (size_t)i * H * 2, t.sc);
             }
-            #pragma omp for schedule(static)
-            for (int bh = 0; bh < B * H; bh++) { /* merge the chunks of sequence b, head hh (items: b-major) */
+            for (int bh = 0; bh < B * H; bh++) { /* every thread: merge the chunks of (b, head), items b-major */
                 int b = bh / H, hh = bh % H, nc = (int)((len[b] + CHUNK - 1) / CHUNK), first = m->first_item[b];
-                float mx = -INFINITY, sum = 0.0f, *o = m->attn + (size_t)b * H * D + (size_t)hh * D;
+                float mx = -INFINITY, sum = 0.0f, *o = t.attn + (size_t)b * H * D + (size_t)hh * D;
                 for (int c = 0; c < nc; c++) { float v = m->pml[(size_t)(first + c) * H * 2 + 2 * hh]; mx = v > mx ? v : mx; }
                 for (int d = 0; d < D; d++) o[d] = 0.0f;
                 for (int c = 0; c < nc; c++) {
@@ -391,35 +454,30 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
                 float inv = 1.0f / sum;
                 for (int d = 0; d < D; d++) o[d] *= inv;
             }
-            #pragma omp single
-            for (int b = 0; b < B; b++) quantize_row(m->xq + (size_t)b * H * D, m->xs + b, m->xz + b, m->attn + (size_t)b * H * D, H * D);
-            qgemm(&m->o[l], m->xq, m->xs, m->xz, B, m->x, Hd, 1);
-            #pragma omp single
-            for (int b = 0; b < B; b++) {
-                rmsnorm(m->h + (size_t)b * Hd, m->x + (size_t)b * Hd, m->ln2[l], Hd, m->eps);
-                quantize_row(m->xq + (size_t)b * Hd, m->xs + b, m->xz + b, m->h + (size_t)b * Hd, Hd);
+            for (int b = 0; b < B; b++)
+                quantize_row(t.xq + (size_t)b * H * D, t.xs + b, t.xz + b, t.attn + (size_t)b * H * D, H * D);
+            qgemm(&m->o[l], &t, B, m->x, Hd, 1);
+            norm_quant(m, &t, m->x, m->ln2[l], B);
+            qgemm(&m->gu[l], &t, B, m->gub, 2 * I, 0);
+            const float *act = t.act;
+            if (split_swiglu) {
+                #pragma omp for schedule(static)
+                for (int b = 0; b < B; b++)
+                    swiglu(m->act + (size_t)b * I, m->gub + (size_t)b * 2 * I, m->gub + (size_t)b * 2 * I + I, I);
+                act = m->act;
+            } else {
+                for (int b = 0; b < B; b++)
+                    swiglu(t.act + (size_t)b * I, m->gub + (size_t)b * 2 * I, m->gub + (size_t)b * 2 * I + I, I);
             }
-            qgemm(&m->gu[l], m->xq, m->xs, m->xz, B, m->gub, 2 * I, 0);
-            #pragma omp for schedule(static)
-            for (int bi = 0; bi < B * I; bi++) { /* SwiGLU: silu(gate) * up */
-                int b = bi / I, i = bi % I;
-                float g = m->gub[(size_t)b * 2 * I + i], u = m->gub[(size_t)b * 2 * I + I + i];
-                m->act[bi] = g / (1.0f + expf(-g)) * u;
-            }
-            #pragma omp single
-            for (int b = 0; b < B; b++) quantize_row(m->xq + (size_t)b * I, m->xs + b, m->xz + b, m->act + (size_t)b * I, I);
-            qgemm(&m->dn[l], m->xq, m->xs, m->xz, B, m->x, Hd, 1);
+            for (int b = 0; b < B; b++) quantize_row(t.xq + (size_t)b * I, t.xs + b, t.xz + b, act + (size_t)b * I, I);
+            qgemm(&m->dn[l], &t, B, m->x, Hd, 1);
+            norm_quant(m, &t, m->x, l + 1 < m->L ? m->ln1[l + 1] : m->norm, B);
         }
-        #pragma omp single
-        for (int b = 0; b < B; b++) {
-            rmsnorm(m->h + (size_t)b * Hd, m->x + (size_t)b * Hd, m->norm, Hd, m->eps);
-            quantize_row(m->xq + (size_t)b * Hd, m->xs + b, m->xz + b, m->h + (size_t)b * Hd, Hd);
-        }
-        qgemm(&m->head, m->xq, m->xs, m->xz, B, logits, m->vocab, 0);
+        qgemm(&m->head, &t, B, logits, m->vocab, 0);
 #if defined(__SSE__)
         _mm_setcsr(csr);
 #endif
     }
-    free(sc_all);
+    free(scratch);
     return 0;
 }
