@@ -196,3 +196,17 @@ def test_a_compiler_that_fails_falls_back_or_errors(tiny_llama, monkeypatch, tmp
         assert native.library() is None and "KVSTRATA_NATIVE=0" in native.native_status()["reason"]
     finally:
         native.library.cache_clear()
+
+
+def test_a_damaged_cached_build_is_rebuilt(tmp_path, monkeypatch):
+    """A truncated library in the cache (a crash mid-write by an older version, a full disk) must not
+    stop the engine: the loader notices it does not load and builds it again."""
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path / "native")
+    path = native.build()
+    path.write_bytes(path.read_bytes()[:100])
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        assert path.stat().st_size > 1000
+    finally:
+        native.library.cache_clear()

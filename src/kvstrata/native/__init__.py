@@ -77,7 +77,12 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         path = build()
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:  # a damaged cached build (truncated file, wrong architecture): rebuild once
+            log.warning("rebuilding the native decode kernels: the cached %s does not load (%s)", path, e)
+            path = build(force=True)
+            lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status.update(available=False, reason=str(e))
         log.warning("native decode kernels unavailable, using the torch path: %s", e)
@@ -87,6 +92,8 @@ def library() -> ctypes.CDLL | None:
     lib.kv_model_new.argtypes = [P, P, P]
     lib.kv_model_free.argtypes = [P]
     lib.kv_has_vnni.restype = I
+    lib.kv_model_weight_bytes.restype = ctypes.c_size_t
+    lib.kv_model_weight_bytes.argtypes = [P]
     lib.kv_decode.restype = I
     lib.kv_decode.argtypes = [P, I, P, P, P, P, P, I, P, P, I64, P, I]
     _status.update(available=True, reason="", path=str(path), vnni=bool(lib.kv_has_vnni()))

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <sys/mman.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -47,6 +48,8 @@ typedef struct {
     const float **ln1, **ln2;
     const float *norm, *embed, *cos_t, *sin_t;
     QMat head;
+    void *arena;        /* every QMat's arrays, packed by pack_weights */
+    size_t arena_bytes;
     /* shared workspace, grown on demand (per-thread scratch: see Scratch) */
     int cap_b, cap_items;
     float *x, *qkvb, *gub, *act, *po, *pml;
@@ -59,6 +62,47 @@ static void *xrealloc(void *p, size_t n) {
     void *q = realloc(p, n ? n : 1);
     return q;
 }
+
+void kv_model_free(void *mp);
+
+/* Copies every int8 matrix with its scales, row sums and bias into one arena, in the order a step reads
+ * them, on 2 MiB-aligned memory advised for transparent huge pages: the step then streams one region
+ * front to back with few TLB misses. The caller's copies can be dropped afterwards. */
+static int pack_weights(Model *m) {
+    QMat **all = malloc(sizeof(QMat *) * (4 * (size_t)m->L + 1));
+    int n = 0;
+    if (!all) return -1;
+    for (int l = 0; l < m->L; l++) { all[n++] = &m->qkv[l]; all[n++] = &m->o[l]; all[n++] = &m->gu[l]; all[n++] = &m->dn[l]; }
+    all[n++] = &m->head;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        size_t rows = (size_t)all[i]->n;
+        total += ((rows * all[i]->k + 63) & ~(size_t)63) + 3 * ((4 * rows + 63) & ~(size_t)63);
+    }
+    const size_t huge = (size_t)2 << 20;
+    total = (total + huge - 1) & ~(huge - 1);
+    void *arena = NULL;
+    if (posix_memalign(&arena, huge, total)) { free(all); return -1; }
+#ifdef MADV_HUGEPAGE
+    madvise(arena, total, MADV_HUGEPAGE);  /* advice only: without THP the copy still works */
+#endif
+    char *p = arena;
+    for (int i = 0; i < n; i++) {
+        QMat *q = all[i];
+        size_t rows = (size_t)q->n, wb = (rows * q->k + 63) & ~(size_t)63, vb = (4 * rows + 63) & ~(size_t)63;
+        memcpy(p, q->w, rows * q->k); q->w = (const int8_t *)p; p += wb;
+        memcpy(p, q->s, 4 * rows); q->s = (const float *)p; p += vb;
+        memcpy(p, q->rs, 4 * rows); q->rs = (const int32_t *)p; p += vb;
+        if (q->b) { memcpy(p, q->b, 4 * rows); q->b = (const float *)p; }
+        p += vb;
+    }
+    free(all);
+    m->arena = arena;
+    m->arena_bytes = total;
+    return 0;
+}
+
+size_t kv_model_weight_bytes(void *mp) { return ((Model *)mp)->arena_bytes; }
 
 void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *pv) {
     /* iv: L H KVH D hidden inter vocab bs max_pos; fv: eps scale;
@@ -78,7 +122,7 @@ void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *pv) {
     m->qkv = calloc(L, sizeof(QMat)); m->o = calloc(L, sizeof(QMat));
     m->gu = calloc(L, sizeof(QMat)); m->dn = calloc(L, sizeof(QMat));
     m->ln1 = calloc(L, sizeof(float *)); m->ln2 = calloc(L, sizeof(float *));
-    if (!m->qkv || !m->o || !m->gu || !m->dn || !m->ln1 || !m->ln2) return NULL;
+    if (!m->qkv || !m->o || !m->gu || !m->dn || !m->ln1 || !m->ln2) { kv_model_free(m); return NULL; }
     int nq = (m->H + 2 * m->KVH) * m->D;
     for (int l = 0; l < L; l++) {
         m->ln1[l] = (const float *)pv[p++]; m->ln2[l] = (const float *)pv[p++];
@@ -91,12 +135,14 @@ void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *pv) {
             mats[j]->n = ns[j]; mats[j]->k = ks[j];
         }
     }
+    if (pack_weights(m)) { kv_model_free(m); return NULL; }
     return m;
 }
 
 void kv_model_free(void *mp) {
     Model *m = mp;
     if (!m) return;
+    free(m->arena);
     free(m->qkv); free(m->o); free(m->gu); free(m->dn); free(m->ln1); free(m->ln2);
     free(m->x); free(m->qkvb); free(m->gub); free(m->act);
     free(m->po); free(m->pml); free(m->it_b); free(m->it_c); free(m->first_item);

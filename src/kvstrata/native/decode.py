@@ -1,8 +1,8 @@
 """NativeDecoder: runs an all-decode engine step of an int8 LlamaModel through decode.c in one call.
 
-It reads the int8 weights and per-channel scales the int8 path already made (model/quant.py), keeps one
-plain row-major copy of them for the C kernel (fbgemm's packed copy stays for prefill), and the engine's
-KV pool in place. Steps with a prefill chunk, more than `max_batch` sequences, or a model it cannot
+It reads the int8 weights and per-channel scales the int8 path already made (model/quant.py); the C side
+keeps one plain row-major copy of them in a single huge-page arena (fbgemm's packed copy stays for
+prefill, so int8 weights are held twice), and it reads and writes the engine's KV pool in place. Steps with a prefill chunk, more than `max_batch` sequences, or a model it cannot
 run (not int8, KV not fp32, head_dim > 512) stay on the torch path.
 """
 
@@ -49,33 +49,37 @@ class NativeDecoder:
         self.lib, self.pool, self.max_batch = lib, pool, max_batch
         cfg = model.cfg
         self.vocab = cfg.vocab_size
-        keep: list[torch.Tensor] = []  # everything the C side points at lives as long as this object
+        keep: list[torch.Tensor] = []  # what the C side keeps pointing at lives as long as this object
+        copied: list[torch.Tensor] = []  # int8 weights, scales, row sums, biases: copied into the C arena
 
-        def ptr(t: torch.Tensor | None) -> int:
+        def ptr(t: torch.Tensor | None, into: list[torch.Tensor] = keep) -> int:
             if t is None:
                 return 0
-            keep.append(t)
+            into.append(t)
             return t.data_ptr()
+
+        def mat(mod: PerTokenInt8Linear) -> list[int]:
+            return [ptr(t, copied) for t in _int8_parts(mod)]
 
         rot = model.rotary
         ptrs = [ptr(model.embed_tokens.weight.detach().contiguous()), ptr(model.norm.weight.detach().float().contiguous()),
                 ptr(rot.cos_table.contiguous()), ptr(rot.sin_table.contiguous())]
-        hw, hs, hrs, _ = _int8_parts(model.lm_head_q)
-        ptrs += [ptr(hw), ptr(hs), ptr(hrs)]
+        ptrs += mat(model.lm_head_q)[:3]
         for layer in model.layers:
             ptrs += [ptr(layer.input_layernorm.weight.detach().contiguous()),
                      ptr(layer.post_attention_layernorm.weight.detach().contiguous())]
             for name in _PROJ:
-                ptrs += [ptr(t) for t in _int8_parts(getattr(layer, name))]
+                ptrs += mat(getattr(layer, name))
         ints = torch.tensor([cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
                              cfg.intermediate_size, cfg.vocab_size, pool.block_size, rot.cos_table.shape[0]], dtype=torch.int64)
         floats = torch.tensor([cfg.rms_norm_eps, cfg.head_dim**-0.5], dtype=torch.float64)
         pv = torch.tensor(ptrs, dtype=torch.int64)
         self._keep = keep
         self.handle = lib.kv_model_new(ints.data_ptr(), floats.data_ptr(), pv.data_ptr())
+        del copied
         if not self.handle:
-            raise KvstrataError("the native decode step could not allocate its model description")
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in keep if t.dtype in (torch.int8, torch.int32))
+            raise KvstrataError("the native decode step could not allocate its weights")
+        self.weight_bytes = int(lib.kv_model_weight_bytes(self.handle))  # its own int8 copy, beside fbgemm's
 
     def __del__(self) -> None:
         h, self.handle = getattr(self, "handle", None), None
