@@ -234,7 +234,7 @@ static inline float exp_neg(float x) {
 }
 
 /* Softmax over each head's scores in sc (H, CHUNK), in place; (max, sum) per head into pml. */
-__attribute__((noinline)) static void softmax_rows(float *sc, float *pml, int H, int n) {
+static void softmax_rows(float *sc, float *pml, int H, int n) {
     for (int hh = 0; hh < H; hh++) {
         float *s = sc + hh * CHUNK, mx = -INFINITY, sum = 0.0f;
         for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
@@ -277,7 +277,6 @@ static void attn_item(const Model *m, const float *q, const float *kc, const flo
 
 #if defined(__AVX512F__)
 #define PF_AHEAD 8 /* positions ahead whose whole K row is prefetched */
-#define VBLK 16    /* positions per V block: their rows stay in L1 while every head reads them */
 
 static inline void prefetch_row(const float *r, int floats) {
     for (int i = 0; i < floats; i += 16) __builtin_prefetch(r + i);
@@ -307,22 +306,18 @@ static void attn_item_##NV(const Model *m, const float *q, const float *kc, cons
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
-    for (int t = 0; t < n && t < VBLK; t++) prefetch_row(vc + rows[t], row);                                   \
+    /* every V row of the chunk is requested before the softmax, which runs while they arrive */            \
+    for (int t = 0; t < n; t++) prefetch_row(vc + rows[t], row);                                               \
     softmax_rows(sc, pml, H, n);                                                                               \
-    for (int t0 = 0; t0 < n; t0 += VBLK) {                                                                     \
-        int t1 = t0 + VBLK < n ? t0 + VBLK : n;                                                                \
-        for (int t = t1; t < n && t < t1 + VBLK; t++) prefetch_row(vc + rows[t], row);                         \
-        for (int hh = 0; hh < H; hh++) {                                                                       \
-            const float *vh = vc + (size_t)(hh / G) * D, *p = sc + hh * CHUNK;                                 \
-            float *o = po + (size_t)hh * D;                                                                    \
-            __m512 acc[NV];                                                                                    \
-            for (int j = 0; j < NV; j++) acc[j] = t0 ? _mm512_loadu_ps(o + 16 * j) : _mm512_setzero_ps();     \
-            for (int t = t0; t < t1; t++) {                                                                    \
-                __m512 pv = _mm512_set1_ps(p[t]);                                                              \
-                for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vh + rows[t] + 16 * j), acc[j]); \
-            }                                                                                                  \
-            for (int j = 0; j < NV; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);                                 \
+    for (int hh = 0; hh < H; hh++) {                                                                           \
+        const float *vh = vc + (size_t)(hh / G) * D, *p = sc + hh * CHUNK;                                     \
+        __m512 acc[NV];                                                                                        \
+        for (int j = 0; j < NV; j++) acc[j] = _mm512_setzero_ps();                                             \
+        for (int t = 0; t < n; t++) {                                                                          \
+            __m512 pv = _mm512_set1_ps(p[t]);                                                                  \
+            for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vh + rows[t] + 16 * j), acc[j]); \
         }                                                                                                      \
+        for (int j = 0; j < NV; j++) _mm512_storeu_ps(po + (size_t)hh * D + 16 * j, acc[j]);                  \
     }                                                                                                          \
 }
 ATTN_ITEM_AVX512(4)
@@ -334,7 +329,7 @@ typedef void (*attn_fn)(const Model *, const float *, const float *, const float
 
 static attn_fn pick_attn(int D) {
 #if defined(__AVX512F__)
-    if (D == 64 && !getenv("KV_GENERIC")) return attn_item_4;
+    if (D == 64) return attn_item_4;
     if (D == 128) return attn_item_8;
 #endif
     (void)D;
