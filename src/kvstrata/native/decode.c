@@ -393,6 +393,9 @@ static void qgemm_rows(const QMat *W, const Scratch *t, int B, float *y, int ldy
     const int k = W->k;
     for (int r = r0; r < r1; r++) {
         const int8_t *wr = W->w + (size_t)r * k;
+        /* the row 8 ahead: more misses in flight than the hardware prefetcher keeps on its own (4,096
+         * context: 7.6 -> 7.0 ms per token; past the last row it touches the next matrix, a hint only) */
+        for (int i = 0; i < k; i += 64) __builtin_prefetch(wr + (size_t)8 * k + i);
         const float sw = W->s[r], bias = W->b ? W->b[r] : 0.0f;
         for (int b = 0; b < B; b++) {
             int32_t acc = dot_u8s8(t->xq + (size_t)b * k, wr, k) - t->xz[b] * W->rs[r];
