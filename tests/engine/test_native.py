@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -83,9 +85,9 @@ def _scattered_blocks(eng, n_tokens: int) -> list[int]:
     return mine
 
 
-def _teacher_forced(eng, ids: list[int], table: list[int]) -> torch.Tensor:
+def _teacher_forced(eng, ids: list[int], table: list[int], nat=None) -> torch.Tensor:
     """Native logits at every position of ids, feeding ids one token per call."""
-    bs, nat = eng.pool.block_size, eng.runner.native
+    bs, nat = eng.pool.block_size, nat or eng.runner.native
     rows = []
     for p, tok in enumerate(ids):
         rows.append(nat.decode([tok], [p], [table[p // bs] * bs + p % bs], [p + 1], [table[: p // bs + 1]]))
@@ -124,6 +126,26 @@ def test_native_decode_matches_a_float64_emulation_of_its_arithmetic(name, tiny_
     rel = (ours - ref).abs().amax(-1) / ref.abs().amax(-1)
     assert rel.median().item() < 1e-5 and rel.max().item() < 0.05, (rel.median().item(), rel.max().item())
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.97
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 microarchitecture levels")
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
+def test_the_portable_loops_match_the_emulation_too(march, tiny_models):
+    """The same check on builds for older CPUs (v2: SSE4.2 only; v3: AVX2, no AVX-512 or VNNI), so the
+    plain C loops that such machines run are tested on every machine."""
+    from kvstrata.native.decode import NativeDecoder
+
+    lib = native.load(march=march)
+    assert not lib.kv_has_vnni()
+    llm = LLM(str(tiny_models["d64-gqa2"]), kv_device_bytes="16M", quantization="int8", native_decode="off")
+    eng = llm.engine
+    nat = NativeDecoder(eng.model, eng.pool, lib)
+    n = 200
+    ids = torch.randint(3, eng.model_config.vocab_size, (n,), generator=torch.Generator().manual_seed(5)).tolist()
+    ours = _teacher_forced(eng, ids, _scattered_blocks(eng, n), nat).double()
+    ref = _emulate(eng.model, ids)
+    rel = (ours - ref).abs().amax(-1) / ref.abs().amax(-1)
+    assert rel.median().item() < 1e-5 and rel.max().item() < 0.05, (rel.median().item(), rel.max().item())
 
 
 def test_a_batch_gives_each_sequence_exactly_its_lone_result(tiny_models):

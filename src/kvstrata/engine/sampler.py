@@ -57,7 +57,9 @@ class Sampler:
         S = logits.shape[0]
         out = [0] * S
         plain_greedy = [i for i, s in enumerate(seqs) if s.params.plain]
-        if plain_greedy:
+        if len(plain_greedy) == S:  # all greedy: no gather of their rows
+            out = logits.argmax(-1).tolist()
+        elif plain_greedy:
             idx = torch.tensor(plain_greedy)
             for i, t in zip(plain_greedy, logits[idx].argmax(-1).tolist()):
                 out[i] = t

@@ -24,7 +24,7 @@ import torch  # noqa: F401  (loaded first on purpose: see the module docstring)
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.c")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wall"]
+CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wall"]
 _status = {"available": False, "reason": "not built yet", "path": None}
 
 
@@ -47,20 +47,22 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(force: bool = False) -> Path:
-    """Compiles decode.c for this CPU (cached) and returns the shared library's path; raises on failure."""
+def build(force: bool = False, march: str = "native") -> Path:
+    """Compiles decode.c for this CPU (cached) and returns the shared library's path; raises on failure.
+    `march` names another target (e.g. x86-64-v2, without AVX2 or AVX-512): the tests build the portable
+    loops that way to check them on any machine."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, CFLAGS, _cpu_flags())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, CFLAGS, march, _cpu_flags())).encode()).hexdigest()[:16]
     out = _cache_dir() / key / "libkvdecode.so"
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # build aside, then rename: safe for concurrent builds
     os.close(fd)
-    r = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    r = subprocess.run([cc, *CFLAGS, f"-march={march}", str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
     if r.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{r.stderr[-2000:]}")
@@ -76,17 +78,24 @@ def library() -> ctypes.CDLL | None:
         _status.update(available=False, reason="disabled by KVSTRATA_NATIVE=0")
         return None
     try:
-        path = build()
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:  # a damaged cached build (truncated file, wrong architecture): rebuild once
-            log.warning("rebuilding the native decode kernels: the cached %s does not load (%s)", path, e)
-            path = build(force=True)
-            lib = ctypes.CDLL(str(path))
+        lib = load()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status.update(available=False, reason=str(e))
         log.warning("native decode kernels unavailable, using the torch path: %s", e)
         return None
+    _status.update(available=True, reason="", path=lib._name, vnni=bool(lib.kv_has_vnni()))
+    return lib
+
+
+def load(march: str = "native") -> ctypes.CDLL:
+    """Builds (or finds in the cache) and loads the library for `march`, with its C signatures declared."""
+    path = build(march=march)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # a damaged cached build (truncated file, wrong architecture): rebuild once
+        log.warning("rebuilding the native decode kernels: the cached %s does not load (%s)", path, e)
+        path = build(force=True, march=march)
+        lib = ctypes.CDLL(str(path))
     P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.kv_model_new.restype = P
     lib.kv_model_new.argtypes = [P, P, P]
@@ -96,7 +105,6 @@ def library() -> ctypes.CDLL | None:
     lib.kv_model_weight_bytes.argtypes = [P]
     lib.kv_decode.restype = I
     lib.kv_decode.argtypes = [P, I, P, P, P, P, P, I, P, P, I64, P, I]
-    _status.update(available=True, reason="", path=str(path), vnni=bool(lib.kv_has_vnni()))
     return lib
 
 
