@@ -201,8 +201,13 @@ static void quantize_row(uint8_t *q, float *scale, int32_t *zp, const float *x, 
 
 static inline int32_t dot_u8s8(const uint8_t *a, const int8_t *w, int k) {
 #if KV_VNNI
-    __m512i acc = _mm512_setzero_si512();
+    __m512i acc = _mm512_setzero_si512(), acc1 = acc;
     int i = 0;
+    for (; i + 128 <= k; i += 128) {
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(a + i), _mm512_loadu_si512(w + i));
+        acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(a + i + 64), _mm512_loadu_si512(w + i + 64));
+    }
+    acc = _mm512_add_epi32(acc, acc1);
     for (; i + 64 <= k; i += 64)
         acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(a + i), _mm512_loadu_si512(w + i));
     if (i < k) {
