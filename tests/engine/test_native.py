@@ -190,6 +190,23 @@ def test_the_engine_decodes_through_the_native_step(tiny_llama):
     assert llm.engine.runner.native_steps >= 10  # every all-decode step after the prefill
 
 
+def test_a_failing_native_step_falls_back_to_torch_and_loses_nothing(tiny_llama, monkeypatch, caplog):
+    """Every error the C step returns comes before it writes anything (out of memory, a position outside
+    the RoPE table), so the runner can redo that step on the torch path and keep going without it."""
+    llm = LLM(str(tiny_llama), kv_device_bytes="16M", quantization="int8")
+    ref = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=10, ignore_eos=True))[0].outputs[0].token_ids
+    runner = llm.engine.runner
+
+    def broken(*a, **k):
+        raise KvstrataError("the native decode step ran out of memory")
+
+    monkeypatch.setattr(runner.native, "decode", broken)
+    llm.engine.pool.reset_prefix_cache()
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=10, ignore_eos=True))[0].outputs[0].token_ids
+    assert runner.native is None and "continuing on the torch path" in caplog.text
+    assert len(out) == 10 and out[0] == ref[0]  # the first token comes from the prefill, on torch either way
+
+
 def test_off_and_not_applicable(tiny_llama):
     assert LLM(str(tiny_llama), kv_device_bytes="16M", quantization="int8", native_decode="off").engine.runner.native is None
     assert LLM(str(tiny_llama), kv_device_bytes="16M").engine.runner.native is None  # fp32: torch path

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from kvstrata.core import KvstrataError
 from kvstrata.kv.manager import KVManager
 from kvstrata.model.attention import PER_SEQ_DECODE_MAX, AttnMetadata, DecodeSeq, PrefillSpan
 from kvstrata.model.llama import LlamaModel
 from kvstrata.sched.scheduler import SchedulerOutput
 from kvstrata.sched.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -40,13 +45,19 @@ class ModelRunner:
             lens.append(p + 1)
             tables.append(table)
             seqs.append(seq)
+        logits = self.native.decode(tokens, positions, slots, lens, tables)
         self.native_steps += 1
-        return seqs, self.native.decode(tokens, positions, slots, lens, tables)
+        return seqs, logits
 
     def execute(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
         """Runs one step. Returns the sequences that get a next token this step and their logits (S, V)."""
         if self.native is not None:
-            out = self._execute_native(so)
+            try:
+                out = self._execute_native(so)
+            except KvstrataError as e:  # the step wrote nothing it needs: the torch path redoes it
+                log.error("native decode step failed (%s); continuing on the torch path", e)
+                self.native = None
+                out = None
             if out is not None:
                 return out
         dev, bs = self.device, self.bs
