@@ -205,3 +205,24 @@ def test_concurrency_with_every_tier_smaller_than_the_working_set(tiny_llama, tm
     stats = eng.kv_stats()
     assert stats["engine"]["blocks_written_down"] > 0
     assert sum(stats["cached_tokens_by_tier"].get(t, 0) for t in ("host", "disk", "remote")) > 0
+
+
+def test_fp16_kv_pool_parks_and_restores_through_host_and_disk(tiny_llama, tmp_path):
+    """--kv-dtype float16 (half the bytes of fp32 KV in the pool and in every tier): blocks go down and
+    come back as fp16, restored turns give the recomputed tokens, and an engine with fp32 KV never reads
+    them (its fingerprint differs)."""
+    disk = str(tmp_path / "kv")
+    llm = _engine(tiny_llama, kv_host_bytes="8M", kv_disk_dir=disk, kv_dtype="float16")
+    eng = llm.engine
+    assert eng.pool.k.dtype.itemsize == 2
+    for tier in ("host", "disk"):
+        ids = llm.tokenizer.encode(f"{tier}: {SHARED}")
+        cold = llm.generate([ids], PARAMS)[0]
+        assert eng.park(ids, tier)["blocks_written"] > 0
+        warm = llm.generate([ids], PARAMS)[0]
+        assert warm.metrics.cached_prompt_tokens_by_tier.get(tier, 0) >= 16, warm.metrics.cached_prompt_tokens_by_tier
+        assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+    eng.close()
+    other = _engine(tiny_llama, kv_disk_dir=disk)  # fp32 KV: a different fingerprint
+    out = other.generate([llm.tokenizer.encode(f"disk: {SHARED}")], PARAMS)[0]
+    assert out.metrics.cached_prompt_tokens == 0

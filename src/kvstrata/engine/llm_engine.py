@@ -70,12 +70,16 @@ class LLMEngine:
         self.model.rotary.build_table(self.max_model_len, self.dtype)
         # The fingerprint names everything that makes a KV block's bytes what they are.
         fp = hashlib.sha256()
+        self.kv_dtype = self.dtype if cfg.kv_dtype == "auto" else getattr(torch, cfg.kv_dtype)
         for part in (lm.source_id, str(self.dtype), "layout:LBSHD", cfg.block_size, mc.rope_theta, mc.rope_scaling,
                      cfg.quantization):
             fp.update(str(part).encode())
+        if self.kv_dtype != self.dtype:  # (only then, so caches written before this option keep their name)
+            fp.update(f"kv:{self.kv_dtype}".encode())
         self.fingerprint = fp.hexdigest()
-        nblocks = pool_blocks(cfg, mc, self.dtype, self.device)
-        self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        nblocks = pool_blocks(cfg, mc, self.kv_dtype, self.device)
+        self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype,
+                              self.device)
         self.kv = KVManager(self.pool, self.fingerprint, cfg.enable_prefix_caching)
         stack = build_tier_stack(cfg, self.fingerprint)
         self.offload = Offload(self.pool, stack, self.fingerprint) if stack is not None else None
@@ -94,7 +98,8 @@ class LLMEngine:
         log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s, native decode %s",
                  time.perf_counter() - t0, mc.name or cfg.model, nblocks, cfg.block_size,
                  nblocks * self.pool.block_bytes / 2**20,
-                 self.device, self.dtype, "on" if self.runner.native is not None else "off")
+                 self.device, self.dtype if self.kv_dtype == self.dtype else f"{self.dtype}, KV {self.kv_dtype}",
+                 "on" if self.runner.native is not None else "off")
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(

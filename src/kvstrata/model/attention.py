@@ -63,8 +63,8 @@ def write_kv(
 ) -> None:
     """Scatter new K/V (T, KVH, d) into the pool (num_blocks, block_size, KVH, d) at `slots` (T,)."""
     kvh, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, kvh, d).index_copy_(0, slots, k)
-    v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
+    k_cache.view(-1, kvh, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def _decode_one(q: torch.Tensor, ds: DecodeSeq, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
@@ -75,8 +75,8 @@ def _decode_one(q: torch.Tensor, ds: DecodeSeq, k_cache: torch.Tensor, v_cache: 
         kk, vv = k_cache[ds.first_block : ds.first_block + nb], v_cache[ds.first_block : ds.first_block + nb]
     else:
         kk, vv = k_cache.index_select(0, ds.block_table), v_cache.index_select(0, ds.block_table)
-    kk = kk.view(1, nb * bs, kvh, d)[:, : ds.length].transpose(1, 2)  # (1, KVH, L, d), strided
-    vv = vv.view(1, nb * bs, kvh, d)[:, : ds.length].transpose(1, 2)
+    kk = kk.view(1, nb * bs, kvh, d)[:, : ds.length].transpose(1, 2).to(q.dtype)  # (1, KVH, L, d), strided
+    vv = vv.view(1, nb * bs, kvh, d)[:, : ds.length].transpose(1, 2).to(q.dtype)
     if ds.length < _SDPA_MIN_LEN_ONE_SEQ and q.device.type == "cpu":
         qq = q.reshape(1, kvh, H // kvh, d)  # (1, KVH, G, d): GQA without repeating K/V
         scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # (1, KVH, G, L)
@@ -116,6 +116,7 @@ def paged_attention(
         mask = meta.decode_mask
         if B == 1:  # exact length: no mask
             kk, vv, mask = kk[:, :, : meta.decode_len1], vv[:, :, : meta.decode_len1], None
+        kk, vv = kk.to(q.dtype), vv.to(q.dtype)  # a KV pool in a narrower dtype (--kv-dtype) is read in q's
         if B == 1 and kk.shape[2] < _SDPA_MIN_LEN_ONE_SEQ and q.device.type == "cpu":
             qq = q[:1].reshape(1, kvh, H // kvh, d)  # (1, KVH, G, d): GQA without repeating K/V
             scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale  # (1, KVH, G, L)
@@ -130,11 +131,13 @@ def paged_attention(
         if c == 0:
             kk = k[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, KVH, n, d)
             vv = v[s : s + n].transpose(0, 1).unsqueeze(0)
+            if k_cache.dtype != q.dtype:  # as the pool holds them, so a chunked prefill computes the same
+                kk, vv = kk.to(k_cache.dtype).to(q.dtype), vv.to(k_cache.dtype).to(q.dtype)
             o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
         else:
             L = c + n
-            kk = k_cache.index_select(0, span.block_table).view(-1, kvh, d)[:L].transpose(0, 1).unsqueeze(0)  # (1, KVH, L, d)
-            vv = v_cache.index_select(0, span.block_table).view(-1, kvh, d)[:L].transpose(0, 1).unsqueeze(0)
+            kk = k_cache.index_select(0, span.block_table).view(-1, kvh, d)[:L].transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, KVH, L, d)
+            vv = v_cache.index_select(0, span.block_table).view(-1, kvh, d)[:L].transpose(0, 1).unsqueeze(0).to(q.dtype)
             # query i (absolute position c + i) sees keys 0 .. c + i
             mask = torch.ones(n, L, dtype=torch.bool).tril(diagonal=c)
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -42,7 +42,7 @@ typedef struct {
 } QMat;
 
 typedef struct {
-    int L, H, KVH, D, hidden, inter, vocab, bs, max_pos;
+    int L, H, KVH, D, hidden, inter, vocab, bs, max_pos, kv16; /* kv16: the pool holds fp16, else fp32 */
     float eps, scale;
     QMat *qkv, *o, *gu, *dn; /* per layer */
     const float **ln1, **ln2;
@@ -105,13 +105,14 @@ static int pack_weights(Model *m) {
 size_t kv_model_weight_bytes(void *mp) { return ((Model *)mp)->arena_bytes; }
 
 void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *pv) {
-    /* iv: L H KVH D hidden inter vocab bs max_pos; fv: eps scale;
+    /* iv: L H KVH D hidden inter vocab bs max_pos kv16; fv: eps scale;
      * pv: embed norm cos sin head(w s rs) then per layer: ln1 ln2 + 4 x (w s rs b) */
     Model *m = calloc(1, sizeof(Model));
     if (!m) return NULL;
     m->L = (int)iv[0]; m->H = (int)iv[1]; m->KVH = (int)iv[2]; m->D = (int)iv[3];
     m->hidden = (int)iv[4]; m->inter = (int)iv[5]; m->vocab = (int)iv[6]; m->bs = (int)iv[7];
     m->max_pos = (int)iv[8];
+    m->kv16 = (int)iv[9];
     m->eps = (float)fv[0]; m->scale = (float)fv[1];
     int p = 0;
     m->embed = (const float *)pv[p++]; m->norm = (const float *)pv[p++];
@@ -249,60 +250,74 @@ static void softmax_rows(float *sc, float *pml, int H, int n) {
     }
 }
 
+/* K / V element types of the pool: fp32, or fp16 (half the bytes; stored with round-to-nearest-even,
+ * as torch's .to(float16) rounds, read back exactly). */
+typedef _Float16 f16;
+static inline float ld_f32(const float *p, int i) { return p[i]; }
+static inline float ld_f16(const f16 *p, int i) { return (float)p[i]; }
+
 /* One work item: every query head of one sequence over `n` context positions whose pool rows start at
  * element offsets rows[0..n) (a position's K, or V, for all KV heads is one contiguous row; a block's
  * rows are adjacent). Writes the unnormalized output po (H, D) and (max, sum) per head; sc: (H, CHUNK). */
-static void attn_item(const Model *m, const float *q, const float *kc, const float *vc, const int64_t *rows,
-                      int n, float *po, float *pml, float *sc) {
-    const int D = m->D, H = m->H, G = H / m->KVH;
-    for (int t = 0; t < n; t++) {
-        const float *kr = kc + rows[t];
-        if (t + 2 < n) __builtin_prefetch(kc + rows[t + 2]);
-        for (int hh = 0; hh < H; hh++) {
-            const float *qh = q + (size_t)hh * D, *kh = kr + (size_t)(hh / G) * D;
-            float s = 0.0f;
-            #pragma omp simd reduction(+ : s)
-            for (int d = 0; d < D; d++) s += qh[d] * kh[d];
-            sc[hh * CHUNK + t] = s * m->scale;
-        }
-    }
-    softmax_rows(sc, pml, H, n);
-    memset(po, 0, sizeof(float) * H * D);
-    for (int t = 0; t < n; t++) {
-        const float *vr = vc + rows[t];
-        if (t + 2 < n) __builtin_prefetch(vc + rows[t + 2]);
-        for (int hh = 0; hh < H; hh++) {
-            float p = sc[hh * CHUNK + t], *o = po + (size_t)hh * D;
-            const float *vh = vr + (size_t)(hh / G) * D;
-            #pragma omp simd
-            for (int d = 0; d < D; d++) o[d] += p * vh[d];
-        }
-    }
+#define ATTN_ITEM_C(SUF, T)                                                                                    \
+static void attn_item_c##SUF(const Model *m, const float *q, const void *kcv, const void *vcv,                 \
+                             const int64_t *rows, int n, float *po, float *pml, float *sc) {                   \
+    const T *kc = kcv, *vc = vcv;                                                                              \
+    const int D = m->D, H = m->H, G = H / m->KVH;                                                              \
+    for (int t = 0; t < n; t++) {                                                                              \
+        const T *kr = kc + rows[t];                                                                            \
+        if (t + 2 < n) __builtin_prefetch(kc + rows[t + 2]);                                                   \
+        for (int hh = 0; hh < H; hh++) {                                                                       \
+            const float *qh = q + (size_t)hh * D;                                                              \
+            const T *kh = kr + (size_t)(hh / G) * D;                                                           \
+            float s = 0.0f;                                                                                    \
+            _Pragma("omp simd reduction(+ : s)")                                                               \
+            for (int d = 0; d < D; d++) s += qh[d] * ld##SUF(kh, d);                                           \
+            sc[hh * CHUNK + t] = s * m->scale;                                                                 \
+        }                                                                                                      \
+    }                                                                                                          \
+    softmax_rows(sc, pml, H, n);                                                                               \
+    memset(po, 0, sizeof(float) * H * D);                                                                      \
+    for (int t = 0; t < n; t++) {                                                                              \
+        const T *vr = vc + rows[t];                                                                            \
+        if (t + 2 < n) __builtin_prefetch(vc + rows[t + 2]);                                                   \
+        for (int hh = 0; hh < H; hh++) {                                                                       \
+            float p = sc[hh * CHUNK + t], *o = po + (size_t)hh * D;                                            \
+            const T *vh = vr + (size_t)(hh / G) * D;                                                           \
+            _Pragma("omp simd")                                                                                \
+            for (int d = 0; d < D; d++) o[d] += p * ld##SUF(vh, d);                                            \
+        }                                                                                                      \
+    }                                                                                                          \
 }
+ATTN_ITEM_C(_f32, float)
+ATTN_ITEM_C(_f16, f16)
 
 #if defined(__AVX512F__)
 #define PF_AHEAD 8 /* positions ahead whose whole K row is prefetched */
 
-static inline void prefetch_row(const float *r, int floats) {
-    for (int i = 0; i < floats; i += 16) __builtin_prefetch(r + i);
+static inline void prefetch_row(const void *r, int bytes) {
+    for (int i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)r + i);
 }
+static inline __m512 ld16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16_f16(const f16 *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 
 /* The same for head_dim = 16 * NV with AVX-512: a head's K and V rows and its output accumulator live in
  * NV registers, each dot product is reduced with a shuffle tree instead of a scalar chain, and whole
  * rows are prefetched ahead (a pool block is only block_size rows, too short for the hardware
  * prefetchers to ramp up on). */
-#define ATTN_ITEM_AVX512(NV)                                                                                   \
-static void attn_item_##NV(const Model *m, const float *q, const float *kc, const float *vc,                   \
-                           const int64_t *rows, int n, float *po, float *pml, float *sc) {                     \
-    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV, row = KVH * D;                                 \
+#define ATTN_ITEM_AVX512(NV, SUF, T)                                                                           \
+static void attn_item_##NV##SUF(const Model *m, const float *q, const void *kcv, const void *vcv,              \
+                                const int64_t *rows, int n, float *po, float *pml, float *sc) {                \
+    const T *kc = kcv, *vc = vcv;                                                                              \
+    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV, row = KVH * D * (int)sizeof(T);                \
     const float scale = m->scale;                                                                              \
     for (int t = 0; t < n && t < PF_AHEAD; t++) prefetch_row(kc + rows[t], row);                               \
     for (int t = 0; t < n; t++) {                                                                              \
-        const float *kr = kc + rows[t];                                                                        \
+        const T *kr = kc + rows[t];                                                                            \
         if (t + PF_AHEAD < n) prefetch_row(kc + rows[t + PF_AHEAD], row);                                      \
         for (int h = 0; h < KVH; h++) {                                                                        \
             __m512 k[NV];                                                                                      \
-            for (int j = 0; j < NV; j++) k[j] = _mm512_loadu_ps(kr + h * D + 16 * j);                          \
+            for (int j = 0; j < NV; j++) k[j] = ld16##SUF(kr + h * D + 16 * j);                                \
             for (int g = 0; g < G; g++) {                                                                      \
                 const float *qh = q + (size_t)(h * G + g) * D;                                                 \
                 __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);                                         \
@@ -315,30 +330,32 @@ static void attn_item_##NV(const Model *m, const float *q, const float *kc, cons
     for (int t = 0; t < n; t++) prefetch_row(vc + rows[t], row);                                               \
     softmax_rows(sc, pml, H, n);                                                                               \
     for (int hh = 0; hh < H; hh++) {                                                                           \
-        const float *vh = vc + (size_t)(hh / G) * D, *p = sc + hh * CHUNK;                                     \
+        const T *vh = vc + (size_t)(hh / G) * D;                                                               \
+        const float *p = sc + hh * CHUNK;                                                                      \
         __m512 acc[NV];                                                                                        \
         for (int j = 0; j < NV; j++) acc[j] = _mm512_setzero_ps();                                             \
         for (int t = 0; t < n; t++) {                                                                          \
             __m512 pv = _mm512_set1_ps(p[t]);                                                                  \
-            for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vh + rows[t] + 16 * j), acc[j]); \
+            for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, ld16##SUF(vh + rows[t] + 16 * j), acc[j]); \
         }                                                                                                      \
         for (int j = 0; j < NV; j++) _mm512_storeu_ps(po + (size_t)hh * D + 16 * j, acc[j]);                  \
     }                                                                                                          \
 }
-ATTN_ITEM_AVX512(4)
-ATTN_ITEM_AVX512(8)
+ATTN_ITEM_AVX512(4, _f32, float)
+ATTN_ITEM_AVX512(8, _f32, float)
+ATTN_ITEM_AVX512(4, _f16, f16)
+ATTN_ITEM_AVX512(8, _f16, f16)
 #endif
 
-typedef void (*attn_fn)(const Model *, const float *, const float *, const float *, const int64_t *, int, float *,
+typedef void (*attn_fn)(const Model *, const float *, const void *, const void *, const int64_t *, int, float *,
                         float *, float *);
 
-static attn_fn pick_attn(int D) {
+static attn_fn pick_attn(int D, int kv16) {
 #if defined(__AVX512F__)
-    if (D == 64) return attn_item_4;
-    if (D == 128) return attn_item_8;
+    if (D == 64) return kv16 ? attn_item_4_f16 : attn_item_4_f32;
+    if (D == 128) return kv16 ? attn_item_8_f16 : attn_item_8_f32;
 #endif
-    (void)D;
-    return attn_item;
+    return kv16 ? attn_item_c_f16 : attn_item_c_f32;
 }
 
 /* ---- the step -------------------------------------------------------------------------------- */
@@ -418,10 +435,10 @@ static void qgemm(const QMat *W, const Scratch *t, int B, float *y, int ldy, int
 }
 
 /* tok/pos/slot/len: (B,) int64; bt: (B, max_blocks) int64 block tables; kpool/vpool: the pool's
- * (layers, blocks, bs, KVH, D) fp32 base pointers; logits: (B, vocab) fp32 out. Returns 0, or -1 when
+ * (layers, blocks, bs, KVH, D) base pointers, fp32 or fp16 (Model.kv16), layer_stride in elements; logits: (B, vocab) fp32 out. Returns 0, or -1 when
  * out of memory, -2 on a position outside the RoPE table. */
 int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int64_t *slot, const int64_t *len,
-              const int64_t *bt, int max_blocks, float *kpool, float *vpool, int64_t layer_stride, float *logits,
+              const int64_t *bt, int max_blocks, void *kpool, void *vpool, int64_t layer_stride, float *logits,
               int nthreads) {
     Model *m = mp;
     const int Hd = m->hidden, H = m->H, KVH = m->KVH, D = m->D, I = m->inter;
@@ -442,7 +459,8 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
     const size_t per_thread = (scratch_bytes(m, B) + 63) & ~(size_t)63;
     char *scratch = aligned_alloc(64, per_thread * nthreads);
     if (!scratch) return -1;
-    const attn_fn attn = pick_attn(D);
+    const attn_fn attn = pick_attn(D, m->kv16);
+    const size_t esz = m->kv16 ? 2 : 4;  /* bytes per pool element */
     const int64_t row_elems = (int64_t)KVH * D;
     int bs_shift = 0;
     while ((1 << bs_shift) < m->bs) bs_shift++;
@@ -457,7 +475,7 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
 #endif
         norm_quant(m, &t, m->x, m->ln1[0], B);
         for (int l = 0; l < m->L; l++) {
-            float *kc = kpool + (size_t)l * layer_stride, *vc = vpool + (size_t)l * layer_stride;
+            char *kc = (char *)kpool + (size_t)l * layer_stride * esz, *vc = (char *)vpool + (size_t)l * layer_stride * esz;
             /* q, k, v one head (D rows) at a time, so the thread that computed a head applies its RoPE
              * and writes K / V into the pool */
             #pragma omp for schedule(static)
@@ -472,10 +490,16 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
                         for (int d = 0; d < D / 2; d++) v[d] = tmp[d] * cs[d] + tmp[d + D / 2] * sn[d];
                         for (int d = D / 2; d < D; d++) v[d] = tmp[d] * cs[d] + tmp[d - D / 2] * sn[d];
                     }
-                    if (hh >= H && hh < H + KVH)
-                        memcpy(kc + (size_t)slot[b] * row_elems + (size_t)(hh - H) * D, v, sizeof(float) * D);
-                    else if (hh >= H + KVH)
-                        memcpy(vc + (size_t)slot[b] * row_elems + (size_t)(hh - H - KVH) * D, v, sizeof(float) * D);
+                    if (hh >= H) {
+                        char *base = hh < H + KVH ? kc : vc;
+                        size_t off = (size_t)slot[b] * row_elems + (size_t)(hh < H + KVH ? hh - H : hh - H - KVH) * D;
+                        if (m->kv16) {
+                            f16 *dst = (f16 *)base + off;
+                            for (int d = 0; d < D; d++) dst[d] = (f16)v[d];
+                        } else {
+                            memcpy((float *)base + off, v, sizeof(float) * D);
+                        }
+                    }
                 }
             }
             #pragma omp for schedule(dynamic, 1)

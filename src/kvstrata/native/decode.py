@@ -3,7 +3,7 @@
 It reads the int8 weights and per-channel scales the int8 path already made (model/quant.py); the C side
 keeps one plain row-major copy of them in a single huge-page arena (fbgemm's packed copy stays for
 prefill, so int8 weights are held twice), and it reads and writes the engine's KV pool in place. Steps with a prefill chunk, more than `max_batch` sequences, or a model it cannot
-run (not int8, KV not fp32, head_dim > 512) stay on the torch path.
+run (not int8, KV neither fp32 nor fp16, head_dim > 512) stay on the torch path.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def unsupported_reason(model: LlamaModel, kv_dtype: torch.dtype) -> str | None:
     if not isinstance(model.lm_head_q, PerTokenInt8Linear) or any(
             not isinstance(getattr(layer, n, None), PerTokenInt8Linear) for layer in model.layers for n in _PROJ):
         return "the native decode step needs --quantization int8"
-    if kv_dtype != torch.float32 or model.dtype != torch.float32:
-        return "the native decode step needs float32 activations and KV"
+    if model.dtype != torch.float32 or kv_dtype not in (torch.float32, torch.float16):
+        return "the native decode step needs float32 activations and a float32 or float16 KV pool"
     if cfg.head_dim > 512 or cfg.num_heads % cfg.num_kv_heads:
         return "the native decode step needs head_dim <= 512 and whole query groups"
     if model.rotary.cos_table is None:
@@ -71,7 +71,8 @@ class NativeDecoder:
             for name in _PROJ:
                 ptrs += mat(getattr(layer, name))
         ints = torch.tensor([cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
-                             cfg.intermediate_size, cfg.vocab_size, pool.block_size, rot.cos_table.shape[0]], dtype=torch.int64)
+                             cfg.intermediate_size, cfg.vocab_size, pool.block_size, rot.cos_table.shape[0],
+                             int(pool.k.dtype == torch.float16)], dtype=torch.int64)
         floats = torch.tensor([cfg.rms_norm_eps, cfg.head_dim**-0.5], dtype=torch.float64)
         pv = torch.tensor(ptrs, dtype=torch.int64)
         self._keep = keep
