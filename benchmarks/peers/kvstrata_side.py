@@ -39,7 +39,8 @@ from kvstrata.core import KvstrataError
 logger = logging.getLogger(__name__)
 
 # The engine settings every kvstrata part uses (EngineConfig field names). Threads as the peers'.
-KVSTRATA_ENGINE: dict = {"quantization": "int8", "num_threads": DEFAULT_THREADS}
+# int8 weights with the native decode step; fp16 KV, as llama.cpp keeps its KV by default (-ctk/-ctv f16)
+KVSTRATA_ENGINE: dict = {"quantization": "int8", "kv_dtype": "float16", "num_threads": DEFAULT_THREADS}
 
 
 class EngineServerError(KvstrataError):
@@ -105,7 +106,9 @@ def kv_pool_bytes(tokens: int, settings: dict, gguf: Path | None = None) -> int:
 
     spec = _spec(gguf or default_gguf())
     bs = settings.get("block_size", 16)
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(settings.get("dtype", "auto"), torch.float32)
+    kv = settings.get("kv_dtype", "auto")
+    kv = settings.get("dtype", "auto") if kv == "auto" else kv
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(kv, torch.float32)
     per = BlockPool.bytes_per_block(bs, spec.n_layers, spec.n_kv_heads, spec.head_dim, dt)
     return math.ceil(tokens / bs) * per
 
