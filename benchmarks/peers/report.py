@@ -81,7 +81,10 @@ def roofline_table(res: dict, engine: dict | None = None) -> str:
     rows = [("llama.cpp", (res.get("single_stream") or {}).get("decode"))]
     if engine:
         rows.append((engine.get("name", "kvstrata"), (engine.get("single_stream") or {}).get("decode")))
-    lines = [f"Memory read bandwidth measured in this run: {bw:.1f} GB/s.", "",
+    ceil = res.get("ceilings") or {}
+    samples = ceil.get("memory_bw_samples_GBps")
+    how = (f" (samples {', '.join(f'{x:.1f}' for x in samples)} GB/s; {ceil.get('method', '')})" if samples else "")
+    lines = [f"Memory read bandwidth measured in this run: {bw:.1f} GB/s{how}.", "",
              "| engine | context | MB read per token | roofline tok/s | measured tok/s (best) | share of roofline |",
              "|---|---:|---:|---:|---:|---:|"]
     for who, dec in rows:
