@@ -22,7 +22,7 @@ import torch
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError
 from tests.conftest import make_tiny_checkpoint
-from tests.engine.test_reference import PROMPTS
+from tests.engine.test_reference import _divergence_from_reference
 
 native = pytest.importorskip("kvstrata.native")
 if native.library() is None:  # pragma: no cover - a machine without a C compiler
@@ -206,15 +206,12 @@ def test_native_decode_stays_close_to_transformers_on_the_default_model(kv_dtype
     81-83% with fp32 KV, 0.038-0.061 / 0.030-0.050 / 83-93% with fp16 KV (the torch int8 path's prefill, per-token activations: 0.36-0.65, 0.24-0.29, 72-89%, see
     test_reference.py). Bounds: KL < 0.5 at the last position, < 0.25 on average, agreement >= 70%."""
     llm = LLM("default", kv_device_bytes="256M", quantization="int8", native_decode="on", kv_dtype=kv_dtype)
-    eng = llm.engine
-    for msgs in PROMPTS:
-        ids = llm.tokenizer.encode_chat(msgs)
-        ours = torch.log_softmax(_teacher_forced(eng, ids, _scattered_blocks(eng, len(ids))), -1)
-        with torch.no_grad():
-            theirs = torch.log_softmax(hf_default(torch.tensor([ids])).logits[0].float(), -1)
-        kl = (theirs.exp() * (theirs - ours)).sum(-1)
-        agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-        assert kl[-1].item() < 0.5 and kl.mean().item() < 0.25 and agree >= 0.7, (kl[-1].item(), kl.mean().item(), agree)
+
+    def native_logits(llm, ids):
+        return _teacher_forced(llm.engine, ids, _scattered_blocks(llm.engine, len(ids)))
+
+    for kl_last, kl_mean, agree in _divergence_from_reference(llm, hf_default, native_logits):
+        assert kl_last < 0.5 and kl_mean < 0.25 and agree >= 0.7, (kl_last, kl_mean, agree)
 
 
 def test_the_engine_decodes_through_the_native_step(tiny_llama):

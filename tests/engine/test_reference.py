@@ -117,13 +117,13 @@ def test_bf16_matches_transformers_bf16(tiny_llama):
     assert out.outputs[0].token_ids == _hf_greedy(ref, ids, 16)
 
 
-def _divergence_from_reference(llm: LLM, hf) -> list[tuple[float, float, float]]:
+def _divergence_from_reference(llm: LLM, hf, our_logits=_our_prefill_logits) -> list[tuple[float, float, float]]:
     """Per chat prompt: KL(transformers fp32 || ours) at the last position, its mean over positions, and
-    the share of positions where the argmax agrees."""
+    the share of positions where the argmax agrees. `our_logits(llm, ids)` gives ours at every position."""
     out = []
     for msgs in PROMPTS:
         ids = llm.tokenizer.encode_chat(msgs)
-        ours = torch.log_softmax(_our_prefill_logits(llm, ids), -1)
+        ours = torch.log_softmax(our_logits(llm, ids), -1)
         with torch.no_grad():
             theirs = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
         kl = (theirs.exp() * (theirs - ours)).sum(-1)

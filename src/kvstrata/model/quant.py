@@ -22,7 +22,7 @@ from torch import nn
 from kvstrata.core import KvstrataError
 
 log = logging.getLogger(__name__)
-_PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # after DecoderLayer.fuse_projections
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # after DecoderLayer.fuse_projections
 
 
 class PerTokenInt8Linear(nn.Module):
@@ -84,7 +84,7 @@ def quantize_model_int8(model: nn.Module) -> nn.Module:
     if "x86" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "x86"
     for layer in model.layers:
-        for name in _PROJ:
+        for name in PROJECTIONS:
             lin: nn.Linear = getattr(layer, name)
             setattr(layer, name, int8_linear(lin.weight, lin.bias))
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
@@ -132,7 +132,7 @@ def quantize_model_int4(model: nn.Module) -> nn.Module:
     """Swaps every projection of a LlamaModel (fp32, CPU) for Int4Linear, in place; the LM head gets the
     int8 kernel (a 49k-row matmul where int8's blocking wins). Needs input widths that are multiples of 32."""
     for layer in model.layers:
-        for name in _PROJ:
+        for name in PROJECTIONS:
             lin: nn.Linear = getattr(layer, name)
             if lin.weight.shape[1] % GROUP:
                 raise KvstrataError(f"--quantization int4 needs input widths divisible by {GROUP}; {name} has {lin.weight.shape[1]}")

@@ -54,6 +54,8 @@ typedef struct {
     int cap_b, cap_items;
     float *x, *qkvb, *gub, *act, *po, *pml;
     int *it_b, *it_c, *first_item;
+    char *scratch;        /* per-thread Scratch areas, nthreads x scratch_bytes(B) rounded to 64 */
+    size_t scratch_cap;
 } Model;
 
 int kv_has_vnni(void) { return KV_VNNI; }
@@ -146,7 +148,7 @@ void kv_model_free(void *mp) {
     free(m->arena);
     free(m->qkv); free(m->o); free(m->gu); free(m->dn); free(m->ln1); free(m->ln2);
     free(m->x); free(m->qkvb); free(m->gub); free(m->act);
-    free(m->po); free(m->pml); free(m->it_b); free(m->it_c); free(m->first_item);
+    free(m->po); free(m->pml); free(m->it_b); free(m->it_c); free(m->first_item); free(m->scratch);
     free(m);
 }
 
@@ -457,8 +459,13 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
         }
     for (int b = 0; b < B; b++) memcpy(m->x + (size_t)b * Hd, m->embed + (size_t)tok[b] * Hd, sizeof(float) * Hd);
     const size_t per_thread = (scratch_bytes(m, B) + 63) & ~(size_t)63;
-    char *scratch = aligned_alloc(64, per_thread * nthreads);
-    if (!scratch) return -1;
+    if (per_thread * nthreads > m->scratch_cap) {  /* kept between steps, grown on demand */
+        free(m->scratch);
+        m->scratch = aligned_alloc(64, per_thread * nthreads);
+        m->scratch_cap = m->scratch ? per_thread * nthreads : 0;
+        if (!m->scratch) return -1;
+    }
+    char *scratch = m->scratch;
     const attn_fn attn = pick_attn(D, m->kv16);
     const size_t esz = m->kv16 ? 2 : 4;  /* bytes per pool element */
     const int64_t row_elems = (int64_t)KVH * D;
@@ -551,6 +558,5 @@ int kv_decode(void *mp, int B, const int64_t *tok, const int64_t *pos, const int
         _mm_setcsr(csr);
 #endif
     }
-    free(scratch);
     return 0;
 }

@@ -2,8 +2,8 @@
 
 It reads the int8 weights and per-channel scales the int8 path already made (model/quant.py); the C side
 keeps one plain row-major copy of them in a single huge-page arena (fbgemm's packed copy stays for
-prefill, so int8 weights are held twice), and it reads and writes the engine's KV pool in place. Steps with a prefill chunk, more than `max_batch` sequences, or a model it cannot
-run (not int8, KV neither fp32 nor fp16, head_dim > 512) stay on the torch path.
+prefill, so int8 weights are held twice), and it reads and writes the engine's KV pool in place.
+Steps with a prefill chunk, more than `max_batch` sequences, or a model it cannot run (not int8, KV neither fp32 nor fp16, head_dim > 512) stay on the torch path.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ import torch
 
 from kvstrata.core import KvstrataError
 from kvstrata.model.llama import LlamaModel
-from kvstrata.model.quant import PerTokenInt8Linear
-
-_PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+from kvstrata.model.quant import PROJECTIONS, PerTokenInt8Linear
 
 
 def unsupported_reason(model: LlamaModel, kv_dtype: torch.dtype) -> str | None:
     """Why the native step cannot run this model, or None when it can."""
     cfg = model.cfg
     if not isinstance(model.lm_head_q, PerTokenInt8Linear) or any(
-            not isinstance(getattr(layer, n, None), PerTokenInt8Linear) for layer in model.layers for n in _PROJ):
+            not isinstance(getattr(layer, n, None), PerTokenInt8Linear) for layer in model.layers for n in PROJECTIONS):
         return "the native decode step needs --quantization int8"
     if model.dtype != torch.float32 or kv_dtype not in (torch.float32, torch.float16):
         return "the native decode step needs float32 activations and a float32 or float16 KV pool"
@@ -68,7 +66,7 @@ class NativeDecoder:
         for layer in model.layers:
             ptrs += [ptr(layer.input_layernorm.weight.detach().contiguous()),
                      ptr(layer.post_attention_layernorm.weight.detach().contiguous())]
-            for name in _PROJ:
+            for name in PROJECTIONS:
                 ptrs += mat(getattr(layer, name))
         ints = torch.tensor([cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
                              cfg.intermediate_size, cfg.vocab_size, pool.block_size, rot.cos_table.shape[0],
@@ -92,9 +90,7 @@ class NativeDecoder:
         """One decode token for each of B sequences -> next-token logits (B, vocab) fp32."""
         B = len(tokens)
         nb = max(len(t) for t in tables)
-        bt = torch.zeros(B, nb, dtype=torch.int64)
-        for i, t in enumerate(tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int64) if len(t) > 1 else t[0]
+        bt = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.int64)  # padded with block 0
         meta = torch.tensor([tokens, positions, slots, lens], dtype=torch.int64)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
         k, v = self.pool.k, self.pool.v
