@@ -7,6 +7,25 @@ import time
 
 import httpx
 import openai
+import pytest
+
+
+@pytest.fixture
+def slow_steps(tiny_server):
+    """Each engine step takes at least 10 ms, so a 900-1,000 token request lasts >= 9 s whatever the
+    machine: a disconnect test then cannot pass or fail by the tiny model finishing before the client
+    gives up (CI once decoded all 1,000 tokens inside the 0.5 s client timeout)."""
+    def install(e):
+        orig = e.runner.execute
+
+        def slowed(so):
+            time.sleep(0.01)
+            return orig(so)
+        e.runner.execute = slowed
+
+    tiny_server.engine_call(install)
+    yield
+    tiny_server.engine_call(lambda e: e.runner.__dict__.pop("execute"))
 
 
 def test_32_concurrent_streaming_clients_all_complete(tiny_server):
@@ -35,7 +54,7 @@ def test_32_concurrent_streaming_clients_all_complete(tiny_server):
     assert tiny_server.engine_call(lambda e: e.pool.summary()["in_use"]) == 0
 
 
-def test_disconnected_stream_frees_its_blocks(tiny_server):
+def test_disconnected_stream_frees_its_blocks(tiny_server, slow_steps):
     in_use = lambda: tiny_server.engine_call(lambda e: e.pool.summary()["in_use"])  # noqa: E731
     assert in_use() == 0
     body = {"model": "tiny", "messages": [{"role": "user", "content": "tell a long story " * 20}],
@@ -58,7 +77,7 @@ def test_disconnected_stream_frees_its_blocks(tiny_server):
     assert tiny_server.engine_call(lambda e: e.counters["generated_tokens"]) - gen0 < 900  # aborted, not finished
 
 
-def test_disconnect_before_first_token_aborts(tiny_server):
+def test_disconnect_before_first_token_aborts(tiny_server, slow_steps):
     """A non-streaming request whose client gives up is aborted too (the handler watches the socket)."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000, "ignore_eos": True}
     gen0 = tiny_server.engine_call(lambda e: e.counters["generated_tokens"])
