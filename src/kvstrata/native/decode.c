@@ -303,10 +303,13 @@ static inline void prefetch_row(const void *r, int bytes) {
 static inline __m512 ld16_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline __m512 ld16_f16(const f16 *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 
-/* The same for head_dim = 16 * NV with AVX-512: a head's K and V rows and its output accumulator live in
- * NV registers, each dot product is reduced with a shuffle tree instead of a scalar chain, and whole
- * rows are prefetched ahead (a pool block is only block_size rows, too short for the hardware
- * prefetchers to ramp up on). */
+/* The same for head_dim = 16 * NV with AVX-512: a head's K row and its output accumulators live in
+ * registers and each dot product is reduced with a shuffle tree instead of a scalar chain. Memory: whole
+ * K rows are prefetched PF_AHEAD positions ahead (a pool block is only block_size rows, too short for the
+ * hardware prefetchers to ramp up on), and each position's V row is requested as its K row is read, so
+ * the two streams share the score loop and the value loop finds its rows in cache (requesting all of V
+ * in one burst before the softmax was 12 % slower at 4,096 context). Values: each V row is loaded once
+ * per group of up to VG query heads that share it, their outputs accumulating in registers. */
 #define ATTN_ITEM_AVX512(NV, SUF, T)                                                                           \
 static void attn_item_##NV##SUF(const Model *m, const float *q, const void *kcv, const void *vcv,              \
                                 const int64_t *rows, int n, float *po, float *pml, float *sc) {                \
@@ -317,6 +320,7 @@ static void attn_item_##NV##SUF(const Model *m, const float *q, const void *kcv,
     for (int t = 0; t < n; t++) {                                                                              \
         const T *kr = kc + rows[t];                                                                            \
         if (t + PF_AHEAD < n) prefetch_row(kc + rows[t + PF_AHEAD], row);                                      \
+        prefetch_row(vc + rows[t], row);                                                                       \
         for (int h = 0; h < KVH; h++) {                                                                        \
             __m512 k[NV];                                                                                      \
             for (int j = 0; j < NV; j++) k[j] = ld16##SUF(kr + h * D + 16 * j);                                \
@@ -328,19 +332,28 @@ static void attn_item_##NV##SUF(const Model *m, const float *q, const void *kcv,
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
-    /* every V row of the chunk is requested before the softmax, which runs while they arrive */            \
-    for (int t = 0; t < n; t++) prefetch_row(vc + rows[t], row);                                               \
     softmax_rows(sc, pml, H, n);                                                                               \
-    for (int hh = 0; hh < H; hh++) {                                                                           \
-        const T *vh = vc + (size_t)(hh / G) * D;                                                               \
-        const float *p = sc + hh * CHUNK;                                                                      \
-        __m512 acc[NV];                                                                                        \
-        for (int j = 0; j < NV; j++) acc[j] = _mm512_setzero_ps();                                             \
-        for (int t = 0; t < n; t++) {                                                                          \
-            __m512 pv = _mm512_set1_ps(p[t]);                                                                  \
-            for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(pv, ld16##SUF(vh + rows[t] + 16 * j), acc[j]); \
+    enum { VG = 16 / NV }; /* query heads per pass over V: VG * NV accumulator registers */                    \
+    for (int h = 0; h < KVH; h++) {                                                                            \
+        const T *vh = vc + (size_t)h * D;                                                                      \
+        for (int g0 = 0; g0 < G; g0 += VG) {                                                                   \
+            const int gn = G - g0 < VG ? G - g0 : VG;                                                          \
+            const float *p = sc + (h * G + g0) * CHUNK;                                                        \
+            __m512 acc[VG][NV];                                                                                \
+            for (int g = 0; g < VG; g++)                                                                       \
+                for (int j = 0; j < NV; j++) acc[g][j] = _mm512_setzero_ps();                                  \
+            for (int t = 0; t < n; t++) {                                                                      \
+                __m512 v[NV];                                                                                  \
+                for (int j = 0; j < NV; j++) v[j] = ld16##SUF(vh + rows[t] + 16 * j);                          \
+                for (int g = 0; g < VG; g++) {                                                                 \
+                    if (g >= gn) break;                                                                        \
+                    __m512 pv = _mm512_set1_ps(p[g * CHUNK + t]);                                              \
+                    for (int j = 0; j < NV; j++) acc[g][j] = _mm512_fmadd_ps(pv, v[j], acc[g][j]);             \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int g = 0; g < gn; g++)                                                                       \
+                for (int j = 0; j < NV; j++) _mm512_storeu_ps(po + (size_t)(h * G + g0 + g) * D + 16 * j, acc[g][j]); \
         }                                                                                                      \
-        for (int j = 0; j < NV; j++) _mm512_storeu_ps(po + (size_t)hh * D + 16 * j, acc[j]);                  \
     }                                                                                                          \
 }
 ATTN_ITEM_AVX512(4, _f32, float)
