@@ -100,6 +100,28 @@ def cpu_pressure() -> dict:
     return out
 
 
+BANDWIDTH_SAMPLE = "torch.sum over a 512 MiB float64 buffer (16x this machine's L3), best of 5"
+
+
+def bandwidth_sample() -> float:
+    """One memory read-bandwidth sample in GB/s (BANDWIDTH_SAMPLE). On this VM one sample reads anywhere
+    from 36 to 82 GB/s depending on the moment (a fast phase lasts seconds to minutes), so a decode
+    repetition is set against samples taken right beside it (`interleaved`)."""
+    from kvstrata.planner.calibration import measure_memory
+
+    return round(measure_memory(512 << 20, reps=5)[0], 2)
+
+
+def interleaved(rep, reps: int) -> tuple[list, list[float]]:
+    """Runs `rep()` `reps` times with a bandwidth sample before the first, between each two and after the
+    last: (results, reps + 1 samples); repetition i lies between samples i and i + 1."""
+    ceilings, out = [bandwidth_sample()], []
+    for _ in range(reps):
+        out.append(rep())
+        ceilings.append(bandwidth_sample())
+    return out, ceilings
+
+
 def wait_for_quiet(max_wait_s: float = 60.0, load_below: float = 1.0, poll_s: float = 5.0) -> dict:
     """Wait up to `max_wait_s` for the 1-minute load average to drop below `load_below`; returns
     `cpu_pressure()` at the end (whether or not it got quiet)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.peers.common import default_gguf, wait_healthy
+from benchmarks.peers.common import default_gguf, interleaved, wait_healthy
 from benchmarks.peers.http_load import load
 from benchmarks.peers.llamacpp import DEFAULT_THREADS, free_port
 from benchmarks.peers.tau_replay import load_sessions, replay
@@ -179,14 +179,14 @@ def single_stream(w: dict, settings: dict, *, seed: int = 0) -> dict:
         logger.info("kvstrata prefill %d: %.1f tok/s", n, max(samples))
     for d in w["decode_depths"]:
         ctx = ids(d)
-        samples = [_decode_once(eng, ctx, n_gen) for _ in range(3)]
+        samples, ceilings = interleaved(lambda: _decode_once(eng, ctx, n_gen), 3)
         out["decode"].append({"depth": d, "n_gen": n_gen, "tps": _best(samples), "samples_ts": [round(x, 2) for x in samples],
-                              "bytes_per_token": decode_bytes_per_token(eng, d)})
+                              "bytes_per_token": decode_bytes_per_token(eng, d), "ceilings_GBps": ceilings})
         logger.info("kvstrata decode @%d: %.1f tok/s", d, max(samples))
     out["method"] = (f"in-process kvstrata.LLM(model='default', **{s}); prefill = N / TTFT of generate(max_tokens=1) "
                      f"after pool.reset_prefix_cache(), best of 2 (1 at 8,192); decode = {n_gen} tokens timed after the "
                      f"D-token context is prefilled untimed (its first token included in the prefill), ignore_eos, greedy, "
-                     f"best of 3")
+                     f"best of 3, with a memory-bandwidth sample before, between and after the repetitions")
     eng.close(flush_device=False)
     del llm, eng
     gc.collect()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from benchmarks.peers.goals import best_tps, engine_view, goals, goals_table
+from benchmarks.peers.goals import best_tps, engine_view, goals, goals_table, roofline_share
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def single_stream_table(res: dict, engine: dict | None = None) -> str:
 
 def roofline_table(res: dict, engine: dict | None = None) -> str:
     """Each engine's decode rows against this machine's memory-bandwidth roofline, measured in the same run:
-    roofline tok/s = bandwidth / bytes one token reads (weights as stored + K/V of the context)."""
+    what the best repetition reads (bytes one token reads: weights as stored + K/V of the context, times
+    tokens/s) over the bandwidth sampled beside it, and over the run's highest sample."""
     engine = _engine(res, engine)
     bw = (res.get("ceilings") or {}).get("memory_bw_GBps")
     if not bw:
@@ -84,17 +85,18 @@ def roofline_table(res: dict, engine: dict | None = None) -> str:
     ceil = res.get("ceilings") or {}
     samples = ceil.get("memory_bw_samples_GBps")
     how = (f" (samples {', '.join(f'{x:.1f}' for x in samples)} GB/s; {ceil.get('method', '')})" if samples else "")
-    lines = [f"Memory read bandwidth measured in this run: {bw:.1f} GB/s{how}.", "",
-             "| engine | context | MB read per token | roofline tok/s | measured tok/s (best) | share of roofline |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"Highest memory read bandwidth measured in this run: {bw:.1f} GB/s{how}.", "",
+             "| engine | context | MB read per token | measured tok/s (best) | GB/s read | bandwidth sampled beside it, GB/s "
+             "| share of that | share of the run's highest |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for who, dec in rows:
         for r in dec or []:
-            b = r.get("bytes_per_token")
-            if not b:
+            sh = roofline_share(r, bw)
+            if sh is None:
                 continue
-            roof = bw * 1e9 / b
-            best = best_tps(r)
-            lines.append(f"| {who} | {r['depth']:,} | {b / 1e6:,.1f} | {roof:,.0f} | {_f(best)} | {best / roof:.0%} |")
+            beside = (f"{_f(sh['beside_GBps'])} | {sh['beside']:.0%}" if sh["beside"] is not None else "– | –")
+            lines.append(f"| {who} | {r['depth']:,} | {r['bytes_per_token'] / 1e6:,.1f} | {_f(best_tps(r))} | "
+                         f"{_f(sh['read_GBps'])} | {beside} | {sh['run']:.0%} |")
     return "\n".join(lines)
 
 

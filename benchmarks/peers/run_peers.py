@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from benchmarks.peers import kvstrata_side, llamacpp
-from benchmarks.peers.common import PeerMissingError, cache_dir, cpu_pressure, default_gguf, load_stamp, wait_for_quiet
+from benchmarks.peers.common import (BANDWIDTH_SAMPLE, PeerMissingError, bandwidth_sample, cache_dir, cpu_pressure,
+                                    default_gguf, interleaved, load_stamp, wait_for_quiet)
 from benchmarks.peers.http_load import load
 from benchmarks.peers.report import markdown, plots
 from benchmarks.peers.tau_replay import load_sessions, replay
@@ -72,8 +73,12 @@ def run_single_stream(gguf: Path, w: dict) -> dict:
         rows.append(llamacpp.prefill_tps(gguf, n, reps=1 if big else 2, warmup=not big))
         logger.info("llama.cpp prefill %d: %.1f tok/s", n, rows[-1]["tps"])
     dec = []
-    for d in w["decode_depths"]:
-        dec.append(llamacpp.decode_tps(gguf, d, n_gen=w["decode_n_gen"], reps=3))
+    for d in w["decode_depths"]:  # one llama-bench repetition per call, a bandwidth sample beside each
+        runs, ceilings = interleaved(lambda: llamacpp.decode_tps(gguf, d, n_gen=w["decode_n_gen"], reps=1), 3)
+        samples = [r["tps"] for r in runs]
+        dec.append({"depth": d, "n_gen": w["decode_n_gen"], "tps": sum(samples) / len(samples), "samples_ts": samples,
+                    "command": runs[0]["command"] + "  (3 calls, one repetition each)", "raw": [r["raw"] for r in runs],
+                    "ceilings_GBps": ceilings})
         logger.info("llama.cpp decode @%d: %.1f tok/s", d, dec[-1]["tps"])
     wbytes = gguf_weight_bytes(gguf)
     for r in dec:  # what one decoded token reads: every weight once (the tied output reads token_embd) + the f16 KV
@@ -207,6 +212,9 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
         res.setdefault("cpu_pressure", {})[name] = pressure | {"after": cpu_pressure()}
         res.setdefault("part_runs", {})[name] = {"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick,
                                                  **({"kvstrata": versions["kvstrata"]} if name in KVSTRATA_PARTS else {})}
+        if single and name in single:  # the samples taken beside its decode repetitions count too
+            for r in (res[name] or {}).get("decode") or []:
+                _add_bandwidth(res["ceilings"], r.get("ceilings_GBps") or [])
         if single and name == single[-1]:
             _measure_bandwidth(res["ceilings"])
         out_json.write_text(json.dumps(res, indent=2))
@@ -216,18 +224,19 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
     return res
 
 
-BANDWIDTH_METHOD = ("torch.sum over a 512 MiB float64 buffer (16x this machine's L3), best of 5, measured just before "
-                    "the first and just after the last single-stream part; the higher sample is the ceiling")
+BANDWIDTH_METHOD = (f"{BANDWIDTH_SAMPLE}, sampled just before the first and just after the last single-stream part "
+                    "and beside every decode repetition of both engines; the run's ceiling is the highest sample")
 
 
 def _measure_bandwidth(ceil: dict) -> None:
-    """Adds a memory read bandwidth sample (GB/s) to `ceil` and keeps its maximum as memory_bw_GBps. A
-    buffer far larger than the caches and several repetitions: a 64 MiB quick sample on this VM read
-    anywhere from 36 to 82 GB/s, and a ceiling below what decode then reads makes a share above 100 %."""
-    from kvstrata.planner.calibration import measure_memory
+    _add_bandwidth(ceil, [bandwidth_sample()])
 
-    bw, _ = measure_memory(512 << 20, reps=5)
-    ceil["memory_bw_samples_GBps"].append(round(bw, 2))
+
+def _add_bandwidth(ceil: dict, samples: list[float]) -> None:
+    """Adds memory read-bandwidth samples (GB/s) to `ceil`, keeping their maximum as memory_bw_GBps: on this
+    VM a sample reads anywhere from 36 to 82 GB/s, and a ceiling below what decode then reads would make a
+    share above 100 %."""
+    ceil["memory_bw_samples_GBps"].extend(samples)
     ceil["memory_bw_GBps"] = max(ceil["memory_bw_samples_GBps"])
     ceil["at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
