@@ -100,10 +100,13 @@ def goals(res: dict, engine: dict | None = None) -> list[dict]:
                  f"memory-bandwidth roofline")
         mb = r["bytes_per_token"] / 1e6
         if sh["beside"] is not None:  # against the bandwidth sampled beside the repetition
-            out.append(_goal(label, DECODE_ROOFLINE_SHARE, sh["beside_read_GBps"], sh["beside_GBps"],
-                             f"{mb:,.1f} MB per token read at {_fmt(sh['beside_read_GBps'])} GB/s vs {_fmt(sh['beside_GBps'])} "
-                             f"GB/s sampled beside that repetition; {_pct(sh['run'])} of the run's highest sample "
-                             f"{_fmt(bw)} GB/s"))
+            g = _goal(label, DECODE_ROOFLINE_SHARE, sh["beside_read_GBps"], sh["beside_GBps"],
+                      f"{mb:,.1f} MB per token read at {_fmt(sh['beside_read_GBps'])} GB/s vs {_fmt(sh['beside_GBps'])} "
+                      f"GB/s sampled beside that repetition; {_pct(sh['run'])} of the run's highest sample "
+                      f"{_fmt(bw)} GB/s")
+            if g["status"] == "reached" and sh["run"] is not None and sh["run"] < DECODE_ROOFLINE_SHARE:
+                g["status"] = "reached beside, not against the run's highest"  # the strict reading, said plainly
+            out.append(g)
         else:
             roof = bw * 1e9 / r["bytes_per_token"] if bw else None
             out.append(_goal(label, DECODE_ROOFLINE_SHARE, best_tps(r), roof,
@@ -136,7 +139,9 @@ def goals(res: dict, engine: dict | None = None) -> list[dict]:
 def goals_table(rows: list[dict]) -> str:
     lines = ["| goal | target | measured | status | numbers |", "|---|---:|---:|---|---|"]
     for g in rows:
-        status = {"reached": "reached", "not reached": "**not reached**"}.get(g["status"], g["status"])
+        status = {"reached": "reached", "not reached": "**not reached**",
+                  "reached beside, not against the run's highest": "reached beside it, **not** against the run's highest"
+                  }.get(g["status"], g["status"])
         ratio = "–" if g["ratio"] is None else f"{g['ratio']:.2f}×"
         lines.append(f"| {g['goal']} | {g['target']:g}× | {ratio} | {status} | {g['detail']} |")
     return "\n".join(lines)
