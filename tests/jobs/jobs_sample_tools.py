@@ -1,7 +1,7 @@
 """Tools for the jobs tests, loaded by module path (`jobs_sample_tools`) and through an entry point.
 
 `pick` appends one line per execution to $KVSTRATA_TEST_SIDE_EFFECTS (when set): the tests count
-executions with it. Before that it writes its call id to $KVSTRATA_TEST_TOOL_BEGIN and sleeps
+executions with it. Before that it writes its call id and start time to $KVSTRATA_TEST_TOOL_BEGIN and sleeps
 $KVSTRATA_TEST_TOOL_DELAY seconds, so a test can kill the process inside a call that has started but
 not had its effect.
 """
@@ -20,9 +20,9 @@ DIGITS = {"type": "object", "properties": {"n": {"type": "integer", "enum": [1, 
 @tool(description="Pick a number.", parameters=DIGITS)
 def pick(n: int, tool_context: ToolContext) -> dict:
     begin = os.environ.get("KVSTRATA_TEST_TOOL_BEGIN")
-    if begin:  # "this call has started" (no effect yet)
+    if begin:  # "this call has started (at this wall time)", no effect yet
         with open(begin, "a") as f:
-            f.write(tool_context.call_id + "\n")
+            f.write(f"{tool_context.call_id} {time.time()}\n")
     time.sleep(float(os.environ.get("KVSTRATA_TEST_TOOL_DELAY", "0")))
     path = os.environ.get("KVSTRATA_TEST_SIDE_EFFECTS")
     if path:

@@ -37,17 +37,19 @@ def test_sigkill_mid_run_then_rerun_completes_every_task_once(tiny_llama, tmp_pa
     cmd = [sys.executable, "-m", "kvstrata.cli.main", "jobs", "run", str(job), "--store", str(db), "-o", str(out),
            "--model", str(tiny_llama), "--kv-device-bytes", "16M", "--kv-disk-dir", str(tmp_path / "kv"),
            "--kv-write-policy", "write-through", "--no-progress"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "first-run.log"  # a file, not a pipe: nobody reads a pipe while the loop below
+    with open(log, "w") as err:         # polls, and a full one would block the run
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 120
-    seen: dict[str, float] = {}  # call id -> when its start was first seen
     while True:  # kill inside a call that started just now (its effect is >= 0.5 s away), after two that ended
-        for c in _lines(begins):
-            seen.setdefault(c, time.time())
-        done_ids = {json.loads(x)["call_id"] for x in _lines(effects)}
-        open_calls = [c for c, t in seen.items() if c not in done_ids and time.time() - t < 0.5]
+        # the start time is the tool's own (written with its id), not when this loop first saw it: a loop
+        # descheduled for a second on a busy machine must not take an old call for a fresh one
+        started = dict(line.split() for line in _lines(begins) if len(line.split()) == 2)
+        done_ids = {json.loads(x)["call_id"] for x in _lines(effects) if x.endswith("}")}  # not a line being written
+        open_calls = [c for c, t in started.items() if c not in done_ids and time.time() - float(t) < 0.5]
         if len(done_ids) >= 2 and open_calls:
             break
-        assert p.poll() is None, p.communicate()
+        assert p.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, "the run never reached its third tool call"
         time.sleep(0.01)
     os.kill(p.pid, signal.SIGKILL)
