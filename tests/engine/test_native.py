@@ -225,6 +225,22 @@ def test_the_engine_decodes_through_the_native_step(tiny_llama):
     assert llm.engine.runner.native_steps >= 10  # every all-decode step after the prefill
 
 
+def test_quantization_auto_is_int8_on_cpu_in_float32_and_none_otherwise(tiny_llama):
+    """`make serve` runs --quantization auto: the CPU fast path where it applies, the weights as loaded
+    elsewhere; the engine's config and KV fingerprint name the mode it resolved to."""
+    from kvstrata.engine.setup import auto_quantization
+
+    auto = LLM(str(tiny_llama), kv_device_bytes="16M", quantization="auto").engine
+    int8 = LLM(str(tiny_llama), kv_device_bytes="16M", quantization="int8").engine
+    assert auto.config.quantization == "int8" and auto.runner.native is not None
+    assert auto.fingerprint == int8.fingerprint  # the same KV bytes, so the same cache name
+    bf16 = LLM(str(tiny_llama), kv_device_bytes="16M", quantization="auto", dtype="bfloat16").engine
+    assert bf16.config.quantization == "none" and bf16.runner.native is None
+    assert auto_quantization(torch.device("cuda"), torch.float32) == "none"
+    with pytest.raises(KvstrataError, match="quantization must be none, int8, int4 or auto"):
+        LLM(str(tiny_llama), kv_device_bytes="16M", quantization="int2")
+
+
 def test_a_failing_native_step_falls_back_to_torch_and_loses_nothing(tiny_llama, monkeypatch, caplog):
     """Every error the C step returns comes before it writes anything (out of memory, a position outside
     the RoPE table), so the runner can redo that step on the torch path and keep going without it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -23,8 +24,8 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.setup import (apply_quantization, build_model, keep_freed_host_memory, pool_blocks, resolve_device_dtype,
-                                   setup_native_decode)
+from kvstrata.engine.setup import (apply_quantization, auto_quantization, build_model, keep_freed_host_memory, pool_blocks,
+                                   resolve_device_dtype, setup_native_decode)
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.paused import PausedSessions
@@ -49,8 +50,10 @@ class LLMEngine:
         """`loaded`: an already-built LoadedModel (e.g. random weights made on the GPU by a benchmark)
         used instead of reading `config.model`."""
         cfg = config or EngineConfig(**overrides)
-        self.config = cfg
         self.device, self.dtype = resolve_device_dtype(cfg)
+        if cfg.quantization == "auto":  # resolved once, so the fingerprint and the config name the real mode
+            cfg = dataclasses.replace(cfg, quantization=auto_quantization(self.device, self.dtype))
+        self.config = cfg
         if self.device.type == "cpu":
             if cfg.num_threads:
                 torch.set_num_threads(cfg.num_threads)

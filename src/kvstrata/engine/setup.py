@@ -66,6 +66,12 @@ def build_model(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
     return model.to(device).eval()
 
 
+def auto_quantization(device: torch.device, dtype: torch.dtype) -> str:
+    """What --quantization auto means here: int8 (and with it the native decode step) where the engine
+    computes in float32 on CPU, the weights as loaded anywhere else."""
+    return "int8" if device.type == "cpu" and dtype == torch.float32 else "none"
+
+
 def apply_quantization(model: LlamaModel, mode: str, device: torch.device, dtype: torch.dtype) -> LlamaModel:
     if mode == "none":
         return model
