@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
+import openai
 import pytest
 
 from kvstrata.engine.llm_engine import LLMEngine
@@ -181,3 +183,90 @@ def test_responses_previous_response_id(tiny_server):
 
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model="tiny", input="x", previous_response_id=r4.id)
+
+
+def _events(stream) -> list:
+    evs = list(stream)
+    assert [e.sequence_number for e in evs] == list(range(len(evs)))
+    return evs
+
+
+def test_responses_stream_text_then_continue(tiny_server):
+    """stream=true: the Responses event sequence, text deltas that add up to the stored text, the id
+    announced by response.created stored as the session's turn and continued like any other."""
+    c = tiny_server.client()
+    evs = _events(c.responses.create(model="tiny", input="The quick brown fox jumps over the lazy dog.",
+                                     max_output_tokens=12, temperature=0, stream=True))
+    kinds = [e.type for e in evs]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]  # 12 tokens, ignore_eos-free: the budget runs out first
+    deltas = [e for e in evs if e.type == "response.output_text.delta"]
+    assert len(deltas) >= 2  # streamed as generated, not in one piece
+    text = "".join(d.delta for d in deltas)
+    assert text and evs[-4].text == text and {d.item_id for d in deltas} == {evs[2].item.id}
+    final = evs[-1].response
+    assert final.id == evs[0].response.id and final.output_text == text and final.usage.output_tokens == 12
+    assert final.incomplete_details.reason == "max_output_tokens"
+    # the same turn, non-streamed, gives the same text (greedy), and the stored response is retrievable
+    assert c.responses.retrieve(final.id).output_text == text
+    r2 = c.responses.create(model="tiny", input="Once upon a time", previous_response_id=final.id,
+                            max_output_tokens=4, temperature=0)
+    assert r2.usage.input_tokens_details.cached_tokens >= 16
+    sid = final.model_dump()["session_id"]
+    assert [m["role"] for m in httpx.get(f"{tiny_server.url}/v1/sessions/{sid}").json()["messages"]] == \
+        ["user", "assistant", "user", "assistant"]
+
+
+def test_responses_stream_function_call(tiny_server):
+    c = tiny_server.client()
+    tool = {"type": "function", "name": "get_time", "description": "The current time.",  # an enum: a short call
+            "parameters": {"type": "object", "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
+                           "required": ["tz"]}}
+    evs = _events(c.responses.create(model="tiny", input="What time is it?", tools=[tool], tool_choice="required",
+                                     max_output_tokens=64, temperature=0, stream=True))
+    kinds = [e.type for e in evs]
+    assert "response.output_text.delta" not in kinds  # with tools active the reply is held back until whole
+    i = kinds.index("response.function_call_arguments.done")
+    assert kinds[i - 2:i + 2] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                  "response.function_call_arguments.done", "response.output_item.done"]
+    call = evs[i + 1].item
+    assert call.type == "function_call" and call.name == "get_time" and json.loads(call.arguments)["tz"] in ("UTC", "CET")
+    assert evs[i].arguments == call.arguments == evs[i - 1].delta
+    assert kinds[-1] == "response.completed" and evs[-1].response.output[-1].call_id == call.call_id
+    # the call's output continues the stored session
+    r2 = c.responses.create(model="tiny", previous_response_id=evs[-1].response.id, max_output_tokens=4,
+                            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}])
+    assert r2.status in ("completed", "incomplete")
+
+
+def test_responses_stream_errors_and_store_false(tiny_server):
+    c = tiny_server.client()
+    long = "The quick brown fox jumps over the lazy dog. " * 200
+    with pytest.raises(openai.BadRequestError) as e:  # before any event: still an HTTP status
+        c.responses.create(model="tiny", input=long, stream=True)
+    assert e.value.body["code"] == "context_length_exceeded"
+    evs = _events(c.responses.create(model="tiny", input="hi", store=False, max_output_tokens=3, stream=True))
+    assert evs[-1].type in ("response.completed", "response.incomplete")
+    with pytest.raises(openai.NotFoundError):  # store=false: nothing written
+        c.responses.retrieve(evs[-1].response.id)
+
+
+def test_responses_stream_disconnect_stores_nothing(tiny_server):
+    in_use = lambda: tiny_server.engine_call(lambda e: e.pool.summary()["in_use"])  # noqa: E731
+    body = {"model": "tiny", "input": "tell a long story " * 20, "max_output_tokens": 900, "stream": True,
+            "text": {"format": {"type": "text"}}}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", tiny_server.url + "/v1/responses", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            created = json.loads(next(x for x in lines if x.startswith("data: "))[6:])
+            rid, sid = created["response"]["id"], created["response"]["session_id"]
+            next(x for x in lines if "response.output_text.delta" in x)
+    deadline = time.time() + 20
+    while in_use() != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert in_use() == 0 and tiny_server.engine_call(lambda e: len(e.requests)) == 0
+    assert httpx.get(f"{tiny_server.url}/v1/responses/{rid}").status_code == 404
+    assert httpx.get(f"{tiny_server.url}/v1/sessions/{sid}").json()["messages"] == []

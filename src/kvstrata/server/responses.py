@@ -8,24 +8,33 @@ branches into a new session holding the history up to that response.
 
 `tools` not resent on a continuation stay those of the session. `store: false` runs the turn
 without writing anything (the id it returns cannot be continued).
+
+`stream: true` sends the Responses event stream (response.created, output items, text deltas,
+function-call arguments, response.completed / response.incomplete). Text streams as it is generated;
+with tools active a reply is held back until whole (a tool call can only be told from text then), as
+on /v1/chat/completions. The turn is stored when the generation ends, under the id that
+response.created announced; a client that disconnects first aborts it and nothing is stored.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 
-from kvstrata.core import RequestClass
+from kvstrata.core import RequestClass, RequestOutput
 from kvstrata.server import chat_format as cf
-from kvstrata.server.common import build_sampling, new_id, now
-from kvstrata.server.errors import APIError
+from kvstrata.server.common import SSE_HEADERS, build_sampling, new_id, now, open_stream, outputs
+from kvstrata.server.errors import APIError, to_api_error
 from kvstrata.server.protocol import ResponsesRequest
 from kvstrata.server.state import ServerState, get_state, owner
-from kvstrata.server.turns import run_turn
+from kvstrata.server.turns import TurnPlan, TurnResult, finish_turn, plan_turn, run_turn
 from kvstrata.sessions import Session, SessionState
+from kvstrata.sessions.types import new_response_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -102,17 +111,22 @@ def chat_tool_choice(tc: Any) -> Any:
     return tc
 
 
-def output_items(msg: dict[str, Any]) -> list[dict[str, Any]]:
+def _message_item(text: str, msg_id: str | None = None) -> dict[str, Any]:
+    return {"type": "message", "id": msg_id or new_id("msg_"), "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def output_items(msg: dict[str, Any], msg_id: str | None = None) -> list[dict[str, Any]]:
+    """The assistant message as Responses output items; `msg_id` names its message item (a stream
+    announced it before the text was whole)."""
     items: list[dict[str, Any]] = []
     if msg.get("content"):
-        items.append({"type": "message", "id": new_id("msg_"), "status": "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": msg["content"], "annotations": [], "logprobs": []}]})
+        items.append(_message_item(msg["content"], msg_id))
     for c in msg.get("tool_calls") or ():
         items.append({"type": "function_call", "id": new_id("fc_"), "call_id": c["id"],
                       "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": "completed"})
     if not items:
-        items.append({"type": "message", "id": new_id("msg_"), "status": "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]})
+        items.append(_message_item("", msg_id))
     return items
 
 
@@ -153,13 +167,50 @@ async def _session_for(st: ServerState, body: ResponsesRequest, who: Any, tools:
     return b, rec.turn + 1, s.id
 
 
+def _response(body: ResponsesRequest, rid: str, *, status: str, output: list[dict[str, Any]], turn: TurnResult | None,
+              session_id: str | None, branched_from: str | None) -> dict[str, Any]:
+    """The response object, as returned, stored and carried by the stream's lifecycle events."""
+    u = turn.usage if turn is not None else None
+    return {
+        "id": rid, "object": "response", "created_at": now(), "status": status,
+        "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
+        "output": output, "parallel_tool_calls": True,
+        "previous_response_id": body.previous_response_id,
+        "temperature": body.temperature if body.temperature is not None else 1.0,
+        "top_p": body.top_p if body.top_p is not None else 1.0, "tool_choice": body.tool_choice or "auto",
+        "tools": body.tools or [], "text": body.text or {"format": {"type": "text"}}, "truncation": "disabled",
+        "usage": None if u is None else {
+            "input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"], "total_tokens": u["total_tokens"],
+            "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                                     "cached_tokens_by_tier": u["prompt_tokens_details"]["cached_tokens_by_tier"]},
+            "output_tokens_details": {"reasoning_tokens": 0}},
+        "metadata": body.metadata or {}, "store": body.store, "user": body.user,
+        "session_id": session_id if body.store else None, "branched_from": branched_from,
+    }
+
+
+def _status(turn: TurnResult) -> str:
+    fr = turn.out.outputs[0].finish_reason
+    return "incomplete" if fr is not None and fr.value == "length" else "completed"
+
+
+async def _store(st: ServerState, body: ResponsesRequest, who: Any, sess: Session, turn_no: int, turn: TurnResult,
+                 resp: dict[str, Any]) -> str:
+    """Records the response as the session's turn (under resp["id"] when set); returns its id."""
+    if body.store and turn.info is not None:
+        rec = await st.db(st.store.put_response, sess.id, owner=who, turn=turn_no,
+                          output={"response": resp, "num_messages": turn.info.num_messages,
+                                  "num_tokens": turn.info.num_tokens},
+                          usage=resp["usage"], response_id=resp["id"])
+        return rec.id
+    return resp["id"] or new_id("resp_")
+
+
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request, who=Depends(owner)):
     st = get_state(request)
     st.check_model(body.model)
-    if body.stream:
-        raise APIError(400, "stream is not supported on /v1/responses; use /v1/chat/completions to stream",
-                       param="stream")
     tools = chat_tools(body.tools)
     choice = chat_tool_choice(body.tool_choice)
     cf.check_tools(tools, choice)
@@ -180,36 +231,90 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
                 raise APIError(409, f"response {body.previous_response_id!r} was continued concurrently; retry",
                                code="version_conflict")
             sess = fresh
-        turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=choice, persist=body.store)
-    o = turn.out.outputs[0]
-    incomplete = o.finish_reason is not None and o.finish_reason.value == "length"
-    u = turn.usage
-    resp: dict[str, Any] = {
-        "id": None, "object": "response", "created_at": now(), "status": "incomplete" if incomplete else "completed",
-        "error": None, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
-        "output": output_items(turn.message), "parallel_tool_calls": True,
-        "previous_response_id": body.previous_response_id,
-        "temperature": body.temperature if body.temperature is not None else 1.0,
-        "top_p": body.top_p if body.top_p is not None else 1.0, "tool_choice": body.tool_choice or "auto",
-        "tools": body.tools or [], "text": body.text or {"format": {"type": "text"}}, "truncation": "disabled",
-        "usage": {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
-                  "total_tokens": u["total_tokens"],
-                  "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
-                                           "cached_tokens_by_tier": u["prompt_tokens_details"]["cached_tokens_by_tier"]},
-                  "output_tokens_details": {"reasoning_tokens": 0}},
-        "metadata": body.metadata or {}, "store": body.store, "user": body.user,
-        "session_id": sess.id if body.store else None, "branched_from": branched_from,
-    }
-    if body.store and turn.info is not None:
-        rec = await st.db(st.store.put_response, sess.id, owner=who, turn=turn_no,
-                          output={"response": resp, "num_messages": turn.info.num_messages,
-                                  "num_tokens": turn.info.num_tokens},
-                          usage=resp["usage"])
-        resp["id"] = rec.id
-    else:
-        resp["id"] = new_id("resp_")
+        if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
+            plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice)
+            first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class)
+        else:
+            turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=choice, persist=body.store)
+    if body.stream:
+        events = _events(st, body, who, sess, turn_no, branched_from, new_msgs, plan, first, agen)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    resp = _response(body, None, status=_status(turn), output=output_items(turn.message), turn=turn,
+                     session_id=sess.id, branched_from=branched_from)
+    resp["id"] = await _store(st, body, who, sess, turn_no, turn, resp)
     return resp
+
+
+async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Session, turn_no: int,
+                  branched_from: str | None, new_msgs: list[dict[str, Any]], plan: TurnPlan, first: RequestOutput,
+                  agen: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    seq = itertools.count()
+
+    def ev(kind: str, **fields: Any) -> str:
+        data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, ensure_ascii=False)
+        return f"event: {kind}\ndata: {data}\n\n"
+
+    rid = new_response_id() if body.store else new_id("resp_")
+    yield ev("response.created", response=_response(body, rid, status="in_progress", output=[], turn=None,
+                                                     session_id=sess.id, branched_from=branched_from))
+    yield ev("response.in_progress", response=_response(body, rid, status="in_progress", output=[], turn=None,
+                                                         session_id=sess.id, branched_from=branched_from))
+    msg_id, sent, last = None, "", first
+    try:
+        async for out in outputs(first, agen):
+            last = out
+            o = out.outputs[0]
+            if plan.parse_tools:  # held back until whole
+                continue
+            delta = o.text[len(sent):] if o.text.startswith(sent) else ""
+            if not delta:
+                continue
+            if msg_id is None:
+                msg_id = new_id("msg_")
+                yield ev("response.output_item.added", output_index=0,
+                         item={**_message_item("", msg_id), "status": "in_progress", "content": []})
+                yield ev("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+                         part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            sent += delta
+            yield ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=delta,
+                     logprobs=[])
+        st.metrics.observe_output(last)
+        async with st.session_lock(sess.id):
+            turn = await finish_turn(st, sess, who, new_msgs, plan, last, persist=body.store)
+        items = output_items(turn.message, msg_id)
+        for i, item in enumerate(items):
+            if item["type"] == "message":
+                text = item["content"][0]["text"]
+                if item["id"] != msg_id or msg_id is None:  # not streamed: announced and sent whole now
+                    yield ev("response.output_item.added", output_index=i,
+                             item={**item, "status": "in_progress", "content": []})
+                    yield ev("response.content_part.added", item_id=item["id"], output_index=i, content_index=0,
+                             part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                    if text:
+                        yield ev("response.output_text.delta", item_id=item["id"], output_index=i, content_index=0,
+                                 delta=text, logprobs=[])
+                yield ev("response.output_text.done", item_id=item["id"], output_index=i, content_index=0, text=text,
+                         logprobs=[])
+                yield ev("response.content_part.done", item_id=item["id"], output_index=i, content_index=0,
+                         part=item["content"][0])
+            else:
+                yield ev("response.output_item.added", output_index=i,
+                         item={**item, "status": "in_progress", "arguments": ""})
+                yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                         delta=item["arguments"])
+                yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                         name=item["name"], arguments=item["arguments"])
+            yield ev("response.output_item.done", output_index=i, item=item)
+        status = _status(turn)
+        resp = _response(body, rid, status=status, output=items, turn=turn, session_id=sess.id,
+                         branched_from=branched_from)
+        await _store(st, body, who, sess, turn_no, turn, resp)
+    except Exception as e:  # after the headers went out, an error travels as an event
+        log.warning("responses stream %s failed: %s", rid, e)
+        a = to_api_error(e)
+        yield ev("error", code=a.code or str(a.status), message=a.message, param=a.param)
+        return
+    yield ev("response.completed" if status == "completed" else "response.incomplete", response=resp)
 
 
 @router.get("/v1/responses/{response_id}")

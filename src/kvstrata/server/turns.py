@@ -44,21 +44,20 @@ class TurnResult:
     finish_reason: str
 
 
-async def run_turn(
-    st: ServerState,
-    request: Request,
-    sess: Session,
-    owner: Any,
-    new_messages: list[dict[str, Any]],
-    make_params,  # (prompt_len) -> SamplingParams
-    *,
-    tool_choice: Any = None,
-    persist: bool = True,
-) -> TurnResult:
-    """Generate the session's next assistant message after `new_messages`; append both atomically.
+@dataclass
+class TurnPlan:
+    """What a turn generates from: the prompt (the session's kept ids + the new text's) and its sampling."""
+    prompt: list[int]
+    params: SamplingParams
+    keep: int  # stored token ids kept as the prompt's prefix
+    new_ids: list[int]
+    parse_tools: bool
+    request_class: str
 
-    Raises VersionConflict (-> 409) if another writer changed the session meanwhile.
-    """
+
+def plan_turn(st: ServerState, sess: Session, new_messages: list[dict[str, Any]], make_params, *,
+              tool_choice: Any = None) -> TurnPlan:
+    """Render the session's history + `new_messages` and splice it onto the stored token ids."""
     tok = st.tokenizer
     tools, choice = cf.check_tools(sess.tools, tool_choice)
     # tool_choice "none" still advertises the session's tools (only the parsing is off), so the
@@ -68,24 +67,50 @@ async def run_turn(
     prompt = sess.token_ids[:keep] + new_ids
     params: SamplingParams = make_params(len(prompt), cf.forced_spec(tools, choice))
     rc = sess.request_class.value if hasattr(sess.request_class, "value") else sess.request_class
-    out = await generate_final(st, request, prompt, params, rc)
+    return TurnPlan(prompt, params, keep, new_ids, cf.parses_tools(tools, choice), rc)
+
+
+async def finish_turn(st: ServerState, sess: Session, owner: Any, new_messages: list[dict[str, Any]], plan: TurnPlan,
+                      out: RequestOutput, *, persist: bool = True) -> TurnResult:
+    """The assistant message of a finished generation, appended with `new_messages` in one write (a
+    VersionConflict, 409, if another writer changed the session meanwhile)."""
     o = out.outputs[0]
-    msg, has_calls = cf.assistant_message(o.text, cf.parses_tools(tools, choice))
+    msg, has_calls = cf.assistant_message(o.text, plan.parse_tools)
     info = None
     if persist:
         eng = st.engine
         bs = eng.pool.block_size
-        full = prompt + list(o.token_ids)
+        full = plan.prompt + list(o.token_ids)
         keys = chain_keys(full, bs, eng.fingerprint)
-        keep_blocks = min(len(sess.block_keys), keep // bs)
+        keep_blocks = min(len(sess.block_keys), plan.keep // bs)
         info = await st.db(
             st.store.append, sess.id, owner=owner, expected_version=sess.version,
-            messages=new_messages + [msg], token_ids=new_ids + list(o.token_ids), keep_tokens=keep,
+            messages=new_messages + [msg], token_ids=plan.new_ids + list(o.token_ids), keep_tokens=plan.keep,
             block_keys=keys[keep_blocks:], keep_blocks=keep_blocks,
             new_state=SessionState.WAITING_ON_TOOL if has_calls else SessionState.ACTIVE,
         )
         st.touched_sessions[sess.id] = owner
     return TurnResult(msg, has_calls, out, usage(out), info, cf.finish_reason(o, has_calls))
+
+
+async def run_turn(
+    st: ServerState,
+    request: Request,
+    sess: Session,
+    owner: Any,
+    new_messages: list[dict[str, Any]],
+    make_params,  # (prompt_len, forced tool spec) -> SamplingParams
+    *,
+    tool_choice: Any = None,
+    persist: bool = True,
+) -> TurnResult:
+    """Generate the session's next assistant message after `new_messages`; append both atomically.
+
+    Raises VersionConflict (-> 409) if another writer changed the session meanwhile.
+    """
+    plan = plan_turn(st, sess, new_messages, make_params, tool_choice=tool_choice)
+    out = await generate_final(st, request, plan.prompt, plan.params, plan.request_class)
+    return await finish_turn(st, sess, owner, new_messages, plan, out, persist=persist)
 
 
 async def prefetch(st: ServerState, token_ids: list[int]) -> int | None:

@@ -12,11 +12,11 @@ from kvstrata.sessions.types import ResponseNotFound, ResponseRecord, new_respon
 
 class ResponsesSql(SqlBase):
     def put_response(
-        self, session_id: str, *, owner: Any, turn: int, output: Any, usage: Any = None
+        self, session_id: str, *, owner: Any, turn: int, output: Any, usage: Any = None, response_id: str | None = None
     ) -> ResponseRecord:
         turn = codec.check_count(turn, "turn")
         rec = ResponseRecord(
-            id=new_response_id(),
+            id=response_id or new_response_id(),
             session_id=session_id,
             turn=turn,
             output=codec.loads(codec.dumps(output, "output")),

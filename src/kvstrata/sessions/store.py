@@ -205,8 +205,10 @@ class SessionStore(abc.ABC):
         turn: int,
         output: Any,
         usage: Any = None,
+        response_id: str | None = None,
     ) -> ResponseRecord:
-        """Record a Responses-API response (fresh `resp_...` id) as turn `turn` of the session.
+        """Record a Responses-API response as turn `turn` of the session, under `response_id` (a fresh
+        `resp_...` id when None; a stream announces its id before the turn is stored).
         Raises SessionNotFound."""
 
     @abc.abstractmethod
