@@ -56,3 +56,32 @@ def test_server_mounted_router_refuses_client_chosen_code(tiny_aeng, store):
         assert r.status_code == 400 and "module paths are not allowed" in r.json()["detail"]
         r = c.post("/v1/jobs", json={"mcp_servers": [{"command": "sh"}], "tasks": [{"user": "x"}]})
         assert r.status_code == 400 and "MCP" in r.json()["detail"]
+
+
+def test_the_server_resumes_unfinished_http_jobs_at_start(tiny_aeng, store):
+    """A restart (or crash) leaves jobs queued or running in the store. At start the server resumes
+    those clients submitted over HTTP, and leaves the job files of `kvstrata jobs run` to that command
+    (their tools may be module paths, which a server must not load)."""
+    import asyncio
+
+    from kvstrata.server.app import create_app
+    from kvstrata.sessions import JobState
+
+    job = {"tasks": [{"id": "a", "user": "hi", "tools": [], "max_tokens": 4}]}
+    mgr = JobManager(tiny_aeng, store)
+    http_id = asyncio.run(mgr.create(job, source={"via": "http"}))
+    cli_id = asyncio.run(mgr.create(job, source={"path": "/tmp/job.jsonl", "sha256": "x"}))
+    store.set_job_state(http_id, JobState.RUNNING, owner=None)  # as a killed server left it
+    with TestClient(create_app(tiny_aeng, store, model_names=["tiny"], resume_jobs=False)) as c:
+        time.sleep(0.5)
+        assert c.get(f"/v1/jobs/{http_id}").json()["state"] == "running"  # opted out: untouched
+    with TestClient(create_app(tiny_aeng, store, model_names=["tiny"])) as c:
+        for _ in range(300):
+            st = c.get(f"/v1/jobs/{http_id}").json()
+            if st["state"] == "done":
+                break
+            time.sleep(0.1)
+        assert st["state"] == "done" and st["tasks"]["done"] == 1
+        assert c.get(f"/v1/jobs/{cli_id}").json()["state"] == "queued"
+        r = c.post("/v1/jobs", json=job)  # a new submission is marked as coming over HTTP
+        assert store.get_job(r.json()["id"], owner=None).spec["source"] == {"via": "http"}

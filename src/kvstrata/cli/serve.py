@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     g.add_argument("--no-park-on-shutdown", action="store_true",
                    help="do not park served sessions at the disk tier on shutdown")
+    g.add_argument("--no-resume-jobs", action="store_true",
+                   help="do not resume, at start, the unfinished jobs clients submitted to /v1/jobs (set it when "
+                        "several servers share one session store: each would resume them)")
     add_engine_args(p)
 
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     park_tier = "disk" if (cfg.kv_disk_dir and not args.no_park_on_shutdown) else None
     app = create_app(aengine, store, model_names=model_names(args, cfg), api_keys=keys,
-                     close_on_shutdown=True, park_tier_on_shutdown=park_tier)
+                     close_on_shutdown=True, park_tier_on_shutdown=park_tier, resume_jobs=not args.no_resume_jobs)
     base = f"http://{args.host}:{args.port}"
     auth = ' -H "Authorization: Bearer $KVSTRATA_API_KEY"' if keys else ""
     name = app.state.kv.model_id

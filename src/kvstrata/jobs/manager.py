@@ -64,9 +64,9 @@ class JobManager:
                            tasks=list(job["tasks"]))
         return j.id
 
-    async def submit(self, job: dict, *, owner: str | None = None) -> str:
+    async def submit(self, job: dict, *, owner: str | None = None, source: dict | None = None) -> str:
         """create() and start running it in the background on this loop; returns the job id."""
-        job_id = await self.create(job, owner=owner)
+        job_id = await self.create(job, owner=owner, source=source)
         self.start(job_id)
         return job_id
 
@@ -90,14 +90,16 @@ class JobManager:
         except Exception:
             log.exception("job %s stopped with an internal error; it stays resumable", job_id)
 
-    async def resume_unfinished(self) -> list[str]:
-        """Start every QUEUED or RUNNING job of the store in the background (at server start)."""
+    async def resume_unfinished(self, *, via: str | None = None) -> list[str]:
+        """Start every QUEUED or RUNNING job of the store in the background (at server start); with `via`,
+        only those whose source says they came that way (the server resumes what clients submitted over
+        HTTP, not the job files of `kvstrata jobs run`, whose tools it may not be allowed to load)."""
         ids: list[str] = []
         for state in (JobState.RUNNING, JobState.QUEUED):
             after = None
             while True:
                 page = await self._db(self.store.list_jobs, owner=ANY_OWNER, state=state, limit=100, after=after)
-                ids += [j.id for j in page.items]
+                ids += [j.id for j in page.items if via is None or ((j.spec or {}).get("source") or {}).get("via") == via]
                 if not page.has_more:
                     break
                 after = page.next_after

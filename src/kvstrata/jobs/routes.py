@@ -26,14 +26,20 @@ from kvstrata.sessions import JobNotFound
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def get_manager(request: Request) -> JobManager:
-    mgr = getattr(request.app.state, "jobs", None)
+def server_manager(app) -> JobManager:
+    """The app's JobManager: app.state.jobs, else one made (and kept there) from app.state.kv that refuses
+    client-chosen code. Raises 503 when the app has neither."""
+    mgr = getattr(app.state, "jobs", None)
     if mgr is None:
-        st = getattr(request.app.state, "kv", None)
+        st = getattr(app.state, "kv", None)
         if st is None:
             raise HTTPException(503, "this server has no job manager (set app.state.jobs)")
-        mgr = request.app.state.jobs = JobManager(st.aengine, st.store, allow_python_modules=False, allow_mcp=False)
+        mgr = app.state.jobs = JobManager(st.aengine, st.store, allow_python_modules=False, allow_mcp=False)
     return mgr
+
+
+def get_manager(request: Request) -> JobManager:
+    return server_manager(request.app)
 
 
 def _owner(request: Request) -> Any:
@@ -52,7 +58,7 @@ async def _call(coro):
 @router.post("")
 async def create_job(request: Request, body: dict[str, Any] = Body(...)):
     mgr, who = get_manager(request), _owner(request)
-    job_id = await _call(mgr.submit(body, owner=who))
+    job_id = await _call(mgr.submit(body, owner=who, source={"via": "http"}))
     return await _call(mgr.status(job_id, owner=who))
 
 

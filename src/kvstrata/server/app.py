@@ -75,6 +75,7 @@ def create_app(
     close_on_shutdown: bool = False,
     park_tier_on_shutdown: str | None = None,
     lease_sweep_s: float = 30.0,
+    resume_jobs: bool = True,
 ) -> FastAPI:
     """The server app over a running AsyncEngine and an open SessionStore.
 
@@ -82,13 +83,25 @@ def create_app(
     it; tests that share one engine between apps do not). park_tier_on_shutdown: park the sessions
     served by this process at that tier when shutting down (after in-flight requests finished).
     lease_sweep_s: how often expired session leases are swept (their KV unpinned); 0 disables.
+    resume_jobs: at start, resume the unfinished jobs submitted to /v1/jobs (a restart or crash left them
+    queued or running); jobs of `kvstrata jobs run` are left to that command.
     """
     st = ServerState(aengine=aengine, store=store, model_names=list(model_names), api_keys=make_api_keys(api_keys or []))
+    try:  # the agent-jobs extension (kvstrata.jobs), when this build has it
+        from kvstrata.jobs.routes import router as jobs_router
+        from kvstrata.jobs.routes import server_manager
+    except ImportError as e:
+        log.info("jobs routes not mounted: %s", e)
+        jobs_router = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         log.info("serving %s", ", ".join(st.model_names))
         sweeper = asyncio.create_task(_sweep_forever(st, lease_sweep_s)) if lease_sweep_s > 0 else None
+        if resume_jobs and jobs_router is not None:
+            ids = await server_manager(app).resume_unfinished(via="http")
+            if ids:
+                log.info("resuming %d unfinished jobs: %s", len(ids), ", ".join(ids))
         yield
         st.draining = True
         if sweeper is not None:
@@ -112,11 +125,7 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(responses.router)
     app.include_router(sessions.router)
-    try:  # the agent-jobs extension (kvstrata.jobs), when this build has it
-        from kvstrata.jobs.routes import router as jobs_router
-    except ImportError as e:
-        log.info("jobs routes not mounted: %s", e)
-    else:
+    if jobs_router is not None:
         app.include_router(jobs_router)
 
     @app.get("/health", tags=["ops"])
