@@ -185,6 +185,11 @@ def test_responses_previous_response_id(tiny_server):
         c.responses.create(model="tiny", input="x", previous_response_id=r4.id)
 
 
+TIME_TOOL = {"type": "function", "name": "get_time", "description": "The current time.",  # an enum: a short call
+             "parameters": {"type": "object", "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
+                            "required": ["tz"]}}
+
+
 def _events(stream) -> list:
     evs = list(stream)
     assert [e.sequence_number for e in evs] == list(range(len(evs)))
@@ -221,10 +226,7 @@ def test_responses_stream_text_then_continue(tiny_server):
 
 def test_responses_stream_function_call(tiny_server):
     c = tiny_server.client()
-    tool = {"type": "function", "name": "get_time", "description": "The current time.",  # an enum: a short call
-            "parameters": {"type": "object", "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
-                           "required": ["tz"]}}
-    evs = _events(c.responses.create(model="tiny", input="What time is it?", tools=[tool], tool_choice="required",
+    evs = _events(c.responses.create(model="tiny", input="What time is it?", tools=[TIME_TOOL], tool_choice="required",
                                      max_output_tokens=64, temperature=0, stream=True))
     kinds = [e.type for e in evs]
     assert "response.output_text.delta" not in kinds  # with tools active the reply is held back until whole
@@ -270,3 +272,20 @@ def test_responses_stream_disconnect_stores_nothing(tiny_server):
     assert in_use() == 0 and tiny_server.engine_call(lambda e: len(e.requests)) == 0
     assert httpx.get(f"{tiny_server.url}/v1/responses/{rid}").status_code == 404
     assert httpx.get(f"{tiny_server.url}/v1/sessions/{sid}").json()["messages"] == []
+
+
+def test_responses_stream_through_the_sdk_stream_helper(tiny_server):
+    """The openai SDK's `responses.stream` rebuilds the response from the events and checks them (one
+    response id throughout, items matched by index and id): ours pass it, for text cut by the budget
+    (response.incomplete) and for a completed function call (get_final_response)."""
+    c = tiny_server.client()
+    with c.responses.stream(model="tiny", input="The quick brown fox", max_output_tokens=8, temperature=0) as s:
+        evs = list(s)
+    text = "".join(e.delta for e in evs if e.type == "response.output_text.delta")
+    assert evs[-1].type == "response.incomplete" and evs[-1].response.output_text == text != ""
+    with c.responses.stream(model="tiny", input="What time is it?", tools=[TIME_TOOL], tool_choice="required",
+                            max_output_tokens=64) as s:
+        final = s.get_final_response()
+    call = final.output[-1]
+    assert final.status == "completed" and call.type == "function_call" and call.name == "get_time"
+    assert json.loads(call.arguments)["tz"] in ("UTC", "CET")
