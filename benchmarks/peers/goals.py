@@ -48,9 +48,9 @@ def roofline_share(row: dict, run_bw: float | None) -> dict | None:
     ceil = row.get("ceilings_GBps") or []
     if len(ceil) == len(samples) + 1:
         for i, tps in enumerate(samples):
-            bw = max(ceil[i], ceil[i + 1])
-            if out["beside"] is None or tps * b / 1e9 / bw > out["beside"]:
-                out["beside"], out["beside_GBps"], out["beside_read_GBps"] = tps * b / 1e9 / bw, bw, tps * b / 1e9
+            read, bw = tps * b / 1e9, max(ceil[i], ceil[i + 1])
+            if out["beside"] is None or read / bw > out["beside"]:
+                out["beside"], out["beside_GBps"], out["beside_read_GBps"] = read / bw, bw, read
     return out
 
 

@@ -204,7 +204,7 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
         if name not in parts:
             continue
         if single and name == single[0]:
-            _measure_bandwidth(res["ceilings"])
+            _add_bandwidth(res["ceilings"], [bandwidth_sample()])
         pressure = {"before": wait_for_quiet(quiet_wait_s)}
         s = time.monotonic()
         res[name] = runners[name]()
@@ -216,7 +216,7 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
             for r in (res[name] or {}).get("decode") or []:
                 _add_bandwidth(res["ceilings"], r.get("ceilings_GBps") or [])
         if single and name == single[-1]:
-            _measure_bandwidth(res["ceilings"])
+            _add_bandwidth(res["ceilings"], [bandwidth_sample()])
         out_json.write_text(json.dumps(res, indent=2))
     res["plots"] = [str(p) for p in plots(res, out_dir)]
     out_json.write_text(json.dumps(res, indent=2))
@@ -226,10 +226,6 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
 
 BANDWIDTH_METHOD = (f"{BANDWIDTH_SAMPLE}, sampled just before the first and just after the last single-stream part "
                     "and beside every decode repetition of both engines; the run's ceiling is the highest sample")
-
-
-def _measure_bandwidth(ceil: dict) -> None:
-    _add_bandwidth(ceil, [bandwidth_sample()])
 
 
 def _add_bandwidth(ceil: dict, samples: list[float]) -> None:

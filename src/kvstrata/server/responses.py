@@ -111,9 +111,13 @@ def chat_tool_choice(tc: Any) -> Any:
     return tc
 
 
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _message_item(text: str, msg_id: str | None = None) -> dict[str, Any]:
     return {"type": "message", "id": msg_id or new_id("msg_"), "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [_text_part(text)]}
 
 
 def output_items(msg: dict[str, Any], msg_id: str | None = None) -> list[dict[str, Any]]:
@@ -195,16 +199,19 @@ def _status(turn: TurnResult) -> str:
     return "incomplete" if fr is not None and fr.value == "length" else "completed"
 
 
+def _response_id(body: ResponsesRequest) -> str:
+    """Chosen before generating (a stream announces it first): the store's kind of id, or a plain one
+    for `store: false`, which is never written."""
+    return new_response_id() if body.store else new_id("resp_")
+
+
 async def _store(st: ServerState, body: ResponsesRequest, who: Any, sess: Session, turn_no: int, turn: TurnResult,
-                 resp: dict[str, Any]) -> str:
-    """Records the response as the session's turn (under resp["id"] when set); returns its id."""
+                 resp: dict[str, Any]) -> None:
+    """Records the response, under its id, as the session's turn (nothing for `store: false`)."""
     if body.store and turn.info is not None:
-        rec = await st.db(st.store.put_response, sess.id, owner=who, turn=turn_no,
-                          output={"response": resp, "num_messages": turn.info.num_messages,
-                                  "num_tokens": turn.info.num_tokens},
-                          usage=resp["usage"], response_id=resp["id"])
-        return rec.id
-    return resp["id"] or new_id("resp_")
+        await st.db(st.store.put_response, sess.id, owner=who, turn=turn_no,
+                    output={"response": resp, "num_messages": turn.info.num_messages, "num_tokens": turn.info.num_tokens},
+                    usage=resp["usage"], response_id=resp["id"])
 
 
 @router.post("/v1/responses")
@@ -239,9 +246,9 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
     if body.stream:
         events = _events(st, body, who, sess, turn_no, branched_from, new_msgs, plan, first, agen)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    resp = _response(body, None, status=_status(turn), output=output_items(turn.message), turn=turn,
+    resp = _response(body, _response_id(body), status=_status(turn), output=output_items(turn.message), turn=turn,
                      session_id=sess.id, branched_from=branched_from)
-    resp["id"] = await _store(st, body, who, sess, turn_no, turn, resp)
+    await _store(st, body, who, sess, turn_no, turn, resp)
     return resp
 
 
@@ -254,11 +261,15 @@ async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessi
         data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, ensure_ascii=False)
         return f"event: {kind}\ndata: {data}\n\n"
 
-    rid = new_response_id() if body.store else new_id("resp_")
-    yield ev("response.created", response=_response(body, rid, status="in_progress", output=[], turn=None,
-                                                     session_id=sess.id, branched_from=branched_from))
-    yield ev("response.in_progress", response=_response(body, rid, status="in_progress", output=[], turn=None,
-                                                         session_id=sess.id, branched_from=branched_from))
+    def announce(item: dict[str, Any], i: int):  # a message item, before its text
+        yield ev("response.output_item.added", output_index=i, item={**item, "status": "in_progress", "content": []})
+        yield ev("response.content_part.added", item_id=item["id"], output_index=i, content_index=0, part=_text_part(""))
+
+    rid = _response_id(body)
+    start = _response(body, rid, status="in_progress", output=[], turn=None, session_id=sess.id,
+                      branched_from=branched_from)
+    yield ev("response.created", response=start)
+    yield ev("response.in_progress", response=start)
     msg_id, sent, last = None, "", first
     try:
         async for out in outputs(first, agen):
@@ -271,10 +282,8 @@ async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessi
                 continue
             if msg_id is None:
                 msg_id = new_id("msg_")
-                yield ev("response.output_item.added", output_index=0,
-                         item={**_message_item("", msg_id), "status": "in_progress", "content": []})
-                yield ev("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                         part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                for e in announce(_message_item("", msg_id), 0):
+                    yield e
             sent += delta
             yield ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=delta,
                      logprobs=[])
@@ -285,11 +294,9 @@ async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessi
         for i, item in enumerate(items):
             if item["type"] == "message":
                 text = item["content"][0]["text"]
-                if item["id"] != msg_id or msg_id is None:  # not streamed: announced and sent whole now
-                    yield ev("response.output_item.added", output_index=i,
-                             item={**item, "status": "in_progress", "content": []})
-                    yield ev("response.content_part.added", item_id=item["id"], output_index=i, content_index=0,
-                             part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                if item["id"] != msg_id:  # not streamed: announced and sent whole now
+                    for e in announce(item, i):
+                        yield e
                     if text:
                         yield ev("response.output_text.delta", item_id=item["id"], output_index=i, content_index=0,
                                  delta=text, logprobs=[])
