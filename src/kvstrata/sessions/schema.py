@@ -119,6 +119,11 @@ MIGRATIONS: tuple[Migration, ...] = (
                 PRIMARY KEY (session_id, call_id))""",
         ),
     ),
+    Migration(
+        3,
+        "sessions.kv_placement: where a paused session's KV was put (survives restarts)",
+        ("ALTER TABLE sessions ADD COLUMN kv_placement TEXT",),
+    ),
 )
 
 SCHEMA_VERSION_DDL = (

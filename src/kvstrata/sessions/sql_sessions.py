@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 INFO_COLS = (
     "id, owner, parent_id, state, request_class, metadata, num_tokens, num_blocks, num_messages, "
-    "version, lease_expires_at, parked_tier, created_at, updated_at"
+    "version, lease_expires_at, parked_tier, created_at, updated_at, kv_placement"
 )
 FULL_COLS = INFO_COLS + ", system_prompt, tools, token_ids, block_keys"
+_SYS, _TOOLS, _TOKENS, _KEYS = range(len(INFO_COLS.split(",")), len(FULL_COLS.split(",")))  # FULL_COLS row indices
 
 
 def _info(row: Sequence[Any]) -> dict[str, Any]:
@@ -57,6 +58,7 @@ def _info(row: Sequence[Any]) -> dict[str, Any]:
         parked_tier=row[11],
         created_at=row[12],
         updated_at=row[13],
+        kv_placement=codec.loads(row[14]) if row[14] is not None else None,
     )
 
 
@@ -80,11 +82,11 @@ class SqlStore(ResponsesSql, JobsSql, SessionStore):
             )
         return Session(
             **info,
-            system_prompt=row[14],
-            tools=codec.loads(row[15]),
+            system_prompt=row[_SYS],
+            tools=codec.loads(row[_TOOLS]),
             messages=[codec.loads(b[0]) for b in bodies],
-            token_ids=codec.decode_tokens(row[16]),
-            block_keys=codec.decode_keys(row[17]),
+            token_ids=codec.decode_tokens(row[_TOKENS]),
+            block_keys=codec.decode_keys(row[_KEYS]),
         )
 
     def list_sessions(
@@ -216,6 +218,8 @@ class SqlStore(ResponsesSql, JobsSql, SessionStore):
                 new[k] = v
         if "metadata" in sets:
             new["metadata"] = codec.loads(sets["metadata"])
+        if sets.get("kv_placement") is not None:
+            new["kv_placement"] = codec.loads(sets["kv_placement"])
         new["state"] = SessionState(new["state"])
         return SessionInfo(**new)
 
@@ -278,6 +282,7 @@ class SqlStore(ResponsesSql, JobsSql, SessionStore):
         expected_version: int | None = None,
         lease_expires_at: float | None = UNSET,
         parked_tier: str | None = UNSET,
+        kv_placement: dict[str, Any] | None = UNSET,
     ) -> SessionInfo:
         state = self._enum(SessionState, state, "state")
         sets: dict[str, Any] = {"state": state.value}
@@ -285,14 +290,22 @@ class SqlStore(ResponsesSql, JobsSql, SessionStore):
             sets["lease_expires_at"] = codec.check_time(lease_expires_at, "lease_expires_at")
         if parked_tier is not UNSET:
             sets["parked_tier"] = self._check_tier(parked_tier)
+        if kv_placement is not UNSET:
+            sets["kv_placement"] = self._placement(kv_placement)
         if state == SessionState.CLOSED:
-            sets["lease_expires_at"] = sets["parked_tier"] = None
+            sets["lease_expires_at"] = sets["parked_tier"] = sets["kv_placement"] = None
         with self._write() as cur:
             info = self._locked(cur, session_id, owner, expected_version)
             if info["state"] == SessionState.CLOSED:
                 raise InvalidTransition(f"session {session_id!r} is closed: its state cannot change")
             check_transition("session", session_id, SESSION_TRANSITIONS, info["state"], state)
             return self._bump(cur, info, sets)
+
+    @staticmethod
+    def _placement(p: Any) -> str | None:
+        if p is not None and not isinstance(p, dict):
+            raise KvstrataError(f"kv_placement must be a dict or None, got {type(p).__name__}")
+        return None if p is None else codec.dumps(p, "kv_placement")
 
     @staticmethod
     def _check_tier(tier: Any) -> str | None:
@@ -307,11 +320,14 @@ class SqlStore(ResponsesSql, JobsSql, SessionStore):
         owner: Any,
         lease_expires_at: float | None,
         parked_tier: str | None = UNSET,
+        kv_placement: dict[str, Any] | None = UNSET,
         expected_version: int | None = None,
     ) -> SessionInfo:
         sets: dict[str, Any] = {"lease_expires_at": codec.check_time(lease_expires_at, "lease_expires_at")}
         if parked_tier is not UNSET:
             sets["parked_tier"] = self._check_tier(parked_tier)
+        if kv_placement is not UNSET:
+            sets["kv_placement"] = self._placement(kv_placement)
         with self._write() as cur:
             info = self._locked(cur, session_id, owner, expected_version)
             if info["state"] == SessionState.CLOSED:
@@ -345,13 +361,13 @@ class SqlStore(ResponsesSql, JobsSql, SessionStore):
             s = Session(
                 **{**src, "id": new_session_id(), "parent_id": session_id, "state": SessionState.ACTIVE,
                    "version": 1, "created_at": now, "updated_at": now, "lease_expires_at": None,
-                   "parked_tier": None, "metadata": merged},
-                system_prompt=src_row[14],
-                tools=codec.loads(src_row[15]),
-                token_ids=codec.decode_tokens(src_row[16]),
-                block_keys=codec.decode_keys(src_row[17]),
+                   "parked_tier": None, "kv_placement": None, "metadata": merged},
+                system_prompt=src_row[_SYS],
+                tools=codec.loads(src_row[_TOOLS]),
+                token_ids=codec.decode_tokens(src_row[_TOKENS]),
+                block_keys=codec.decode_keys(src_row[_KEYS]),
             )  # fmt: skip
-            self._insert_session(cur, s, bytes(src_row[16]), bytes(src_row[17]))
+            self._insert_session(cur, s, bytes(src_row[_TOKENS]), bytes(src_row[_KEYS]))
             self._x(
                 cur,
                 "INSERT INTO messages (session_id, idx, body) SELECT ?, idx, body FROM messages "

@@ -132,9 +132,10 @@ class SessionStore(abc.ABC):
         expected_version: int | None = None,
         lease_expires_at: float | None = UNSET,
         parked_tier: str | None = UNSET,
+        kv_placement: dict[str, Any] | None = UNSET,
     ) -> SessionInfo:
-        """Change the state (and, in the same write, the lease fields given; UNSET leaves them).
-        Closing clears the lease and the parked tier. Setting the current state again is allowed and
+        """Change the state (and, in the same write, the lease and placement fields given; UNSET leaves
+        them). Closing clears the lease, the parked tier and the placement. Setting the current state again is allowed and
         still counts as a write (version + 1). Raises InvalidTransition, VersionConflict."""
 
     def park(
@@ -164,9 +165,11 @@ class SessionStore(abc.ABC):
         owner: Owner,
         lease_expires_at: float | None,
         parked_tier: str | None = UNSET,
+        kv_placement: dict[str, Any] | None = UNSET,
         expected_version: int | None = None,
     ) -> SessionInfo:
-        """Change the lease (None: no lease) and optionally the parked tier without a state change.
+        """Change the lease (None: no lease) and optionally the parked tier and the KV placement record
+        without a state change.
         Raises InvalidTransition on a CLOSED session."""
 
     @abc.abstractmethod

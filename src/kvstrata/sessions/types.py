@@ -220,6 +220,9 @@ class SessionInfo:
     num_tokens: int = 0
     num_blocks: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    # where SessionKV put the KV while the session waits (sessions/kv.py): {"action", "tier", "tokens",
+    # "at", "expected_wait_s", "tool"}; None when the session holds no placement
+    kv_placement: dict[str, Any] | None = None
 
 
 @dataclass
