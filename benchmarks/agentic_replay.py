@@ -1,8 +1,8 @@
 """Agentic replay: concurrent agent sessions from the tau-bench airline traces, with tool waits, under a
 device KV budget smaller than the sessions' working set. Three ways to hold a waiting agent's KV:
 
-* cost model: the engine's placement (`engine.pause` keeps / moves down to host or disk / drops,
-  `engine.resume` brings it back, `record_tool_duration` learns the waits); host + disk tiers on;
+* cost model: SessionKV's placement (`SessionKV.pause` keeps / moves down to host or disk / drops,
+  `SessionKV.resume` brings it back and learns the wait); host + disk tiers on;
 * recompute: tiers off, the session's KV dropped when it starts waiting (recomputed on every resume);
 * keep: tiers off, nothing done at a pause: blocks stay in device memory until the LRU needs the room.
 
@@ -69,7 +69,7 @@ def wait_classes(sessions: list[list[dict]], lo: float = 1.0, hi: float = 300.0)
     return {nm: lo * (hi / lo) ** (i / (len(names) - 1)) for i, nm in enumerate(names)}
 
 
-async def replay(aeng, msgs: list[dict], cfg: str, waits: dict[str, float], scale: float, max_gen: int,
+async def replay(aeng, skv, msgs: list[dict], cfg: str, waits: dict[str, float], scale: float, max_gen: int,
                  rng: random.Random, stats: dict) -> None:
     from kvstrata.core import SamplingParams, chain_keys
     from kvstrata.tokenizer.tokenizer import splice_tokens as splice
@@ -78,7 +78,7 @@ async def replay(aeng, msgs: list[dict], cfg: str, waits: dict[str, float], scal
     eng = aeng.engine
     tok = eng.tokenizer
     stored: list[int] = []
-    paused = False
+    paused = None  # the session SessionKV paused (cost-model config)
     i = 0
     while i < len(msgs):
         if msgs[i]["role"] != "assistant":
@@ -89,9 +89,9 @@ async def replay(aeng, msgs: list[dict], cfg: str, waits: dict[str, float], scal
         target = msgs[i]
         n_gen = max(1, min(max_gen, len(tok.encode(json.dumps(target.get("tool_calls")) if target.get("tool_calls")
                                                    else (target.get("content") or "")))))
-        if paused and cfg == "cost-model":
-            await aeng.call_async(lambda e, p=prompt: e.resume(p))
-        paused = False
+        if paused is not None:
+            await skv.resume(paused)
+        paused = None
         async for _ in aeng.generate(prompt, SamplingParams(max_tokens=n_gen, ignore_eos=True), request_class="batch"):
             pass
         stats["steps"] += 1
@@ -102,8 +102,9 @@ async def replay(aeng, msgs: list[dict], cfg: str, waits: dict[str, float], scal
             continue  # no wait after the last replayed turn: nothing would resume
         # the session now waits on its tools, or on the (LLM-simulated, in tau-bench) user
         name = calls[0]["function"]["name"] if calls else "user"
-        if cfg == "cost-model":
-            await aeng.call_async(lambda e, p=prompt: e.pause(p, name))
+        if cfg == "cost-model":  # SessionKV places the waiting session's KV (and learns the wait on resume)
+            paused = await asyncio.to_thread(skv.store.create_session, owner=None, token_ids=prompt)
+            await skv.pause(paused, tool=name)
         elif cfg == "recompute":
             def drop(e, p=prompt):
                 for k in chain_keys(p, e.pool.block_size, e.fingerprint):
@@ -111,17 +112,16 @@ async def replay(aeng, msgs: list[dict], cfg: str, waits: dict[str, float], scal
                     if b is not None and e.pool.ref_count[b] == 0:
                         e.pool.drop_cached(b)
             await aeng.call_async(drop)
-        paused = True
         w = waits[name] * rng.uniform(0.8, 1.2) * scale
         stats["wait_s"] += w
         await asyncio.sleep(w)
-        if cfg == "cost-model":
-            await aeng.call_async(lambda e: e.record_tool_duration(name, w))
 
 
 def run_config(cfg: str, sessions, waits, a) -> dict:
     from kvstrata.engine.async_engine import AsyncEngine
     from kvstrata.engine.llm_engine import LLMEngine
+    from kvstrata.sessions import open_store
+    from kvstrata.sessions.kv import SessionKV
 
     tmp = Path(tempfile.mkdtemp(prefix="kvstrata-replay-"))
     kw = dict(model=a.model, kv_device_bytes=a.kv_device_bytes, num_threads=a.threads)
@@ -129,16 +129,19 @@ def run_config(cfg: str, sessions, waits, a) -> dict:
         kw.update(kv_host_bytes=a.kv_host_bytes, kv_disk_dir=str(tmp / "disk"))
     eng = LLMEngine(**kw)
     aeng = AsyncEngine(eng)
+    store = open_store(tmp / "sessions.db")
+    skv = SessionKV(aeng, store)
     stats = {"steps": 0, "wait_s": 0.0}
 
     async def main():
-        await asyncio.gather(*(replay(aeng, s, cfg, waits, a.time_scale, a.max_gen, random.Random(j), stats)
+        await asyncio.gather(*(replay(aeng, skv, s, cfg, waits, a.time_scale, a.max_gen, random.Random(j), stats)
                                for j, s in enumerate(sessions)))
 
     t0 = time.perf_counter()
     asyncio.run(main())
     wall = time.perf_counter() - t0
     aeng.shutdown()
+    store.close()
     c = dict(eng.counters)
     kv = eng.kv_stats()
     bpb = eng.pool.block_bytes if hasattr(eng.pool, "block_bytes") else None

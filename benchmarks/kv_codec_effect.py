@@ -27,7 +27,7 @@ def main() -> None:
         msgs = [{"role": "system", "content": "You are a careful assistant. " * 12}, {"role": "user", "content": q}]
         ids = llm.tokenizer.encode_chat(msgs)
         cold = llm.generate([ids], p)[0]
-        llm.engine.park(ids, "disk", pin=False)
+        llm.engine.offload.park(ids, "disk", pin=False)
         warm = llm.generate([ids], p)[0]
         a, b = cold.outputs[0].token_ids, warm.outputs[0].token_ids
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))

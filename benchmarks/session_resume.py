@@ -31,7 +31,7 @@ def replay(llm: LLM, sessions, park: str | None) -> list[tuple[int, float, int]]
             r = llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True))[0]
             out.append((len(ids), r.metrics.ttft_s, r.metrics.cached_prompt_tokens))
             if park:
-                llm.engine.park(ids, park, pin=False)
+                llm.engine.offload.park(ids, park, pin=False)
     return out
 
 

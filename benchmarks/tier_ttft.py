@@ -48,7 +48,7 @@ def main() -> None:
             p = prompt()
             llm.generate([p], one)  # computes and caches the prefix
             if tier != "device":
-                eng.park(p, tier, pin=False)
+                eng.offload.park(p, tier, pin=False)
                 if tier == "disk":  # a cold read from disk, not the page cache, as far as we can without root
                     os.sync()
             q = p[:-32] + torch.randint(100, 49000, (32,), generator=g).tolist()

@@ -49,7 +49,7 @@ class EngineConfig:
     kv_disk_dir: str | None = _f(None, "directory of the disk tier (unset: off); survives restarts")
     kv_disk_bytes: int | None = _f(None, "byte budget of the disk tier (default 10G)", bytes=True)
     kv_redis_url: str | None = _f(None, "redis:// URL of a shared Redis/Valkey tier (unset: off)")
-    kv_write_policy: str = _f("write-on-evict", "when blocks go down the tiers: write-on-evict or write-through")
+    kv_write_policy: str = _f("write-behind", "when blocks go down the tiers: write-behind (evicted blocks go down, and each finished request's blocks are written to the disk / remote tiers behind it, so a crash after a turn costs no recompute), write-on-evict (only evicted blocks go down) or write-through (every block as it fills, to every tier)")
     kv_cold_codec: str = _f("raw", "codec of the disk and remote tiers: raw or int8")
     max_model_len: int | None = _f(None, "longest prompt + output in tokens (default: the model's context length)")
     max_num_seqs: int = _f(64, "most sequences running at once")
@@ -69,8 +69,9 @@ class EngineConfig:
             raise KvstrataError(f"quantization must be none, int8, int4 or auto, got {self.quantization!r}")
         if self.native_decode not in ("auto", "on", "off"):
             raise KvstrataError(f"native_decode must be auto, on or off, got {self.native_decode!r}")
-        if self.kv_write_policy not in ("write-on-evict", "write-through"):
-            raise KvstrataError(f"kv_write_policy must be write-on-evict or write-through, got {self.kv_write_policy!r}")
+        if self.kv_write_policy not in ("write-behind", "write-on-evict", "write-through"):
+            raise KvstrataError("kv_write_policy must be write-behind, write-on-evict or write-through, got "
+                                f"{self.kv_write_policy!r}")
         if self.kv_cold_codec not in ("raw", "int8"):
             raise KvstrataError(f"kv_cold_codec must be raw or int8, got {self.kv_cold_codec!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from kvstrata.jobs import JobManager
 from kvstrata.jobs.routes import router
+from kvstrata.sessions.kv import SessionKV
 
 
 def _app(aeng, store, manager=True):
@@ -17,8 +18,8 @@ def _app(aeng, store, manager=True):
     app.include_router(router)
     if manager:
         app.state.jobs = JobManager(aeng, store)
-    else:  # as on the kvstrata server: only app.state.kv (aengine, store)
-        app.state.kv = SimpleNamespace(aengine=aeng, store=store)
+    else:  # as on the kvstrata server: only app.state.kv (aengine, store, its SessionKV)
+        app.state.kv = SimpleNamespace(aengine=aeng, store=store, skv=SessionKV(aeng, store))
     return app
 
 

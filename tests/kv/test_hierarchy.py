@@ -26,8 +26,10 @@ def _disk_files(d: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_default_model_restore_from_each_tier_equals_recompute(tmp_path, redis_server):
+    # write-on-evict: each tier holds only what is parked to it (write-behind would put every turn's
+    # blocks on disk and Redis too, and the restore would come from the fastest of them)
     llm = LLM("default", kv_device_bytes="256M", kv_host_bytes="64M", kv_disk_dir=str(tmp_path / "kv"),
-              kv_redis_url=redis_server.url)
+              kv_redis_url=redis_server.url, kv_write_policy="write-on-evict")
     eng = llm.engine
     tok = llm.tokenizer
     for tier in ("host", "disk", "remote"):
@@ -36,9 +38,9 @@ def test_default_model_restore_from_each_tier_equals_recompute(tmp_path, redis_s
         ids = tok.encode_chat(msgs)
         cold = llm.generate([ids], PARAMS)[0]
         assert cold.metrics.cached_prompt_tokens == 0
-        res = eng.park(ids, tier)
+        res = eng.offload.park(ids, tier)
         assert res["blocks_written"] > 0 and res["device_blocks_freed"] > 0
-        assert eng.locate(ids).get(tier, 0) >= len(ids) // 16 * 16 - 16
+        assert eng.kv.locate(ids).get(tier, 0) >= len(ids) // 16 * 16 - 16
         warm = llm.generate([ids], PARAMS)[0]
         by_tier = warm.metrics.cached_prompt_tokens_by_tier
         assert by_tier.get(tier, 0) >= 16 * (len(ids) // 16 - 1), by_tier
@@ -52,7 +54,7 @@ def test_tiny_restore_with_int8_cold_codec_is_close(tiny_llama, tmp_path):
     llm = _engine(tiny_llama, kv_disk_dir=str(tmp_path / "kv"), kv_cold_codec="int8")
     ids = llm.tokenizer.encode(SHARED)
     cold = llm.generate([ids], PARAMS)[0]
-    llm.engine.park(ids, "disk")
+    llm.engine.offload.park(ids, "disk")
     warm = llm.generate([ids], PARAMS)[0]
     assert warm.metrics.cached_prompt_tokens_by_tier.get("disk", 0) > 0
     a, b = cold.outputs[0].token_ids, warm.outputs[0].token_ids
@@ -94,7 +96,7 @@ def _parked(tiny_llama, tmp_path):
     llm = _engine(tiny_llama, kv_disk_dir=str(tmp_path / "kv"))
     ids = llm.tokenizer.encode(SHARED)
     cold = llm.generate([ids], PARAMS)[0]
-    llm.engine.park(ids, "disk", pin=False)
+    llm.engine.offload.park(ids, "disk", pin=False)
     return llm, ids, cold
 
 
@@ -173,7 +175,7 @@ def test_full_disk_tier_degrades_to_recompute(tiny_llama, tmp_path):
     llm = _engine(tiny_llama, kv_disk_dir=str(tmp_path / "kv"), kv_disk_bytes=1)
     ids = llm.tokenizer.encode(SHARED)
     cold = llm.generate([ids], PARAMS)[0]
-    res = llm.engine.park(ids, "disk")
+    res = llm.engine.offload.park(ids, "disk")
     assert res["failed"] == 1 and res["blocks_written"] == 0
     again = llm.generate([ids], PARAMS)[0]
     assert again.outputs[0].token_ids == cold.outputs[0].token_ids
@@ -218,7 +220,7 @@ def test_fp16_kv_pool_parks_and_restores_through_host_and_disk(tiny_llama, tmp_p
     for tier in ("host", "disk"):
         ids = llm.tokenizer.encode(f"{tier}: {SHARED}")
         cold = llm.generate([ids], PARAMS)[0]
-        assert eng.park(ids, tier)["blocks_written"] > 0
+        assert eng.offload.park(ids, tier)["blocks_written"] > 0
         warm = llm.generate([ids], PARAMS)[0]
         assert warm.metrics.cached_prompt_tokens_by_tier.get(tier, 0) >= 16, warm.metrics.cached_prompt_tokens_by_tier
         assert warm.outputs[0].token_ids == cold.outputs[0].token_ids

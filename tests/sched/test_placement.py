@@ -61,29 +61,43 @@ def test_expected_wait_is_learned_per_tool():
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 4
 
 
-def test_engine_pause_moves_down_and_resume_brings_back(tiny_llama, tmp_path):
-    llm = LLM(str(tiny_llama), kv_device_bytes="4M", kv_disk_dir=str(tmp_path / "kv"))
-    eng = llm.engine
-    eng.paused.set_model(model(tiers=("disk",)))
-    ids = llm.tokenizer.encode(TEXT)
-    params = SamplingParams(max_tokens=8, ignore_eos=True)
-    first = llm.generate([ids], params)[0]
-    session = ids + first.outputs[0].token_ids
-    d = eng.pause(session, "web_search", wait_s=600.0)
-    assert d["action"] == "disk"
-    assert eng.locate(session).get("device", 0) == 0 and eng.locate(session)["disk"] > 0
-    assert eng.resume(session) == len(session) // 16 * 16
-    nxt = session + llm.tokenizer.encode(" And then")
-    out = llm.generate([nxt], params)[0]
-    assert out.metrics.cached_prompt_tokens_by_tier.get("device", 0) >= len(session) // 16 * 16
-    eng.pool.reset_prefix_cache()
-    assert llm.generate([nxt], params)[0].outputs[0].token_ids == out.outputs[0].token_ids
-    # keep: the blocks are held against eviction until resume
-    d = eng.pause(session, "calc", wait_s=0.0)
-    assert d["action"] == "keep" and eng.pool.num_in_use == len(session) // 16
-    eng.resume(session)
-    assert eng.pool.num_in_use == 0
-    assert eng.kv_stats()["placement"]["decisions"] == {"disk": 1, "keep": 1}
+def test_decisions_never_wait_for_a_measurement(monkeypatch):
+    """No saved calibration: the first decision uses the defaults and starts the measurement on another
+    thread; it returns without waiting for it, and the measured numbers replace the defaults after."""
+    import threading
+
+    from kvstrata.sched import placement as pl
+
+    started, release, threads = threading.Event(), threading.Event(), []
+
+    def slow_measure():
+        threads.append(threading.current_thread().name)
+        started.set()
+        release.wait(10)
+        return Calibration({"disk": 9.0}, {"disk": 9.0}, 123.0, "measured")
+
+    monkeypatch.setattr(pl, "measure_calibration", slow_measure)
+    m = PlacementModel(None, SPEC, ["disk"])
+    assert m.cal is pl.DEFAULT_CALIBRATION
+    d = m.decide(KV, 2048, "t", 0.5, POOL, wait_s=1.0)  # returns while the measurement is blocked
+    assert started.wait(5) and d.action in ("keep", "disk", "drop") and m.cal is pl.DEFAULT_CALIBRATION
+    release.set()
+    assert m.wait_calibrated(10) and m.cal.source == "measured"
+    assert threads == ["kvstrata-calibrate"] and threading.current_thread().name not in threads
+    m.decide(KV, 2048, "t", 0.5, POOL, wait_s=1.0)  # measured once, not again
+    assert len(threads) == 1
+
+
+def test_saved_calibration_is_read_at_start(monkeypatch):
+    from kvstrata.planner.calibration import calibrate, save_profile
+    from kvstrata.sched import placement as pl
+
+    save_profile(calibrate(quick=True))
+    monkeypatch.setattr(pl, "measure_calibration", lambda: pytest.fail("must not measure again"))
+    m = PlacementModel(None, SPEC, ["disk"])
+    assert m.cal.source.startswith("calibration ")
+    m.decide(KV, 2048, "t", 0.5, POOL, wait_s=1.0)
+    assert m.wait_calibrated(1)
 
 
 def _block_bytes(llm):
@@ -99,7 +113,7 @@ def test_preempted_batch_work_moves_down_and_matches_unpreempted(tiny_llama, tmp
     prompts = [TEXT[i * 7:] + f" job {i}" for i in range(6)]
     want = [ref.generate(p, params)[0].outputs[0].token_ids for p in prompts]
     llm = LLM(str(tiny_llama), kv_device_bytes=16 * _block_bytes(ref), kv_host_bytes="8M", max_num_batched_tokens=256)
-    llm.engine.paused.set_model(model(tiers=("host",)))
+    llm.engine.placement = model(tiers=("host",))
     outs = llm.generate(prompts, params, request_class="batch")
     eng = llm.engine
     assert eng.counters["preemptions"] > 0

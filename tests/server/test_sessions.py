@@ -9,7 +9,6 @@ import httpx
 import openai
 import pytest
 
-from kvstrata.engine.llm_engine import LLMEngine
 
 from kvstrata.core import chain_keys
 
@@ -104,12 +103,9 @@ def test_park_without_tiers_is_400(http):
     assert ok(http.get(f"/v1/sessions/{sid}"))["state"] == "active"  # nothing recorded
 
 
-@pytest.mark.xfail(not all(hasattr(LLMEngine, n) for n in ("park", "prefetch", "locate", "unpin")), strict=False,
-                   reason="needs LLMEngine.park/prefetch/locate/unpin")
 def test_park_resume_with_host_tier(tiny_llama, tmp_path):
     import asyncio
 
-    from kvstrata.server.turns import sweep_leases
     from kvstrata.sessions import open_store
     from tests.server.harness import make_engine, serve
 
@@ -137,7 +133,7 @@ def test_park_resume_with_host_tier(tiny_llama, tmp_path):
             # a lease that ends is swept: the lease is cleared (the KV unpinned), the session stays parked
             ok(h.post(f"/v1/sessions/{sid}/park", json={"tier": "host", "lease_s": 0.01}))
             time.sleep(0.05)
-            assert asyncio.run(sweep_leases(srv.state)) >= 1
+            assert asyncio.run(srv.state.skv.sweep_leases()) >= 1
             s = ok(h.get(f"/v1/sessions/{sid}"))
             assert s["state"] == "parked" and s["lease_expires_at"] is None
     finally:

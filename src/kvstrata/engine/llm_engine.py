@@ -28,9 +28,9 @@ from kvstrata.engine.setup import (apply_quantization, auto_quantization, build_
                                    resolve_device_dtype, setup_native_decode)
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
-from kvstrata.kv.paused import PausedSessions
 from kvstrata.kv.pool import BlockPool
 from kvstrata.loader import load_model
+from kvstrata.sched.placement import PlacementModel, model_spec
 from kvstrata.sched.scheduler import Scheduler
 from kvstrata.sched.sequence import Sequence
 from kvstrata.tokenizer.tokenizer import IncrementalDetokenizer
@@ -87,7 +87,8 @@ class LLMEngine:
         stack = build_tier_stack(cfg, self.fingerprint)
         self.offload = Offload(self.pool, stack, self.fingerprint) if stack is not None else None
         self.kv.offload = self.offload
-        self.paused = PausedSessions(self)
+        # the one cost model (keep / move down / drop): preemption here, paused sessions in sessions/kv.py
+        self.placement = PlacementModel(None, model_spec(mc), self.offload.tier_names if self.offload else [])
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.scheduler.on_preempt = self._on_preempt
         self.runner = ModelRunner(self.model, self.kv, self.device)
@@ -212,6 +213,8 @@ class LLMEngine:
             seq.finish_reason = FinishReason.LENGTH
         if seq.finish_reason is not None:
             seq.metrics.finished_time = time.time()
+            if self.offload is not None:  # write-behind: the turn's KV goes to disk / remote behind it
+                self.offload.write_behind(seq.block_keys, seq.block_table)
             self.scheduler.finish(seq)
 
     def _check_stop_strings(self, seq: Sequence, delta_len: int) -> None:
@@ -251,41 +254,14 @@ class LLMEngine:
             del self.requests[rid]
         return RequestOutput(rid, req.prompt, req.seqs[0].prompt_token_ids, outs, finished, m)
 
-    # -- the KV hierarchy (sessions park and resume through these) -------------------------------
-    def _need_offload(self) -> Offload:
-        if self.offload is None:
-            raise KvstrataError("no KV tier is configured; start the engine with --kv-host-bytes, --kv-disk-dir "
-                                "or --kv-redis-url")
-        return self.offload
-
-    def park(self, token_ids: Seq[int], tier: str = "disk", pin: bool = True) -> dict:
-        """Writes the KV of this token prefix to `tier` now and frees its device copies (see kv/offload.py)."""
-        return self._need_offload().park(list(token_ids), tier, pin)
-
-    def unpin(self, token_ids: Seq[int], tier: str) -> None:
-        self._need_offload().unpin(list(token_ids), tier)
-
-    def prefetch(self, token_ids: Seq[int]) -> int:
-        """Loads the longest stored prefix of token_ids back into device memory; returns tokens loaded."""
-        return self._need_offload().prefetch(list(token_ids)) if self.offload else 0
-
-    def locate(self, token_ids: Seq[int]) -> dict[str, int]:
-        """Tokens of the longest stored prefix of token_ids, per tier (device included)."""
-        if self.offload is None:
-            from kvstrata.core import chain_keys
-
-            keys = chain_keys(list(token_ids), self.pool.block_size, self.fingerprint)
-            n = next((i for i, k in enumerate(keys) if k not in self.pool.key_to_block), len(keys))
-            return {"device": n * self.pool.block_size} if n else {}
-        return self.offload.locate(list(token_ids))
-
+    # -- the KV hierarchy (sessions move their KV through kv / offload: sessions/kv.py) ----------
     def _on_preempt(self, seq: Sequence) -> None:
         """Recompute-preemption frees the blocks; for batch work with tiers, move them down first
         when the cost model says reloading beats recomputing."""
         if self.offload is None or seq.request_class != RequestClass.BATCH or not seq.block_keys:
             return
         n = len(seq.block_keys)
-        d = self.paused.model.preempt_choice(self.pool.block_bytes * n, n * self.pool.block_size)
+        d = self.placement.preempt_choice(self.pool.block_bytes * n, n * self.pool.block_size)
         if d.action != "drop":
             self.offload.offer_blocks(seq.block_table[:n])
 
@@ -294,20 +270,9 @@ class LLMEngine:
         """Tokens reused instead of computed, by the tier they came from, over every admission."""
         return self.scheduler.reused_tokens_by_tier
 
-    def pause(self, token_ids: Seq[int], tool_name: str | None = None, wait_s: float | None = None) -> dict:
-        """An agent waits (on `tool_name`): the cost model keeps, moves down or drops its KV (kv/paused.py)."""
-        return self.paused.pause(list(token_ids), tool_name, wait_s)
-
-    def resume(self, token_ids: Seq[int]) -> int:
-        """The agent continues: its KV is brought back (prefetched) or released from its hold."""
-        return self.paused.resume(list(token_ids))
-
-    def record_tool_duration(self, tool_name: str, seconds: float) -> None:
-        self.paused.record_tool_duration(tool_name, seconds)
-
     def kv_stats(self) -> dict:
         out = {"device": {**self.pool.summary(), **self.pool.stats, "block_size": self.pool.block_size},
-               "cached_tokens_by_tier": dict(self.cached_tokens_by_tier), "placement": self.paused.stats()}
+               "cached_tokens_by_tier": dict(self.cached_tokens_by_tier), "placement": self.placement.stats()}
         if self.offload is not None:
             out.update(self.offload.stats())
         return out

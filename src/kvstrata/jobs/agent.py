@@ -10,9 +10,11 @@ message was appended is never generated again, a tool call whose outcome was rec
 again (its recorded result is reused), and stateful toolsets get back the state that their last
 recorded call left (stored with that call's result).
 
-The session's stored token ids are the prompt's source of truth: each step's prompt is the previous
-step's prompt plus its generated tokens plus the new messages' tokens, so the engine's prefix cache
-(device pool or any tier) serves the prefix after a tool wait or a restart.
+Each step is a session turn (sessions/turns.py, the function the server's routes use too): the stored
+token ids are the prompt's source of truth, so the engine's prefix cache (device pool or any tier)
+serves the prefix after a tool wait or a restart. While the tools run the session is paused through
+SessionKV (sessions/kv.py): the cost model keeps, moves down or drops its KV, and the placement is
+recorded in the store, so a restart during a tool wait resumes from the tier the KV went to.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvstrata.core import ContextLengthError, RequestClass, SamplingParams, chain_keys
+from kvstrata.core import ContextLengthError, RequestClass, SamplingParams
 from kvstrata.engine.async_engine import EngineDeadError
 from kvstrata.jobs.results import summarize
 from kvstrata.jobs.tools import ToolContext
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
 from kvstrata.sessions import ANY_OWNER, JobTask, Session, SessionState, TaskState
-from kvstrata.tokenizer.tokenizer import splice_tokens
+from kvstrata.sessions import turns
+from kvstrata.sessions.kv import SessionKV
+from kvstrata.tokenizer.tools import forced_tool_call_spec, parse_tool_calls
 
 log = logging.getLogger(__name__)
 _rids = itertools.count()
@@ -41,11 +45,10 @@ _rids = itertools.count()
 class RunContext:
     aeng: Any  # AsyncEngine
     store: Any  # SessionStore
+    skv: SessionKV
     workers: ToolWorkers
     job_id: str
     progress: Any  # jobs.progress.JobProgress
-
-
 
 
 class Agent:
@@ -53,7 +56,6 @@ class Agent:
         self.rc, self.task, self.tools = rc, task, tools
         self.eng = rc.aeng.engine
         self.sess: Session | None = None
-        self.paused = False
 
     async def _db(self, fn, *a, **kw):
         return await asyncio.to_thread(fn, *a, **kw)
@@ -90,20 +92,8 @@ class Agent:
             ds.append(float(self.sess.metadata.get("started_at", time.time())) + t.deadline_s)
         return min(ds) if ds else None
 
-    async def _append(self, messages: list[dict], state: SessionState, token_ids=(), keep: int | None = None,
-                      block_keys=(), keep_blocks: int | None = None) -> None:
-        s = self.sess
-        info = await self._db(self.rc.store.append, s.id, owner=ANY_OWNER, expected_version=s.version,
-                              messages=messages, token_ids=list(token_ids), keep_tokens=keep,
-                              block_keys=list(block_keys), keep_blocks=keep_blocks, new_state=state)
-        s.messages.extend(messages)
-        if keep is not None:
-            s.token_ids = s.token_ids[:keep]
-        s.token_ids.extend(token_ids)
-        if keep_blocks is not None:
-            s.block_keys = s.block_keys[:keep_blocks]
-        s.block_keys.extend(block_keys)
-        s.version, s.state = info.version, info.state
+    async def _append(self, messages: list[dict], state: SessionState) -> None:
+        await turns.append(self.rc.store, self.sess, ANY_OWNER, messages, state)
 
     # -- the loop -------------------------------------------------------------------------------------
     async def run(self, jt: JobTask) -> dict:
@@ -145,8 +135,6 @@ class Agent:
 
     async def _step(self) -> str | None:
         """One generation; returns a finish reason when a limit stops the task instead."""
-        from kvstrata.tokenizer.tools import forced_tool_call_spec, parse_tool_calls, render_chat
-
         t, s, p = self.task, self.sess, self.rc.progress
         steps = [m for m in s.messages if m["role"] == "assistant"]
         used = sum((m.get("kvstrata") or {}).get("completion_tokens", 0) for m in steps)
@@ -157,26 +145,25 @@ class Agent:
             return "max_steps"
         if used >= t.max_total_tokens:
             return "max_total_tokens"
-        tok = self.eng.tokenizer
         defs = self.tools.defs or None
         choice = t.tool_choice if s.messages[-1]["role"] == "user" else "auto"
-        history = ([{"role": "system", "content": s.system_prompt}] if s.system_prompt else []) + s.messages
-        text = render_chat(tok, history, defs, "auto" if defs else None)
-        keep, new_ids = splice_tokens(tok, s.token_ids, text)
-        prompt = s.token_ids[:keep] + new_ids
-        room = self.eng.max_model_len - len(prompt)
-        if room < 1:
+        forced = forced_tool_call_spec(defs, choice) if defs and choice not in ("auto", "none") else None
+        room = [0]
+
+        def make_params(n: int) -> SamplingParams:
+            room[0] = self.eng.max_model_len - n
+            return SamplingParams(max_tokens=max(1, min(t.max_tokens, t.max_total_tokens - used, room[0])),
+                                  **t.sampling, structured=forced)
+
+        plan = turns.plan_turn(self.eng, s, [], make_params)
+        if room[0] < 1:
             return "context_length"
-        params = SamplingParams(max_tokens=min(t.max_tokens, t.max_total_tokens - used, room), **t.sampling,
-                                structured=forced_tool_call_spec(defs, choice) if defs and choice != "auto" and choice != "none" else None)
-        if self.paused:
-            await self._placement("resume", prompt)
-            self.paused = False
-        p.task_phase(t.index, "generating", s.id, prompt)
+        await self.rc.skv.resume(s)  # paused on tools (in this run or before a restart): the KV comes back
+        p.task_phase(t.index, "generating", s.id, plan.prompt)
         t0 = time.time()
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         try:
-            out = await asyncio.wait_for(self._generate(prompt, params, s.id), timeout)
+            out = await asyncio.wait_for(self._generate(plan.prompt, plan.params, s.id), timeout)
         except asyncio.TimeoutError:
             return "deadline"
         except ContextLengthError as e:
@@ -190,19 +177,16 @@ class Agent:
         msg: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             msg["tool_calls"] = calls
-        msg["kvstrata"] = {"step": len(steps) + 1, "prompt_tokens": len(prompt), "completion_tokens": len(gen),
-                           "history_tokens_kept": keep,
+        msg["kvstrata"] = {"step": len(steps) + 1, "prompt_tokens": len(plan.prompt), "completion_tokens": len(gen),
+                           "history_tokens_kept": plan.keep,
                            "cached_prompt_tokens": m.cached_prompt_tokens,
                            "computed_prompt_tokens": m.computed_prompt_tokens,
                            "cached_by_tier": dict(m.cached_prompt_tokens_by_tier),
                            "finish_reason": o.finish_reason.value if o.finish_reason else None,
                            "started_at": t0, "generate_s": round(time.time() - t0, 6)}
-        bs = self.eng.pool.block_size
-        keys = chain_keys(prompt + gen, bs, self.eng.fingerprint)
-        kb = min(len(s.block_keys), keep // bs)
-        await self._append([msg], SessionState.WAITING_ON_TOOL if calls else SessionState.ACTIVE,
-                           new_ids + gen, keep, keys[kb:], kb)
-        await self._db(self.rc.store.record_job_step, self.rc.job_id, t.index, prompt_tokens=len(prompt),
+        await turns.record_turn(self.rc.store, self.eng, s, ANY_OWNER, [], plan, msg, gen,
+                                SessionState.WAITING_ON_TOOL if calls else SessionState.ACTIVE)
+        await self._db(self.rc.store.record_job_step, self.rc.job_id, t.index, prompt_tokens=len(plan.prompt),
                        completion_tokens=len(gen))
         return None
 
@@ -213,29 +197,23 @@ class Agent:
             final = out
         return final
 
-    async def _placement(self, what: str, token_ids: list[int], tool_name: str | None = None) -> dict | None:
-        """The engine's placement hooks (pause / resume / record_tool_duration); no-ops until it has them."""
-        if not hasattr(self.eng, what):
-            return None
+    async def _pause(self, tool_name: str | None) -> dict | None:
+        """The tools run: SessionKV places the session's KV for the wait (an optimisation: a failure
+        costs a recompute, not the task)."""
         try:
-            if what == "pause":
-                d = await self.rc.aeng.call_async(lambda e: e.pause(list(token_ids), tool_name))
-                self.rc.progress.placement(d.get("action") if isinstance(d, dict) else str(d))
-                return d if isinstance(d, dict) else {"action": d}
-            if what == "resume":
-                return {"loaded": await self.rc.aeng.call_async(lambda e: e.resume(list(token_ids)))}
+            d = await self.rc.skv.pause(self.sess, ANY_OWNER, tool=tool_name)
         except EngineDeadError:
             raise
-        except Exception as e:  # placement is an optimisation: a failure costs a recompute, not the task
-            log.warning("engine.%s failed for task %s: %s", what, self.task.id, e)
-        return None
+        except Exception as e:  # noqa: BLE001
+            log.warning("pausing the KV of task %s failed: %s", self.task.id, e)
+            return None
+        self.rc.progress.placement(d.get("action"))
+        return d
 
     async def _run_tools(self, calls: list[dict]) -> None:
         t, s, st, p = self.task, self.sess, self.rc.store, self.rc.progress
         p.task_phase(t.index, "tools", s.id, s.token_ids)
-        first = (calls[0].get("function") or {}).get("name")
-        decision = await self._placement("pause", s.token_ids, first)
-        self.paused = True
+        decision = await self._pause((calls[0].get("function") or {}).get("name"))
         deadline = self._deadline()
 
         async def one(c: dict) -> dict:
@@ -255,11 +233,6 @@ class Agent:
                 oc = await self.tools.call(name, args, ctx, self.rc.workers, timeout)
                 await self._db(st.record_tool_call_result, s.id, cid, result=oc.record(), error=oc.error)
                 content, err, dur = oc.content, oc.error, oc.duration_s
-                if hasattr(self.eng, "record_tool_duration"):
-                    try:
-                        await self.rc.aeng.call_async(lambda e: e.record_tool_duration(name, dur))
-                    except Exception as e:  # an optimisation only
-                        log.debug("record_tool_duration failed: %s", e)
             return {"role": "tool", "tool_call_id": cid, "name": name, "content": content,
                     "kvstrata": {"error": err, "duration_s": round(float(dur or 0.0), 6), "reused": reused}}
 

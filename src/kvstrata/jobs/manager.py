@@ -28,18 +28,21 @@ from kvstrata.jobs.spec import JobSpec
 from kvstrata.jobs.tools import Tool, load_source
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
 from kvstrata.sessions import ANY_OWNER, JobState, TaskState
+from kvstrata.sessions.kv import SessionKV
 
 log = logging.getLogger(__name__)
 TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
 class JobManager:
-    def __init__(self, aengine, store, *, allow_python_modules: bool = True, allow_mcp: bool = True,
-                 kv_sample_s: float = 2.0) -> None:
-        """allow_python_modules / allow_mcp: whether job specs may name tool modules by path / start MCP
+    def __init__(self, aengine, store, *, skv: SessionKV | None = None, allow_python_modules: bool = True,
+                 allow_mcp: bool = True, kv_sample_s: float = 2.0) -> None:
+        """skv: the SessionKV that owns the sessions' KV (the server passes its own; default: a new one).
+        allow_python_modules / allow_mcp: whether job specs may name tool modules by path / start MCP
         server commands. The CLI allows both; a server should allow neither for untrusted clients (entry
         points, installed by the operator, are always allowed)."""
         self.aeng, self.store = aengine, store
+        self.skv = skv if skv is not None else SessionKV(aengine, store)
         self.allow_python_modules, self.allow_mcp = allow_python_modules, allow_mcp
         self.kv_sample_s = kv_sample_s
         self.progress: dict[str, JobProgress] = {}
@@ -165,7 +168,7 @@ class JobManager:
         p.failed = sum(t.state == TaskState.FAILED for t in tasks)
         self.progress[job_id] = p
         registry, conns = await self._tools(spec)
-        rc = RunContext(self.aeng, self.store, ToolWorkers(spec.tool_workers), job_id, p)
+        rc = RunContext(self.aeng, self.store, self.skv, ToolWorkers(spec.tool_workers), job_id, p)
         sem = asyncio.Semaphore(spec.max_concurrent_agents)
 
         async def one(jt) -> None:
@@ -201,11 +204,11 @@ class JobManager:
         while True:
             await asyncio.sleep(self.kv_sample_s)
             ids = list(p.live_tokens.values())[:128]
-            if not ids or not hasattr(self.aeng.engine, "locate"):
+            if not ids:
                 p.kv_by_tier = {}
                 continue
             try:
-                locs = await self.aeng.call_async(lambda e: [e.locate(x) for x in ids])
+                locs = await self.aeng.call_async(lambda e: [e.kv.locate(x) for x in ids])
             except EngineDeadError:
                 return
             except Exception as e:  # a display detail; never stops the job

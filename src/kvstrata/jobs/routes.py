@@ -34,7 +34,8 @@ def server_manager(app) -> JobManager:
         st = getattr(app.state, "kv", None)
         if st is None:
             raise HTTPException(503, "this server has no job manager (set app.state.jobs)")
-        mgr = app.state.jobs = JobManager(st.aengine, st.store, allow_python_modules=False, allow_mcp=False)
+        mgr = app.state.jobs = JobManager(st.aengine, st.store, skv=st.skv, allow_python_modules=False,
+                                          allow_mcp=False)
     return mgr
 
 

@@ -1,17 +1,36 @@
-"""Per-sequence block tables over the BlockPool: prefix matching, slot allocation, registration, free.
+"""Per-sequence block tables over the BlockPool: prefix matching, slot allocation, registration, free;
+and the prefix-level operations sessions use between turns (hold, release, locate).
 
-The scheduler calls these; it never touches the pool's dicts.
+The scheduler calls these; it never touches the pool's dicts. A sequence is anything with the
+attributes of `SeqBlocks` (sched/sequence.py's Sequence is the one the engine runs): this package
+does not import the scheduler.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, Protocol, Sequence
 
-from kvstrata.core import block_key
+from kvstrata.core import block_key, chain_keys
 from kvstrata.kv.pool import BlockPool
-from kvstrata.sched.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+class SeqBlocks(Protocol):
+    """What the KV manager reads and writes of a sequence: its tokens, progress and block table."""
+
+    block_table: list[int]  # pool block ids, one per block_size tokens
+    block_keys: list[bytes]  # chain keys of the registered (full, computed) blocks, in order
+    num_computed_tokens: int
+    num_preemptions: int
+    metrics: Any  # core.RequestMetrics: cached_prompt_tokens(_by_tier) are set at admission
+    last_hit_by_tier: dict[str, int]
+
+    @property
+    def all_token_ids(self) -> list[int]: ...
+
+    def token_at(self, i: int) -> int: ...
 
 
 class KVManager:
@@ -26,7 +45,7 @@ class KVManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, seq: Sequence) -> int:
+    def match_prefix(self, seq: SeqBlocks) -> int:
         """Attach cached blocks for the longest cached prefix of seq's tokens; returns tokens reused.
 
         At least one token is always left to compute, so the step that finishes the prompt yields logits.
@@ -66,24 +85,24 @@ class KVManager:
         seq.last_hit_by_tier = by_tier
         return n
 
-    def _attach(self, seq: Sequence, b: int, key: bytes, tier: str, by_tier: dict[str, int]) -> None:
+    def _attach(self, seq: SeqBlocks, b: int, key: bytes, tier: str, by_tier: dict[str, int]) -> None:
         seq.block_table.append(b)
         seq.block_keys.append(key)
         by_tier[tier] = by_tier.get(tier, 0) + self.block_size
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def can_allocate(self, seq: SeqBlocks, num_new_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         return need <= self.pool.num_available
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate_slots(self, seq: SeqBlocks, num_new_tokens: int) -> None:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(need):
             seq.block_table.append(self.pool.allocate())
 
-    def slot(self, seq: Sequence, pos: int) -> int:
+    def slot(self, seq: SeqBlocks, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def commit(self, seq: Sequence) -> None:
+    def commit(self, seq: SeqBlocks) -> None:
         """Register every block of seq that became full (all its tokens computed) since last time."""
         if not self.enable_prefix_caching:
             return
@@ -99,10 +118,36 @@ class KVManager:
             seq.block_keys.append(key)
             parent = key
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: SeqBlocks) -> None:
         """Release seq's blocks, tail first, so the LRU evicts a prefix's tail before its head."""
         for b in reversed(seq.block_table):
             self.pool.release(b)
         seq.block_table = []
         seq.block_keys = []
         seq.num_computed_tokens = 0
+
+    # -- prefixes between turns (sessions/kv.py) --------------------------------------------------
+    def hold(self, token_ids: Sequence[int]) -> list[int]:
+        """Take a reference on the device blocks of the longest cached prefix of token_ids, so the LRU
+        cannot evict them; returns the blocks (give them back with `release`)."""
+        held = []
+        for key in chain_keys(token_ids, self.block_size, self.fingerprint):
+            b = self.pool.key_to_block.get(key)
+            if b is None:
+                break
+            self.pool.acquire(b)
+            held.append(b)
+        return held
+
+    def release(self, blocks: Sequence[int]) -> None:
+        for b in blocks:
+            self.pool.release(b)
+
+    def locate(self, token_ids: Sequence[int]) -> dict[str, int]:
+        """Tokens of the longest stored prefix of token_ids, by the fastest place holding each block
+        ("device", then the tiers' names)."""
+        if self.offload is not None:
+            return self.offload.locate(token_ids)
+        keys = chain_keys(token_ids, self.block_size, self.fingerprint)
+        n = next((i for i, k in enumerate(keys) if k not in self.pool.key_to_block), len(keys))
+        return {"device": n * self.block_size} if n else {}

@@ -1,13 +1,21 @@
-"""The device pool's link to the tiers below it (host, disk, remote): write-down, verified reload,
-park / prefetch / locate of a token prefix.
+"""The device pool's link to the tiers below it (host, disk, remote): write-down, write-behind,
+verified reload, park / prefetch / locate of a token prefix.
 
-Built from EngineConfig by `build_offload`; None when no tier is configured. All methods run on the
+Built from EngineConfig by `build_tier_stack`; None when no tier is configured. All methods run on the
 engine thread; the TierStack's own mover thread does the queued writes.
+
+Write-behind (the default policy): when a request finishes, its full blocks not yet written go to the
+durable tiers (disk, remote) through the mover, behind the request. A block is on disk once the mover
+has written it (a temp file, fsync, rename): a process killed between the request's end and that
+write loses only those blocks, which the next turn recomputes (every load is verified, so a partial
+write is never used). Blocks already written are remembered (a bounded LRU of keys) and not copied
+again, so a session's growing prefix is written once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Sequence
 
 from kvstrata.config import EngineConfig
@@ -17,6 +25,7 @@ from kvstrata.kv.pool import BlockPool
 log = logging.getLogger(__name__)
 
 DEFAULT_DISK_BYTES = 10 << 30
+DURABLE_KEYS_REMEMBERED = 1 << 16  # keys known written to the durable tiers (about 1M tokens of blocks)
 
 
 def build_tier_stack(cfg: EngineConfig, fingerprint: str):
@@ -44,13 +53,46 @@ class Offload:
         self.stack = stack
         self.fingerprint = fingerprint
         self.tier_names = [t.name for t in stack.tiers]
-        self.counters = {"blocks_written_down": 0, "blocks_loaded": 0, "blocks_load_failed": 0, "offers_dropped": 0}
+        self.counters = {"blocks_written_down": 0, "blocks_loaded": 0, "blocks_load_failed": 0, "offers_dropped": 0,
+                         "blocks_written_behind": 0, "write_behind_dropped": 0}
+        self._durable: OrderedDict[bytes, None] = OrderedDict()  # keys queued for / written to durable tiers
+        targets = stack.policy.offer_targets(len(stack.tiers))
+        self._evict_targets_durable = bool(targets) and all(stack.tiers[i].durable for i in targets)
         pool.evict_hooks.append(self._on_evict)
 
     # -- write-down -------------------------------------------------------------------------------
     def _on_evict(self, b: int, key: bytes, token_ids: tuple[int, ...]) -> None:
-        if not self.stack.offer_on_compute:  # write-on-evict; with write-through it is already below
-            self._offer(b, key, token_ids)
+        if self.stack.offer_on_compute:  # write-through: it is already below
+            return
+        if self._evict_targets_durable and key in self._durable:  # written behind already
+            return
+        self._offer(b, key, token_ids)
+
+    def write_behind(self, keys: Sequence[bytes], blocks: Sequence[int]) -> int:
+        """Queue a finished request's full blocks (its chain keys and device blocks, in order) for the
+        durable tiers, skipping those already written; returns how many were queued. Never blocks: when
+        the mover's queue is full the rest is dropped (counted) and a later turn writes it."""
+        targets = self.stack.finish_targets
+        if not targets:
+            return 0
+        n = 0
+        for key, b in zip(keys, blocks):
+            if key in self._durable:
+                self._durable.move_to_end(key)
+                continue
+            if self.pool.block_key[b] != key:  # another block was registered under this key first
+                b = self.pool.key_to_block.get(key, -1)
+                if b < 0:
+                    continue
+            if not self.stack.offer(key, self.pool.block_tokens[b], self.pool.block_payload(b).cpu(), targets):
+                self.counters["write_behind_dropped"] += 1
+                break
+            self._durable[key] = None
+            n += 1
+        while len(self._durable) > DURABLE_KEYS_REMEMBERED:
+            self._durable.popitem(last=False)
+        self.counters["blocks_written_behind"] += n
+        return n
 
     def on_register(self, b: int, key: bytes, token_ids: Sequence[int]) -> None:
         if self.stack.offer_on_compute:

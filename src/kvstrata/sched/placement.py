@@ -9,15 +9,20 @@ pressure p (fraction in use):
   drop:          prefill_flops(N) / compute_rate             (recompute on resume)
 The cheapest wins. Bandwidths and compute rate come from the machine calibration the planner uses
 (`kvstrata plan calibrate`, planner/calibration.py), so the planner and the engine never disagree;
-the expected wait per tool is learned from observed tool durations.
+the expected wait per tool is learned from observed tool durations. Calibration never runs on the
+engine's step loop: a saved profile is read at start, else conservative defaults serve until a
+background thread has measured the machine.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+
+from kvstrata.core import KvstrataError
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +49,52 @@ class Calibration:
         return cls(read, write, profile.matmul_fp32_GFLOPs, f"calibration {profile.measured_at}")
 
 
-def load_calibration() -> Calibration:
-    """The saved calibration of this machine, measured (quick) and saved on first use."""
-    from kvstrata.planner.calibration import calibrate, load_profile, save_profile
+# Until this machine is measured: a slow disk and network, a fast host copy and a modest compute rate.
+# Slow tiers make moving down look dear and a slow compute rate makes recompute look dear, so the
+# defaults lean to keeping KV where it is, the choice that is never badly wrong for a short wait.
+DEFAULT_CALIBRATION = Calibration(
+    read_GBps={"host": 5.0, "disk": 0.5, "remote": 0.3}, write_GBps={"host": 5.0, "disk": 0.3, "remote": 0.3},
+    compute_GFLOPs=50.0, source="conservative defaults (this machine not measured yet)")
 
-    profile = load_profile()
-    if profile is None:
-        log.info("no machine calibration found; measuring one (kvstrata plan calibrate does it fully)")
-        profile = calibrate(quick=True)
-        try:
-            save_profile(profile)
-        except OSError as e:
-            log.warning("could not save the calibration: %s", e)
+
+def saved_calibration() -> Calibration | None:
+    """The calibration saved by `kvstrata plan calibrate` (or an earlier background run); None if none
+    was saved or the file is damaged. A file read: safe on the engine thread."""
+    from kvstrata.planner.calibration import load_profile
+
+    try:
+        profile = load_profile()
+    except KvstrataError as e:
+        log.warning("%s; using defaults until it is measured again", e)
+        return None
+    return None if profile is None else Calibration.from_profile(profile)
+
+
+def measure_calibration() -> Calibration:
+    """Measures this machine (the quick calibration, 2-4 s) and saves it for later starts. Runs on a
+    background thread with one torch thread (a second OpenMP team beside the engine's would make
+    every engine op pay for oversubscription, see engine/async_engine.py)."""
+    import torch
+
+    from kvstrata.planner.calibration import calibrate, save_profile
+
+    torch.set_num_threads(1)  # per-thread OpenMP setting: the engine thread keeps its own
+    profile = calibrate(quick=True)
+    try:
+        save_profile(profile)
+    except OSError as e:
+        log.warning("could not save the calibration: %s", e)
     return Calibration.from_profile(profile)
+
+
+def model_spec(mc):
+    """The planner's description (planner.modelspec.ModelSpec) of an engine ModelConfig."""
+    from kvstrata.planner.modelspec import ModelSpec
+
+    return ModelSpec.from_hf_config({
+        "num_hidden_layers": mc.num_layers, "hidden_size": mc.hidden_size, "num_attention_heads": mc.num_heads,
+        "num_key_value_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "intermediate_size": mc.intermediate_size,
+        "vocab_size": mc.vocab_size, "tie_word_embeddings": mc.tie_word_embeddings}, name=mc.name or "engine-model")
 
 
 class ToolWaitModel:
@@ -94,17 +132,45 @@ class Decision:
 
 
 class PlacementModel:
-    def __init__(self, calibration: Calibration, model_spec, tiers: list[str], history: int = 256) -> None:
-        self.cal = calibration
+    """The cost model. `calibration` None: the saved calibration if there is one, else DEFAULT_CALIBRATION
+    and, at the first decision, a background measurement (`measure_calibration`) that replaces the
+    defaults when done; a decision never waits for it. Give a Calibration to fix the numbers (tests)."""
+
+    def __init__(self, calibration: Calibration | None, model_spec, tiers: list[str], history: int = 256) -> None:
+        self.cal = calibration or saved_calibration() or DEFAULT_CALIBRATION
+        self._measure = self.cal is DEFAULT_CALIBRATION  # measured in the background on first use
+        self._measuring: threading.Thread | None = None
         self.spec = model_spec  # planner ModelSpec (for prefill FLOPs)
         self.tiers = list(tiers)
         self.waits = ToolWaitModel()
         self.decisions: deque[Decision] = deque(maxlen=history)
         self.counts: dict[str, int] = {}
 
+    def _calibrate_in_background(self) -> None:
+        if not self._measure or self._measuring is not None:
+            return
+
+        def run() -> None:
+            try:
+                self.cal = measure_calibration()  # one reference swap: decisions read whichever is there
+                log.info("placement: machine calibrated in the background (%s)", self.cal.source)
+            except Exception as e:  # noqa: BLE001 - the defaults stay; decisions go on
+                log.warning("background calibration failed (%s); keeping %s", e, self.cal.source)
+
+        self._measuring = threading.Thread(target=run, name="kvstrata-calibrate", daemon=True)
+        self._measuring.start()
+
+    def wait_calibrated(self, timeout: float | None = None) -> bool:
+        """Block until a background measurement started by a decision is done (tests, benchmarks)."""
+        if self._measuring is not None:
+            self._measuring.join(timeout)
+            return not self._measuring.is_alive()
+        return True
+
     def costs(self, kv_bytes: int, tokens: int, wait_s: float, pressure: float, pool_bytes: int) -> dict[str, float]:
         from kvstrata.planner.cost import recompute_time_s, reload_time_s
 
+        self._calibrate_in_background()
         p = max(pressure, MIN_PRESSURE)
         out = {"keep": p * kv_bytes / max(pool_bytes, 1) * wait_s}
         for t in self.tiers:
@@ -135,3 +201,7 @@ class PlacementModel:
         log.info("placement: %s for %d tokens (%d B), wait %.1fs, pressure %.2f, costs %s", action, tokens,
                  kv_bytes, wait, pressure, {k: round(v, 4) for k, v in costs.items()})
         return d
+
+    def stats(self) -> dict:
+        return {"decisions": dict(self.counts), "expected_wait_s": dict(self.waits.mean), "calibration": self.cal.source,
+                "last": [d.as_dict() for d in list(self.decisions)[-5:]]}

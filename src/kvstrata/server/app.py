@@ -16,10 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from kvstrata.engine.async_engine import AsyncEngine
+from kvstrata.jobs.routes import router as jobs_router
+from kvstrata.jobs.routes import server_manager
 from kvstrata.server import completions, openai_chat, responses, sessions
 from kvstrata.server.errors import APIError, error_body, install_error_handlers
 from kvstrata.server.state import ServerState, get_state, make_api_keys
-from kvstrata.server.turns import park_touched_sessions, sweep_leases
 from kvstrata.sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -87,18 +88,12 @@ def create_app(
     queued or running); jobs of `kvstrata jobs run` are left to that command.
     """
     st = ServerState(aengine=aengine, store=store, model_names=list(model_names), api_keys=make_api_keys(api_keys or []))
-    try:  # the agent-jobs extension (kvstrata.jobs), when this build has it
-        from kvstrata.jobs.routes import router as jobs_router
-        from kvstrata.jobs.routes import server_manager
-    except ImportError as e:
-        log.info("jobs routes not mounted: %s", e)
-        jobs_router = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         log.info("serving %s", ", ".join(st.model_names))
         sweeper = asyncio.create_task(_sweep_forever(st, lease_sweep_s)) if lease_sweep_s > 0 else None
-        if resume_jobs and jobs_router is not None:
+        if resume_jobs:
             ids = await server_manager(app).resume_unfinished(via="http")
             if ids:
                 log.info("resuming %d unfinished jobs: %s", len(ids), ", ".join(ids))
@@ -107,10 +102,10 @@ def create_app(
         if sweeper is not None:
             sweeper.cancel()
         jobs = getattr(app.state, "jobs", None)
-        if jobs is not None and hasattr(jobs, "shutdown"):  # running jobs stay RUNNING and resume later
+        if jobs is not None:  # running jobs stay RUNNING and resume later
             await jobs.shutdown()
         if park_tier_on_shutdown:
-            await park_touched_sessions(st, park_tier_on_shutdown)
+            await st.skv.park_all(st.touched_sessions, park_tier_on_shutdown)
         if close_on_shutdown:
             log.info("shutting down: stopping the engine and closing the session store")
             aengine.shutdown()
@@ -125,8 +120,7 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(responses.router)
     app.include_router(sessions.router)
-    if jobs_router is not None:
-        app.include_router(jobs_router)
+    app.include_router(jobs_router)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request):
@@ -158,7 +152,7 @@ async def _sweep_forever(st: ServerState, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            n = await sweep_leases(st)
+            n = await st.skv.sweep_leases()
             if n:
                 log.info("lease sweep: %d sessions' leases ended; their KV is unpinned", n)
         except Exception as e:  # a store hiccup must not end the sweeper

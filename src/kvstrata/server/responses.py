@@ -32,7 +32,7 @@ from kvstrata.server.common import SSE_HEADERS, build_sampling, new_id, now, ope
 from kvstrata.server.errors import APIError, to_api_error
 from kvstrata.server.protocol import ResponsesRequest
 from kvstrata.server.state import ServerState, get_state, owner
-from kvstrata.server.turns import TurnPlan, TurnResult, finish_turn, plan_turn, run_turn
+from kvstrata.server.turns import HttpTurn, TurnResult, finish_turn, plan_turn, run_turn
 from kvstrata.sessions import Session, SessionState
 from kvstrata.sessions.types import new_response_id
 
@@ -238,6 +238,7 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
                 raise APIError(409, f"response {body.previous_response_id!r} was continued concurrently; retry",
                                code="version_conflict")
             sess = fresh
+            await st.skv.resume(sess, who)  # paused on its function calls: the KV comes back first
         if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
             plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice)
             first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class)
@@ -253,7 +254,7 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
 
 
 async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Session, turn_no: int,
-                  branched_from: str | None, new_msgs: list[dict[str, Any]], plan: TurnPlan, first: RequestOutput,
+                  branched_from: str | None, new_msgs: list[dict[str, Any]], plan: HttpTurn, first: RequestOutput,
                   agen: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
     seq = itertools.count()
 

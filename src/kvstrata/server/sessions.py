@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -25,8 +24,9 @@ from kvstrata.server.common import build_sampling, new_id
 from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import MessagesAppend, SessionCreate, SessionFork, SessionGenerate, SessionPark
 from kvstrata.server.state import get_state, owner
-from kvstrata.server.turns import prefetch, resume_if_parked, run_turn, unpin
+from kvstrata.server.turns import run_turn
 from kvstrata.sessions import Session, SessionInfo, SessionState
+from kvstrata.sessions.turns import sync
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -36,8 +36,9 @@ def session_json(s: SessionInfo, *, include_tokens: bool = False) -> dict[str, A
     d: dict[str, Any] = {
         "id": s.id, "object": "session", "state": s.state.value, "class": s.request_class.value,
         "version": s.version, "created_at": s.created_at, "updated_at": s.updated_at, "parent_id": s.parent_id,
-        "lease_expires_at": s.lease_expires_at, "parked_tier": s.parked_tier, "num_messages": s.num_messages,
-        "num_tokens": s.num_tokens, "num_blocks": s.num_blocks, "metadata": s.metadata,
+        "lease_expires_at": s.lease_expires_at, "parked_tier": s.parked_tier, "kv_placement": s.kv_placement,
+        "num_messages": s.num_messages, "num_tokens": s.num_tokens, "num_blocks": s.num_blocks,
+        "metadata": s.metadata,
     }
     if isinstance(s, Session):
         d.update(system=s.system_prompt, tools=s.tools, messages=s.messages)
@@ -78,14 +79,8 @@ async def get_session(session_id: str, request: Request, who=Depends(owner), inc
     s = await st.db(st.store.get_session, session_id, owner=who)
     d = session_json(s, include_tokens=include_tokens)
     if locate:
-        d["kv_location"] = await _locate(st, s.token_ids)
+        d["kv_location"] = await st.skv.locate(s.token_ids)
     return d
-
-
-async def _locate(st, token_ids: list[int]) -> dict[str, int] | None:
-    if not token_ids or not hasattr(st.engine, "locate"):
-        return None
-    return await st.aengine.call_async(lambda e: e.locate(list(token_ids)))
 
 
 @router.delete("/{session_id}")
@@ -102,11 +97,12 @@ async def append_messages(session_id: str, body: MessagesAppend, request: Reques
     st = get_state(request)
     msgs = cf.messages_to_dicts(body.messages)
     async with st.session_lock(session_id):
-        info = await st.db(st.store.get_session_info, session_id, owner=who)
+        sess = await st.db(st.store.get_session, session_id, owner=who)
         new_state = None
-        if info.state == SessionState.WAITING_ON_TOOL and any(m["role"] == "tool" for m in msgs):
+        if sess.state == SessionState.WAITING_ON_TOOL and any(m["role"] == "tool" for m in msgs):
             new_state = SessionState.ACTIVE
-        info = await st.db(st.store.append, session_id, owner=who, expected_version=info.version,
+            await st.skv.resume(sess, who)  # the tools returned: the KV comes back for the next turn
+        info = await st.db(st.store.append, session_id, owner=who, expected_version=sess.version,
                            messages=msgs, new_state=new_state)
     return session_json(info)
 
@@ -129,7 +125,7 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         sess = await st.db(st.store.get_session, session_id, owner=who)
         if sess.state == SessionState.CLOSED:
             raise APIError(409, f"session {session_id!r} is closed; fork it to continue", code="invalid_state")
-        sess = await resume_if_parked(st, sess, who)
+        await st.skv.resume(sess, who)  # parked or paused on a tool: the KV comes back first
         turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
     return {
         "id": new_id("gen-"), "object": "session.generation", "session_id": session_id,
@@ -140,23 +136,15 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
 
 @router.post("/{session_id}/park")
 async def park(session_id: str, body: SessionPark, request: Request, who=Depends(owner)):
-    """Move the session's KV down to `tier` and pin it there until `lease_s` from now."""
+    """Move the session's KV down to `tier` and pin it there until `lease_s` from now. When the tier
+    cannot take every block the session is not marked parked, and `kv.moved` is false."""
     st = get_state(request)
     async with st.session_lock(session_id):
         sess = await st.db(st.store.get_session, session_id, owner=who)
         if sess.state == SessionState.CLOSED:
             raise APIError(409, f"session {session_id!r} is closed", code="invalid_state")
-        kv: dict[str, Any] = {"moved": False}
-        if not hasattr(st.engine, "park"):
-            kv["reason"] = "this engine build cannot move KV between tiers (LLMEngine.park is missing)"
-        elif sess.token_ids:
-            t0 = time.perf_counter()
-            res = await st.aengine.call_async(lambda e: e.park(list(sess.token_ids), body.tier))
-            kv = {"moved": True, "seconds": round(time.perf_counter() - t0, 4), **(res or {})}
-        lease = time.time() + body.lease_s if body.lease_s else None
-        info = await st.db(st.store.park, session_id, owner=who, tier=body.tier, lease_expires_at=lease,
-                           expected_version=sess.version)
-    return {**session_json(info), "kv": kv}
+        kv = await st.skv.park(sess, who, body.tier, body.lease_s)
+    return {**session_json(sess), "kv": kv}
 
 
 @router.post("/{session_id}/resume")
@@ -167,19 +155,19 @@ async def resume(session_id: str, request: Request, who=Depends(owner)):
         sess = await st.db(st.store.get_session, session_id, owner=who)
         if sess.state == SessionState.CLOSED:
             raise APIError(409, f"session {session_id!r} is closed; fork it to continue", code="invalid_state")
-        loaded = await prefetch(st, sess.token_ids)
-        await unpin(st, sess.token_ids, sess.parked_tier)
-        info = await st.db(st.store.set_state, session_id, SessionState.ACTIVE, owner=who,
-                           expected_version=sess.version, lease_expires_at=None, parked_tier=None)
-    kv = {"prefetched_tokens": loaded}
-    if loaded is None:
-        kv["reason"] = "this engine build cannot prefetch from the tiers (LLMEngine.prefetch is missing)"
-    return {**session_json(info), "kv": kv}
+        loaded = await st.skv.resume(sess, who)
+        if not loaded:  # nothing placed: still bring the stored prefix in, as the route promises
+            loaded = await st.skv.prefetch(sess.token_ids)
+        if sess.state != SessionState.ACTIVE:
+            sync(sess, await st.db(st.store.set_state, session_id, SessionState.ACTIVE, owner=who,
+                                   expected_version=sess.version, lease_expires_at=None, parked_tier=None,
+                                   kv_placement=None))
+    return {**session_json(sess), "kv": {"prefetched_tokens": loaded}}
 
 
 @router.post("/{session_id}/fork")
 async def fork(session_id: str, request: Request, body: Optional[SessionFork] = None, who=Depends(owner)):
     """A new session with a copy of this one's history; its turns reuse the shared prefix's KV."""
     st = get_state(request)
-    s = await st.db(st.store.fork_session, session_id, owner=who, metadata=body.metadata if body else None)
+    s = await st.skv.fork(session_id, who, metadata=body.metadata if body else None)
     return session_json(s)

@@ -18,6 +18,7 @@ from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.server.errors import APIError
 from kvstrata.server.metrics import Metrics
 from kvstrata.sessions import SessionStore, hash_api_key
+from kvstrata.sessions.kv import SessionKV
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +36,10 @@ class ServerState:
     weight_bytes: int | None = None  # of the model's parameters, computed on first use
     touched_sessions: dict[str, Any] = field(default_factory=dict)  # id -> owner, for parking at shutdown
     _session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    skv: SessionKV = field(init=False)  # the one owner of every session's KV between turns
+
+    def __post_init__(self) -> None:
+        self.skv = SessionKV(self.aengine, self.store)
 
     @property
     def engine(self):

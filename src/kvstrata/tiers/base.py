@@ -96,6 +96,7 @@ class Tier(abc.ABC):
     """
 
     name: str = "tier"
+    durable: bool = False  # the blocks outlive this process (a disk, a server): write-behind targets
 
     def __init__(self) -> None:
         self._stats_lock = threading.Lock()

@@ -38,6 +38,7 @@ class DiskTier(LocalIndexTier):
     """
 
     name = "disk"
+    durable = True
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int | None = None, *, fsync: bool = True,
                  name: str = "disk") -> None:

@@ -10,6 +10,9 @@ measures the policy the engine runs. No torch, no I/O.
   block evicted from tier i for room is written down to tier i+1 (unless already there).
 - write-through: the engine offers each block as soon as it is full; it goes to every tier, and tier
   evictions just drop (every lower tier already has its own copy, under its own LRU).
+- write-behind (the default): write-on-evict, and in addition each finished request's full blocks are
+  written to the durable tiers (disk, remote) behind the request, so a process killed after a turn
+  finished finds its KV there on restart (the engine's Offload.write_behind).
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from typing import Sequence
 
 from kvstrata.core import KvstrataError
 
-WRITE_POLICIES = ("write-on-evict", "write-through")
+WRITE_POLICIES = ("write-behind", "write-on-evict", "write-through")
 
 
 @dataclass(frozen=True)
 class TierPolicy:
-    write_policy: str = "write-on-evict"
+    write_policy: str = "write-behind"
     promote_on_hit: bool = True
 
     def __post_init__(self) -> None:
@@ -42,13 +45,17 @@ class TierPolicy:
             return []
         return list(range(n_tiers)) if self.write_policy == "write-through" else [0]
 
+    def finish_targets(self, durable: Sequence[bool]) -> list[int]:
+        """Tiers a finished request's blocks are written to (write-behind: the durable ones)."""
+        return [i for i, d in enumerate(durable) if d] if self.write_policy == "write-behind" else []
+
     def promote_targets(self, hit_tier: int) -> list[int]:
         """Faster tiers that receive a copy of a block read from `hit_tier`."""
         return list(range(hit_tier)) if self.promote_on_hit else []
 
     def demote_target(self, from_tier: int, n_tiers: int) -> int | None:
         """Where a block evicted from `from_tier` is written, or None (dropped)."""
-        if self.write_policy == "write-on-evict" and from_tier + 1 < n_tiers:
+        if self.write_policy != "write-through" and from_tier + 1 < n_tiers:
             return from_tier + 1
         return None
 

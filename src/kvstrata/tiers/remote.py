@@ -29,6 +29,7 @@ class RedisTier(Tier):
     """Blocks as Redis strings under `prefix`, optionally expiring after `ttl_s` seconds unused."""
 
     name = "remote"
+    durable = True
 
     def __init__(self, url: str, *, prefix: str = "kvstrata:blk:", ttl_s: int | None = None,
                  socket_timeout_s: float = 2.0, connect_timeout_s: float = 1.0,

@@ -55,7 +55,7 @@ class TierStack:
     """
 
     def __init__(self, tiers: Sequence[Tier], fingerprint: str, codecs: str | Sequence[str] = "raw", *,
-                 write_policy: str = "write-on-evict", max_pending_bytes: int = 256 << 20,
+                 write_policy: str = "write-behind", max_pending_bytes: int = 256 << 20,
                  promote_on_hit: bool = True) -> None:
         self.tiers = list(tiers)
         names = [t.name for t in self.tiers]
@@ -166,12 +166,14 @@ class TierStack:
 
     # ---- writes (queued; the mover thread does them) ----
 
-    def offer(self, key: bytes, token_ids: Sequence[int], payload: torch.Tensor) -> bool:
+    def offer(self, key: bytes, token_ids: Sequence[int], payload: torch.Tensor,
+              targets: Sequence[int] | None = None) -> bool:
         """Queue a block (2, L, T, H, D) for writing down; never blocks. False if dropped (queue full).
+        `targets`: tier indices to write it to (default: the policy's offer targets).
 
         The stack takes ownership of `payload`: the caller must not modify it afterwards.
         """
-        targets = self.policy.offer_targets(len(self.tiers))
+        targets = self.policy.offer_targets(len(self.tiers)) if targets is None else list(targets)
         if not targets:
             return False
         job = _Job("offer", key, targets, payload.numel() * payload.element_size(), payload=payload,
@@ -213,6 +215,11 @@ class TierStack:
     @property
     def offer_on_compute(self) -> bool:
         return self.policy.offer_on_compute
+
+    @property
+    def finish_targets(self) -> list[int]:
+        """Tiers that get a finished request's blocks (write-behind: the durable tiers), may be empty."""
+        return self.policy.finish_targets([t.durable for t in self.tiers])
 
     def stats(self) -> dict:
         """Per tier: blocks, bytes, hits, misses, hit rate, bytes / GB/s read and written, discards, errors."""

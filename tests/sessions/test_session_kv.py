@@ -1,0 +1,126 @@
+"""SessionKV (sessions/kv.py): one owner of a session's KV between turns; placements survive a restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvstrata.core import SamplingParams
+from kvstrata.planner.modelspec import ModelSpec
+from kvstrata.sched.placement import Calibration, PlacementModel
+from kvstrata.sessions import SessionState, open_store
+from kvstrata.sessions.kv import SessionKV
+from tests.server.harness import make_engine
+
+TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 4
+SPEC = ModelSpec.from_hf_config({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256,
+                                 "tie_word_embeddings": False}, name="tiny")
+
+
+def fixed_model(tiers, read=2.0, write=1.0, compute=100.0):
+    return PlacementModel(Calibration({t: read for t in tiers}, {t: write for t in tiers}, compute), SPEC, list(tiers))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def setup(tiny_llama, tmp_path):
+    made = []
+
+    def make(**kw):
+        kw.setdefault("kv_device_bytes", "4M")
+        kw.setdefault("kv_disk_dir", str(tmp_path / "kv"))
+        ae = make_engine(str(tiny_llama), **kw)
+        store = open_store(tmp_path / "s.db")
+        made.append((ae, store))
+        return ae, store, SessionKV(ae, store)
+
+    yield make
+    for ae, store in made:
+        ae.shutdown()
+        store.close()
+
+
+def _session(ae, store):
+    """A session whose stored ids are a prompt + its generated tokens (their KV is in the pool)."""
+    ids = ae.tokenizer.encode(TEXT)
+    out = ae.engine.add_request(ids, SamplingParams(max_tokens=8, ignore_eos=True))
+    done = ae.call(lambda e: e.run_to_completion()).result(60)[out]
+    toks = ids + list(done.outputs[0].token_ids)
+    s = store.create_session(owner=None, token_ids=toks)
+    return store.get_session(s.id, owner=None)
+
+
+def test_pause_to_a_tier_is_recorded_and_resume_brings_it_back(setup):
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"])
+    sess = _session(ae, store)
+    full = len(sess.token_ids) // 16 * 16
+    d = run(skv.pause(sess, tool="web_search", wait_s=600.0))
+    assert d["action"] == "disk"
+    info = store.get_session_info(sess.id, owner=None)
+    assert info.kv_placement["action"] == "disk" and info.kv_placement["tool"] == "web_search"
+    assert info.parked_tier == "disk" and info.lease_expires_at > 0 and sess.version == info.version
+    loc = run(skv.locate(sess.token_ids))
+    assert loc.get("device", 0) == 0 and loc["disk"] == full
+    assert run(skv.resume(sess)) == full
+    info = store.get_session_info(sess.id, owner=None)
+    assert info.kv_placement is None and info.parked_tier is None and info.lease_expires_at is None
+    assert run(skv.locate(sess.token_ids)) == {"device": full}
+    assert "web_search" in ae.engine.placement.waits.mean  # the wait was learned from pause -> resume
+
+
+def test_keep_holds_blocks_and_drop_frees_them(setup):
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"])
+    sess = _session(ae, store)
+    n = len(sess.token_ids) // 16
+    assert run(skv.pause(sess, tool="calc", wait_s=0.0))["action"] == "keep"
+    assert ae.engine.pool.num_in_use == n and skv.held(sess.id)
+    assert store.get_session_info(sess.id, owner=None).kv_placement["action"] == "keep"
+    run(skv.resume(sess))
+    assert ae.engine.pool.num_in_use == 0 and not skv.held(sess.id)
+    ae.engine.placement = fixed_model(["disk"], compute=1e15)  # free recompute: drop
+    assert run(skv.pause(sess, tool="slow", wait_s=1e4))["action"] == "drop"
+    assert ae.engine.pool.num_in_use == 0 and not skv.held(sess.id)  # nothing held, nothing written down
+    assert "disk" not in run(skv.locate(sess.token_ids))
+    ae.engine.pool.reset_prefix_cache()  # the LRU took the blocks meanwhile
+    assert run(skv.resume(sess)) == 0  # a drop is not prefetched back
+
+
+def test_a_paused_session_resumes_from_its_tier_after_a_restart(setup):
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"])
+    sess = _session(ae, store)
+    full = len(sess.token_ids) // 16 * 16
+    run(skv.pause(sess, tool="web_search", wait_s=600.0))
+    ae.shutdown()  # (the pause wrote the blocks synchronously; nothing else is flushed)
+    ae2, store2, skv2 = setup()
+    again = store2.get_session(sess.id, owner=None)
+    assert again.kv_placement["tier"] == "disk"
+    assert run(skv2.resume(again)) == full
+    assert run(skv2.locate(again.token_ids)) == {"device": full}
+
+
+def test_park_that_cannot_write_is_not_recorded(setup, tmp_path):
+    ae, store, skv = setup(kv_disk_bytes="1K")  # smaller than one block: every put fails
+    sess = _session(ae, store)
+    res = run(skv.park(sess, None, "disk", 600))
+    assert not res["moved"] and res["failed"] == 1
+    info = store.get_session_info(sess.id, owner=None)
+    assert info.state == SessionState.ACTIVE and info.parked_tier is None and info.kv_placement is None
+
+
+def test_close_releases_the_hold(setup):
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"])
+    sess = _session(ae, store)
+    run(skv.pause(sess, tool="calc", wait_s=0.0))
+    assert ae.engine.pool.num_in_use > 0
+    run(skv.close(sess))
+    assert ae.engine.pool.num_in_use == 0 and sess.state == SessionState.CLOSED
+    assert store.get_session_info(sess.id, owner=None).kv_placement is None
