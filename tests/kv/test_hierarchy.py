@@ -214,7 +214,8 @@ def test_fp16_kv_pool_parks_and_restores_through_host_and_disk(tiny_llama, tmp_p
     come back as fp16, restored turns give the recomputed tokens, and an engine with fp32 KV never reads
     them (its fingerprint differs)."""
     disk = str(tmp_path / "kv")
-    llm = _engine(tiny_llama, kv_host_bytes="8M", kv_disk_dir=disk, kv_dtype="float16")
+    llm = _engine(tiny_llama, kv_host_bytes="8M", kv_disk_dir=disk, kv_dtype="float16",
+                  kv_write_policy="write-on-evict")  # each tier holds only what is parked to it
     eng = llm.engine
     assert eng.pool.k.dtype.itemsize == 2
     for tier in ("host", "disk"):

@@ -213,8 +213,6 @@ class LLMEngine:
             seq.finish_reason = FinishReason.LENGTH
         if seq.finish_reason is not None:
             seq.metrics.finished_time = time.time()
-            if self.offload is not None:  # write-behind: the turn's KV goes to disk / remote behind it
-                self.offload.write_behind(seq.block_keys, seq.block_table)
             self.scheduler.finish(seq)
 
     def _check_stop_strings(self, seq: Sequence, delta_len: int) -> None:

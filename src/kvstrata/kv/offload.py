@@ -4,12 +4,13 @@ verified reload, park / prefetch / locate of a token prefix.
 Built from EngineConfig by `build_tier_stack`; None when no tier is configured. All methods run on the
 engine thread; the TierStack's own mover thread does the queued writes.
 
-Write-behind (the default policy): when a request finishes, its full blocks not yet written go to the
-durable tiers (disk, remote) through the mover, behind the request. A block is on disk once the mover
-has written it (a temp file, fsync, rename): a process killed between the request's end and that
-write loses only those blocks, which the next turn recomputes (every load is verified, so a partial
-write is never used). Blocks already written are remembered (a bounded LRU of keys) and not copied
-again, so a session's growing prefix is written once.
+Write-behind (the default policy): each block, as soon as it is full and registered, is queued for the
+durable tiers (disk, remote); the mover writes it behind the step loop. A block is on disk once the
+mover has written it (a temp file, fsync, rename), typically milliseconds after it filled: a process
+killed inside that window loses only those blocks, which the next turn recomputes (every load is
+verified, so a partial write is never used). Only newly computed blocks are registered, so a
+session's growing prefix is written once; keys known written are remembered (a bounded LRU) so a
+later eviction does not write them again.
 """
 
 from __future__ import annotations
@@ -68,35 +69,21 @@ class Offload:
             return
         self._offer(b, key, token_ids)
 
-    def write_behind(self, keys: Sequence[bytes], blocks: Sequence[int]) -> int:
-        """Queue a finished request's full blocks (its chain keys and device blocks, in order) for the
-        durable tiers, skipping those already written; returns how many were queued. Never blocks: when
-        the mover's queue is full the rest is dropped (counted) and a later turn writes it."""
-        targets = self.stack.finish_targets
-        if not targets:
-            return 0
-        n = 0
-        for key, b in zip(keys, blocks):
-            if key in self._durable:
-                self._durable.move_to_end(key)
-                continue
-            if self.pool.block_key[b] != key:  # another block was registered under this key first
-                b = self.pool.key_to_block.get(key, -1)
-                if b < 0:
-                    continue
-            if not self.stack.offer(key, self.pool.block_tokens[b], self.pool.block_payload(b).cpu(), targets):
-                self.counters["write_behind_dropped"] += 1
-                break
-            self._durable[key] = None
-            n += 1
-        while len(self._durable) > DURABLE_KEYS_REMEMBERED:
-            self._durable.popitem(last=False)
-        self.counters["blocks_written_behind"] += n
-        return n
-
     def on_register(self, b: int, key: bytes, token_ids: Sequence[int]) -> None:
+        """A block became full: write-through offers it to every tier, write-behind to the durable ones."""
         if self.stack.offer_on_compute:
             self._offer(b, key, token_ids)
+            return
+        targets = self.stack.durable_targets
+        if not targets:
+            return
+        if self.stack.offer(key, token_ids, self.pool.block_payload(b).cpu(), targets):
+            self.counters["blocks_written_behind"] += 1
+            self._durable[key] = None
+            if len(self._durable) > DURABLE_KEYS_REMEMBERED:
+                self._durable.popitem(last=False)
+        else:  # the mover's queue is full: this block is recomputed if it is ever needed after a crash
+            self.counters["write_behind_dropped"] += 1
 
     def _offer(self, b: int, key: bytes, token_ids: Sequence[int]) -> None:
         if self.stack.offer(key, token_ids, self.pool.block_payload(b).cpu()):

@@ -10,9 +10,10 @@ measures the policy the engine runs. No torch, no I/O.
   block evicted from tier i for room is written down to tier i+1 (unless already there).
 - write-through: the engine offers each block as soon as it is full; it goes to every tier, and tier
   evictions just drop (every lower tier already has its own copy, under its own LRU).
-- write-behind (the default): write-on-evict, and in addition each finished request's full blocks are
-  written to the durable tiers (disk, remote) behind the request, so a process killed after a turn
-  finished finds its KV there on restart (the engine's Offload.write_behind).
+- write-behind (the default): write-on-evict, and in addition every block is written to the durable
+  tiers (disk, remote) as soon as it is full, by the background mover behind the step loop, so a
+  process killed after a turn finished finds its KV there on restart. The host tier is not written
+  ahead: it dies with the process, and device evictions fill it as under write-on-evict.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class TierPolicy:
             return []
         return list(range(n_tiers)) if self.write_policy == "write-through" else [0]
 
-    def finish_targets(self, durable: Sequence[bool]) -> list[int]:
-        """Tiers a finished request's blocks are written to (write-behind: the durable ones)."""
+    def durable_targets(self, durable: Sequence[bool]) -> list[int]:
+        """Tiers a block is written to as soon as it fills, under write-behind: the durable ones."""
         return [i for i, d in enumerate(durable) if d] if self.write_policy == "write-behind" else []
 
     def promote_targets(self, hit_tier: int) -> list[int]:

@@ -217,9 +217,9 @@ class TierStack:
         return self.policy.offer_on_compute
 
     @property
-    def finish_targets(self) -> list[int]:
-        """Tiers that get a finished request's blocks (write-behind: the durable tiers), may be empty."""
-        return self.policy.finish_targets([t.durable for t in self.tiers])
+    def durable_targets(self) -> list[int]:
+        """Tiers a full block is written to at once (write-behind: the durable tiers); may be empty."""
+        return self.policy.durable_targets([t.durable for t in self.tiers])
 
     def stats(self) -> dict:
         """Per tier: blocks, bytes, hits, misses, hit rate, bytes / GB/s read and written, discards, errors."""
