@@ -92,6 +92,7 @@ class ServerProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.args, self.env = list(args), env  # (to start the same server again)
         self.log_path = log_path
         e = dict(os.environ, PYTHONPATH=str(REPO / "src"), TOKENIZERS_PARALLELISM="false", **(env or {}))
         self.log = open(log_path, "ab")
