@@ -124,3 +124,39 @@ def test_close_releases_the_hold(setup):
     run(skv.close(sess))
     assert ae.engine.pool.num_in_use == 0 and sess.state == SessionState.CLOSED
     assert store.get_session_info(sess.id, owner=None).kv_placement is None
+
+
+def test_first_pause_does_not_stall_a_stream(setup, monkeypatch):
+    """No calibration saved: the first pause decides with the defaults and measures on another thread;
+    an interactive stream keeps getting tokens while that measurement is still running."""
+    import threading
+
+    from kvstrata.sched import placement as pl
+
+    measuring, release = threading.Event(), threading.Event()
+
+    def slow_measure():
+        measuring.set()
+        release.wait(30)
+        return pl.DEFAULT_CALIBRATION
+
+    monkeypatch.setattr(pl, "measure_calibration", slow_measure)
+    ae, store, skv = setup()
+    ae.engine.placement = PlacementModel(None, SPEC, ["disk"])  # nothing saved in this test's KVSTRATA_HOME
+    sess = _session(ae, store)
+
+    async def main():
+        got_while_measuring = 0
+        stream = ae.generate(ae.tokenizer.encode("Once upon a time"), SamplingParams(max_tokens=400, ignore_eos=True))
+        first = await stream.__anext__()  # the stream is running
+        d = await skv.pause(sess, tool="search")  # first decision: starts the measurement, does not wait for it
+        assert measuring.is_set() and d["action"] in ("keep", "disk", "drop")
+        n0 = len(first.outputs[0].token_ids)
+        async for out in stream:
+            if measuring.is_set() and not release.is_set():
+                got_while_measuring = len(out.outputs[0].token_ids) - n0
+                if got_while_measuring >= 20:
+                    release.set()
+        return got_while_measuring
+
+    assert run(main()) >= 20

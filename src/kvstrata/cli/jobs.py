@@ -3,7 +3,6 @@
     kvstrata jobs run tasks.jsonl [--store DB] [--output results.jsonl] [engine flags]
     kvstrata jobs status [JOB_ID] [--store DB]
     kvstrata jobs results JOB_ID [--store DB] [--no-transcript]
-    kvstrata jobs bfcl --out tasks.jsonl [--limit N]     (a job file from the BFCL multi-turn traces)
 
 `run` is resumable: the job is found again by the sha256 of the file, so after a crash or a kill the
 same command continues every unfinished task where it stopped (--new starts over, --job-id picks one).
@@ -45,10 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("job_id")
     q.add_argument("--no-transcript", action="store_true")
     _store_arg(q)
-    b = sub.add_parser("bfcl", help="write a job file from the BFCL multi-turn traces")
-    from kvstrata.jobs.bfcl import add_bfcl_arguments
-
-    add_bfcl_arguments(b)
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -75,11 +70,7 @@ def run(a: argparse.Namespace) -> int:
         return _status(a)
     if cmd == "results":
         return _results(a)
-    if cmd == "bfcl":
-        from kvstrata.jobs.bfcl import run_bfcl
-
-        return run_bfcl(a)
-    raise KvstrataError("give a sub-command: kvstrata jobs run | status | results | bfcl (see --help)")
+    raise KvstrataError("give a sub-command: kvstrata jobs run | status | results (see --help)")
 
 
 def find_job(store, digest: str) -> str | None:

@@ -1,8 +1,12 @@
-"""A job file from the BFCL v4 multi-turn base traces: one task per BFCL entry whose API classes we
-implement (bfcl_apis.py), its turns as the first user message and follow-ups, its function docs as the
+"""A job file from the BFCL v4 multi-turn base traces: one task per BFCL entry whose API classes are
+implemented here (apis.py), its turns as the first user message and follow-ups, its function docs as the
 task's tools (converted to OpenAI / JSON Schema), its initial_config as the toolsets' state.
 
-    kvstrata jobs bfcl --out bfcl.jsonl --limit 5 [--data-dir ../shared/data/traces/bfcl]
+    python -m benchmarks.bfcl --out bfcl.jsonl --limit 5 [--data-dir DIR]
+    PYTHONPATH=. kvstrata jobs run bfcl.jsonl      # from the repository root: the tools are benchmarks.bfcl.apis
+
+The traces are looked up in --data-dir, else $KVSTRATA_TRACES/bfcl, else the `shared/data/traces/bfcl`
+folder beside the repository checkout.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from kvstrata.core import KvstrataError
 log = logging.getLogger(__name__)
 
 IMPLEMENTED = {"GorillaFileSystem": "gorilla_file_system", "MathAPI": "math_api", "MessageAPI": "message_api"}
-TOOLSETS = {c: f"kvstrata.jobs.bfcl_apis:{c}" for c in IMPLEMENTED}
-DEFAULT_DATA_DIRS = ("../shared/data/traces/bfcl", "/work/shared/data/traces/bfcl")
+TOOLSETS = {c: f"benchmarks.bfcl.apis:{c}" for c in IMPLEMENTED}
+REPO = Path(__file__).resolve().parents[2]
 SYSTEM = ("You are an assistant that completes the user's requests by calling the available functions. "
           "Call a function when it helps; when the request is done, answer briefly without a function call.")
 _TYPES = {"dict": "object", "float": "number", "integer": "integer", "int": "integer", "string": "string",
@@ -58,12 +62,19 @@ def openai_tool(doc: dict) -> dict:
                                              "parameters": params}}
 
 
+def data_dirs(given: str | None = None) -> list[Path]:
+    """Where the BFCL traces are looked for, in order."""
+    if given:
+        return [Path(given)]
+    env = os.environ.get("KVSTRATA_TRACES")
+    return ([Path(env) / "bfcl"] if env else []) + [REPO.parent / "shared" / "data" / "traces" / "bfcl"]
+
+
 def find_data_dir(given: str | None) -> Path:
-    for d in ([given] if given else list(DEFAULT_DATA_DIRS)):
-        p = Path(d)
+    for p in data_dirs(given):
         if (p / "BFCL_v4_multi_turn_base.json").is_file():
             return p
-    raise KvstrataError(f"BFCL data not found in {given or ' or '.join(DEFAULT_DATA_DIRS)}; pass --data-dir "
+    raise KvstrataError(f"BFCL data not found in {' or '.join(map(str, data_dirs(given)))}; pass --data-dir "
                         "(the folder with BFCL_v4_multi_turn_base.json and multi_turn_func_doc/)")
 
 
@@ -111,7 +122,8 @@ def write_jsonl(job: dict, out: str | os.PathLike) -> None:
 
 def add_bfcl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="job file to write (JSONL)")
-    p.add_argument("--data-dir", help="BFCL folder (default ../shared/data/traces/bfcl)")
+    p.add_argument("--data-dir", help="BFCL folder (default $KVSTRATA_TRACES/bfcl, else shared/data/traces/bfcl "
+                                       "beside the checkout)")
     p.add_argument("--limit", type=int, default=None, help="at most this many tasks")
     p.add_argument("--max-turns", type=int, default=None, help="keep only the first N user turns of each task")
     p.add_argument("--max-steps", type=int, default=None, help="task max_steps")

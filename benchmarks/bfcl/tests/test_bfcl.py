@@ -4,22 +4,28 @@ file run to completion on the default model (slow: it loads the default GGUF).""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 
-from kvstrata.jobs.bfcl import IMPLEMENTED, build_job, find_data_dir, write_jsonl
-from kvstrata.jobs.bfcl_apis import GorillaFileSystem, MathAPI, MessageAPI
+from benchmarks.bfcl.apis import GorillaFileSystem, MathAPI, MessageAPI
+from benchmarks.bfcl.jobfile import IMPLEMENTED, build_job, data_dirs, find_data_dir, write_jsonl
 from kvstrata.jobs.spec import JobSpec, read_job_file
-
-from .conftest import run_job
-
-DATA = Path("/work/shared/data/traces/bfcl")
+from tests.jobs.conftest import run_job
 
 
 @pytest.fixture(scope="module")
 def data_dir():
-    return find_data_dir(str(DATA) if DATA.is_dir() else None)
+    if not any((d / "BFCL_v4_multi_turn_base.json").is_file() for d in data_dirs()):
+        pytest.skip(f"the BFCL traces are not in {data_dirs()} (set KVSTRATA_TRACES)")
+    return find_data_dir(None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    from kvstrata.sessions import open_store
+
+    s = open_store(tmp_path / "s.db")
+    yield s
+    s.close()
 
 
 def test_converter_keeps_implemented_entries_with_their_docs_turns_and_state(data_dir, tmp_path):
