@@ -1,8 +1,7 @@
 """Chat messages to prompt text and back: templates with tools, tool-call parsing, response formats.
 
 The tool-call syntax itself lives in `kvstrata.tokenizer.tools` (render_chat, parse_tool_calls,
-forced_tool_call_spec, validate_tools). When that module is missing (an older build), messages are
-rendered with the plain chat template and no tool calls are parsed.
+forced_tool_call_spec, validate_tools); this module turns its errors into HTTP 400s.
 """
 
 from __future__ import annotations
@@ -17,14 +16,7 @@ from kvstrata.server.errors import APIError
 
 log = logging.getLogger(__name__)
 
-try:  # the tool-calling module is written alongside this server
-    from kvstrata.tokenizer import tools as _tools
-except ImportError:  # pragma: no cover - depends on the build
-    _tools = None
-
-
-def tools_available() -> bool:
-    return _tools is not None
+from kvstrata.tokenizer import tools as _tools
 
 
 def messages_to_dicts(messages: list[Any]) -> list[dict[str, Any]]:
@@ -40,38 +32,10 @@ def messages_to_dicts(messages: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _plain_content(c: Any) -> str:
-    if c is None:
-        return ""
-    if isinstance(c, str):
-        return c
-    parts = []
-    for p in c:
-        if isinstance(p, dict) and p.get("type") in ("text", "input_text", "output_text"):
-            parts.append(str(p.get("text", "")))
-        else:
-            raise APIError(400, f"unsupported content part {p.get('type') if isinstance(p, dict) else p!r}: "
-                           "this model takes text parts only", param="messages")
-    return "".join(parts)
-
-
-def _fallback_render(tok, messages: list[dict], tools: list | None) -> str:
-    msgs = []
-    for m in messages:
-        d = {"role": m["role"], "content": _plain_content(m.get("content"))}
-        for call in m.get("tool_calls") or ():
-            fn = call.get("function", {})
-            d["content"] += f"<tool_call>\n{json.dumps({'name': fn.get('name'), 'arguments': fn.get('arguments')})}\n</tool_call>"
-        msgs.append(d)
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tools=tools)
-
-
 def render(tok, messages: list[dict], tools: list | None = None, tool_choice: Any = None) -> str:
     """The prompt text for `messages` (with the generation prompt). Raises APIError 400 on bad messages."""
     try:
-        if _tools is not None:
-            return _tools.render_chat(tok, messages, tools=tools, tool_choice=tool_choice, add_generation_prompt=True)
-        return _fallback_render(tok, messages, tools)
+        return _tools.render_chat(tok, messages, tools=tools, tool_choice=tool_choice, add_generation_prompt=True)
     except KvstrataError as e:
         raise APIError(400, str(e), param="messages") from None
 
@@ -82,17 +46,10 @@ def check_tools(tools: list | None, tool_choice: Any) -> tuple[list | None, Any]
         if tool_choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice needs `tools`: give the function definitions", param="tool_choice")
         return None, None
-    if _tools is not None:
-        try:
-            _tools.validate_tools(tools)
-        except KvstrataError as e:
-            raise APIError(400, str(e), param="tools") from None
-    else:
-        for t in tools:
-            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict) \
-                    or not t["function"].get("name"):
-                raise APIError(400, "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
-                               param="tools")
+    try:
+        _tools.validate_tools(tools)
+    except KvstrataError as e:
+        raise APIError(400, str(e), param="tools") from None
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
         if tool_choice.get("type") != "function" or not name:
@@ -104,16 +61,13 @@ def check_tools(tools: list | None, tool_choice: Any) -> tuple[list | None, Any]
 
 
 def parses_tools(tools: list | None, tool_choice: Any) -> bool:
-    return bool(tools) and tool_choice != "none" and _tools is not None
+    return bool(tools) and tool_choice != "none"
 
 
 def forced_spec(tools: list | None, tool_choice: Any) -> dict | None:
     """A constrained-decoding spec that forces a tool call (tool_choice required or named), else None."""
     if not tools or tool_choice in (None, "none", "auto"):
         return None
-    if _tools is None:
-        raise APIError(400, "this build cannot force tool calls (kvstrata.tokenizer.tools is missing)",
-                       param="tool_choice")
     try:
         return _tools.forced_tool_call_spec(tools, tool_choice)
     except KvstrataError as e:
@@ -140,8 +94,6 @@ def structured_from_response_format(rf: dict | None, param: str = "response_form
 
 def split_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, OpenAI tool_calls) from the model's text; every call gets an id."""
-    if _tools is None:
-        return text, []
     content, calls = _tools.parse_tool_calls(text)
     for c in calls:
         c.setdefault("id", "call_" + secrets.token_urlsafe(12))

@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from kvstrata.core import SamplingParams, chain_keys
+from kvstrata.core import RequestClass, SamplingParams, chain_keys
 from kvstrata.sessions.store import SessionStore
 from kvstrata.sessions.types import Owner, Session, SessionInfo, SessionState
 from kvstrata.tokenizer.tokenizer import splice_tokens
@@ -59,8 +59,7 @@ def plan_turn(engine: Any, sess: Session, new_messages: Sequence[dict[str, Any]]
     text = render_chat(tok, history(sess) + list(new_messages), tools=tools, tool_choice="auto" if tools else None)
     keep, new_ids = splice_tokens(tok, sess.token_ids, text)
     prompt = sess.token_ids[:keep] + new_ids
-    rc = sess.request_class.value if hasattr(sess.request_class, "value") else str(sess.request_class)
-    return TurnPlan(prompt, make_params(len(prompt)), keep, new_ids, rc)
+    return TurnPlan(prompt, make_params(len(prompt)), keep, new_ids, RequestClass(sess.request_class).value)
 
 
 async def record_turn(store: SessionStore, engine: Any, sess: Session, owner: Owner,
