@@ -99,9 +99,6 @@ class KVManager:
         for _ in range(need):
             seq.block_table.append(self.pool.allocate())
 
-    def slot(self, seq: SeqBlocks, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def commit(self, seq: SeqBlocks) -> None:
         """Register every block of seq that became full (all its tokens computed) since last time."""
         if not self.enable_prefix_caching:
