@@ -56,6 +56,9 @@ class EngineConfig:
     max_num_batched_tokens: int = _f(2048, "token budget of one engine step, shared by prefill chunks and decodes")
     enable_prefix_caching: bool = _f(True, "reuse KV blocks of earlier requests that share a prefix")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: the machine's cores)")
+    program_priority: bool = _f(True, "order waiting work by agent program: requests of a session or job task that has had less service go first (least attained service); --no-program-priority: arrival order")
+    pause_ttl: bool = _f(True, "a paused session whose KV the cost model keeps in device memory is moved down once its wait outlasts the break-even time (a TTL), instead of being held until it resumes")
+    prefetch_ahead: bool = _f(True, "a paused session whose KV went to a tier is prefetched into device memory shortly before its tool is expected to return")
     native_decode: str = _f("auto", "the fused C decode step for --quantization int8 on CPU (native/decode.c, built with the host's C compiler): auto (use it when it builds), on (fail if it cannot) or off")
 
     def __post_init__(self) -> None:

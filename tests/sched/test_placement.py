@@ -147,3 +147,32 @@ def test_interactive_request_during_a_saturating_batch_job(tiny_llama):
     alone = llm.generate("Paris is the capital of", SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert done[rid].outputs[0].token_ids == alone.outputs[0].token_ids
     assert all(len(done[b].outputs[0].token_ids) == 30 for b in batch_ids)
+
+
+def test_waiting_work_is_ordered_by_its_programs_service(tiny_llama):
+    """Least attained service by program: a request of a program that has had little service is admitted
+    before one of a program that has had much, within a class; interactive stays first; outputs unchanged."""
+    llm = LLM(str(tiny_llama), kv_device_bytes="8M", max_num_seqs=1)
+    eng = llm.engine
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompt = llm.tokenizer.encode(TEXT * 4)[:900]
+    eng.add_request(prompt, p, "big-1", "batch", program="big")
+    eng.run_to_completion()
+    assert eng.scheduler.attained["big"] == len(prompt) + 3  # the prompt and 3 decode steps were computed
+    eng.scheduler.attained["big"] += 10**5  # as if it had run a long while (the tiny model's window is short)
+    eng.add_request(TEXT, p, "big-2", "batch", program="big")
+    eng.add_request(TEXT, p, "small-1", "batch", program="small")
+    eng.add_request(TEXT, p, "chat", "interactive", program="big")
+    order = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                order.append(out.request_id)
+    assert order == ["chat", "small-1", "big-2"]
+    fifo = LLM(str(tiny_llama), kv_device_bytes="8M", max_num_seqs=1, program_priority=False)
+    fifo.engine.scheduler.attained["big"] = 10**6
+    fifo.engine.add_request(TEXT, p, "big-2", "batch", program="big")
+    fifo.engine.add_request(TEXT, p, "small-1", "batch", program="small")
+    done = fifo.engine.run_to_completion()
+    assert list(done) == ["big-2", "small-1"]  # switched off: arrival order
+    assert done["small-1"].outputs[0].token_ids == llm.generate(TEXT, p)[0].outputs[0].token_ids

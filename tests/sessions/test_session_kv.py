@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -160,3 +161,51 @@ def test_first_pause_does_not_stall_a_stream(setup, monkeypatch):
         return got_while_measuring
 
     assert run(main()) >= 20
+
+
+def test_a_keep_moves_down_when_its_ttl_ends(setup, monkeypatch):
+    from kvstrata.sessions import kv as skv_mod
+
+    monkeypatch.setattr(skv_mod, "TTL_BOUNDS_S", (0.2, 0.3))  # whatever the break-even, expire in 0.2-0.3 s
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"])
+    sess = _session(ae, store)
+    full = len(sess.token_ids) // 16 * 16
+
+    async def main():
+        d = await skv.pause(sess, tool="calc", wait_s=0.001)
+        assert d["action"] == "keep" and ae.engine.pool.num_in_use == full // 16
+        await asyncio.sleep(1.0)  # the tool is late: the hold ends, the KV goes to the cheapest other place
+        assert ae.engine.pool.num_in_use == 0 and not skv.held(sess.id) and skv.counters["ttl_expiries"] == 1
+        assert (await skv.locate(sess.token_ids)).get("disk", 0) == full
+        assert await skv.resume(sess) == full  # unpinned there and brought back
+        ae.engine.config = dataclasses.replace(ae.engine.config, pause_ttl=False)
+        assert (await skv.pause(sess, tool="calc", wait_s=0.001))["action"] == "keep"
+        await asyncio.sleep(1.0)
+        assert skv.held(sess.id) and ae.engine.pool.num_in_use == full // 16  # switched off: held to the end
+        await skv.resume(sess)
+
+    run(main())
+
+
+def test_a_session_moved_down_is_prefetched_before_its_tool_returns(setup):
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"], read=50.0, write=50.0)
+    sess = _session(ae, store)
+    full = len(sess.token_ids) // 16 * 16
+
+    async def main():
+        d = await skv.pause(sess, tool="search", wait_s=0.6)
+        assert d["action"] == "disk", d
+        assert (await skv.locate(sess.token_ids)).get("device", 0) == 0
+        await asyncio.sleep(1.0)  # past the expected return, before the resume: already loaded back
+        assert (await skv.locate(sess.token_ids)) == {"device": full}
+        assert skv.counters["prefetched_ahead_tokens"] == full
+
+        await skv.resume(sess)
+        ae.engine.config = dataclasses.replace(ae.engine.config, prefetch_ahead=False)
+        await skv.pause(sess, tool="search", wait_s=0.6)
+        await asyncio.sleep(1.0)
+        assert (await skv.locate(sess.token_ids)).get("device", 0) == 0  # switched off: nothing comes back early
+
+    run(main())

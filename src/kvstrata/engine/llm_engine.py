@@ -89,7 +89,7 @@ class LLMEngine:
         self.kv.offload = self.offload
         # the one cost model (keep / move down / drop): preemption here, paused sessions in sessions/kv.py
         self.placement = PlacementModel(None, model_spec(mc), self.offload.tier_names if self.offload else [])
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.program_priority)
         self.scheduler.on_preempt = self._on_preempt
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.runner.native = setup_native_decode(cfg, self.model, self.pool, self.device)
@@ -112,7 +112,10 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         request_class: RequestClass | str = RequestClass.INTERACTIVE,
+        program: str | None = None,
     ) -> str:
+        """Queue a request; `program` names the agent program it belongs to (a session, a job task), which
+        orders admission (sched/scheduler.py). Returns its id."""
         params = params or SamplingParams()
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
@@ -121,7 +124,7 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self._validate_prompt(ids, params)
         rc = RequestClass(request_class)
-        seqs = [Sequence(rid, i, list(ids), params, rc) for i in range(params.n)]
+        seqs = [Sequence(rid, i, list(ids), params, rc, program=program) for i in range(params.n)]
         for s in seqs:
             s.detok = IncrementalDetokenizer(self.tokenizer, ids)
             if params.structured is not None:

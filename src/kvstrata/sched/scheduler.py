@@ -1,9 +1,20 @@
-"""Continuous batching with chunked prefill under a per-step token budget."""
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Admission order: interactive before batch (answer inference is never starved); within a class,
+preempted work first, then by agent program: requests of a program (a session, a job task) that has
+had less service so far go first (least attained service by program, as Autellix does; levels of
+doubling size so that programs of similar service stay first-come first-served, and anything waiting
+longer than STARVE_S goes to the top level). An agent user pays for whole sessions finished, and many
+short programs finishing beats all of them progressing slowly. `program_priority=False` keeps plain
+arrival order within a class.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+import math
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from kvstrata.core import RequestClass
@@ -36,9 +47,17 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+PROGRAM_QUANTUM = 2048  # tokens of service of the first level; level k holds [Q 2^(k-1), Q 2^k)
+STARVE_S = 30.0  # waiting longer than this puts a request in the first level whatever its program had
+PROGRAMS_REMEMBERED = 65536
+
+
 class Scheduler:
-    def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 program_priority: bool = True) -> None:
         self.kv = kv
+        self.program_priority = program_priority
+        self.attained: OrderedDict[str, int] = OrderedDict()  # program -> tokens computed for it so far
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -60,12 +79,34 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def level(self, seq: Sequence, now: float) -> int:
+        """The program's priority level: 0 for little service (or a long wait), one more per doubling."""
+        got = self.attained.get(seq.program or seq.request_id, 0)
+        if got < PROGRAM_QUANTUM or now - seq.arrival_time > STARVE_S:
+            return 0
+        return 1 + int(math.log2(got / PROGRAM_QUANTUM))
+
+    def _order_waiting(self) -> None:
+        """Class first, then preempted work, then program level, then arrival (a stable sort)."""
+        if not self.program_priority or len(self.waiting) < 2:
+            return
+        now = time.monotonic()
+        self.waiting = deque(sorted(self.waiting, key=lambda s: (
+            s.request_class != RequestClass.INTERACTIVE, s.num_preemptions == 0, self.level(s, now), s.arrival_time)))
+
+    def _served(self, seq: Sequence, n: int) -> None:
+        p = seq.program or seq.request_id
+        self.attained[p] = self.attained.pop(p, 0) + n  # most recently served last
+        if len(self.attained) > PROGRAMS_REMEMBERED:
+            self.attained.popitem(last=False)
+
     def schedule(self) -> SchedulerOutput:
         # Invariant: each request's computed tokens catch up to its known tokens (prompt + output so
         # far), under a token budget per step shared by prefill chunks and decodes. No prefill or decode
         # modes: a decode is a sequence one token behind, a prefill chunk is one many tokens behind.
         out = SchedulerOutput()
         budget = self.budget
+        self._order_waiting()
         # interactive work first (its decodes are never starved by batch prefill), then oldest first
         self.running.sort(key=lambda s: s.request_class != RequestClass.INTERACTIVE)
         reserve = self._make_room_for_interactive(out)
@@ -103,6 +144,8 @@ class Scheduler:
             budget -= n
         # single-token work first: the runner batches those as decodes
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        for s in out.scheduled:
+            self._served(s.seq, s.num_new_tokens)
         return out
 
     def _make_room_for_interactive(self, out: SchedulerOutput) -> int:

@@ -43,6 +43,9 @@ class Sequence:
     # accept(token) after; is_terminated() once the grammar is complete.
     logits_processor: object = None
     last_hit_by_tier: dict = field(default_factory=dict)  # where the last prefix match found its blocks
+    # the agent program this request belongs to (a session, a job task): the scheduler orders waiting work
+    # by the service its program has had so far (sched/scheduler.py); None: the request alone
+    program: str | None = None
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -16,6 +16,13 @@ sessions/turns.py; between them the session is in one of these places, and only 
     fork                 a new session sharing the prefix (and so, by content, its KV)
     close                release everything; the session takes no more turns
     sweep_leases         unpin the KV of sessions whose lease ended (they stay parked)
+
+Two timers refine a pause (EngineConfig.pause_ttl, .prefetch_ahead; both on by default):
+- keep with a TTL (as Continuum does): KV kept in device memory is kept only for the break-even time
+  at which keeping it has cost what moving it down (or dropping it) costs; a wait that outlasts it
+  (the tool was slower than expected) moves the KV down then, instead of holding memory to the end.
+- prefetch ahead: KV moved to a tier is loaded back shortly before the tool's expected return (its
+  expected wait minus twice the reload time), so the next turn finds it in device memory.
     park_all             at a graceful shutdown, park the sessions this process served
 
 Contract:
@@ -45,13 +52,17 @@ log = logging.getLogger(__name__)
 
 PAUSE_LEASE_FACTOR = 4.0  # a paused session's tier pin lasts this many expected waits ...
 PAUSE_LEASE_MIN_S = 60.0  # ... and at least this long
+TTL_BOUNDS_S = (0.5, 3600.0)  # a keep's TTL is clamped to this range
 
 
 class SessionKV:
     def __init__(self, aengine: Any, store: SessionStore) -> None:
         self.aeng, self.store = aengine, store
         self._holds: dict[str, list[int]] = {}  # session id -> device blocks held for it (engine thread)
-        self.counters = {"pauses": 0, "parks": 0, "resumes": 0, "prefetched_tokens": 0, "park_failures": 0}
+        self._timers: dict[str, asyncio.Task] = {}  # session id -> its TTL expiry or prefetch-ahead task
+        self._moved: dict[str, str] = {}  # session id -> tier its KV went to when a keep's TTL ended
+        self.counters = {"pauses": 0, "parks": 0, "resumes": 0, "prefetched_tokens": 0, "park_failures": 0,
+                         "ttl_expiries": 0, "prefetched_ahead_tokens": 0}
 
     async def _engine(self, fn) -> Any:
         return await self.aeng.call_async(fn)
@@ -86,6 +97,7 @@ class SessionKV:
     def _resume_now(self, e, sid: str, ids: list[int], placement: dict | None, tier: str | None,
                     prefetch: bool) -> int:
         self._release(e, sid)
+        tier = tier or self._moved.pop(sid, None)
         if tier and e.offload is not None and tier in e.offload.tier_names:
             e.offload.unpin(ids, tier)
         if placement is not None and placement.get("tool") is not None and placement.get("at"):
@@ -107,6 +119,7 @@ class SessionKV:
         """The session waits (on `tool`, expected `wait_s` or the learned wait): keep / move down / drop.
         Returns the decision (action, costs, expected wait); the placement is recorded in the store."""
         sid, ids = sess.id, list(sess.token_ids)
+        self._cancel_timer(sid)
         d = await self._engine(lambda e: self._pause_now(e, sid, ids, tool, wait_s))
         if d["action"] == "none":
             return d
@@ -118,16 +131,77 @@ class SessionKV:
         info = await self._db(self.store.set_lease, sid, owner=owner, lease_expires_at=lease, parked_tier=tier,
                               kv_placement=placement, expected_version=sess.version)
         sync(sess, info)
+        self._arm(sess, owner, d)
         return d
+
+    # -- timers: keep with a TTL, prefetch ahead --------------------------------------------------
+    def _cancel_timer(self, sid: str) -> None:
+        t = self._timers.pop(sid, None)
+        if t is not None and t is not asyncio.current_task():
+            t.cancel()
+
+    def _arm(self, sess: Session, owner: Owner, d: dict) -> None:
+        cfg = self.aeng.engine.config
+        costs = d.get("costs") or {}
+        if d["action"] == "keep" and cfg.pause_ttl:
+            others = {k: v for k, v in costs.items() if k != "keep"}
+            rate = costs.get("keep", 0.0) / max(d["expected_wait_s"], 1e-9)  # keep's cost per second of wait
+            if others and rate > 0:
+                move = min(others, key=others.__getitem__)
+                ttl = min(max(others[move] / rate, TTL_BOUNDS_S[0]), TTL_BOUNDS_S[1])
+                self._timers[sess.id] = asyncio.ensure_future(self._expire(sess, owner, move, ttl))
+        elif d["action"] not in ("keep", "drop") and cfg.prefetch_ahead:
+            reload_s = costs.get(d["action"], 0.0)
+            delay = d["expected_wait_s"] - 2 * reload_s
+            if delay > 0:
+                self._timers[sess.id] = asyncio.ensure_future(self._prefetch_later(sess.id, list(sess.token_ids), delay))
+
+    async def _expire(self, sess: Session, owner: Owner, move: str, ttl: float) -> None:
+        """The wait outlasted the keep's break-even time: release the hold and move the KV down. The
+        store is not written (the session's writers own its version): the tier is remembered here for
+        the resume's unpin, and after a restart the durable copy (write-behind) serves the resume."""
+        await asyncio.sleep(ttl)
+        sid, ids = sess.id, list(sess.token_ids)
+
+        def now(e) -> dict:
+            if sid not in self._holds:
+                return {}
+            self._release(e, sid)
+            if move == "drop" or e.offload is None:
+                return {}
+            self._moved[sid] = move
+            return e.offload.park(ids, move, pin=True)
+
+        try:
+            res = await self._engine(now)
+            self.counters["ttl_expiries"] += 1
+            log.debug("session %s: TTL %.1fs ended, KV -> %s (%s)", sid, ttl, move, res)
+        except Exception as e:  # noqa: BLE001 - an optimisation: the hold is released either way
+            log.info("session %s: moving the KV down after its TTL failed (%s)", sid, e)
+        finally:
+            if self._timers.get(sid) is asyncio.current_task():
+                del self._timers[sid]
+
+    async def _prefetch_later(self, sid: str, ids: list[int], delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            n = await self._engine(lambda e: e.offload.prefetch(ids) if e.offload is not None else 0)
+            self.counters["prefetched_ahead_tokens"] += n
+        except Exception as e:  # noqa: BLE001 - an optimisation: the resume loads what is missing
+            log.info("session %s: prefetch ahead failed (%s)", sid, e)
+        finally:
+            if self._timers.get(sid) is asyncio.current_task():
+                del self._timers[sid]
 
     async def resume(self, sess: Session, owner: Owner = ANY_OWNER, *, prefetch: bool = True) -> int:
         """Undo a pause or park (no-op when there is none): release the hold or unpin, prefetch the KV
         into device memory (not after a drop), clear the placement; a PARKED session becomes ACTIVE.
         Returns the tokens prefetched."""
         if sess.kv_placement is None and sess.parked_tier is None and sess.state != SessionState.PARKED \
-                and sess.id not in self._holds:
+                and sess.id not in self._holds and sess.id not in self._moved:
             return 0
         sid, ids, placement, tier = sess.id, list(sess.token_ids), sess.kv_placement, sess.parked_tier
+        self._cancel_timer(sid)
         t0 = time.perf_counter()
         try:
             loaded = await self._engine(lambda e: self._resume_now(e, sid, ids, placement, tier, prefetch))
@@ -152,6 +226,7 @@ class SessionKV:
         moved ({"moved", blocks written / already there, device blocks freed, failed, tokens}); the
         session is marked PARKED only when every block reached the tier."""
         sid, ids = sess.id, list(sess.token_ids)
+        self._cancel_timer(sid)
         res: dict[str, Any] = {"moved": False, "tokens": 0}
         if ids:
             t0 = time.perf_counter()
@@ -173,6 +248,7 @@ class SessionKV:
     async def close(self, sess: Session, owner: Owner = ANY_OWNER) -> SessionInfo:
         """Release the session's hold and pins; the session is CLOSED (no more turns)."""
         sid, ids, tier = sess.id, list(sess.token_ids), sess.parked_tier
+        self._cancel_timer(sid)
         await self._engine(lambda e: self._resume_now(e, sid, ids, None, tier, False))
         info = await self._db(self.store.set_state, sid, SessionState.CLOSED, owner=owner)
         sync(sess, info)
