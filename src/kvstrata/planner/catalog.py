@@ -65,11 +65,24 @@ class HardwareSpec:
     price_basis: str
     sources: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    efficiency_class: str = ""
+    attention_efficiency: float | None = None  # share of bandwidth decode attention reads KV at; None: memory
+    overlap: float = float("inf")  # p of the soft roofline of each kernel (cost._roof); inf: max(memory, compute)
+    # the largest deployment the vendor sells as one unit: max_devices, limit (words), dtypes served, spec profile
+    deployment: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_devices(self) -> int:
+        return int(self.deployment.get("max_devices") or max(1, self.scale_up.domain))
+
+    @property
+    def deployment_limit(self) -> str:
+        return str(self.deployment.get("limit") or f"{self.max_devices} {self.unit}s")
 
     def tflops(self, dtype: str) -> float:
         """Dense peak for the dtype matmuls run in (weight-only quantised formats compute in bf16 / fp16)."""
         c = self.compute_TFLOPs
-        key = dtype.lower()
+        key = "fp4" if dtype.lower() == "nvfp4" else dtype.lower()
         if key in c:
             return float(c[key])
         if key.startswith("q") or key in ("int4", "fp4"):
@@ -98,8 +111,12 @@ def _link(d: Mapping[str, Any] | None) -> Link:
                 float(d.get("latency_us", 0) or 0))
 
 
-def hardware_from_dict(name: str, d: Mapping[str, Any]) -> HardwareSpec:
-    """Build one entry; raises KvstrataError naming the entry and the missing field."""
+def hardware_from_dict(name: str, d: Mapping[str, Any], classes: Mapping[str, Any] | None = None) -> HardwareSpec:
+    """Build one entry (efficiencies: its class's, then its own); raises KvstrataError naming what is wrong."""
+    cls_name = str(d.get("efficiency_class", ""))
+    if cls_name and classes is not None and cls_name not in classes:
+        raise KvstrataError(f"hardware entry {name!r}: unknown efficiency_class {cls_name!r}; known: "
+                            f"{', '.join(k for k in classes if not k.startswith('_'))}")
     try:
         mem = d["memory"]
         price = d.get("price") or {}
@@ -108,7 +125,7 @@ def hardware_from_dict(name: str, d: Mapping[str, Any]) -> HardwareSpec:
             hourly, basis = float(price["purchase_usd"]) / AMORTISE_HOURS, "purchase / 3 years (no power, no hosting)"
         if hourly is None:
             basis = "not published"
-        eff = d.get("efficiency") or {}
+        eff = {**((classes or {}).get(cls_name) or {}), **(d.get("efficiency") or {})}
         spec = HardwareSpec(
             name=name, title=str(d.get("title", name)), kind=str(d.get("kind", "gpu")), unit=str(d.get("unit", "device")),
             memory_name=str(mem.get("name", "memory")), capacity_GB=float(mem["capacity_GB"]),
@@ -123,6 +140,9 @@ def hardware_from_dict(name: str, d: Mapping[str, Any]) -> HardwareSpec:
             default_kv_dtype=str(d.get("default_kv_dtype", "bf16")),
             usd_per_hour=None if hourly is None else float(hourly), price_basis=basis,
             sources=dict(d.get("sources", {})), aliases=tuple(d.get("aliases", ())),
+            efficiency_class=cls_name, deployment=dict(d.get("deployment") or {}),
+            attention_efficiency=float(eff["attention"]) if eff.get("attention") is not None else None,
+            overlap=float(eff.get("overlap", float("inf"))),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise KvstrataError(f"hardware entry {name!r} is malformed ({type(e).__name__}: {e}); "
@@ -150,6 +170,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_catalog(extra: Iterable[str | os.PathLike] = ()) -> tuple[dict[str, HardwareSpec], dict[str, dict[str, Any]]]:
     """(hardware by name, tiers by name): the built-in file, then $KVSTRATA_HOME/hardware.json, then `extra`."""
     raw = _read_json(DATA_DIR / "hardware.json")
+    classes = dict(raw.get("efficiency_classes", {}))
     hw_raw: dict[str, Any] = dict(raw["hardware"])
     tiers: dict[str, dict[str, Any]] = dict(raw.get("tiers", {}))
     paths = [kvstrata_home() / "hardware.json"] if (kvstrata_home() / "hardware.json").is_file() else []
@@ -161,7 +182,19 @@ def load_catalog(extra: Iterable[str | os.PathLike] = ()) -> tuple[dict[str, Har
         hw_raw.update(user.get("hardware", {}))
         tiers.update(user.get("tiers", {}))
         log.info("catalog: %d entries from %s", len(user.get("hardware", {})), p)
-    return {n: hardware_from_dict(n, d) for n, d in hw_raw.items()}, tiers
+    return {n: hardware_from_dict(n, d, classes) for n, d in hw_raw.items()}, tiers
+
+
+def catalog_section(name: str) -> dict[str, Any]:
+    """A top-level section of the built-in hardware.json (efficiency_classes, spec_profiles), `_about` left out."""
+    return {k: v for k, v in _read_json(DATA_DIR / "hardware.json").get(name, {}).items() if not k.startswith("_")}
+
+
+def spec_profile(hw: HardwareSpec, model_name: str) -> dict[str, Any] | None:
+    """The speculative decoding the hardware's provider publicly runs for this model, or None."""
+    name = hw.deployment.get("spec")
+    prof = catalog_section("spec_profiles").get(name) if name else None
+    return prof if prof and model_name in prof.get("targets", ()) else None
 
 
 def resolve_hardware(names: str | Iterable[str], catalog: Mapping[str, HardwareSpec]) -> list[HardwareSpec]:
