@@ -11,6 +11,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def trace_dir() -> Path:
+    """The public traces: $KVSTRATA_TRACE_DIR, else ../shared/data/traces next to the repository."""
+    env = os.environ.get("KVSTRATA_TRACE_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+
+
 def ceilings(quick: bool = False) -> dict:
     """Memory bandwidth and fp32 matmul rate of this machine, measured now (planner calibration)."""
     from kvstrata.planner.calibration import calibrate

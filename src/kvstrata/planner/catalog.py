@@ -68,6 +68,11 @@ class HardwareSpec:
     efficiency_class: str = ""
     attention_efficiency: float | None = None  # share of bandwidth decode attention reads KV at; None: memory
     overlap: float = float("inf")  # p of the soft roofline of each kernel (cost._roof); inf: max(memory, compute)
+    compute_efficiency_by_dtype: Mapping[str, float] = field(default_factory=dict)  # "compute_<dtype>" overrides
+
+    def compute_efficiency_for(self, dtype: str) -> float:
+        key = "fp4" if dtype.lower() == "nvfp4" else dtype.lower()
+        return float(self.compute_efficiency_by_dtype.get(key, self.compute_efficiency))
     # the largest deployment the vendor sells as one unit: max_devices, limit (words), dtypes served, spec profile
     deployment: Mapping[str, Any] = field(default_factory=dict)
 
@@ -91,6 +96,13 @@ class HardwareSpec:
             if k in c:
                 return float(c[k])
         raise KvstrataError(f"hardware {self.name!r} lists no compute figure")
+
+    def attention_tflops(self) -> float:
+        """Dense peak attention runs at: 16-bit where the machine has it, else fp32 (CPU engines)."""
+        for k in ("bf16", "fp16", "fp32"):
+            if k in self.compute_TFLOPs:
+                return float(self.compute_TFLOPs[k])
+        return self.tflops(self.default_weight_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +155,7 @@ def hardware_from_dict(name: str, d: Mapping[str, Any], classes: Mapping[str, An
             efficiency_class=cls_name, deployment=dict(d.get("deployment") or {}),
             attention_efficiency=float(eff["attention"]) if eff.get("attention") is not None else None,
             overlap=float(eff.get("overlap", float("inf"))),
+            compute_efficiency_by_dtype={k[len("compute_"):]: float(v) for k, v in eff.items() if k.startswith("compute_")},
         )
     except (KeyError, TypeError, ValueError) as e:
         raise KvstrataError(f"hardware entry {name!r} is malformed ({type(e).__name__}: {e}); "

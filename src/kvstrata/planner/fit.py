@@ -39,6 +39,7 @@ FITS = (
     Fit("efficiency_classes/nvidia-gpu/memory", "gptfast-a100-llama2-7b", 0.2, 1.0),
     Fit("efficiency_classes/nvidia-gpu/compute", "trtllm1-h100-llama3.1-8b-prefill-heavy", 0.1, 1.0),
     Fit("efficiency_classes/nvidia-gpu/overlap", "trtllm1-h100-llama3.3-70b", 1.0, 64.0),
+    Fit("efficiency_classes/nvidia-gpu/compute_fp4", "trtllm1-b200-llama3.3-70b", 0.05, 1.0),
     Fit("hardware/mi300x/scale_up/latency_us", "amd-mi300x-llama3.1-70b-bs1", 1.0, 200.0),
     Fit("efficiency_classes/amd-gpu/compute", "amd-mi300x-llama3.1-70b-throughput", 0.02, 1.0),
     Fit("efficiency_classes/tpu/memory", "jetstream-v5e8-llama3-8b-bf16", 0.1, 1.0),

@@ -208,6 +208,7 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
     bw = hw.bandwidth_GBps * o.bandwidth_scale * tp
     gflops = hw.tflops(o.compute_dtype or wdt) * 1e3 * tp
     mem_eff = o.memory_efficiency if o.memory_efficiency is not None else hw.memory_efficiency
+    ce = hw.compute_efficiency_for(o.compute_dtype or wdt)
     layers_stage = model.n_layers / pp
     b = math.ceil(active / pp)
     verify = 1 + max(0, o.spec_draft_tokens)
@@ -217,7 +218,7 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
                                                    hw.scale_up.latency_us * 1e-6)
 
     step = decode_step(model, b, wl.decode_context, bandwidth_GBps=bw, compute_GFLOPs=gflops, weight_dtype=wdt,
-                       kv_dtype=kdt, memory_efficiency=mem_eff, compute_efficiency=hw.compute_efficiency,
+                       kv_dtype=kdt, memory_efficiency=mem_eff, compute_efficiency=ce,
                        attention_efficiency=hw.attention_efficiency, overlap=hw.overlap,
                        per_layer_latency_s=hw.per_layer_latency_us * 1e-6, spill_fraction=spill,
                        spill_bandwidth_GBps=(hw.spill_tiers[0].link_GBps * tp) if hw.spill_tiers else 0.0,
@@ -228,7 +229,7 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
     if o.spec_draft_model and o.spec_draft_tokens > 0:  # the draft model's own steps, on the same devices
         draft = builtin_model(o.spec_draft_model)
         d = decode_step(draft, b, wl.decode_context, bandwidth_GBps=bw, compute_GFLOPs=gflops, weight_dtype=wdt,
-                        kv_dtype=kdt, memory_efficiency=mem_eff, compute_efficiency=hw.compute_efficiency,
+                        kv_dtype=kdt, memory_efficiency=mem_eff, compute_efficiency=ce,
                         attention_efficiency=hw.attention_efficiency, overlap=hw.overlap,
                         per_layer_latency_s=hw.per_layer_latency_us * 1e-6)
         t_token += o.spec_draft_tokens * d.total_s
@@ -236,11 +237,13 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
     res.decode_step_s, res.bound = t_token, step.bound
     res.tokens_per_s_per_user = o.spec_tokens_per_step / t_token
 
-    # prefill of one turn (new prompt tokens after the cached context)
+    # prefill of one turn (new prompt tokens after the cached context); one stage at a time works on it.
+    # Matmuls run at the weight dtype's rate, attention at the 16-bit (or fp32) rate.
     new = max(1, round(wl.prompt_tokens))
-    flops = model.forward_flops(new, wl.context_tokens)
-    comp_all = gflops * 1e9 * hw.compute_efficiency  # one stage at a time works on one request
-    prefill = max(flops / comp_all, weights / (bw * GB * mem_eff),
+    comp_all = gflops * 1e9 * ce
+    comp_attn = hw.attention_tflops() * 1e12 * tp * hw.compute_efficiency
+    compute_s = model.matmul_flops(new) / comp_all + model.attention_flops(new, wl.context_tokens) / comp_attn
+    prefill = max(compute_s, weights / (bw * GB * mem_eff),
                   model.n_layers * hw.per_layer_latency_us * 1e-6) + pp * tp_comm(new) + (pp - 1) * hop
     res.prefill_s = prefill
     parked = wl.tool_wait_s > 0 and tiers[0].sessions < wl.sessions and wl.context_tokens > 0
@@ -248,11 +251,11 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
         kv_ctx = model.kv_bytes(wl.context_tokens, kdt)
         links = {t.name: t.link_GBps * tp for t in hw.spill_tiers}
         res.restore_via, res.restore_s = best_restore(kv_ctx, wl.context_tokens, model, links,
-                                                      gflops * pp, hw.compute_efficiency)
+                                                      gflops * pp, ce)
     res.ttft_s = res.restore_s + prefill + t_token
     # aggregate: output tokens of the active batch over decode time plus the prefill they need
     decode_time = wl.output_tokens / res.tokens_per_s_per_user
-    prefill_busy = active * flops / (comp_all * pp)
+    prefill_busy = active * compute_s / pp
     res.tokens_per_s_aggregate = active * wl.output_tokens / (decode_time + prefill_busy)
     res.session_s = wl.turns * (res.ttft_s + decode_time + wl.tool_wait_s)
     if hw.usd_per_hour is not None:
