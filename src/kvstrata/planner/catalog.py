@@ -227,23 +227,49 @@ def resolve_hardware(names: str | Iterable[str], catalog: Mapping[str, HardwareS
     return out
 
 
-def this_machine(profile: Any) -> HardwareSpec:
-    """The machine the engine runs on, from a calibration profile (measured, so efficiency 1.0).
+# Share of the calibration's 1024 x 1024 matmul rate the engine's CPU prefill reaches (the rest goes to
+# skinny matmuls, norms, RoPE, softmax): FITTED once to the engine benchmark of 2026-11-30 10:08 UTC
+# (benchmarks/results/engine.json: fp32 prefill of 512 and 2,048 tokens reached 69% and 77% of that
+# run's 216 GFLOP/s), the log-mean of the two; tests/planner/test_this_engine.py checks later runs.
+CPU_PREFILL_EFFICIENCY = 0.73
 
-    Device memory = the DRAM the engine's CPU device pool lives in; the disk tier is the measured
-    disk. Compute = the measured fp32 matmul rate (the engine's CPU path runs fp32 matmuls).
+
+def restore_GBps(read_GBps: float | None, copy_GBps: float, crc_GBps: float | None) -> float:
+    """Bytes/s of bringing KV back from a tier the way the engine does: read (None: the host tier keeps a
+    reference, no read), verify every block's CRC-32, copy into the device pool; the three in sequence."""
+    t = 1.0 / copy_GBps + (1.0 / crc_GBps if crc_GBps else 0.0) + (1.0 / read_GBps if read_GBps else 0.0)
+    return 1.0 / t
+
+
+def this_machine(profile: Any) -> HardwareSpec:
+    """The machine the engine runs on, from a calibration profile (measured, so memory efficiency 1.0).
+
+    Device memory = the DRAM the engine's CPU device pool lives in. Weights default to int8, the
+    engine's CPU fast path (`--quantization auto`, what `make serve` runs); fp32 is the other path.
+    Compute = the measured fp32 and int8 matmul rates at CPU_PREFILL_EFFICIENCY. Spill tiers = the
+    measured disk (and Redis when calibrated with one), each at its restore rate (read + CRC + copy).
     """
     mem_GB = (profile.total_memory_bytes or 8e9) / 1e9
     disk_free_GB = (profile.disk_free_bytes or 100e9) / 1e9
+    crc = getattr(profile, "crc32_GBps", None)
+    compute = {"fp32": profile.matmul_fp32_GFLOPs / 1000.0}
+    if getattr(profile, "matmul_int8_GOPs", None):
+        compute["int8"] = profile.matmul_int8_GOPs / 1000.0
+    tiers = [SpillTier("disk", "local disk (read + CRC + copy)", disk_free_GB,
+                       restore_GBps(profile.disk_read_GBps, profile.host_copy_GBps, crc))]
+    if getattr(profile, "redis_read_GBps", None):
+        tiers.append(SpillTier("remote", "Redis (GET + CRC + copy)", 1e6,
+                               restore_GBps(profile.redis_read_GBps, profile.host_copy_GBps, crc)))
     return HardwareSpec(
         name=THIS_MACHINE, title=f"this machine ({profile.hostname}, calibrated {profile.measured_at})", kind="cpu",
         unit="machine", memory_name="DRAM (measured)", capacity_GB=mem_GB, bandwidth_GBps=profile.memory_bw_GBps,
-        compute_TFLOPs={"fp32": profile.matmul_fp32_GFLOPs / 1000.0}, parallelism="tensor",
-        scale_up=Link("none", 1, 0, 0), scale_out=Link("none", 1, 0, 0),
-        spill_tiers=(SpillTier("disk", "local disk (measured read)", disk_free_GB, profile.disk_read_GBps),),
-        per_layer_latency_us=0.0, memory_efficiency=1.0, compute_efficiency=1.0,
-        default_weight_dtype="fp32", default_kv_dtype="fp32", usd_per_hour=None, price_basis="not applicable",
-        sources={"all": f"kvstrata plan calibrate on {profile.hostname} at {profile.measured_at}"},
+        compute_TFLOPs=compute, parallelism="tensor",
+        scale_up=Link("none", 1, 0, 0), scale_out=Link("none", 1, 0, 0), spill_tiers=tuple(tiers),
+        per_layer_latency_us=0.0, memory_efficiency=1.0, compute_efficiency=CPU_PREFILL_EFFICIENCY,
+        default_weight_dtype="int8", default_kv_dtype="fp32", usd_per_hour=None, price_basis="not applicable",
+        sources={"all": f"kvstrata plan calibrate on {profile.hostname} at {profile.measured_at}",
+                 "compute_efficiency": "CPU_PREFILL_EFFICIENCY, fitted to one engine benchmark (see catalog.py)"},
+        deployment={"max_devices": 1, "limit": "this machine", "dtypes": ["int8", "fp32"], "spec": None},
     )
 
 

@@ -145,3 +145,25 @@ def compare(model: ModelSpec, hardware: Iterable[HardwareSpec], workloads: Itera
             opts: PlanOptions = PlanOptions(), min_tokens_per_s: float = 10.0) -> list[ClusterPlan]:
     """One cluster plan per (workload, hardware): the essay's comparison, side by side."""
     return [cluster_plan(model, hw, wl, sessions, opts, min_tokens_per_s) for wl in workloads for hw in hardware]
+
+
+def _f(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(plans: list[ClusterPlan]) -> str:
+    """One row per (workload, hardware): the replica, the cluster, the tiers below, the cost."""
+    lines = ["| workload | hardware | replica | replicas | devices | tok/s/user | TTFT s | prefill share | "
+             "host GB | SSD TB | shared store TB | $/hour | $/session | $/M out | $/M tokens |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in plans:
+        if not c.fits:
+            lines.append(f"| {c.workload} | {c.hardware} | does not fit: {c.reason} |" + " |" * 12)
+            continue
+        lines.append(
+            f"| {c.workload} | {c.hardware} | {c.devices_per_replica} {c.unit}s {c.weight_dtype}, "
+            f"{c.sessions_per_replica} sessions | {c.replicas:,} | {c.devices:,} | {_f(c.tokens_per_s_per_user, ',.0f')} | "
+            f"{_f(c.ttft_s, '.2f')} | {c.prefill_share:.0%} | {c.host_memory_GB:,.0f} | {c.ssd_GB / 1e3:,.1f} | "
+            f"{c.shared_store_GB / 1e3:,.1f} | {_f(c.usd_per_hour, ',.0f')} | {_f(c.usd_per_session, ',.4f')} | "
+            f"{_f(c.usd_per_million_output_tokens, ',.2f')} | {_f(c.usd_per_million_tokens, ',.3f')} |")
+    return "\n".join(lines)

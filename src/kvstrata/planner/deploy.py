@@ -7,7 +7,7 @@ on a whole 8-GPU server, in FP8, often with speculative decoding. So the planner
 device count the hardware can be laid out on (powers of two inside a scale-up domain, whole domains
 beyond; any count for pipelined machines) up to the deployment the vendor sells as one unit (a node,
 a rack, a chip count: `deployment.max_devices` in hardware.json), over the dtypes that hardware is
-served in, and, for the fastest, with the speculative decoding its provider publicly runs:
+served in, with and without the speculative decoding its provider publicly runs:
 
 - cheapest: the lowest device cost per finished session (`usd_per_task`); without a price, the
   fewest devices. Agentic work is bought by the task, so `agentic` shows this one first.
@@ -92,8 +92,7 @@ def deployments(model: ModelSpec, hw: HardwareSpec, wl: Workload, opts: PlanOpti
     if not cands:
         r = replace(base, limit=words)
         return replace(r, role="cheapest"), replace(r, role="fastest")
-    plain = [c for c in cands if not c.spec] or cands
-    cheapest = min(plain, key=lambda r: (r.usd_per_task if r.usd_per_task is not None else float("inf"),
+    cheapest = min(cands, key=lambda r: (r.usd_per_task if r.usd_per_task is not None else float("inf"),
                                          r.devices, -(r.tokens_per_s_per_user or 0)))
     fastest = max(cands, key=lambda r: (r.tokens_per_s_per_user or 0, -(r.devices or 0)))
     return replace(cheapest, role="cheapest", limit=words), replace(fastest, role="fastest", limit=words)
