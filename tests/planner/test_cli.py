@@ -107,8 +107,8 @@ def test_cluster_table_json_and_plot(capsys, tmp_path):
     assert main(["plan", "cluster", "--model", "llama-3.1-8b", "--sessions", "100", "--hardware", "h100",
                  "--workload", "claude-code", "--out-dir", str(tmp_path)]) == 0
     assert "| claude-code | h100-sxm |" in capsys.readouterr().out
-    assert (tmp_path / "cluster_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| claude-code | h100-sxm |" in (tmp_path / "cluster_comparison.md").read_text()
+    assert (tmp_path / "cluster_llama-3.1-8b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| claude-code | h100-sxm |" in (tmp_path / "cluster_llama-3.1-8b.md").read_text()
 
 
 def test_plot_writes_png_and_svg(capsys, tmp_path):

@@ -207,11 +207,12 @@ def _cluster(args) -> int:
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "cluster_comparison.md").write_text(
+        stem = f"cluster_{model.name}"
+        (out / f"{stem}.md").write_text(
             f"# Cluster plans: {model.name}, {n:,} concurrent sessions\n\n"
             f"Command: `kvstrata plan cluster --model {model.name} --sessions {n} --workload "
             f"{args.workload or 'answer,claude-code'} --out-dir {args.out_dir}`\n\n{markdown_table(plans)}\n")
-        for p in plots.plot_cluster_comparison(plans, out) + [out / "cluster_comparison.md"]:
+        for p in plots.plot_cluster_comparison(plans, out, stem) + [out / f"{stem}.md"]:
             print(p)
     return 0
 

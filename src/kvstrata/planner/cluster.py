@@ -163,7 +163,7 @@ def markdown_table(plans: list[ClusterPlan]) -> str:
         lines.append(
             f"| {c.workload} | {c.hardware} | {c.devices_per_replica} {c.unit}s {c.weight_dtype}, "
             f"{c.sessions_per_replica} sessions | {c.replicas:,} | {c.devices:,} | {_f(c.tokens_per_s_per_user, ',.0f')} | "
-            f"{_f(c.ttft_s, '.2f')} | {c.prefill_share:.0%} | {c.host_memory_GB:,.0f} | {c.ssd_GB / 1e3:,.1f} | "
-            f"{c.shared_store_GB / 1e3:,.1f} | {_f(c.usd_per_hour, ',.0f')} | {_f(c.usd_per_session, ',.4f')} | "
-            f"{_f(c.usd_per_million_output_tokens, ',.2f')} | {_f(c.usd_per_million_tokens, ',.3f')} |")
+            f"{_f(c.ttft_s, '.2g')} | {c.prefill_share:.0%} | {c.host_memory_GB:,.0f} | {c.ssd_GB / 1e3:,.1f} | "
+            f"{c.shared_store_GB / 1e3:,.1f} | {_f(c.usd_per_hour, ',.0f')} | {_f(c.usd_per_session, '.3g')} | "
+            f"{_f(c.usd_per_million_output_tokens, '.3g')} | {_f(c.usd_per_million_tokens, '.3g')} |")
     return "\n".join(lines)

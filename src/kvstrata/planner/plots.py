@@ -114,7 +114,7 @@ def plot_placement(results: Sequence[PlanResult], out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "placement")
 
 
-def plot_cluster_comparison(plans: Sequence["ClusterPlan"], out_dir: Path) -> list[Path]:
+def plot_cluster_comparison(plans: Sequence["ClusterPlan"], out_dir: Path, stem: str = "cluster_comparison") -> list[Path]:
     """Side by side per workload: cost per finished session (log scale) and tokens/s per user."""
     plt = _pyplot()
     workloads = list(dict.fromkeys(c.workload for c in plans))
@@ -142,4 +142,4 @@ def plot_cluster_comparison(plans: Sequence["ClusterPlan"], out_dir: Path) -> li
     fig.suptitle(f"{plans[0].model if plans else ''}: {n:,} concurrent sessions, cheapest cluster of each hardware "
                  "(SRAM wafer / LPU, HBM GPUs, CPU + DRAM)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_dir, "cluster_comparison")
+    return _save(fig, out_dir, stem)
