@@ -94,6 +94,14 @@ def test_calibrate_then_plan_this_machine(capsys, tmp_path):
     for d in res[0]["deployments"]:
         weights = 134_515_008 * (1 if d["weight_dtype"] == "int8" else 4)
         assert d["tokens_per_s_per_user"] <= prof.memory_bw_GBps * 1e9 / weights
+    # with a results folder, the engine's measured figures are set beside the planner's
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "engine.json").write_text(json.dumps({"ceilings": {"memory_bw_GBps": 40.0, "matmul_fp32_GFLOPs": 200.0},
+                                                     "int8": {"decode_b1": 250.0}, "fp32": {"prefill_512": 600.0}}))
+    assert main(["plan", "--hardware", "this", "--profile", str(out), "--results", str(results)]) == 0
+    text = capsys.readouterr().out
+    assert "decode, batch 1, int8 weights" in text and "tier_ttft.json missing" in text
 
 
 def test_cluster_table_json_and_plot(capsys, tmp_path):

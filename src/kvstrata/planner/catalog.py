@@ -251,13 +251,13 @@ def this_machine(profile: Any) -> HardwareSpec:
     """
     mem_GB = (profile.total_memory_bytes or 8e9) / 1e9
     disk_free_GB = (profile.disk_free_bytes or 100e9) / 1e9
-    crc = getattr(profile, "crc32_GBps", None)
+    crc = profile.crc32_GBps
     compute = {"fp32": profile.matmul_fp32_GFLOPs / 1000.0}
-    if getattr(profile, "matmul_int8_GOPs", None):
+    if profile.matmul_int8_GOPs:
         compute["int8"] = profile.matmul_int8_GOPs / 1000.0
     tiers = [SpillTier("disk", "local disk (read + CRC + copy)", disk_free_GB,
                        restore_GBps(profile.disk_read_GBps, profile.host_copy_GBps, crc))]
-    if getattr(profile, "redis_read_GBps", None):
+    if profile.redis_read_GBps:
         tiers.append(SpillTier("remote", "Redis (GET + CRC + copy)", 1e6,
                                restore_GBps(profile.redis_read_GBps, profile.host_copy_GBps, crc)))
     return HardwareSpec(
