@@ -11,14 +11,22 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def ceilings(quick: bool = False) -> dict:
-    """Memory bandwidth and fp32 matmul rate of this machine, measured now (planner calibration)."""
+def trace_dir() -> Path:
+    """The public traces: $KVSTRATA_TRACE_DIR, else ../shared/data/traces next to the repository."""
+    env = os.environ.get("KVSTRATA_TRACE_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+
+
+def ceilings(quick: bool = False, redis_url: str | None = None) -> dict:
+    """This machine's ceilings, measured now (planner calibration): memory read and copy, fp32 and int8
+    matmul, CRC-32, disk (and Redis GET with a URL). The planner's engine check reads them from the
+    result files (kvstrata.planner.this_engine), so every field of the profile is recorded."""
     from kvstrata.planner.calibration import calibrate
 
-    p = calibrate(quick=quick)
-    return {"memory_bw_GBps": p.memory_bw_GBps, "matmul_fp32_GFLOPs": p.matmul_fp32_GFLOPs,
-            "host_copy_GBps": p.host_copy_GBps, "disk_read_GBps": p.disk_read_GBps,
-            "disk_write_GBps": p.disk_write_GBps, "profile": p}
+    p = calibrate(quick=quick, redis_url=redis_url)
+    keys = ("memory_bw_GBps", "matmul_fp32_GFLOPs", "matmul_int8_GOPs", "host_copy_GBps", "crc32_GBps",
+            "disk_read_GBps", "disk_write_GBps", "redis_rtt_ms", "redis_read_GBps")
+    return {**{k: getattr(p, k) for k in keys}, "profile": p}
 
 
 def machine() -> str:

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvstrata.planner.workloads import trace_dir
+from benchmarks.common import trace_dir
 from kvstrata.tiers.policy import TierPolicy, prefix_holders
 
 logger = logging.getLogger(__name__)

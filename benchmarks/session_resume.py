@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import machine, table, write_results
 from kvstrata import LLM, SamplingParams
-from kvstrata.planner.workloads import trace_dir
+from benchmarks.common import trace_dir
 
 
 def replay(llm: LLM, sessions, park: str | None) -> list[tuple[int, float, int]]:

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from benchmarks.common import machine, table, write_results
+from benchmarks.common import ceilings, machine, table, write_results
 from kvstrata import LLM, SamplingParams
 
 
@@ -34,7 +34,9 @@ def main() -> None:
         eng = llm.engine
         g = torch.Generator().manual_seed(1)
         one = SamplingParams(max_tokens=1)
-        rows, res = [], {"machine": machine(), "tokens": a.tokens}
+        ceil = {k: v for k, v in ceilings(redis_url=redis.url).items() if k != "profile"}
+        rows, res = [], {"machine": machine(), "tokens": a.tokens, "new_tokens": 32, "ceilings": ceil,
+                         "kv_bytes_per_value": eng.kv_dtype.itemsize}
 
         def prompt():
             return torch.randint(100, 49000, (a.tokens,), generator=g).tolist()

@@ -64,4 +64,30 @@ def test_purchase_price_amortised():
     cat, _ = load_catalog()
     assert cat["cerebras-wse3"].usd_per_hour == pytest.approx(1_360_000 / (3 * 365 * 24))
     assert "purchase" in cat["cerebras-wse3"].price_basis
-    assert cat["gb200-nvl72"].usd_per_hour is None
+    assert cat["sambanova-sn40l"].usd_per_hour is None and cat["sambanova-sn40l"].price_basis == "not published"
+
+
+def test_every_row_has_a_sourced_price_or_says_it_has_none():
+    cat, _ = load_catalog()
+    for name, hw in cat.items():
+        note = hw.sources.get("price", "")
+        assert note, name
+        if hw.usd_per_hour is None or "UNVERIFIED" in note or "ESTIMATE" in note:
+            continue
+        # a price taken as published names where: a price list, a pricing page, a filing
+        assert any(w in note for w in ("pricing", "price list", "Lambda", "Google Cloud")), (name, note)
+    for name, hw in cat.items():
+        if hw.usd_per_hour is None:
+            assert "UNVERIFIED" in hw.sources["price"] or "not published" in hw.sources["price"], name
+
+
+def test_efficiency_classes_and_deployments():
+    cat, _ = load_catalog()
+    h100, wse = cat["h100-sxm"], cat["cerebras-wse3"]
+    assert h100.efficiency_class == "nvidia-gpu" and cat["b200"].memory_efficiency == h100.memory_efficiency
+    assert cat["b200"].compute_efficiency_for("nvfp4") != cat["b200"].compute_efficiency_for("fp8")
+    for name, hw in cat.items():
+        assert hw.max_devices >= 1 and hw.deployment_limit, name
+        assert set(hw.deployment.get("dtypes", [hw.default_weight_dtype])) <= set(
+            ["bf16", "fp16", "fp8", "nvfp4", "fp4", "int8", "q4_k_m", "q8_0"]), name
+    assert h100.max_devices == 8 and wse.max_devices == 64 and cat["gb200-nvl72"].max_devices == 72

@@ -68,4 +68,6 @@ def test_cost_per_million_tokens():
     assert r.usd_per_million_tokens == pytest.approx(2.99 * r.devices / (r.tokens_per_s_aggregate * 3600) * 1e6)
     single = plan(builtin_model("llama-3.1-8b"), CAT["h100-sxm"], ANSWER)
     assert single.usd_per_million_tokens > 10 * r.usd_per_million_tokens  # batching is what makes tokens cheap
-    assert plan(builtin_model("llama-3.1-8b"), CAT["gb200-nvl72"], ANSWER).usd_per_million_tokens is None
+    assert plan(builtin_model("llama-3.1-8b"), CAT["sambanova-sn40l"], ANSWER).usd_per_million_tokens is None
+    # a finished task costs the devices for its wall time, shared by the sessions they carry
+    assert r.usd_per_task == pytest.approx(2.99 * r.devices / 3600 * r.session_s / r.sessions)

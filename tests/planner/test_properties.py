@@ -1,4 +1,5 @@
-"""Property tests: monotonic in bandwidth and context; a workload that does not fit is never clipped."""
+"""Property tests: monotonic in bandwidth, context and model size; a workload that does not fit is never clipped
+(more devices never slowing the fastest plan: test_deploy.py; prices and sources: test_catalog.py)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,32 @@ def test_fits_means_everything_is_placed(c):
         assert r.tokens_per_s_per_user > 0 and r.tokens_per_s_aggregate > 0
     else:
         assert r.reason and r.tokens_per_s_per_user is None and r.tokens_per_s_aggregate is None
+
+
+DIMS = st.fixed_dictionaries({
+    "layers": st.integers(2, 96), "hidden_per_head": st.sampled_from([64, 128]), "heads": st.integers(4, 64),
+    "kv_div": st.sampled_from([1, 2, 4, 8]), "mlp": st.sampled_from([2, 3, 4]), "vocab": st.integers(1000, 200_000),
+})
+GROW = st.fixed_dictionaries({"layers": st.integers(0, 40), "heads": st.integers(0, 32), "vocab": st.integers(0, 50_000)})
+
+
+def _model(d, name):
+    from kvstrata.planner.modelspec import ModelSpec
+
+    kv = max(1, d["heads"] // d["kv_div"])
+    hidden = d["heads"] * d["hidden_per_head"]
+    return ModelSpec.from_hf_config({"num_hidden_layers": d["layers"], "hidden_size": hidden, "num_attention_heads": d["heads"],
+                                     "num_key_value_heads": kv, "intermediate_size": d["mlp"] * hidden,
+                                     "vocab_size": d["vocab"], "max_position_embeddings": 1 << 20}, name=name)
+
+
+@SETTINGS
+@given(DIMS, GROW, st.sampled_from(HW + ["b200", "mi300x"]), st.integers(1, 16), st.sampled_from(["answer", "agentic"]))
+def test_a_bigger_model_never_fits_where_a_smaller_does_not(d, grow, hw, devices, wl):
+    small = _model(d, "small")
+    big = _model({**d, "layers": d["layers"] + grow["layers"], "heads": d["heads"] + grow["heads"],
+                  "vocab": d["vocab"] + grow["vocab"]}, "big")
+    assert big.params >= small.params and big.kv_bytes_per_token(2) >= small.kv_bytes_per_token(2)
+    opts = PlanOptions(devices=devices)
+    if plan(big, CAT[hw], get_workload(wl), opts).fits:
+        assert plan(small, CAT[hw], get_workload(wl), opts).fits

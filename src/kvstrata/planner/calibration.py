@@ -18,7 +18,12 @@ What is measured, and how:
   2 n^3 FLOPs each; numpy when torch is missing;
 - disk_read_GBps / disk_write_GBps: a file written with fsync, evicted from the page cache with
   posix_fadvise(DONTNEED), then read back;
-- redis_rtt_ms: median PING round trip, only when a Redis URL is given.
+- redis_rtt_ms: median PING round trip, only when a Redis URL is given;
+- crc32_GBps: zlib.crc32 over the memory buffer: every block restored from a tier is checksummed;
+- matmul_int8_GOPs: torch's x86 dynamic-quantized int8 linear (the engine's int8 prefill kernels),
+  n x n, 2 n^3 operations each; None when torch's quantized engines are missing;
+- redis_read_GBps: GET of 1 MB values on the given Redis (the remote tier's read path).
+Fields added after version 1 are optional (None when a profile predates them).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import socket
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +46,7 @@ from kvstrata.planner.catalog import kvstrata_home
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class MachineProfile:
     disk_dir: str = ""
     quick: bool = False
     version: int = PROFILE_VERSION
+    crc32_GBps: float | None = None
+    matmul_int8_GOPs: float | None = None
+    redis_read_GBps: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +158,37 @@ def measure_matmul(n: int, seconds: float) -> tuple[float, str]:
     return 2 * n**3 / best / 1e9, backend
 
 
+def measure_crc32(nbytes: int, reps: int) -> float:
+    """GB/s of zlib.crc32, the checksum every restored KV block is verified with (tiers/codec.py)."""
+    import zlib
+
+    buf = os.urandom(nbytes)
+    return nbytes / _best_time(lambda: zlib.crc32(buf), reps) / 1e9
+
+
+def measure_matmul_int8(n: int, seconds: float) -> float | None:
+    """GOP/s of torch's dynamic-quantized int8 linear (x86 engine) on n x n; None without it."""
+    try:
+        import torch
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+    except ImportError:
+        return None
+    if "x86" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "x86"
+    try:
+        with warnings.catch_warnings():  # torch deprecates quantized tensor creation; the engine uses it too
+            warnings.simplefilter("ignore")
+            lin = DynLinear(n, n, dtype=torch.qint8)
+        x = torch.randn(n, n)
+        lin(x)
+    except (RuntimeError, NotImplementedError):
+        return None
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        best = min(best, _timed(lambda: lin(x)))
+    return 2 * n**3 / best / 1e9
+
+
 def measure_disk(directory: Path, nbytes: int) -> tuple[float, float]:
     """(read GB/s, write GB/s) of one file in `directory`, fsync'd and dropped from the page cache."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,8 +214,8 @@ def measure_disk(directory: Path, nbytes: int) -> tuple[float, float]:
     return read, write
 
 
-def measure_redis(url: str, n: int) -> float:
-    """Median PING round trip in milliseconds."""
+def measure_redis(url: str, n: int, values: int = 8) -> tuple[float, float]:
+    """(median PING round trip in ms, GB/s of GET on `values` 1 MB values)."""
     import redis  # optional: only when a URL is given
 
     try:
@@ -186,9 +226,15 @@ def measure_redis(url: str, n: int) -> float:
             t = time.perf_counter()
             client.ping()
             rtts.append((time.perf_counter() - t) * 1e3)
+        keys = [f"kvstrata:calibrate:{i}" for i in range(values)]
+        blob = os.urandom(1 << 20)
+        for k in keys:
+            client.set(k, blob, ex=60)
+        t_get = _best_time(lambda: [client.get(k) for k in keys], 3)
+        client.delete(*keys)
     except (redis.RedisError, OSError, ValueError) as e:
         raise KvstrataError(f"cannot reach Redis at {url} ({e}); check --redis-url") from e
-    return statistics.median(rtts)
+    return statistics.median(rtts), values * len(blob) / t_get / 1e9
 
 
 def _total_memory() -> int:
@@ -207,9 +253,11 @@ def calibrate(quick: bool = False, disk_dir: str | os.PathLike | None = None,
     bw, copy = measure_memory(mem_bytes, reps=2 if quick else 5)
     log.info("calibrating matmul")
     gflops, backend = measure_matmul(512 if quick else 1024, 0.4 if quick else 3.0)
+    int8 = measure_matmul_int8(512 if quick else 1024, 0.4 if quick else 2.0)
+    crc = measure_crc32(mem_bytes // 4, reps=2 if quick else 5)
     log.info("calibrating disk in %s", ddir)
     rd, wr = measure_disk(ddir, (16 if quick else 256) << 20)
-    rtt = measure_redis(redis_url, 20 if quick else 200) if redis_url else None
+    rtt, redis_bw = measure_redis(redis_url, 20 if quick else 200) if redis_url else (None, None)
     try:
         st = os.statvfs(ddir)
         free = st.f_bavail * st.f_frsize
@@ -219,5 +267,6 @@ def calibrate(quick: bool = False, disk_dir: str | os.PathLike | None = None,
         memory_bw_GBps=bw, host_copy_GBps=copy, matmul_fp32_GFLOPs=gflops, disk_read_GBps=rd, disk_write_GBps=wr,
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), hostname=socket.gethostname(),
         redis_rtt_ms=rtt, matmul_backend=backend, cpu_count=os.cpu_count() or 0, total_memory_bytes=_total_memory(),
-        disk_free_bytes=free, disk_dir=str(ddir), quick=quick,
+        disk_free_bytes=free, disk_dir=str(ddir), quick=quick, crc32_GBps=crc, matmul_int8_GOPs=int8,
+        redis_read_GBps=redis_bw,
     )

@@ -65,11 +65,29 @@ class HardwareSpec:
     price_basis: str
     sources: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    efficiency_class: str = ""
+    attention_efficiency: float | None = None  # share of bandwidth decode attention reads KV at; None: memory
+    overlap: float = float("inf")  # p of the soft roofline of each kernel (cost._roof); inf: max(memory, compute)
+    compute_efficiency_by_dtype: Mapping[str, float] = field(default_factory=dict)  # "compute_<dtype>" overrides
+
+    def compute_efficiency_for(self, dtype: str) -> float:
+        key = "fp4" if dtype.lower() == "nvfp4" else dtype.lower()
+        return float(self.compute_efficiency_by_dtype.get(key, self.compute_efficiency))
+    # the largest deployment the vendor sells as one unit: max_devices, limit (words), dtypes served, spec profile
+    deployment: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_devices(self) -> int:
+        return int(self.deployment.get("max_devices") or max(1, self.scale_up.domain))
+
+    @property
+    def deployment_limit(self) -> str:
+        return str(self.deployment.get("limit") or f"{self.max_devices} {self.unit}s")
 
     def tflops(self, dtype: str) -> float:
         """Dense peak for the dtype matmuls run in (weight-only quantised formats compute in bf16 / fp16)."""
         c = self.compute_TFLOPs
-        key = dtype.lower()
+        key = "fp4" if dtype.lower() == "nvfp4" else dtype.lower()
         if key in c:
             return float(c[key])
         if key.startswith("q") or key in ("int4", "fp4"):
@@ -78,6 +96,13 @@ class HardwareSpec:
             if k in c:
                 return float(c[k])
         raise KvstrataError(f"hardware {self.name!r} lists no compute figure")
+
+    def attention_tflops(self) -> float:
+        """Dense peak attention runs at: 16-bit where the machine has it, else fp32 (CPU engines)."""
+        for k in ("bf16", "fp16", "fp32"):
+            if k in self.compute_TFLOPs:
+                return float(self.compute_TFLOPs[k])
+        return self.tflops(self.default_weight_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,8 +123,12 @@ def _link(d: Mapping[str, Any] | None) -> Link:
                 float(d.get("latency_us", 0) or 0))
 
 
-def hardware_from_dict(name: str, d: Mapping[str, Any]) -> HardwareSpec:
-    """Build one entry; raises KvstrataError naming the entry and the missing field."""
+def hardware_from_dict(name: str, d: Mapping[str, Any], classes: Mapping[str, Any] | None = None) -> HardwareSpec:
+    """Build one entry (efficiencies: its class's, then its own); raises KvstrataError naming what is wrong."""
+    cls_name = str(d.get("efficiency_class", ""))
+    if cls_name and classes is not None and cls_name not in classes:
+        raise KvstrataError(f"hardware entry {name!r}: unknown efficiency_class {cls_name!r}; known: "
+                            f"{', '.join(k for k in classes if not k.startswith('_'))}")
     try:
         mem = d["memory"]
         price = d.get("price") or {}
@@ -108,7 +137,7 @@ def hardware_from_dict(name: str, d: Mapping[str, Any]) -> HardwareSpec:
             hourly, basis = float(price["purchase_usd"]) / AMORTISE_HOURS, "purchase / 3 years (no power, no hosting)"
         if hourly is None:
             basis = "not published"
-        eff = d.get("efficiency") or {}
+        eff = {**((classes or {}).get(cls_name) or {}), **(d.get("efficiency") or {})}
         spec = HardwareSpec(
             name=name, title=str(d.get("title", name)), kind=str(d.get("kind", "gpu")), unit=str(d.get("unit", "device")),
             memory_name=str(mem.get("name", "memory")), capacity_GB=float(mem["capacity_GB"]),
@@ -123,6 +152,10 @@ def hardware_from_dict(name: str, d: Mapping[str, Any]) -> HardwareSpec:
             default_kv_dtype=str(d.get("default_kv_dtype", "bf16")),
             usd_per_hour=None if hourly is None else float(hourly), price_basis=basis,
             sources=dict(d.get("sources", {})), aliases=tuple(d.get("aliases", ())),
+            efficiency_class=cls_name, deployment=dict(d.get("deployment") or {}),
+            attention_efficiency=float(eff["attention"]) if eff.get("attention") is not None else None,
+            overlap=float(eff.get("overlap", float("inf"))),
+            compute_efficiency_by_dtype={k[len("compute_"):]: float(v) for k, v in eff.items() if k.startswith("compute_")},
         )
     except (KeyError, TypeError, ValueError) as e:
         raise KvstrataError(f"hardware entry {name!r} is malformed ({type(e).__name__}: {e}); "
@@ -150,6 +183,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_catalog(extra: Iterable[str | os.PathLike] = ()) -> tuple[dict[str, HardwareSpec], dict[str, dict[str, Any]]]:
     """(hardware by name, tiers by name): the built-in file, then $KVSTRATA_HOME/hardware.json, then `extra`."""
     raw = _read_json(DATA_DIR / "hardware.json")
+    classes = dict(raw.get("efficiency_classes", {}))
     hw_raw: dict[str, Any] = dict(raw["hardware"])
     tiers: dict[str, dict[str, Any]] = dict(raw.get("tiers", {}))
     paths = [kvstrata_home() / "hardware.json"] if (kvstrata_home() / "hardware.json").is_file() else []
@@ -161,7 +195,19 @@ def load_catalog(extra: Iterable[str | os.PathLike] = ()) -> tuple[dict[str, Har
         hw_raw.update(user.get("hardware", {}))
         tiers.update(user.get("tiers", {}))
         log.info("catalog: %d entries from %s", len(user.get("hardware", {})), p)
-    return {n: hardware_from_dict(n, d) for n, d in hw_raw.items()}, tiers
+    return {n: hardware_from_dict(n, d, classes) for n, d in hw_raw.items()}, tiers
+
+
+def catalog_section(name: str) -> dict[str, Any]:
+    """A top-level section of the built-in hardware.json (efficiency_classes, spec_profiles), `_about` left out."""
+    return {k: v for k, v in _read_json(DATA_DIR / "hardware.json").get(name, {}).items() if not k.startswith("_")}
+
+
+def spec_profile(hw: HardwareSpec, model_name: str) -> dict[str, Any] | None:
+    """The speculative decoding the hardware's provider publicly runs for this model, or None."""
+    name = hw.deployment.get("spec")
+    prof = catalog_section("spec_profiles").get(name) if name else None
+    return prof if prof and model_name in prof.get("targets", ()) else None
 
 
 def resolve_hardware(names: str | Iterable[str], catalog: Mapping[str, HardwareSpec]) -> list[HardwareSpec]:
@@ -181,23 +227,49 @@ def resolve_hardware(names: str | Iterable[str], catalog: Mapping[str, HardwareS
     return out
 
 
-def this_machine(profile: Any) -> HardwareSpec:
-    """The machine the engine runs on, from a calibration profile (measured, so efficiency 1.0).
+# Share of the calibration's 1024 x 1024 matmul rate the engine's CPU prefill reaches (the rest goes to
+# skinny matmuls, norms, RoPE, softmax): FITTED once to the engine benchmark of 2026-11-30 10:08 UTC
+# (benchmarks/results/engine.json: fp32 prefill of 512 and 2,048 tokens reached 69% and 77% of that
+# run's 216 GFLOP/s), the log-mean of the two; tests/planner/test_this_engine.py checks later runs.
+CPU_PREFILL_EFFICIENCY = 0.73
 
-    Device memory = the DRAM the engine's CPU device pool lives in; the disk tier is the measured
-    disk. Compute = the measured fp32 matmul rate (the engine's CPU path runs fp32 matmuls).
+
+def restore_GBps(read_GBps: float | None, copy_GBps: float, crc_GBps: float | None) -> float:
+    """Bytes/s of bringing KV back from a tier the way the engine does: read (None: the host tier keeps a
+    reference, no read), verify every block's CRC-32, copy into the device pool; the three in sequence."""
+    t = 1.0 / copy_GBps + (1.0 / crc_GBps if crc_GBps else 0.0) + (1.0 / read_GBps if read_GBps else 0.0)
+    return 1.0 / t
+
+
+def this_machine(profile: Any) -> HardwareSpec:
+    """The machine the engine runs on, from a calibration profile (measured, so memory efficiency 1.0).
+
+    Device memory = the DRAM the engine's CPU device pool lives in. Weights default to int8, the
+    engine's CPU fast path (`--quantization auto`, what `make serve` runs); fp32 is the other path.
+    Compute = the measured fp32 and int8 matmul rates at CPU_PREFILL_EFFICIENCY. Spill tiers = the
+    measured disk (and Redis when calibrated with one), each at its restore rate (read + CRC + copy).
     """
     mem_GB = (profile.total_memory_bytes or 8e9) / 1e9
     disk_free_GB = (profile.disk_free_bytes or 100e9) / 1e9
+    crc = profile.crc32_GBps
+    compute = {"fp32": profile.matmul_fp32_GFLOPs / 1000.0}
+    if profile.matmul_int8_GOPs:
+        compute["int8"] = profile.matmul_int8_GOPs / 1000.0
+    tiers = [SpillTier("disk", "local disk (read + CRC + copy)", disk_free_GB,
+                       restore_GBps(profile.disk_read_GBps, profile.host_copy_GBps, crc))]
+    if profile.redis_read_GBps:
+        tiers.append(SpillTier("remote", "Redis (GET + CRC + copy)", 1e6,
+                               restore_GBps(profile.redis_read_GBps, profile.host_copy_GBps, crc)))
     return HardwareSpec(
         name=THIS_MACHINE, title=f"this machine ({profile.hostname}, calibrated {profile.measured_at})", kind="cpu",
         unit="machine", memory_name="DRAM (measured)", capacity_GB=mem_GB, bandwidth_GBps=profile.memory_bw_GBps,
-        compute_TFLOPs={"fp32": profile.matmul_fp32_GFLOPs / 1000.0}, parallelism="tensor",
-        scale_up=Link("none", 1, 0, 0), scale_out=Link("none", 1, 0, 0),
-        spill_tiers=(SpillTier("disk", "local disk (measured read)", disk_free_GB, profile.disk_read_GBps),),
-        per_layer_latency_us=0.0, memory_efficiency=1.0, compute_efficiency=1.0,
-        default_weight_dtype="fp32", default_kv_dtype="fp32", usd_per_hour=None, price_basis="not applicable",
-        sources={"all": f"kvstrata plan calibrate on {profile.hostname} at {profile.measured_at}"},
+        compute_TFLOPs=compute, parallelism="tensor",
+        scale_up=Link("none", 1, 0, 0), scale_out=Link("none", 1, 0, 0), spill_tiers=tuple(tiers),
+        per_layer_latency_us=0.0, memory_efficiency=1.0, compute_efficiency=CPU_PREFILL_EFFICIENCY,
+        default_weight_dtype="int8", default_kv_dtype="fp32", usd_per_hour=None, price_basis="not applicable",
+        sources={"all": f"kvstrata plan calibrate on {profile.hostname} at {profile.measured_at}",
+                 "compute_efficiency": "CPU_PREFILL_EFFICIENCY, fitted to one engine benchmark (see catalog.py)"},
+        deployment={"max_devices": 1, "limit": "this machine", "dtypes": ["int8", "fp32"], "spec": None},
     )
 
 

@@ -32,9 +32,11 @@ DATA_DIR = Path(__file__).parent / "data"
 # Bytes per stored element. Block formats (Q4_0, Q4_1, Q4_K ...) include their scales:
 # Q4_0 = 18 bytes / 32 weights, Q4_1 = 20 / 32, Q8_0 = 34 / 32 (ggml-common.h block layouts);
 # q4_k_m is the average llama.cpp reports for Llama-class models (about 4.85 bits per weight).
+# Q5_0 = 22 / 32, Q6_K = 210 / 256 (ggml-common.h); nvfp4 = 4-bit values plus one fp8 scale per 16
+# (NVIDIA's NVFP4 format, as served by TensorRT-LLM on Blackwell) = 4.5 bits.
 DTYPE_BYTES: dict[str, float] = {
-    "fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": 34 / 32,
-    "fp4": 0.5, "int4": 0.5, "q4_0": 18 / 32, "q4_1": 20 / 32, "q4_k_m": 4.85 / 8,
+    "fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "q8_0": 34 / 32, "q6_k": 210 / 256,
+    "q5_0": 22 / 32, "fp4": 0.5, "nvfp4": 4.5 / 8, "int4": 0.5, "q4_0": 18 / 32, "q4_1": 20 / 32, "q4_k_m": 4.85 / 8,
 }
 
 
@@ -225,15 +227,22 @@ class ModelSpec:
             sliding = full
         return (self.n_layers - self.n_sliding_layers) * full + self.n_sliding_layers * sliding
 
-    def forward_flops(self, new_tokens: int, context_tokens: int = 0, logits_tokens: int = 1) -> float:
-        """FLOPs to run `new_tokens` tokens after `context_tokens` cached ones: 2 * matmul weights per
-        token plus 2 * heads * (score dim + value dim) per attended position per layer. The output head
-        runs only for `logits_tokens` positions (prefill needs logits of the last token only)."""
+    def attention_flops(self, new_tokens: int, context_tokens: int = 0) -> float:
+        """Scores and weighted sum: 2 * heads * (score dim + value dim) per attended position per layer."""
         dq, dv = self.attn_dims
-        attn = 2.0 * self.n_heads * (dq + dv) * self.attended_positions(new_tokens, context_tokens)
+        return 2.0 * self.n_heads * (dq + dv) * self.attended_positions(new_tokens, context_tokens)
+
+    def matmul_flops(self, new_tokens: int, logits_tokens: int = 1) -> float:
+        """2 FLOPs per matmul weight per token; the output head only for `logits_tokens` positions."""
         head = self.vocab * self.hidden
         body = 2.0 * (self.matmul_params - head) * new_tokens
-        return body + 2.0 * head * min(max(logits_tokens, 1), max(new_tokens, 1)) + attn
+        return body + 2.0 * head * min(max(logits_tokens, 1), max(new_tokens, 1))
+
+    def forward_flops(self, new_tokens: int, context_tokens: int = 0, logits_tokens: int = 1) -> float:
+        """FLOPs to run `new_tokens` tokens after `context_tokens` cached ones: matmul_flops plus
+        attention_flops. The output head runs only for `logits_tokens` positions (prefill needs logits
+        of the last token only)."""
+        return self.matmul_flops(new_tokens, logits_tokens) + self.attention_flops(new_tokens, context_tokens)
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod

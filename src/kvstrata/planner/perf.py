@@ -12,13 +12,15 @@
 2. Layout. Tensor-parallel machines shard each layer over a scale-up domain and pipeline across
    domains; pipeline machines (wafers, LPUs) split the layers over devices.
 3. Decode: cost.decode_step per pipeline stage, micro-batches of ceil(batch / stages); a token
-   crosses all stages: T = stages * t_stage + (stages - 1) * hop latency. Per-user tokens/s = 1/T
-   (times the accepted tokens per step with speculative decoding); aggregate = batch / T, less the
-   share of device time prefill takes.
+   crosses all stages: T = stages * t_stage + (stages - 1) * hop latency. Speculative decoding
+   verifies K drafted tokens per step (wider compute, same weight reads), pays K steps of the draft
+   model and keeps the accepted tokens per step E: per-user tokens/s = E / T (Leviathan et al.
+   2023); aggregate = batch / T, less the share of device time prefill takes.
 4. Prefill / TTFT: max(FLOPs / compute, weights / bandwidth, layers * per-layer latency) plus
    tensor-parallel all-reduces; a paused session first restores its KV by the cheaper of reload and
    recompute (cost.best_restore). TTFT = restore + prefill + one decode step; no queueing.
-5. Cost per million tokens = price per device-hour * devices / (aggregate tokens/s * 3600) * 1e6.
+5. Cost per million tokens = price per device-hour * devices / (aggregate tokens/s * 3600) * 1e6;
+   cost per finished session (task) = price per hour * devices * session wall time / sessions held.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 from kvstrata.planner.catalog import HardwareSpec
 from kvstrata.planner.cost import allreduce_time_s, best_restore, decode_step
-from kvstrata.planner.modelspec import ModelSpec
+from kvstrata.planner.modelspec import ModelSpec, builtin_model
 from kvstrata.planner.workloads import Workload
 
 GB = 1e9
@@ -45,6 +47,8 @@ class PlanOptions:
     reserve: float = 0.1  # share of device memory kept for activations and runtime
     spec_tokens_per_step: float = 1.0  # speculative decoding: mean tokens accepted per step (1 = off)
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified per step
+    spec_draft_model: str | None = None  # built-in model that drafts (its steps are paid for); None: free drafts
+    compute_dtype: str | None = None  # dtype the matmuls run in; None: the weight dtype (weight-only quantisation: bf16)
     memory_efficiency: float | None = None  # None: the hardware's figure
     bandwidth_scale: float = 1.0  # multiply the device bandwidth (what-if analysis, property tests)
 
@@ -76,6 +80,7 @@ class PlanResult:
     kv_GB_per_session: float = 0.0
     sessions: int = 0
     active_sessions: int = 0
+    output_tokens: int = 0  # per turn
     placement: list[TierUse] = field(default_factory=list)
     ttft_s: float | None = None
     prefill_s: float | None = None
@@ -87,7 +92,12 @@ class PlanResult:
     tokens_per_s_aggregate: float | None = None
     usd_per_hour: float | None = None
     usd_per_million_tokens: float | None = None
+    session_s: float | None = None  # wall time of one finished session: turns x (TTFT + decode + tool wait)
+    usd_per_task: float | None = None  # device cost of one finished session (an answer, an agent task)
     price_basis: str = ""
+    role: str = ""  # cheapest | fastest, when chosen by planner.deploy
+    limit: str = ""  # the deployment limit searched within
+    spec: str = ""  # speculative decoding in use, if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +156,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, wl: Workload, opts: PlanOptions = P
     kv_peak = model.kv_bytes(wl.peak_context, kdt)
     res = PlanResult(hw.name, model.name, wl.name, None, hw.unit, False, weight_dtype=wdt, kv_dtype=kdt,
                      weights_GB=weights / GB, kv_GB_per_session=kv_peak / GB, sessions=wl.sessions,
+                     output_tokens=wl.output_tokens,
                      usd_per_hour=hw.usd_per_hour, price_basis=hw.price_basis)
     if model.max_context and wl.peak_context > model.max_context:
         res.reason = (f"sessions reach {wl.peak_context} tokens but {model.name} supports {model.max_context}; "
@@ -195,8 +206,9 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
     tp, pp = _layout(n, hw)
     res.tensor_parallel, res.pipeline_stages = tp, pp
     bw = hw.bandwidth_GBps * o.bandwidth_scale * tp
-    gflops = hw.tflops(wdt) * 1e3 * tp
+    gflops = hw.tflops(o.compute_dtype or wdt) * 1e3 * tp
     mem_eff = o.memory_efficiency if o.memory_efficiency is not None else hw.memory_efficiency
+    ce = hw.compute_efficiency_for(o.compute_dtype or wdt)
     layers_stage = model.n_layers / pp
     b = math.ceil(active / pp)
     verify = 1 + max(0, o.spec_draft_tokens)
@@ -206,21 +218,32 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
                                                    hw.scale_up.latency_us * 1e-6)
 
     step = decode_step(model, b, wl.decode_context, bandwidth_GBps=bw, compute_GFLOPs=gflops, weight_dtype=wdt,
-                       kv_dtype=kdt, memory_efficiency=mem_eff, compute_efficiency=hw.compute_efficiency,
+                       kv_dtype=kdt, memory_efficiency=mem_eff, compute_efficiency=ce,
+                       attention_efficiency=hw.attention_efficiency, overlap=hw.overlap,
                        per_layer_latency_s=hw.per_layer_latency_us * 1e-6, spill_fraction=spill,
                        spill_bandwidth_GBps=(hw.spill_tiers[0].link_GBps * tp) if hw.spill_tiers else 0.0,
                        layers_fraction=1.0 / pp, comm_s=tp_comm(b * verify), tokens_per_step=verify)
     hop = hw.scale_out.latency_us * 1e-6 + (b * model.hidden * ACT_BYTES / (hw.scale_out.bandwidth_GBps * GB)
                                             if hw.scale_out.bandwidth_GBps > 0 else 0.0)
     t_token = pp * step.total_s + (pp - 1) * hop
+    if o.spec_draft_model and o.spec_draft_tokens > 0:  # the draft model's own steps, on the same devices
+        draft = builtin_model(o.spec_draft_model)
+        d = decode_step(draft, b, wl.decode_context, bandwidth_GBps=bw, compute_GFLOPs=gflops, weight_dtype=wdt,
+                        kv_dtype=kdt, memory_efficiency=mem_eff, compute_efficiency=ce,
+                        attention_efficiency=hw.attention_efficiency, overlap=hw.overlap,
+                        per_layer_latency_s=hw.per_layer_latency_us * 1e-6)
+        t_token += o.spec_draft_tokens * d.total_s
+        res.spec = f"{o.spec_draft_model} drafts {o.spec_draft_tokens}, {o.spec_tokens_per_step:g} accepted per step"
     res.decode_step_s, res.bound = t_token, step.bound
     res.tokens_per_s_per_user = o.spec_tokens_per_step / t_token
 
-    # prefill of one turn (new prompt tokens after the cached context)
+    # prefill of one turn (new prompt tokens after the cached context); one stage at a time works on it.
+    # Matmuls run at the weight dtype's rate, attention at the 16-bit (or fp32) rate.
     new = max(1, round(wl.prompt_tokens))
-    flops = model.forward_flops(new, wl.context_tokens)
-    comp_all = gflops * 1e9 * hw.compute_efficiency  # one stage at a time works on one request
-    prefill = max(flops / comp_all, weights / (bw * GB * mem_eff),
+    comp_all = gflops * 1e9 * ce
+    comp_attn = hw.attention_tflops() * 1e12 * tp * hw.compute_efficiency
+    compute_s = model.matmul_flops(new) / comp_all + model.attention_flops(new, wl.context_tokens) / comp_attn
+    prefill = max(compute_s, weights / (bw * GB * mem_eff),
                   model.n_layers * hw.per_layer_latency_us * 1e-6) + pp * tp_comm(new) + (pp - 1) * hop
     res.prefill_s = prefill
     parked = wl.tool_wait_s > 0 and tiers[0].sessions < wl.sessions and wl.context_tokens > 0
@@ -228,13 +251,23 @@ def _evaluate(model: ModelSpec, hw: HardwareSpec, wl: Workload, o: PlanOptions, 
         kv_ctx = model.kv_bytes(wl.context_tokens, kdt)
         links = {t.name: t.link_GBps * tp for t in hw.spill_tiers}
         res.restore_via, res.restore_s = best_restore(kv_ctx, wl.context_tokens, model, links,
-                                                      gflops * pp, hw.compute_efficiency)
+                                                      gflops * pp, ce)
     res.ttft_s = res.restore_s + prefill + t_token
     # aggregate: output tokens of the active batch over decode time plus the prefill they need
     decode_time = wl.output_tokens / res.tokens_per_s_per_user
-    prefill_busy = active * flops / (comp_all * pp)
+    prefill_busy = active * compute_s / pp
     res.tokens_per_s_aggregate = active * wl.output_tokens / (decode_time + prefill_busy)
+    res.session_s = wl.turns * (res.ttft_s + decode_time + wl.tool_wait_s)
     if hw.usd_per_hour is not None:
         res.usd_per_million_tokens = hw.usd_per_hour * n / (res.tokens_per_s_aggregate * 3600) * 1e6
+        res.usd_per_task = hw.usd_per_hour * n / 3600 * res.session_s / wl.sessions
     res.fits = True
     return res
+
+
+def max_sessions(model: ModelSpec, hw: HardwareSpec, devices: int, context_tokens: int, weight_dtype: str | None = None,
+                 kv_dtype: str | None = None, reserve: float = 0.1) -> int:
+    """Sequences whose KV at `context_tokens` fits in device memory beside the weights (0 if none)."""
+    free = devices * hw.capacity_GB * GB * (1 - reserve) - model.weight_bytes(weight_dtype or hw.default_weight_dtype)
+    per = model.kv_bytes(max(1, context_tokens), kv_dtype or hw.default_kv_dtype)
+    return max(0, int(free // per))

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from kvstrata.planner.catalog import HardwareSpec
 from kvstrata.planner.modelspec import ModelSpec
 from kvstrata.planner.perf import PlanOptions, PlanResult, plan
 from kvstrata.planner.workloads import Workload
+
+if TYPE_CHECKING:
+    from kvstrata.planner.cluster import ClusterPlan
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +112,34 @@ def plot_placement(results: Sequence[PlanResult], out_dir: Path) -> list[Path]:
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=8)
     return _save(fig, out_dir, "placement")
+
+
+def plot_cluster_comparison(plans: Sequence["ClusterPlan"], out_dir: Path, stem: str = "cluster_comparison") -> list[Path]:
+    """Side by side per workload: cost per finished session (log scale) and tokens/s per user."""
+    plt = _pyplot()
+    workloads = list(dict.fromkeys(c.workload for c in plans))
+    hardware = list(dict.fromkeys(c.hardware for c in plans))
+    fig, axes = plt.subplots(2, len(workloads), figsize=(5.5 * len(workloads), 7), squeeze=False)
+    for j, w in enumerate(workloads):
+        by_hw = {c.hardware: c for c in plans if c.workload == w}
+        xs = range(len(hardware))
+        cost = [by_hw[h].usd_per_session if h in by_hw and by_hw[h].fits and by_hw[h].usd_per_session else 0 for h in hardware]
+        speed = [by_hw[h].tokens_per_s_per_user or 0 if h in by_hw and by_hw[h].fits else 0 for h in hardware]
+        ax = axes[0][j]
+        ax.bar(xs, cost, color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_title(f"{w}: $ per finished session")
+        ax = axes[1][j]
+        ax.bar(xs, speed, color="tab:orange")
+        ax.set_title(f"{w}: tokens/s per user")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(hardware, rotation=35, ha="right", fontsize=8)
+            for x, h in zip(xs, hardware):
+                if h not in by_hw or not by_hw[h].fits:
+                    ax.text(x, ax.get_ylim()[0], "does not fit", rotation=90, fontsize=7, ha="center", va="bottom")
+    n = plans[0].sessions if plans else 0
+    fig.suptitle(f"{plans[0].model if plans else ''}: {n:,} concurrent sessions, cheapest cluster of each hardware "
+                 "(SRAM wafer / LPU, HBM GPUs, CPU + DRAM)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_dir, stem)
