@@ -5,7 +5,7 @@ task's tools (converted to OpenAI / JSON Schema), its initial_config as the tool
     python -m benchmarks.bfcl --out bfcl.jsonl --limit 5 [--data-dir DIR]
     PYTHONPATH=. kvstrata jobs run bfcl.jsonl      # from the repository root: the tools are benchmarks.bfcl.apis
 
-The traces are looked up in --data-dir, else $KVSTRATA_TRACES/bfcl, else the `shared/data/traces/bfcl`
+The traces are looked up in --data-dir, else $KVSTRATA_TRACE_DIR/bfcl, else the `shared/data/traces/bfcl`
 folder beside the repository checkout.
 """
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTED = {"GorillaFileSystem": "gorilla_file_system", "MathAPI": "math_api", "MessageAPI": "message_api"}
 TOOLSETS = {c: f"benchmarks.bfcl.apis:{c}" for c in IMPLEMENTED}
-REPO = Path(__file__).resolve().parents[2]
 SYSTEM = ("You are an assistant that completes the user's requests by calling the available functions. "
           "Call a function when it helps; when the request is done, answer briefly without a function call.")
 _TYPES = {"dict": "object", "float": "number", "integer": "integer", "int": "integer", "string": "string",
@@ -63,11 +62,10 @@ def openai_tool(doc: dict) -> dict:
 
 
 def data_dirs(given: str | None = None) -> list[Path]:
-    """Where the BFCL traces are looked for, in order."""
-    if given:
-        return [Path(given)]
-    env = os.environ.get("KVSTRATA_TRACES")
-    return ([Path(env) / "bfcl"] if env else []) + [REPO.parent / "shared" / "data" / "traces" / "bfcl"]
+    """Where the BFCL traces are looked for: --data-dir, else the traces folder (benchmarks.common.trace_dir)."""
+    from benchmarks.common import trace_dir
+
+    return [Path(given)] if given else [trace_dir() / "bfcl"]
 
 
 def find_data_dir(given: str | None) -> Path:
@@ -122,7 +120,7 @@ def write_jsonl(job: dict, out: str | os.PathLike) -> None:
 
 def add_bfcl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="job file to write (JSONL)")
-    p.add_argument("--data-dir", help="BFCL folder (default $KVSTRATA_TRACES/bfcl, else shared/data/traces/bfcl "
+    p.add_argument("--data-dir", help="BFCL folder (default $KVSTRATA_TRACE_DIR/bfcl, else shared/data/traces/bfcl "
                                        "beside the checkout)")
     p.add_argument("--limit", type=int, default=None, help="at most this many tasks")
     p.add_argument("--max-turns", type=int, default=None, help="keep only the first N user turns of each task")

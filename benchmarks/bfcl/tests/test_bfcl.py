@@ -15,7 +15,7 @@ from tests.jobs.conftest import run_job
 @pytest.fixture(scope="module")
 def data_dir():
     if not any((d / "BFCL_v4_multi_turn_base.json").is_file() for d in data_dirs()):
-        pytest.skip(f"the BFCL traces are not in {data_dirs()} (set KVSTRATA_TRACES)")
+        pytest.skip(f"the BFCL traces are not in {data_dirs()} (set KVSTRATA_TRACE_DIR)")
     return find_data_dir(None)
 
 
