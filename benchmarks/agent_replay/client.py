@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from benchmarks.agent_replay.prompts import PromptBuilder
+from benchmarks.agent_replay.prompts import PromptBuilder, common_prefix
 from benchmarks.agent_replay.traces import Session
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class RequestRecord:
     sent_s: float  # when it was sent, seconds from the run's start
     prompt_tokens: int  # tokens sent
     max_tokens: int
+    reusable_tokens: int  # tokens it shares with the previous prompt of its session (what a cache could serve)
     ok: bool = False
     ttft_s: float | None = None
     latency_s: float | None = None  # send to the last token
@@ -123,11 +124,14 @@ class Replay:
             await asyncio.sleep(real)
 
     async def _session(self, client: httpx.AsyncClient, sess: Session, root: str) -> None:
+        prev: list[int] = []
         for i, req in enumerate(sess.requests):
             await self._wait(req.think_s)
             p = self.builder.build(sess, i, req)
             rec = RequestRecord(session=sess.id, root=root, index=i, first=i == 0, sent_s=round(self.now(), 4),
-                                prompt_tokens=len(p.ids), max_tokens=p.max_tokens)
+                                prompt_tokens=len(p.ids), max_tokens=p.max_tokens,
+                                reusable_tokens=common_prefix(prev, p.ids))
+            prev = p.ids
             self.records.append(rec)
             await complete(client, self.url, rec, p.ids, self.s)
             if not rec.ok:

@@ -64,6 +64,7 @@ def summarize(run: dict, sessions: list[Session]) -> dict:
         "requests_cancelled": sum(1 for r in recs if not r["ok"] and not r["error"]),
         "errors": sorted({r["error"][:200] for r in recs if r["error"]})[:5],
         "prompt_tokens": prompt,
+        "reusable_tokens": sum(r.get("reusable_tokens", 0) for r in ok),
         "cached_tokens": cached if cached_known else None,
         "cached_share": round(cached / prompt, 4) if cached_known and prompt else None,
         "cached_by_tier": tiers,
@@ -103,6 +104,8 @@ def peer_table(results: list[dict], baseline: str | None) -> str:
         elif base:
             ratio = f"{s['session_equivalents_per_hour'] / max(base['summary']['session_equivalents_per_hour'], 1e-9):.2f}x (equiv.)"
         share = "-" if s["cached_share"] is None else f"{100 * s['cached_share']:.1f} %"
+        if s["cached_tokens"] is not None and s["reusable_tokens"]:
+            share += f" = {100 * s['cached_tokens'] / s['reusable_tokens']:.0f} % of the shareable"
         if s["cached_by_tier"]:
             share += " (" + ", ".join(f"{t} {n:,}" for t, n in sorted(s["cached_by_tier"].items())) + ")"
         tf, tr = s["ttft_first_ms"], s["ttft_resumed_ms"]

@@ -166,7 +166,9 @@ def markdown(meta: dict, results: list[dict]) -> str:
                                                          for r in results) else None),
         "\nSessions per hour: sessions whose every request (sub-agents included) was answered, over the wall time. "
         "Session-equivalents: each session's share of answered requests. Cache: prompt tokens the server reports it "
-        "reused (kvstrata `usage.prompt_tokens_details.cached_tokens_by_tier`; llama-server `timings.cache_n`, no tier). "
+        "reused (kvstrata `usage.prompt_tokens_details.cached_tokens_by_tier`; llama-server `timings.cache_n`, no tier), "
+        "as a share of the prompt tokens and of the shareable ones (each prompt's common prefix with its session's "
+        "previous prompt). "
         "Recomputed: prompt tokens sent minus reused. Decode: per request, tokens after the first over the time after "
         "the first (median), and all generated tokens over the wall time. Peak RSS: the server process's VmHWM.\n",
         "## Goals (issue 14)\n", *goals(results), "",
