@@ -102,7 +102,8 @@ def peer_table(results: list[dict], baseline: str | None) -> str:
         if base and base["summary"]["sessions_per_hour"]:
             ratio = f"{s['sessions_per_hour'] / base['summary']['sessions_per_hour']:.2f}x"
         elif base:
-            ratio = f"{s['session_equivalents_per_hour'] / max(base['summary']['session_equivalents_per_hour'], 1e-9):.2f}x (equiv.)"
+            b_eq = max(base["summary"]["session_equivalents_per_hour"], 1e-9)
+            ratio = f"{s['session_equivalents_per_hour'] / b_eq:.2f}x (equiv.)"
         share = "-" if s["cached_share"] is None else f"{100 * s['cached_share']:.1f} %"
         if s["cached_tokens"] is not None and s["reusable_tokens"]:
             share += f" = {100 * s['cached_tokens'] / s['reusable_tokens']:.0f} % of the shareable"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from benchmarks.agent_replay import client, peers, report, traces
 from benchmarks.agent_replay.prompts import PromptBuilder
-from benchmarks.peers.common import PeerMissingError, cache_dir, cpu_pressure, default_gguf, peers_available, wait_for_quiet
+from benchmarks.peers.common import (PeerMissingError, cache_dir, cpu_pressure, default_gguf, peers_available,
+                                    wait_for_quiet)
 from benchmarks.peers.kvstrata_side import engine_settings, kv_pool_bytes, parse_opt
 from benchmarks.peers.kvstrata_side import versions as kvstrata_versions
 from benchmarks.peers.llamacpp import versions as llamacpp_versions
@@ -93,20 +94,22 @@ def working_set_peak(records: list[dict]) -> int:
     return peak
 
 
-def replay_peer(peer: str, a: argparse.Namespace, budget: peers.Budget, sessions, builder, settings, overrides) -> dict:
-    out: dict = {"peer": peer, "cpu_pressure_before": wait_for_quiet(a.quiet_wait_s) if a.quiet_wait_s else cpu_pressure()}
+def replay_peer(peer: str, a: argparse.Namespace, budget: peers.Budget, sessions, builder, settings,
+                overrides: dict) -> dict:
+    """Start `peer` (or use --url), warm it up, replay, read its metrics and RSS, stop it; the peer's record."""
+    pressure = wait_for_quiet(a.quiet_wait_s) if a.quiet_wait_s else cpu_pressure()
+    out: dict = {"peer": peer, "cpu_pressure_before": pressure, "started_at": time.strftime("%H:%M:%S", time.gmtime())}
     if peer == "external":
         run = client.replay(a.url, sessions, builder, settings)
-        return out | {"url": a.url, "server_metrics": peers.server_metrics(a.url), "summary": report.summarize(run, sessions),
-                      "working_set_peak_tokens": working_set_peak(run["records"]), "records": run["records"]}
-    with peers.serve(peer, budget, cache_dir() / "logs" / "runs", overrides) as srv:
-        client.warmup(srv.url, settings.model)
-        t0 = time.time()
-        run = client.replay(srv.url, sessions, builder, settings)
-        out |= {"command": srv.command, "config": srv.config, "started_at": time.strftime("%H:%M:%S", time.gmtime(t0)),
-                "peak_rss_bytes": peers.peak_rss_bytes(srv.pid), "server_metrics": peers.server_metrics(srv.url)}
-    return out | {"summary": report.summarize(run, sessions), "working_set_peak_tokens": working_set_peak(run["records"]),
-                  "cpu_pressure_after": cpu_pressure(), "records": run["records"]}
+        out |= {"url": a.url, "server_metrics": peers.server_metrics(a.url)}
+    else:
+        with peers.serve(peer, budget, cache_dir() / "logs" / "runs", overrides) as srv:
+            client.warmup(srv.url, settings.model)
+            run = client.replay(srv.url, sessions, builder, settings)
+            out |= {"command": srv.command, "config": srv.config, "peak_rss_bytes": peers.peak_rss_bytes(srv.pid),
+                    "server_metrics": peers.server_metrics(srv.url)}
+    return out | {"summary": report.summarize(run, sessions), "cpu_pressure_after": cpu_pressure(),
+                  "working_set_peak_tokens": working_set_peak(run["records"]), "records": run["records"]}
 
 
 def goals(results: list[dict]) -> list[str]:
@@ -131,7 +134,8 @@ def goals(results: list[dict]) -> list[str]:
             continue
         failed = k["requests_failed"] or b["requests_failed"]
         ratio = sph(k) / sph(b) if sph(b) else None
-        eq = k["session_equivalents_per_hour"] / b["session_equivalents_per_hour"] if b["session_equivalents_per_hour"] else None
+        b_eq = b["session_equivalents_per_hour"]
+        eq = k["session_equivalents_per_hour"] / b_eq if b_eq else None
         ok = None if ratio is None and eq is None else (ratio or eq) >= 3 and not failed
         if want and ok and p99(k) is not None and p99(b) is not None:
             ok = p99(k) <= p99(b)
@@ -158,15 +162,18 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"{meta['block_tokens']}-token block becomes {meta['scaled_block']} tokens), outputs forced to their scaled "
         f"length (`ignore_eos`); waits scaled by {a['time_scale']:g}, each cut to {a['max_think_s']:g} traced s; "
         f"prompts sent as token ids to `/v1/completions`, streamed; at most {a['max_wall_s']:g} s per peer.\n",
-        f"Memory budget of every peer: device KV {b['device_tokens']:,} tokens ({meta['device_mib']:,} MiB of fp16 KV); "
+        f"Memory budget of every peer: device KV {b['device_tokens']:,} tokens ({meta['device_mib']:,} MiB of fp16 "
+        f"KV); "
         f"peak working set of the running sessions {ws:,} tokens ({ws / b['device_tokens']:.1f}x the device budget); "
-        f"host {b['host_mib']:,} MiB (kvstrata host tier, llama-server `--cache-ram`); kvstrata disk tier {b['disk_gib']} GiB. "
+        f"host {b['host_mib']:,} MiB (kvstrata host tier, llama-server `--cache-ram`); kvstrata disk tier "
+        f"{b['disk_gib']} GiB. "
         f"llama-server {b['slots']} slots (`-np`), kvstrata `max_num_seqs` {b['kvstrata_max_seqs']}.\n",
         report.peer_table(results, "llama-server" if any(r["peer"] == "llama-server" and "summary" in r
                                                          for r in results) else None),
         "\nSessions per hour: sessions whose every request (sub-agents included) was answered, over the wall time. "
         "Session-equivalents: each session's share of answered requests. Cache: prompt tokens the server reports it "
-        "reused (kvstrata `usage.prompt_tokens_details.cached_tokens_by_tier`; llama-server `timings.cache_n`, no tier), "
+        "reused (kvstrata `usage.prompt_tokens_details.cached_tokens_by_tier`; llama-server `timings.cache_n`, "
+        "no tier), "
         "as a share of the prompt tokens and of the shareable ones (each prompt's common prefix with its session's "
         "previous prompt). "
         "Recomputed: prompt tokens sent minus reused. Decode: per request, tokens after the first over the time after "

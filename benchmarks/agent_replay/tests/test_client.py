@@ -13,8 +13,8 @@ BUILDER = PromptBuilder(1000, 1 / 16)
 
 
 def _sess(sid: str, n: int, think: float = 0.0, out: int = 48, subagents=(), arrival: float = 0.0) -> Session:
-    reqs = [Request(hash_ids=tuple(range(1, 4 + i)), input_tokens=64 * (3 + i), output_tokens=out, think_s=think if i else 0.0,
-                    subagents=tuple(subagents) if i == 0 else ()) for i in range(n)]
+    reqs = [Request(hash_ids=tuple(range(1, 4 + i)), input_tokens=64 * (3 + i), output_tokens=out,
+                    think_s=think if i else 0.0, subagents=tuple(subagents) if i == 0 else ()) for i in range(n)]
     return Session(id=sid, namespace=sid, block_tokens=64, requests=tuple(reqs), arrival_s=arrival)
 
 

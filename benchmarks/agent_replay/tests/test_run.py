@@ -9,8 +9,8 @@ from benchmarks.agent_replay.peers import Budget, kvstrata_settings
 
 def test_quick_changes_only_what_was_not_given():
     a = run.parse_args(["--quick", "--sessions", "3"])
-    assert (a.sessions, a.concurrency, a.max_requests, a.name) == (3, run.QUICK["concurrency"], run.QUICK["max_requests"],
-                                                                  "agent_replay_quick")
+    assert (a.sessions, a.concurrency, a.max_requests, a.name) == \
+        (3, run.QUICK["concurrency"], run.QUICK["max_requests"], "agent_replay_quick")
     b = run.parse_args([])
     assert (b.sessions, b.concurrency, b.time_scale, b.name, b.peers) == \
         (32, 16, 0.01, "agent_replay", "llama-server,kvstrata-tiers,kvstrata-recompute")

@@ -14,7 +14,8 @@ def _cc_file(tmp_path, name="trace_0001"):
     sub = {"t": 50.0, "type": "subagent", "agent_id": "agent_001", "subagent_type": "Explore", "duration_ms": 40000,
            "requests": [_req(0.0, 640, 0.0, ids=list(range(500, 510))), _req(5.0, 704, 3.0, ids=list(range(500, 511)))]}
     d = {"id": name, "block_size": 64, "hash_id_scope": "local",
-         "requests": [_req(0.0, 1280, 0.0, api=9.0), sub, _req(60.0, 1344, 51.0), _req(70.0, 1408, 8.0, stop="end_turn")]}
+         "requests": [_req(0.0, 1280, 0.0, api=9.0), sub, _req(60.0, 1344, 51.0),
+                      _req(70.0, 1408, 8.0, stop="end_turn")]}
     (tmp_path / f"{name}.json").write_text(json.dumps(d))
     return d
 
