@@ -9,7 +9,8 @@
   its prompt cache in host RAM (``--cache-ram``, the same bytes as kvstrata's host tier) with
   ``--cache-idle-slots`` (its default with --cache-ram: an idle slot is saved there and cleared when a new
   task starts, and a request whose prompt shares a cached prefix loads it back); ``--cache-reuse`` of
-  chunks via KV shifting (16 tokens here: 256 at full scale, as llama.cpp's docs suggest, times 1/16).
+  chunks via KV shifting (16 tokens here: 256 at full scale, the chunk size of llama.cpp's own example in
+  ggml-org/llama.cpp PR 17858, times 1/16; the replay's prompts only grow, so prefix reuse does most).
   It has no disk tier.
 * ``kvstrata-tiers``: `kvstrata serve` with the same device budget, the host tier at the same bytes, a disk
   tier (under a temporary directory), prefix caching, write-on-evict: the hierarchy; evicted blocks go down
