@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TOKEN_SCALE = {"claude-code": 1 / 16, "mooncake": 1 / 16, "tau-bench": 1.0}
-QUICK = dict(sessions=4, concurrency=4, max_requests=6, max_wall_s=300.0, time_scale=0.002, device_tokens=16384)
+QUICK = dict(sessions=4, concurrency=4, max_requests=6, max_wall_s=300.0, time_scale=0.002, device_tokens=8192)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
