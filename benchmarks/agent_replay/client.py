@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import httpx
 
@@ -58,13 +59,16 @@ class Settings:
     max_think_s: float = 300.0  # traced; longer waits (a user away for hours) are cut to this
     max_wall_s: float | None = None
     model: str = "default"
-    extra_body: dict = field(default_factory=dict)
+    extra_body: dict = field(default_factory=dict)  # added to every request body
+    # per-request additions, e.g. hints a scheduler may use (session, stop reason, expected wait): f(session, i) -> dict
+    hints: Callable[[Session, int], dict] | None = None
 
 
-async def complete(client: httpx.AsyncClient, url: str, rec: RequestRecord, ids: list[int], s: Settings) -> None:
+async def complete(client: httpx.AsyncClient, url: str, rec: RequestRecord, ids: list[int], s: Settings,
+                   extra: dict | None = None) -> None:
     """Stream one completion of `ids` into `rec`. Errors are recorded, not raised."""
     body = {"model": s.model, "prompt": ids, "max_tokens": rec.max_tokens, "stream": True, "temperature": 0.0,
-            "ignore_eos": True, "stream_options": {"include_usage": True}, **s.extra_body}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **s.extra_body, **(extra or {})}
     t0 = time.perf_counter()
     pieces = 0
     try:
@@ -133,7 +137,7 @@ class Replay:
                                 reusable_tokens=common_prefix(prev, p.ids))
             prev = p.ids
             self.records.append(rec)
-            await complete(client, self.url, rec, p.ids, self.s)
+            await complete(client, self.url, rec, p.ids, self.s, self.s.hints(sess, i) if self.s.hints else None)
             if not rec.ok:
                 logger.warning("%s request %d failed: %s", sess.id, i, rec.error)
             if req.subagents:

@@ -27,9 +27,12 @@ def _by_session(srv: FakeServer, sessions: list[Session]) -> dict[str, list]:
 def test_sub_agents_run_concurrently_and_the_parent_waits_for_them():
     subs = [(0.0, _sess(f"p/agent_{k}", 2)) for k in range(3)]
     parent = _sess("p", 2, subagents=subs)
+    hints = lambda sess, i: {"session_hint": sess.id, "turn": i}  # noqa: E731
     with FakeServer(delay_s=0.01) as srv:
-        run = replay(srv.url, [parent], BUILDER, Settings(concurrency=1, time_scale=0.0))
+        run = replay(srv.url, [parent], BUILDER, Settings(concurrency=1, time_scale=0.0, hints=hints))
     spans = _by_session(srv, [parent] + [s for _, s in subs])
+    assert sorted((sp[2]["session_hint"], sp[2]["turn"]) for sp in srv.spans)[:2] == [("p", 0), ("p", 1)]
+    assert all(sp[2]["ignore_eos"] and sp[2]["stream"] and isinstance(sp[2]["prompt"][0], int) for sp in srv.spans)
     firsts = [spans[f"p/agent_{k}"][0] for k in range(3)]
     assert max(sp[0] for sp in firsts) < min(sp[1] for sp in firsts)  # all three in flight at once
     sub_end = max(sp[1] for k in range(3) for sp in spans[f"p/agent_{k}"])
