@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -192,6 +193,15 @@ def markdown(meta: dict, results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # SIGTERM (a timeout, a killed make bench) unwinds like Ctrl-C, so the server being measured is stopped too
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv) -> int:
     a = parse_args(argv)
     fmt, _ = traces.resolve(a.trace)
     scale = a.token_scale or TOKEN_SCALE[fmt]
