@@ -105,7 +105,7 @@ def peer_table(results: list[dict], baseline: str | None) -> str:
             b_eq = max(base["summary"]["session_equivalents_per_hour"], 1e-9)
             ratio = f"{s['session_equivalents_per_hour'] / b_eq:.2f}x (equiv.)"
         share = "-" if s["cached_share"] is None else f"{100 * s['cached_share']:.1f} %"
-        if s["cached_tokens"] is not None and s["reusable_tokens"]:
+        if s["cached_tokens"] is not None and s.get("reusable_tokens"):
             share += f" = {100 * s['cached_tokens'] / s['reusable_tokens']:.0f} % of the shareable"
         if s["cached_by_tier"]:
             share += " (" + ", ".join(f"{t} {n:,}" for t, n in sorted(s["cached_by_tier"].items())) + ")"
