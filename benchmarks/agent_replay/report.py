@@ -10,6 +10,7 @@ after the first over the time after the first; aggregate: all generated tokens o
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -118,6 +119,32 @@ def peer_table(results: list[dict], baseline: str | None) -> str:
             _f(round(r["peak_rss_bytes"] / 2**20)) if r.get("peak_rss_bytes") else "-",
             f"{s['requests_failed']} / {s['requests_cancelled']}"]) + " |")
     return "\n".join(rows)
+
+
+def _labels(key: str) -> dict:
+    return dict(re.findall(r'(\w+)="([^"]*)"', key))
+
+
+_COUNTERS = ("preemptions", "blocks_written_down", "blocks_loaded", "blocks_load_failed")
+
+
+def server_notes(metrics: dict) -> str:
+    """What kvstrata's /metrics says the tiers and the placement model did (bytes moved, hits, decisions)."""
+    tiers: dict[str, dict] = {}
+    placement, counters = {}, {}
+    for key, v in metrics.items():
+        lab = _labels(key)
+        if key.startswith("kvstrata_kv_tier{"):
+            tiers.setdefault(lab.get("tier", "?"), {})[lab.get("stat", "?")] = v
+        elif key.startswith("kvstrata_placement_decisions{"):
+            placement[lab.get("action", "?")] = int(v)
+        elif key.startswith("kvstrata_engine_counter{") and lab.get("name") in _COUNTERS:
+            counters[lab["name"]] = int(v)
+    parts = [f"{t}: {d.get('bytes_written', 0) / 2**20:,.0f} MiB written, {d.get('bytes_read', 0) / 2**20:,.0f} MiB "
+             f"read, {int(d.get('hits', 0)):,} hits" for t, d in sorted(tiers.items())]
+    parts.append("placement decisions " + (", ".join(f"{a} {n}" for a, n in sorted(placement.items())) or "none"))
+    parts += [f"{k} {n:,}" for k, n in sorted(counters.items())]
+    return "; ".join(parts)
 
 
 def plot(results: list[dict], path: Path, title: str) -> Path | None:

@@ -186,6 +186,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
         cmd = r.get("command") or r.get("url") or r.get("skipped") or r.get("error")
         lines.append(f"- **{r['peer']}** (started {r.get('started_at', '-')} UTC; CPU pressure before "
                      f"{r.get('cpu_pressure_before')}, after {r.get('cpu_pressure_after')}): `{cmd}`")
+        if r["peer"].startswith("kvstrata") and r.get("server_metrics"):
+            lines.append(f"  - server: {report.server_notes(r['server_metrics'])}")
     lines.append("\nConfiguration choices and why: `benchmarks/agent_replay/peers.py`; per-request records, server "
                  f"metrics (tiers, placement decisions) and versions in `{a['name']}.json`.")
     return "\n".join(lines) + "\n"

@@ -62,10 +62,11 @@ def test_concurrency_limit_arrivals_and_think_times():
 def test_time_limit_cancels_what_is_left():
     sessions = [_sess(f"s{k}", 3, think=1000.0, out=16) for k in range(2)]
     with FakeServer(delay_s=0.005) as srv:
-        run = replay(srv.url, sessions, BUILDER, Settings(concurrency=2, time_scale=0.001, max_think_s=1e9,
-                                                          max_wall_s=0.5))
+        # the first turns are answered at once, the second ones would wait 10 s: the 3 s limit stops both sessions
+        run = replay(srv.url, sessions, BUILDER, Settings(concurrency=2, time_scale=0.01, max_think_s=1e9,
+                                                          max_wall_s=3.0))
     s = report.summarize(run, sessions)
-    assert run["wall_s"] < 1.5 and s["sessions_completed"] == 0 and s["requests_ok"] == 2
+    assert run["wall_s"] < 4.5 and s["sessions_completed"] == 0 and s["requests_ok"] == 2
     assert s["session_equivalents_per_hour"] == pytest.approx(2 * (1 / 3) / run["wall_s"] * 3600, rel=1e-6)
 
 
@@ -96,3 +97,12 @@ def test_summary_figures_from_records():
     table = report.peer_table([{"peer": "x", "summary": s, "peak_rss_bytes": 2**30}, {"peer": "y", "skipped": "no"}],
                               "x")
     assert "| x | 1 / 2 | 360.0 | 1.00x |" in table and "device 64, host 32" in table and "| y | no |" in table
+
+
+def test_server_notes_name_tiers_placement_and_preemptions():
+    m = {'kvstrata_kv_tier{tier="host",stat="bytes_written"}': 2.0 * 2**20, 'kvstrata_kv_tier{tier="host",stat="hits"}': 12.0,
+         'kvstrata_kv_tier{tier="disk",stat="bytes_read"}': 3.0 * 2**20, 'kvstrata_placement_decisions{action="host"}': 3.0,
+         'kvstrata_engine_counter{name="preemptions"}': 2.0, 'kvstrata_engine_counter{name="steps"}': 9.0}
+    assert report.server_notes(m) == ("disk: 0 MiB written, 3 MiB read, 0 hits; host: 2 MiB written, 0 MiB read, 12 hits; "
+                                      "placement decisions host 3; preemptions 2")
+    assert report.server_notes({}) == "placement decisions none"
