@@ -67,7 +67,7 @@ def test_time_limit_cancels_what_is_left():
                                                           max_wall_s=3.0))
     s = report.summarize(run, sessions)
     assert run["wall_s"] < 4.5 and s["sessions_completed"] == 0 and s["requests_ok"] == 2
-    assert s["session_equivalents_per_hour"] == pytest.approx(2 * (1 / 3) / run["wall_s"] * 3600, rel=1e-6)
+    assert s["session_equivalents_per_hour"] == pytest.approx(2 * (1 / 3) / run["wall_s"] * 3600, abs=0.01)
 
 
 def test_errors_are_recorded_and_the_session_does_not_count():
