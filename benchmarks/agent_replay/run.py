@@ -20,14 +20,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
+
 from benchmarks.agent_replay import client, peers, report, traces
 from benchmarks.agent_replay.prompts import PromptBuilder
-from benchmarks.peers.common import (PeerMissingError, cache_dir, cpu_pressure, default_gguf, peers_available,
-                                    wait_for_quiet)
+from benchmarks.peers.common import cache_dir, cpu_pressure, default_gguf, peers_available, wait_for_quiet
 from benchmarks.peers.kvstrata_side import engine_settings, kv_pool_bytes, parse_opt
 from benchmarks.peers.kvstrata_side import versions as kvstrata_versions
 from benchmarks.peers.llamacpp import versions as llamacpp_versions
 from benchmarks.peers.run_peers import machine
+from kvstrata.core import KvstrataError
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ def _main(argv) -> int:
             continue
         try:
             results.append(replay_peer(peer, a, budget, sessions, builder, settings, overrides))
-        except (PeerMissingError, OSError, RuntimeError) as exc:
+        except (KvstrataError, OSError, RuntimeError, httpx.HTTPError) as exc:  # the peer failed; the others still run
             logger.exception("%s failed", peer)
             results.append({"peer": peer, "error": f"{type(exc).__name__}: {exc}"[:500]})
         if "summary" in results[-1]:

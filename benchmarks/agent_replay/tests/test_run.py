@@ -1,7 +1,10 @@
 """The command's options, its goals and `make bench`'s dispatch of the replay (no server)."""
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks.agent_replay import run
 from benchmarks.agent_replay.peers import Budget, kvstrata_settings
@@ -58,3 +61,20 @@ def test_make_bench_quick_runs_the_replay_short(tmp_path, monkeypatch):
     assert "agent_replay_quick.md" in (tmp_path / "index.md").read_text()
     assert run_all.present("benchmarks.agent_replay") and run_all.present("benchmarks.tier_ttft")
     assert not run_all.present("benchmarks.nothing_here")
+
+
+def test_a_peer_that_cannot_start_is_recorded_and_the_run_fails(tmp_path):
+    from benchmarks.agent_replay import traces
+    from benchmarks.peers.common import PeerMissingError, default_gguf
+
+    try:
+        default_gguf()
+        traces.resolve("claude-code")
+    except (PeerMissingError, FileNotFoundError) as exc:
+        pytest.skip(str(exc))
+    argv = ["--peers", "kvstrata-recompute", "--sessions", "1", "--quiet-wait-s", "0", "--kvstrata-opt",
+            "quantization=q9", "--out", str(tmp_path), "--name", "bad"]
+    assert run.main(argv) == 1
+    (r,) = json.loads((tmp_path / "bad.json").read_text())["results"]
+    assert r["peer"] == "kvstrata-recompute" and "quantization" in r["error"]
+    assert "| kvstrata-recompute | KvstrataError" in (tmp_path / "bad.md").read_text()
