@@ -186,7 +186,8 @@ def plot(results: list[dict], path: Path, title: str) -> Path | None:
             else:
                 v = s["cached_by_tier"].get(t, 0)
             vals.append(v)
-        ax[2].bar(x, vals, bottom=bottom, label=t)
+        color = {"recomputed": "lightgray", "cache (tier not reported)": "tab:purple"}.get(t)
+        ax[2].bar(x, vals, bottom=bottom, label=t, color=color)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax[2].set_title("prompt tokens: from cache / recomputed")
     ax[2].legend(fontsize=8)

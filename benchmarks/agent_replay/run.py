@@ -16,6 +16,7 @@ import logging
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -69,6 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                 setattr(a, k, v)
     a.name = a.name or ("agent_replay_quick" if a.quick else "agent_replay")
     return a
+
+
+def portable(text: str) -> str:
+    """Result files name no machine's paths: the checkout becomes `.`, the home `~`, the temp folder `$TMPDIR`."""
+    root = str(Path(__file__).resolve().parents[2])
+    for path, short in ((root, "."), (tempfile.gettempdir(), "$TMPDIR"), (str(Path.home()), "~")):
+        text = text.replace(path + "/", short + "/")
+    return text
 
 
 def model_facts() -> tuple[int, int]:
@@ -248,9 +257,9 @@ def _main(argv) -> int:
             "sessions": [s.id for s in sessions]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(meta, results)
+    md = portable(markdown(meta, results))
     (out / f"{a.name}.md").write_text(md)
-    (out / f"{a.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    (out / f"{a.name}.json").write_text(portable(json.dumps({"meta": meta, "results": results}, indent=1, default=str)))
     report.plot(results, out / f"{a.name}.png", f"{a.trace}: {len(sessions)} sessions, {a.concurrency} at once"
                 + (" (smoke run)" if a.quick else ""))
     print(md)

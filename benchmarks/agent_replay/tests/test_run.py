@@ -78,3 +78,12 @@ def test_a_peer_that_cannot_start_is_recorded_and_the_run_fails(tmp_path):
     (r,) = json.loads((tmp_path / "bad.json").read_text())["results"]
     assert r["peer"] == "kvstrata-recompute" and "quantization" in r["error"]
     assert "| kvstrata-recompute | KvstrataError" in (tmp_path / "bad.md").read_text()
+
+
+def test_result_files_name_no_machine_paths():
+    import tempfile
+    from pathlib import Path
+
+    root = Path(run.__file__).resolve().parents[2]
+    text = f"{root}/.venv/bin/kvstrata --kv-disk-dir {tempfile.gettempdir()}/kv-x -m {Path.home()}/.cache/m.gguf"
+    assert run.portable(text) == "./.venv/bin/kvstrata --kv-disk-dir $TMPDIR/kv-x -m ~/.cache/m.gguf"
