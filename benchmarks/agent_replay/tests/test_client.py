@@ -28,7 +28,7 @@ def test_sub_agents_run_concurrently_and_the_parent_waits_for_them():
     subs = [(0.0, _sess(f"p/agent_{k}", 2)) for k in range(3)]
     parent = _sess("p", 2, subagents=subs)
     hints = lambda sess, i: {"session_hint": sess.id, "turn": i}  # noqa: E731
-    with FakeServer(delay_s=0.01) as srv:
+    with FakeServer(delay_s=0.05) as srv:  # each answer takes >= 150 ms: a busy machine still sees them overlap
         run = replay(srv.url, [parent], BUILDER, Settings(concurrency=1, time_scale=0.0, hints=hints))
     spans = _by_session(srv, [parent] + [s for _, s in subs])
     assert sorted((sp[2]["session_hint"], sp[2]["turn"]) for sp in srv.spans)[:2] == [("p", 0), ("p", 1)]
