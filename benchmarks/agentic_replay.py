@@ -13,6 +13,8 @@ on its tools after a turn with tool calls, else on the user (tau-bench's user is
 an external call like a tool; its wait class is named "user"). Waits sweep 1 s .. 5 min (log-spaced, one wait class per tool name, +-20%
 jitter) and are SCALED by --time-scale (default 1/100: 10 ms .. 3 s of real sleep) so the run fits in
 ~10 minutes on 2 cores; the engine learns the scaled durations, so its decisions are made for them.
+Every configuration runs the quantization the server runs (`--quantization auto`: int8 with the native
+decode step on a CPU) and the same threads, so "vs recompute" is against the server's own prefill.
 
     python -m benchmarks.agentic_replay [--sessions 8 --steps 8 --kv-device-bytes 256M ...]
 
@@ -34,7 +36,12 @@ from pathlib import Path
 
 from benchmarks.common import machine, table, write_results
 
-TRACE = Path("/work/shared/data/traces/tau-bench/gpt-4o-airline.json")
+def default_trace() -> Path:
+    from kvstrata.planner.workloads import trace_dir  # $KVSTRATA_TRACE_DIR, else ../shared/data/traces
+
+    return trace_dir() / "tau-bench" / "gpt-4o-airline.json"
+
+
 CONFIGS = ("cost-model", "recompute", "keep")
 
 
@@ -124,7 +131,7 @@ def run_config(cfg: str, sessions, waits, a) -> dict:
     from kvstrata.sessions.kv import SessionKV
 
     tmp = Path(tempfile.mkdtemp(prefix="kvstrata-replay-"))
-    kw = dict(model=a.model, kv_device_bytes=a.kv_device_bytes, num_threads=a.threads)
+    kw = dict(model=a.model, kv_device_bytes=a.kv_device_bytes, num_threads=a.threads, quantization=a.quantization)
     if cfg == "cost-model":
         kw.update(kv_host_bytes=a.kv_host_bytes, kv_disk_dir=str(tmp / "disk"))
     eng = LLMEngine(**kw)
@@ -147,7 +154,7 @@ def run_config(cfg: str, sessions, waits, a) -> dict:
     bpb = eng.pool.block_bytes if hasattr(eng.pool, "block_bytes") else None
     tiers = {n: {"written": d.get("bytes_written", 0), "read": d.get("bytes_read", 0)}
              for n, d in (kv.get("tiers") or {}).items()}
-    out = {"config": cfg, "wall_s": wall, "counters": c, "tiers": tiers, "placement": kv.get("placement"),
+    out = {"config": cfg, "wall_s": wall, "counters": c, "quantization": eng.config.quantization, "tiers": tiers, "placement": kv.get("placement"),
            "device": kv["device"], "block_bytes": bpb, "engine_offload": kv.get("engine"), **stats}
     eng.close(flush_device=False)
     del eng, aeng
@@ -168,10 +175,11 @@ def main() -> int:
     ap.add_argument("--kv-device-bytes", default="256M")
     ap.add_argument("--kv-host-bytes", default="2G")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantization", default="auto", help="as `kvstrata serve --quantization` (make serve: auto)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--trace", default=str(TRACE))
+    ap.add_argument("--trace", default=None, help="tau-bench results file (default: the trace folder's)")
     a = ap.parse_args()
-    sessions = load_sessions(Path(a.trace), a.sessions, a.steps, a.system_chars, a.msg_chars)
+    sessions = load_sessions(Path(a.trace) if a.trace else default_trace(), a.sessions, a.steps, a.system_chars, a.msg_chars)
     waits = wait_classes(sessions)
     results = []
     for cfg in a.configs.split(","):
@@ -195,7 +203,8 @@ def main() -> int:
     ws = sorted(waits.values())
     md = [
         "# Agentic replay (tau-bench airline)\n",
-        f"Machine: {machine()}. Model: {a.model}. {len(sessions)} concurrent sessions, up to {a.steps} assistant turns each "
+        f"Machine: {machine()}. Model: {a.model}, quantization {results[0]['quantization']} in every configuration "
+        f"(`--quantization {a.quantization}`). {len(sessions)} concurrent sessions, up to {a.steps} assistant turns each "
         f"({sum(r['steps'] for r in results[:1])} steps per configuration), at most {a.max_gen} generated tokens a turn, "
         f"policy prompt cut to {a.system_chars} characters and other messages to {a.msg_chars}.",
         f"Device KV budget {a.kv_device_bytes} (smaller than the working set: see 'device' in the JSON); cost model "

@@ -1,4 +1,8 @@
-"""Shared benchmark helpers: the machine's ceilings (measured in the same run), timing, result files."""
+"""Shared benchmark helpers: the machine's ceilings (measured in the same run), timing, result files.
+
+Result files go to benchmarks/results/, or to $KVSTRATA_BENCH_RESULTS (smoke runs that must not replace
+the committed results).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import platform
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("KVSTRATA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def trace_dir() -> Path:

@@ -4,11 +4,17 @@ Each benchmark runs as its own process (so one failing does not stop the rest) a
 tables; this script writes benchmarks/results/index.md listing what ran, how long, and what failed.
 The side-by-side peer benchmark (kvstrata beside llama.cpp and transformers, benchmarks/peers) runs
 only when `make bench-peers` has built llama.cpp; otherwise it is skipped and the index and the console
-say so, with the command to run.
+say so, with the command to run. The agent replay (benchmarks/agent_replay) runs its kvstrata peers either
+way and marks llama-server skipped in its own results when it is not built.
+
+    python -m benchmarks.run_all [--quick] [NAME ...]   # NAME: part of a benchmark's name, e.g. "agent replay"
+
+`--quick` passes `--quick` to the benchmarks that have a short form (engine, peers, agent replay).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -27,8 +33,17 @@ BENCHES = [
     ("resumed agent turns", ["-m", "benchmarks.session_resume"], "session_resume.md"),
     ("serving (HTTP)", ["-m", "benchmarks.serving"], "serving.md"),
     ("agentic replay", ["-m", "benchmarks.agentic_replay"], "agentic_replay.md"),
+    ("agent replay (Claude Code traces: kvstrata vs llama-server vs recompute)", ["-m", "benchmarks.agent_replay"],
+     "agent_replay.md"),
     ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
+QUICK = {"benchmarks.engine_bench", "benchmarks.agent_replay", "benchmarks.peers.run_peers"}  # take --quick
+
+
+def present(module: str) -> bool:
+    """The benchmark's module (a file or a package) is in this checkout."""
+    path = ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def peer_missing() -> str:
@@ -42,7 +57,11 @@ def peer_missing() -> str:
 
 
 def main() -> int:
-    only = set(sys.argv[1:])
+    ap = argparse.ArgumentParser(description="run every benchmark; results under benchmarks/results/")
+    ap.add_argument("names", nargs="*", help="run only the benchmarks whose name contains one of these")
+    ap.add_argument("--quick", action="store_true", help="the short form of the benchmarks that have one")
+    a = ap.parse_args()
+    only = set(a.names)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}"}
     lines = ["# Benchmark index\n", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores.\n",
              "| benchmark | result file | seconds | status |", "|---|---|---|---|"]
@@ -50,10 +69,10 @@ def main() -> int:
     for name, args, out in BENCHES:
         if only and not any(o in name for o in only):
             continue
-        if not (ROOT / "benchmarks" / (args[1].split(".")[-1] + ".py")).exists() and "peers" not in args[1]:
+        if not present(args[1]):
             lines.append(f"| {name} | - | - | not present in this checkout |")
             continue
-        if "peers" in args[1] and (why := peer_missing()):
+        if args[1] == "benchmarks.peers.run_peers" and (why := peer_missing()):
             msg = (f"skipped: llama.cpp peer not built; run `make bench-peers`, then `make bench` "
                    f"(this part alone: `python -m benchmarks.run_all peers`) ({why})")
             print(f"== {name}: {msg}", flush=True)
@@ -61,7 +80,10 @@ def main() -> int:
             continue
         print(f"== {name}", flush=True)
         t0 = time.time()
-        p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
+        quick = a.quick and args[1] in QUICK
+        if quick and args[1] == "benchmarks.agent_replay":
+            out = "agent_replay_quick.md"
+        p = subprocess.run([sys.executable, *args, *(["--quick"] if quick else [])], cwd=ROOT, env=env)
         dt = time.time() - t0
         status = "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
         failed += p.returncode != 0

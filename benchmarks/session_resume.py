@@ -5,7 +5,9 @@ Multi-turn sessions from the real tau-bench airline trajectories (../shared/data
 recorded user, assistant and tool messages replayed turn by turn; benchmarks/peers/tau_replay.py builds
 them). After each turn the session's prompt KV is parked (written to the tier, device copies freed), as
 the server's /v1/sessions/{id}/park does while an agent waits on a tool; the next turn, whose history
-starts with the previous one, loads it back. Default model. Run: python -m benchmarks.session_resume
+starts with the previous one, loads it back. Default model, every configuration on the quantization the
+server runs (`--quantization auto`: int8 with the native decode step on a CPU) and the same threads, so the
+recompute baseline is the server's own prefill. Run: python -m benchmarks.session_resume
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=3)
     ap.add_argument("--max-turns", type=int, default=10)
     ap.add_argument("--min-context", type=int, default=2000)
+    ap.add_argument("--quantization", default="auto", help="as `kvstrata serve --quantization` (make serve: auto)")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     sessions = load_sessions(trace_dir() / "tau-bench" / "gpt-4o-airline.json", n_sessions=a.sessions,
@@ -55,8 +58,12 @@ def main() -> None:
     res, rows = {"machine": machine(), "sessions": a.sessions}, []
     base = None
     for name, kw in configs.items():
-        llm = LLM("default", kv_device_bytes="1G", **kw)
-        llm.generate("warm up", SamplingParams(max_tokens=2))
+        llm = LLM("default", kv_device_bytes="1G", quantization=a.quantization, **kw)
+        # an untimed prefill as long as the longest turn (random ids: nothing the turns could reuse), so the first
+        # measured turn pays no first-use cost
+        n = max(len(llm.tokenizer.encode_chat(t.messages)) for s in sessions for t in s.turns)
+        llm.generate([torch.randint(100, 49000, (n,)).tolist()], SamplingParams(max_tokens=2))
+        res["quantization"], res["threads"] = llm.engine.config.quantization, torch.get_num_threads()
         turns = replay(llm, sessions, None if name == "recompute" else name)
         long = [t for t in turns if t[0] >= a.min_context]
         resumed = [t for t in long if name == "recompute" or t[2] > 0]
@@ -67,8 +74,9 @@ def main() -> None:
         rows.append([name, len(turns), len(long), med, f"{reused:.0%}", f"{base / med:.1f}x" if base else ""])
         llm.engine.close(flush_device=False)
     md = [f"# Resumed agent turns (tau-bench airline, default model)\n\n{a.sessions} sessions, up to {a.max_turns} "
-          f"turns each, {machine()}. Between turns the session's KV is parked in the tier (device copies freed). "
-          f"Command: `python -m benchmarks.session_resume`.\n",
+          f"turns each, {machine()}, quantization {res['quantization']} (`--quantization {a.quantization}`), "
+          f"{res['threads']} threads in every configuration. Between turns the session's KV is parked in the tier "
+          f"(device copies freed). Command: `python -m benchmarks.session_resume --quantization {a.quantization}`.\n",
           table(["KV between turns", "turns", f"turns with >= {a.min_context} tokens", "median TTFT s (those turns)",
                  "prompt tokens reused", "vs recompute"], rows),
           "\nAim (issue 4): resumed turns at least 10x faster to first token at 2,000+ tokens of context."]

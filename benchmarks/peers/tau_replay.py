@@ -29,10 +29,12 @@ from pathlib import Path
 import httpx
 
 from benchmarks.peers.http_load import percentiles, stream_chat
+from kvstrata.planner.workloads import trace_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACE = Path("/work/shared/data/traces/tau-bench/gpt-4o-airline.json")
+# $KVSTRATA_TRACE_DIR, else ../shared/data/traces beside the repository
+DEFAULT_TRACE = trace_dir() / "tau-bench" / "gpt-4o-airline.json"
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 It streams `max_tokens` content chunks ``tok0 tok1 ...`` `delay_s` apart, then a usage chunk, and
 records every request body. ``"fail"`` in the last message's content answers HTTP 500.
+``/v1/completions`` takes token-id prompts the same way, reports as cached the longest prefix it shares with
+any earlier prompt (a perfect prefix cache), and records each request's (start, end) time in `spans`.
 """
 
 from __future__ import annotations
@@ -23,10 +25,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _lcp(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class FakeServer:
     def __init__(self, delay_s: float = 0.01, send_usage: bool = True):
         self.delay_s, self.send_usage = delay_s, send_usage
         self.requests: list[dict] = []
+        self.spans: list[list] = []  # completions: [received, last chunk sent, body] (perf_counter)
         self.port = _free_port()
         app = FastAPI()
 
@@ -46,6 +58,27 @@ class FakeServer:
                 if self.send_usage:
                     usage = {"prompt_tokens": prompt, "completion_tokens": n, "prompt_tokens_details": {"cached_tokens": 3}}
                     yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(gen(), media_type="text/event-stream")
+
+        @app.post("/v1/completions")
+        async def completions(req: Request):
+            body = await req.json()
+            t0 = time.perf_counter()
+            ids = body["prompt"]
+            cached = max((_lcp(ids, b["prompt"]) for _, _, b in self.spans), default=0)
+            span = [t0, t0, body]
+            self.spans.append(span)
+
+            async def gen():
+                for i in range(body["max_tokens"]):
+                    await asyncio.sleep(self.delay_s)
+                    yield "data: " + json.dumps({"choices": [{"index": 0, "text": f"t{i} "}]}) + "\n\n"
+                usage = {"prompt_tokens": len(ids), "completion_tokens": body["max_tokens"],
+                         "prompt_tokens_details": {"cached_tokens": cached, "cached_tokens_by_tier": {"device": cached}}}
+                yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
+                span[1] = time.perf_counter()
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(gen(), media_type="text/event-stream")

@@ -1,0 +1,3 @@
+from benchmarks.agent_replay.run import main
+
+raise SystemExit(main())
