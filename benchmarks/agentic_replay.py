@@ -37,7 +37,7 @@ from pathlib import Path
 from benchmarks.common import machine, table, write_results
 
 def default_trace() -> Path:
-    from kvstrata.planner.workloads import trace_dir  # $KVSTRATA_TRACE_DIR, else ../shared/data/traces
+    from benchmarks.common import trace_dir  # $KVSTRATA_TRACE_DIR, else ../shared/data/traces
 
     return trace_dir() / "tau-bench" / "gpt-4o-airline.json"
 

@@ -1,6 +1,6 @@
 """The traces the replay reads, as one shape: sessions of requests, each request a list of block hash ids.
 
-Three formats under the trace folder (`kvstrata.planner.workloads.trace_dir()`: $KVSTRATA_TRACE_DIR, else
+Three formats under the trace folder (`benchmarks.common.trace_dir()`: $KVSTRATA_TRACE_DIR, else
 ``../shared/data/traces`` beside the repository; never edited):
 
 * **claude-code/** (`load_claude_code`): one real Claude Code session per file. Per request ``t`` (s from the
@@ -59,7 +59,7 @@ class Session:
 
 
 def default_trace_dir() -> Path:
-    from kvstrata.planner.workloads import trace_dir
+    from benchmarks.common import trace_dir
 
     return trace_dir()
 

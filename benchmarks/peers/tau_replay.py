@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.peers.http_load import percentiles, stream_chat
-from kvstrata.planner.workloads import trace_dir
+from benchmarks.common import trace_dir
 
 logger = logging.getLogger(__name__)
 
