@@ -52,7 +52,7 @@ class IngressSpec:
     redis_url: str
     events_prefix: str
     pd_transport: str = "shared-tier"  # prefill/decode handover: shared-tier | object-store
-    pd_latency_s: float = 0.03  # fixed cost of a handover round trip (cost model)
+    pd_latency_s: float = 0.1  # fixed cost of a handover round trip (cost model; benchmarks/cluster_pd.py measures it)
     env: dict | None = None
 
 
@@ -128,25 +128,30 @@ class Ingress:
         kv = None
         if self.prefill_handle is not None and request.method == "POST" and ids and (
                 url_path in GENERATING or url_path.endswith("/generate")):
-            kv = await self._maybe_prefill(ids, route)
+            kv = await self._maybe_prefill(ids, route, hd.get("x-kvstrata-prefill"))
         return await self._respond(req, keys, kv)
 
-    async def _maybe_prefill(self, ids: list[int], route: H.RouteHints) -> Any:
+    async def _maybe_prefill(self, ids: list[int], route: H.RouteHints, force: str | None) -> Any:
         """P/D: prefill on a prefill replica when the cost model says the handover beats computing the
-        uncached part on the decode replica; returns the object-store handover (or None)."""
+        uncached part on the decode replica; returns the object-store handover (or None). `force` (the
+        X-Kvstrata-Prefill header: local, shared-tier or object-store) overrides the choice, for tests
+        and benchmarks that measure each path."""
         cached = max(route.prefix.values(), default=0)
         new = len(ids) - cached
-        per_token = self.info["block_bytes"] / self.info["block_size"]
-        cal = self.placement.cal
-        gbps = cal.read_GBps.get("remote" if self.spec.pd_transport == "shared-tier" else "host", 1.0)
-        d = self.placement.prefill_choice(new, cached, int(new * per_token),
-                                          {self.spec.pd_transport: (gbps, self.spec.pd_latency_s)})
-        metrics.PD_DECISIONS.labels(d.action).inc()
-        if d.action == "local":
+        transport = force if force in ("shared-tier", "object-store") else self.spec.pd_transport
+        if force in ("local", "shared-tier", "object-store"):
+            action = force
+        else:
+            per_token = self.info["block_bytes"] / self.info["block_size"]
+            gbps = self.placement.cal.read_GBps.get("remote" if transport == "shared-tier" else "host", 1.0)
+            action = self.placement.prefill_choice(new, cached, int(new * per_token),
+                                                   {transport: (gbps, self.spec.pd_latency_s)}).action
+        metrics.PD_DECISIONS.labels(action).inc()
+        if action == "local":
             return None
         t0 = time.perf_counter()
-        resp = self.prefill_handle.prefill.remote(ids, self.spec.pd_transport, H.RouteHints())
-        if self.spec.pd_transport == "object-store":
+        resp = self.prefill_handle.prefill.remote(ids, transport, H.RouteHints())
+        if transport == "object-store":
             ref = await resp._to_object_ref()  # the blocks go replica to replica, not through here
             await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
             metrics.HANDOVER.labels("object-store").observe(time.perf_counter() - t0)
