@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import httpx
 import openai
@@ -53,8 +54,8 @@ def single(tmp_path_factory):
     store.close()
 
 
-def new_session(url: str) -> str:
-    r = httpx.post(url + "/v1/sessions", json={"system": SYSTEM}, timeout=60)
+def new_session(url: str, system: str = SYSTEM) -> str:
+    r = httpx.post(url + "/v1/sessions", json={"system": system}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
@@ -111,9 +112,17 @@ def test_sessions_stick_and_sessionless_prompts_follow_their_prefix(cluster):
                                                                          "And Czechia?")}
     assert len(replicas) == 1
     c = cluster.client()
-    owner = served_by(chat(c, "Which city is the capital of Portugal?"))
+    system = f"Ticket {uuid.uuid4().hex}. {SYSTEM}"  # a prefix no replica holds yet
+
+    def ask(q):
+        return c.chat.completions.with_raw_response.create(
+            model="default", messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+            max_tokens=8, temperature=0)
+
+    owner = served_by(ask("Which city is the capital of Portugal?"))
+    time.sleep(0.5)  # its KV events reach the ingress's index
     for q in ("Which city is the capital of Germany?", "Which city is the capital of France?"):
-        assert served_by(chat(c, q)) == owner  # the shared system prompt's blocks live there
+        assert served_by(ask(q)) == owner  # the shared system prompt's blocks live there
     after = decisions(cluster.metrics())
     gained = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert gained.get("engine/affinity", 0) >= 2 and gained.get("engine/prefix", 0) >= 2, gained
@@ -125,8 +134,9 @@ def _kill_replica_of(pid_by_replica: dict[str, int], replica: str) -> None:
 
 def test_sigkill_between_turns_continues_from_the_shared_tier(cluster, single):
     pids = wait_replicas(2)
-    sid = new_session(cluster.url)
-    turns = ["Which city is the capital of Greece?", "And which one is the capital of Spain?"]
+    system = f"Ticket {uuid.uuid4().hex}. {SYSTEM} Keep answers short; never invent cities."  # in no pool yet
+    sid = new_session(cluster.url, system)
+    turns = ["Which city is the capital of Greece?", "And Spain?"]
     t1 = session_turn(cluster.url, sid, turns[0], max_tokens=24)
     assert t1.status_code == 200, t1.text
     _kill_replica_of(pids, served_by(t1))
@@ -137,7 +147,7 @@ def test_sigkill_between_turns_continues_from_the_shared_tier(cluster, single):
     usage = t2.json()["usage"]
     from_shared = usage["prompt_tokens_details"]["cached_tokens_by_tier"].get("remote", 0)
     assert from_shared >= 0.8 * usage["prompt_tokens"], usage
-    ref_sid = new_session(single.url)
+    ref_sid = new_session(single.url, system)
     want = [session_turn(single.url, ref_sid, q, max_tokens=24).json()["message"]["content"] for q in turns]
     assert [t1.json()["message"]["content"], t2.json()["message"]["content"]] == want
     wait_replicas(2)  # Ray restarted the killed replica
