@@ -150,15 +150,20 @@ class Ingress:
         if action == "local":
             return None
         t0 = time.perf_counter()
-        resp = self.prefill_handle.prefill.remote(ids, transport, H.RouteHints())
-        if transport == "object-store":
-            ref = await resp._to_object_ref()  # the blocks go replica to replica, not through here
-            await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
-            metrics.HANDOVER.labels("object-store").observe(time.perf_counter() - t0)
-            return ref
-        await resp
-        metrics.HANDOVER.labels("shared-tier").observe(time.perf_counter() - t0)
-        return None
+        try:
+            resp = self.prefill_handle.prefill.remote(ids, transport, H.RouteHints())
+            if transport == "object-store":
+                ref = await resp._to_object_ref()  # the blocks go replica to replica, not through here
+                await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
+            else:
+                await resp
+                ref = None
+        except Exception as e:  # noqa: BLE001 - a prefill replica lost or failing: the decode replica computes it
+            log.warning("remote prefill failed (%s: %s); prefilling on the decode replica", type(e).__name__, e)
+            metrics.PD_DECISIONS.labels("local_after_failed_prefill").inc()
+            return None
+        metrics.HANDOVER.labels(transport).observe(time.perf_counter() - t0)
+        return ref
 
     async def _respond(self, req: H.ForwardRequest, keys: list[str], kv: Any) -> Response:
         for attempt in range(MAX_ATTEMPTS):

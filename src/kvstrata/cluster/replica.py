@@ -153,9 +153,10 @@ class EngineReplica:
                 except (asyncio.TimeoutError, Exception):  # noqa: BLE001
                     task.cancel()
 
-    async def prefill(self, ids: list[int], transport: str) -> dict[str, Any]:
+    async def prefill(self, ids: list[int], transport: str, route: Any = None) -> dict[str, Any]:
         """Compute the KV of `ids` here (one greedy token, discarded) for a decode replica: wait until
-        write-behind has written its blocks to the shared tier, or return them encoded."""
+        write-behind has written its blocks to the shared tier, or return them encoded. (`route`: the
+        RouteHints the router reads.)"""
         from kvstrata.cluster.pd import export_blocks
         from kvstrata.core import SamplingParams
 
