@@ -27,6 +27,8 @@ BENCHES = [
     ("resumed agent turns", ["-m", "benchmarks.session_resume"], "session_resume.md"),
     ("serving (HTTP)", ["-m", "benchmarks.serving"], "serving.md"),
     ("agentic replay", ["-m", "benchmarks.agentic_replay"], "agentic_replay.md"),
+    ("cluster: Claude Code replay (Ray Serve)", ["-m", "benchmarks.cluster_replay"], "cluster_replay.md"),
+    ("cluster: prefill/decode disaggregation", ["-m", "benchmarks.cluster_pd"], "cluster_pd.md"),
     ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
 
