@@ -15,9 +15,9 @@ from tests.server.harness import ServerProcess
 pytestmark = pytest.mark.slow
 
 
-def _children(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def log(srv: ServerProcess) -> str:
+    srv.log.flush()
+    return srv.log_path.read_text(errors="replace")
 
 
 def test_serve_replicas_runs_and_stops_cleanly(tiny_llama, tmp_path):
@@ -27,9 +27,13 @@ def test_serve_replicas_runs_and_stops_cleanly(tiny_llama, tmp_path):
                         tmp_path / "serve.log", env={"OMP_NUM_THREADS": "1"})
     try:
         srv.wait_ready(timeout=240)
-        assert "cluster of 2 replicas" in srv.output()
-        redis = [int(line.split("pid ")[1].rstrip(")")) for line in srv.output().splitlines()
+        deadline = time.time() + 60  # /health answers as soon as the ingress does; the banner follows
+        while "cluster of 2 replicas" not in log(srv) and time.time() < deadline:
+            time.sleep(0.2)
+        assert "cluster of 2 replicas" in log(srv)
+        redis = [int(line.split("pid ")[1].rstrip(")")) for line in log(srv).splitlines()
                  if "local redis-server on" in line]
+        assert redis
         c = httpx.Client(base_url=srv.url, timeout=120)
         r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                  "max_tokens": 4})
@@ -38,7 +42,7 @@ def test_serve_replicas_runs_and_stops_cleanly(tiny_llama, tmp_path):
         assert "kvstrata_cluster_route_decisions_total" in c.get("/metrics").text
         srv.kill(signal.SIGTERM)
         assert srv.proc.wait(120) == 0, srv.output()
-        assert "stopping the cluster" in srv.output()
+        assert "stopping the cluster" in log(srv)
         time.sleep(1)
         for pid in redis:
             assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0  # gone
