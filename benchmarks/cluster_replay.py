@@ -13,7 +13,7 @@ Reported per configuration: the prompt-token cache hit rate (tokens loaded inste
 turns), split into the replica's own memory (device + host) and the shared Redis tier; TTFT p50 / p99
 of resumed turns (every turn after a session's first); generated tokens per second over the run.
 
-    python -m benchmarks.cluster_replay [--sessions 12 --turns 5 --data-dir DIR --quick]
+    python -m benchmarks.cluster_replay [--sessions 10 --turns 4 --data-dir DIR --quick]
 """
 
 from __future__ import annotations
@@ -146,10 +146,13 @@ def run_config(name: str, opts, cfg, sessions: list[dict], port: int, redis_url:
 
     from kvstrata.cluster.launch import APP_NAME, build_app
 
+    import redis
+
     try:
         serve.delete(APP_NAME)
     except Exception:  # noqa: BLE001 - nothing deployed yet
         pass
+    redis.Redis.from_url(redis_url).flushdb()  # every configuration starts cold, the shared tier included
     t0 = time.perf_counter()
     serve.run(build_app(opts, cfg, store=store, redis_url=redis_url, model_names=["default"],
                         events_prefix=f"kvstrata:bench:{name}:"), name=APP_NAME, route_prefix="/")
@@ -163,10 +166,13 @@ def run_config(name: str, opts, cfg, sessions: list[dict], port: int, redis_url:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sessions", type=int, default=12)
-    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--data-dir")
-    ap.add_argument("--kv-device-bytes", default="96M", help="per replica (float16 KV: ~4,300 tokens of the default model)")
+    ap.add_argument("--max-prompt", type=int, default=3000, help="a session ends before a longer prompt")
+    ap.add_argument("--kv-device-bytes", default="512M",
+                    help="per replica (float16 KV of the default model: ~22,000 tokens, the working set of 10 "
+                         "sessions: one replica holds them all)")
     ap.add_argument("--quick", action="store_true", help="6 sessions of 3 turns")
     args = ap.parse_args()
     import ray
@@ -180,7 +186,7 @@ def main() -> None:
     if data_dir is None:
         raise SystemExit(f"Claude Code traces not found in {[str(p) for p in data_dirs(args.data_dir)]}")
     n, turns = (6, 3) if args.quick else (args.sessions, args.turns)
-    sessions = load_sessions(data_dir, n, turns)
+    sessions = load_sessions(data_dir, n, turns, args.max_prompt)
     cfg = EngineConfig(model="default", quantization="auto", kv_dtype="float16", num_threads=1,
                        kv_device_bytes=args.kv_device_bytes, kv_host_bytes="64M")
     configs = [("1 replica", ClusterOptions(replicas=1, replica_cpus=0)),

@@ -42,7 +42,8 @@ RETRY_PAUSE_S = 0.3
 GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 _LOST = (RayActorError, ActorUnavailableError)
 
-api = FastAPI(title="kvstrata cluster", description="OpenAI-compatible API over kvstrata replicas (docs/cluster.md)")
+# the replicas' own /docs and /openapi.json describe the API: the ingress forwards them
+api = FastAPI(title="kvstrata cluster", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class IngressSpec:
     events_prefix: str
     pd_transport: str = "shared-tier"  # prefill/decode handover: shared-tier | object-store
     pd_latency_s: float = 0.1  # fixed cost of a handover round trip (cost model; benchmarks/cluster_pd.py measures it)
+    api_keys: tuple[str, ...] = ()  # the ingress's own /metrics needs one of them, as a replica's does
     env: dict | None = None
 
 
@@ -95,14 +97,16 @@ class Ingress:
         except KvstrataError:
             return None
 
-    async def _hints(self, path: str, body: dict | None, keys: list[str]) -> tuple[H.RouteHints, list[int]]:
+    async def _hints(self, path: str, body: dict | None, keys: list[str], method: str
+                     ) -> tuple[H.RouteHints, list[int]]:
         replica, key = self.table.get(keys)
         if replica is None and any(k.startswith("response:") for k in keys):  # e.g. after an ingress restart
             rid = next(k for k in keys if k.startswith("response:")).split(":", 1)[1]
             sid = await asyncio.to_thread(self._response_session, rid)
             if sid:
                 keys.insert(0, "session:" + sid)
-        ids = await asyncio.to_thread(H.prompt_ids, path, body, self.tokenizer, self._session_ids, keys)
+        ids = [] if method != "POST" else await asyncio.to_thread(H.prompt_ids, path, body, self.tokenizer,
+                                                                    self._session_ids, keys)
         prefix = H.prefix_hint(self.follower.index, ids, self.info["block_size"], self.info["fingerprint"])
         if replica is None and prefix and any(k.startswith("session:") for k in keys):
             replica = max(prefix, key=prefix.__getitem__)  # the replica holding the session's KV
@@ -113,6 +117,12 @@ class Ingress:
     @api.get("/metrics")
     async def cluster_metrics(self, request: Request) -> Response:
         """The cluster's own metrics (route decisions, retries, prefill placement, replica load)."""
+        if self.spec.api_keys:
+            auth = request.headers.get("authorization", "")
+            key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+            if key not in self.spec.api_keys:
+                return _error(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
+                              "invalid_api_key")
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -123,7 +133,7 @@ class Ingress:
         bjson = H.json_body(hd, body) if request.method in ("POST", "PUT", "PATCH") else None
         url_path = request.url.path
         keys = H.affinity_keys(url_path, hd, bjson)
-        route, ids = await self._hints(url_path, bjson, keys)
+        route, ids = await self._hints(url_path, bjson, keys, request.method)
         req = H.ForwardRequest(request.method, url_path, request.url.query, headers, body, route)
         kv = None
         if self.prefill_handle is not None and request.method == "POST" and ids and (

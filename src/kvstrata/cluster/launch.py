@@ -104,7 +104,7 @@ def build_app(opts: ClusterOptions, cfg: EngineConfig, *, store: str, redis_url:
                        park_on_shutdown=park_on_shutdown, resume_jobs=resume_jobs, env=env)
     ingress = _deployment(Ingress, "ingress", opts, 1, False, engine=False)
     ispec = IngressSpec(model=cfg.model, store=store, redis_url=redis_url, events_prefix=events_prefix,
-                        pd_transport=opts.pd_transport, env=env)
+                        pd_transport=opts.pd_transport, api_keys=tuple(api_keys), env=env)
     if not opts.disaggregated:
         return ingress.bind(_deployment(EngineReplica, "engine", opts, opts.replicas, True).bind(spec), ispec)
     decode = _deployment(EngineReplica, "decode", opts, opts.decode_replicas, False)

@@ -25,8 +25,9 @@ HANDOVER = Histogram("kvstrata_cluster_prefill_handover_seconds",
                      "remote prefill plus KV handover, until the decode replica can start",
                      ["transport"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                      registry=REGISTRY)
-REPLICA = Gauge("kvstrata_cluster_replica", "per replica, from its routing stats: ongoing, waiting, running, "
-                "kv_usage, kv_blocks_indexed", ["deployment", "replica", "stat"], registry=REGISTRY)
+REPLICA = Gauge("kvstrata_cluster_replica", "per replica, as the router last saw it: ongoing (requests sent, not "
+                "finished), waiting and running (the engine's queue), kv_usage (device pool)",
+                ["deployment", "replica", "stat"], registry=REGISTRY)
 
 
 def route_decision(deployment: str, reason: str) -> None:
@@ -35,13 +36,3 @@ def route_decision(deployment: str, reason: str) -> None:
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
-
-
-def decisions() -> dict[str, float]:
-    """{"deployment/reason": count} (tests and benchmarks read them without parsing the text)."""
-    out = {}
-    for metric in ROUTE_DECISIONS.collect():
-        for s in metric.samples:
-            if s.name.endswith("_total"):
-                out[f"{s.labels['deployment']}/{s.labels['reason']}"] = s.value
-    return out

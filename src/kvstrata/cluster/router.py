@@ -96,6 +96,11 @@ class KVAwareRouter(RequestRouter):
         stats = r.routing_stats or {}
         queued = self._replica_queue_len_cache.get(r.replica_id)
         ongoing = queued if queued is not None else int(stats.get("ongoing", 0))
+        rid, name = r.replica_id.unique_id, self._deployment_id.name
+        metrics.REPLICA.labels(name, rid, "ongoing").set(ongoing)
+        for stat in ("waiting", "running", "kv_usage"):
+            if stat in stats:
+                metrics.REPLICA.labels(name, rid, stat).set(stats[stat])
         return Load(int(ongoing), float(stats.get("kv_usage", 0.0)))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
