@@ -211,3 +211,15 @@ def test_replicas_of_different_models_never_use_each_others_blocks(tiny_llama, r
     assert out.metrics.cached_prompt_tokens == 0
     a.close()
     b.close()
+
+
+def test_cluster_options_reject_bad_layouts():
+    from kvstrata.cluster.launch import ClusterOptions
+    from kvstrata.core import KvstrataError
+
+    for bad in (dict(replicas=0), dict(prefill_replicas=1), dict(prefill_replicas=-1, decode_replicas=1),
+                dict(router="round-robin"), dict(pd_transport="nfs"), dict(min_replicas=2),
+                dict(min_replicas=3, max_replicas=2)):
+        with pytest.raises(KvstrataError):
+            ClusterOptions(**bad)
+    assert ClusterOptions(prefill_replicas=1, decode_replicas=2).disaggregated

@@ -44,7 +44,7 @@ class ClusterOptions:
     stats_period_s: float = 0.5  # how often Ray reads each replica's routing stats
 
     def __post_init__(self) -> None:
-        if (self.prefill_replicas > 0) != (self.decode_replicas > 0):
+        if self.prefill_replicas < 0 or self.decode_replicas < 0 or (self.prefill_replicas > 0) != (self.decode_replicas > 0):
             raise KvstrataError("give both --prefill-replicas and --decode-replicas (each >= 1), or neither")
         if self.replicas < 1 and not self.decode_replicas:
             raise KvstrataError("--replicas must be >= 1")
@@ -115,7 +115,7 @@ def build_app(opts: ClusterOptions, cfg: EngineConfig, *, store: str, redis_url:
 
 def options_from_args(args) -> ClusterOptions:
     return ClusterOptions(
-        replicas=args.replicas or 1, prefill_replicas=args.prefill_replicas or 0,
+        replicas=1 if args.replicas is None else args.replicas, prefill_replicas=args.prefill_replicas or 0,
         decode_replicas=args.decode_replicas or 0, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests, replica_cpus=args.replica_cpus,
         router=args.cluster_router, imbalance=args.route_imbalance, pd_transport=args.pd_transport)
