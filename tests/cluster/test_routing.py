@@ -223,3 +223,18 @@ def test_cluster_options_reject_bad_layouts():
         with pytest.raises(KvstrataError):
             ClusterOptions(**bad)
     assert ClusterOptions(prefill_replicas=1, decode_replicas=2).disaggregated
+
+
+def test_autoscaling_and_router_options_reach_ray_serve():
+    from kvstrata.cluster.launch import ClusterOptions, _deployment
+    from kvstrata.cluster.replica import EngineReplica
+
+    opts = ClusterOptions(min_replicas=1, max_replicas=4, target_ongoing_requests=6, imbalance=7, replica_cpus=0.5)
+    d = _deployment(EngineReplica, "engine", opts, 2, True)
+    auto = d._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 6)
+    router = d._deployment_config.request_router_config
+    assert router.request_router_class.endswith("KVAwareRouter") and router.request_router_kwargs == {"imbalance": 7}
+    assert d.ray_actor_options["num_cpus"] == 0.5
+    fixed = _deployment(EngineReplica, "engine", ClusterOptions(replicas=3, router="ray-default"), 3, True)
+    assert fixed.num_replicas == 3 and "PowerOfTwo" in fixed._deployment_config.request_router_config.request_router_class
