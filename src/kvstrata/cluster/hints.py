@@ -38,7 +38,7 @@ class ForwardRequest:
     headers: list[tuple[str, str]]
     body: bytes
     route: RouteHints = field(default_factory=RouteHints)
-    kv_blocks: Any = None  # prefill/decode handover through the object store: encoded blocks (cluster/pd.py)
+    prefill_ids: list[int] | None = None  # a prompt a prefill replica put in the shared tier (cluster/pd.py)
 
 
 _SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)(?:/([a-z]+))?/?$")

@@ -139,11 +139,14 @@ class Ingress:
         if self.prefill_handle is not None and request.method == "POST" and ids and (
                 url_path in GENERATING or url_path.endswith("/generate")):
             kv = await self._maybe_prefill(ids, route, hd.get("x-kvstrata-prefill"))
+            if kv is True:  # in the shared tier: the decode replica reads it before running the request
+                req.prefill_ids, kv = ids, None
         return await self._respond(req, keys, kv)
 
     async def _maybe_prefill(self, ids: list[int], route: H.RouteHints, force: str | None) -> Any:
         """P/D: prefill on a prefill replica when the cost model says the handover beats computing the
-        uncached part on the decode replica; returns the object-store handover (or None). `force` (the
+        uncached part on the decode replica; returns the object-store handover, True when the blocks
+        are in the shared tier, or None (prefill locally). `force` (the
         X-Kvstrata-Prefill header: local, shared-tier or object-store) overrides the choice, for tests
         and benchmarks that measure each path."""
         cached = max(route.prefix.values(), default=0)
@@ -167,7 +170,7 @@ class Ingress:
                 await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
             else:
                 await resp
-                ref = None
+                ref = True
         except Exception as e:  # noqa: BLE001 - a prefill replica lost or failing: the decode replica computes it
             log.warning("remote prefill failed (%s: %s); prefilling on the decode replica", type(e).__name__, e)
             metrics.PD_DECISIONS.labels("local_after_failed_prefill").inc()

@@ -7,7 +7,10 @@
              object-store: returns the prompt's full blocks encoded (the tier codec, raw); Ray moves
                            them through its object store straight to the decode replica, which verifies
                            and imports them into its pool before running the request (`import_blocks`)
-    decode:  the decode replica runs the request as any other; its prefix match finds the blocks
+    decode:  the decode replica reads (shared tier) or decodes (object store) and verifies the blocks off
+             its engine thread, copies them into its pool a few blocks per engine call, between decode
+             steps (so the streams decoding there are not stalled by one large copy), then runs the
+             request as any other; its prefix match finds the blocks
 
 `choose` asks the cost model (sched/placement.py `prefill_choice`): prefilling N uncached tokens
 locally costs their prefill FLOPs at this machine's compute rate, on the decode replica's step loop
@@ -44,28 +47,59 @@ def export_blocks(e, ids: Sequence[int]) -> list[tuple[bytes, list[int], bytes]]
     return out
 
 
-def import_blocks(e, blocks: Sequence[tuple[bytes, list[int], bytes]], listeners: Sequence[Any] = ()) -> int:
-    """(Engine thread, decode replica.) Verify each handed-over block (fingerprint, key, token ids, CRCs)
-    and load it into the pool as a cached block; stops at the first bad or unplaceable one (the rest is
-    computed). Returns the tokens imported."""
+Handed = tuple[bytes | None, bytes, list[int], Any]  # (parent key, key, token ids, verified payload)
+
+
+def decode_blocks(fingerprint: str, blocks: Sequence[tuple[bytes, list[int], bytes]]) -> list[Handed]:
+    """(Any thread, decode replica.) Verify handed-over blocks (fingerprint, key, token ids, CRCs) and
+    decode them, in chain order, stopping at the first bad one (the rest of the prompt is computed)."""
     from kvstrata.tiers import codec
 
-    n, parent = 0, None
+    out, parent = [], None
     for key, toks, blob in blocks:
-        if key not in e.pool.key_to_block:
-            if e.pool.num_available == 0:
-                break
-            try:
-                payload = codec.decode(blob, e.fingerprint, key, toks)
-            except codec.CorruptBlockError as err:
-                log.warning("handed-over block rejected (%s); the rest of the prompt is computed", err.reason)
-                break
-            b = e.pool.allocate()
-            e.pool.load_payload(b, payload)
-            e.pool.register(b, key, toks)
-            e.pool.release(b)  # cached, unreferenced: the request's prefix match takes it
-            n += len(toks)
-            for listener in listeners:
-                listener.stored([key], parent, toks)
+        try:
+            out.append((parent, key, list(toks), codec.decode(blob, fingerprint, key, toks)))
+        except codec.CorruptBlockError as err:
+            log.warning("handed-over block rejected (%s); the rest of the prompt is computed", err.reason)
+            break
         parent = key
+    return out
+
+
+def fetch_blocks(stack, fingerprint: str, ids: Sequence[int], block_size: int, held) -> list[Handed]:
+    """(Any thread, decode replica.) The prompt's full blocks from the tier stack (each load verified),
+    in chain order, stopping at the first miss; blocks `held` (a container of keys: the pool) get a
+    None payload instead of being read."""
+    out, parent = [], None
+    for i, key in enumerate(chain_keys(ids, block_size, fingerprint)):
+        toks = list(ids[i * block_size : (i + 1) * block_size])
+        payload = None if key in held else stack.load(key, toks)
+        if payload is None and key not in held:
+            break
+        out.append((parent, key, toks, payload))
+        parent = key
+    return out
+
+
+def place_blocks(e, blocks: Sequence[Handed], listeners: Sequence[Any] = ()) -> int:
+    """(Engine thread, decode replica.) Copy verified blocks into the pool as cached blocks (the request's
+    prefix match takes them); blocks the pool already holds are skipped. Returns the tokens placed."""
+    n = 0
+    for parent, key, toks, payload in blocks:
+        if payload is None or key in e.pool.key_to_block:
+            continue
+        if e.pool.num_available == 0:
+            break
+        b = e.pool.allocate()
+        e.pool.load_payload(b, payload)
+        e.pool.register(b, key, toks)
+        e.pool.release(b)  # cached, unreferenced
+        n += len(toks)
+        for listener in listeners:
+            listener.stored([key], parent, toks)
     return n
+
+
+def import_blocks(e, blocks: Sequence[tuple[bytes, list[int], bytes]], listeners: Sequence[Any] = ()) -> int:
+    """decode_blocks then place_blocks, all on the calling (engine) thread; tokens placed."""
+    return place_blocks(e, decode_blocks(e.fingerprint, blocks), listeners)

@@ -28,6 +28,8 @@ from kvstrata.cluster.hints import ForwardRequest
 
 log = logging.getLogger(__name__)
 
+HANDOVER_CHUNK = 8  # handed-over blocks copied into the pool per engine call (one call runs between two steps)
+
 
 @dataclass(frozen=True)
 class ReplicaSpec:
@@ -99,13 +101,11 @@ class EngineReplica:
 
     # -- requests -------------------------------------------------------------------------------------
     async def forward(self, req: ForwardRequest, kv: Any = None) -> AsyncIterator[Any]:
-        """Run one HTTP request through the app; yields the response start, then body chunks."""
-        from kvstrata.cluster.pd import import_blocks
-
-        if kv:  # prefill/decode handover through the object store
-            blocks = kv.get("blocks", [])
-            n = await self.aengine.call_async(lambda e: import_blocks(e, blocks, [self.events]))
-            log.debug("imported %d handed-over tokens", n)
+        """Run one HTTP request through the app; yields the response start, then body chunks. `kv`: a
+        prefill replica's blocks (object-store handover); `req.prefill_ids`: a prompt a prefill replica
+        put in the shared tier."""
+        if kv or req.prefill_ids:
+            await self._receive_handover(req.prefill_ids, kv)
         out: asyncio.Queue = asyncio.Queue()
         gone = asyncio.Event()
         sent_body = False
@@ -152,6 +152,25 @@ class EngineReplica:
                     await asyncio.wait_for(asyncio.shield(task), 5)
                 except (asyncio.TimeoutError, Exception):  # noqa: BLE001
                     task.cancel()
+
+    async def _receive_handover(self, ids: list[int] | None, kv: Any) -> int:
+        """Prefilled blocks into this replica's pool: read or decoded and verified off the engine thread,
+        copied in HANDOVER_CHUNK blocks per engine call, between steps."""
+        from kvstrata.cluster.pd import decode_blocks, fetch_blocks, place_blocks
+
+        e = self.aengine.engine
+        if kv:
+            blocks = await asyncio.to_thread(decode_blocks, self.fingerprint, kv.get("blocks", []))
+        elif e.offload is not None:
+            blocks = await asyncio.to_thread(fetch_blocks, e.offload.stack, self.fingerprint, ids, self.block_size,
+                                             e.pool.key_to_block)
+        else:
+            return 0
+        n = 0
+        for i in range(0, len(blocks), HANDOVER_CHUNK):
+            part = blocks[i : i + HANDOVER_CHUNK]
+            n += await self.aengine.call_async(lambda eng, part=part: place_blocks(eng, part, [self.events]))
+        return n
 
     async def prefill(self, ids: list[int], transport: str, route: Any = None) -> dict[str, Any]:
         """Compute the KV of `ids` here (one greedy token, discarded) for a decode replica: wait until
