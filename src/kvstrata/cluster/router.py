@@ -117,6 +117,10 @@ class KVAwareRouter(RequestRouter):
         order, reason = decide(hints, {rid: self._load(r) for rid, r in by_id.items()}, self.policy)
         if pending_request is not None:
             self._reasons[pending_request.metadata.internal_request_id] = reason
+            # every live replica is in the ranking: if none takes the request, Ray must back off before
+            # asking again (without this flag it retries at once, and a spinning router thread starves
+            # the thread that delivers the replicas' queue-length replies: a livelock, seen under load)
+            pending_request.routing_context.should_backoff = True
         return [[by_id[order[0]]], [by_id[r] for r in order[1:]]] if order else []
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
