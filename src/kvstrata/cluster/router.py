@@ -22,6 +22,7 @@ max_ongoing_requests) passes the request on. Every decision is counted with its 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from kvstrata.cluster.hints import ForwardRequest, RouteHints
 
 log = logging.getLogger(__name__)
 
+IDLE_ROUTING_TASK_PAUSE_S = 0.005
 REASONS = ("affinity", "prefix", "load", "affinity_overloaded", "affinity_lost", "prefix_overloaded")
 
 
@@ -105,6 +107,10 @@ class KVAwareRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        # Yield to the router's event loop first: Ray calls this in a loop, and a routing task left with no
+        # request of its own (another task took it) calls it until that request is placed; a call that
+        # never awaits would hold the loop and the placing task would never run (a livelock, seen here).
+        await asyncio.sleep(0 if pending_request is not None else IDLE_ROUTING_TASK_PAUSE_S)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         hints = None
         if pending_request is not None:
