@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from kvstrata.cluster import metrics
 from kvstrata.cluster.hints import ForwardRequest, RouteHints
@@ -85,9 +85,18 @@ def decide(hints: RouteHints | None, loads: dict[str, Load], policy: Policy = Po
     return by_load, note or "load"
 
 
-class KVAwareRouter(RequestRouter):
+class KVAwareRouter(FIFOMixin, RequestRouter):
     """Ray Serve's extension point for replica choice; see the module docstring. request_router_kwargs:
-    `imbalance`, `kv_usage_max` (Policy)."""
+    `imbalance`, `kv_usage_max` (Policy).
+
+    Ray runs several routing tasks; each takes a pending request, calls choose_replicas for it and
+    hands the replica it got to "the next pending request". The replica goes to the request it was
+    chosen for while that one still waits; otherwise (another task placed it, or this task had none)
+    to the oldest waiting request, as with Ray's FIFOMixin, so that no request is ever left without a
+    task to place it (without the fallback one was, under load: a hang)."""
+
+    def _get_pending_request_matching_metadata(self, request_metadata=None):
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
 
     def initialize_state(self, imbalance: int = Policy.imbalance, kv_usage_max: float = Policy.kv_usage_max,
                          **_: Any) -> None:
