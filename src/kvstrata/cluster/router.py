@@ -95,13 +95,17 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
     to the oldest waiting request, as with Ray's FIFOMixin, so that no request is ever left without a
     task to place it (without the fallback one was, under load: a hang)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy = Policy()
+        self._reasons: dict[str, str] = {}  # internal request id -> why its replica was chosen
+
     def _get_pending_request_matching_metadata(self, request_metadata=None):
         return self._get_pending_request_matching_internal_request_id(request_metadata)
 
     def initialize_state(self, imbalance: int = Policy.imbalance, kv_usage_max: float = Policy.kv_usage_max,
                          **_: Any) -> None:
         self.policy = Policy(int(imbalance), float(kv_usage_max))
-        self._reasons: dict[str, str] = {}
 
     def _load(self, r: RunningReplica) -> Load:
         stats = r.routing_stats or {}
@@ -127,8 +131,6 @@ class KVAwareRouter(FIFOMixin, RequestRouter):
                 if isinstance(a, (ForwardRequest, RouteHints)):
                     hints = a.route if isinstance(a, ForwardRequest) else a
                     break
-        if not hasattr(self, "policy"):  # a handle built without request_router_kwargs
-            self.initialize_state()
         order, reason = decide(hints, {rid: self._load(r) for rid, r in by_id.items()}, self.policy)
         if pending_request is not None:
             self._reasons[pending_request.metadata.internal_request_id] = reason
