@@ -1,6 +1,7 @@
-"""A local Ray instance for the cluster tests: one per test session (Ray takes ~20 s to start here),
+"""A local Ray instance for the cluster tests: one per test module that needs it (Ray takes ~20 s to
+start here; shut down at the module's end, so nothing of it stays while the rest of the suite runs),
 small (4 logical CPUs, a 128 MiB object store, no dashboard), replicas with one torch thread and a
-small KV pool each; a local redis-server; every app deleted and Ray shut down at the end.
+small KV pool each; a local redis-server.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def wait_replicas(n: int, app: str = "kvstrata", timeout: float = 180) -> dict[s
     raise AssertionError(f"expected {n} live replicas, have {replica_pids(app)}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """Ray + Serve on a free port and a local redis-server; yields a deploy(opts, cfg) function."""
     import ray

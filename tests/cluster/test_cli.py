@@ -39,7 +39,7 @@ def test_serve_replicas_runs_and_stops_cleanly(tiny_llama, tmp_path):
                                                  "max_tokens": 4})
         assert r.status_code == 200 and r.headers["x-kvstrata-replica"]
         assert c.post("/v1/chat/completions", json={"model": "nope", "messages": []}).status_code in (400, 404)
-        assert "kvstrata_cluster_route_decisions_total" in c.get("/metrics").text
+        assert "kvstrata_cluster_route_decisions_total{" in c.get("/metrics").text  # a decision counted
         srv.kill(signal.SIGTERM)
         assert srv.proc.wait(120) == 0, srv.output()
         assert "stopping the cluster" in log(srv)
