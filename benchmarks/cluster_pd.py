@@ -19,7 +19,9 @@ import json
 import random
 import socket
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -122,7 +124,7 @@ def main() -> None:
             for name, opts in (("disaggregated (1 prefill + 1 decode)",
                                 ClusterOptions(prefill_replicas=1, decode_replicas=1, replica_cpus=0)),
                                ("co-located (2 replicas)", ClusterOptions(replicas=2, replica_cpus=0))):
-                serve.run(build_app(opts, cfg, store=f"/tmp/kvstrata-pd-{port}-{len(res)}.db", redis_url=redis.url,
+                serve.run(build_app(opts, cfg, store=str(Path(tempfile.gettempdir()) / f"kvstrata-pd-{port}-{len(res)}.db"), redis_url=redis.url,
                                     model_names=["default"], events_prefix=f"kvstrata:pd{len(res)}:"),
                           name=APP_NAME, route_prefix="/")
                 r = {}

@@ -26,6 +26,7 @@ import os
 import random
 import socket
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for k, (name, opts) in enumerate(configs):
                 results[name] = run_config(name, opts, cfg, sessions, port, redis.url,
-                                           str(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvstrata-bench-{os.getpid()}-{k}.db"))
+                                           str(Path(tempfile.gettempdir()) / f"kvstrata-bench-{os.getpid()}-{k}.db"))
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -226,7 +227,7 @@ def report(results: dict, sessions: list[dict], args, data_dir: Path) -> None:
                "TTFT p50 resumed, s", "TTFT p99 resumed, s", "generated tok/s", "replicas used"], rows),
         "\nHit rate: prompt tokens loaded instead of computed / prompt tokens. Own memory: device pool and host "
         "tier of the replica that served the turn; the shared tier is the Redis tier every replica reads.\n"])
-    write_results("cluster_replay", md, {"results": results, "sessions": len(sessions), "data_dir": str(data_dir)})
+    write_results("cluster_replay", md, {"results": results, "sessions": len(sessions), "traces": data_dir.name})
     plot(results)
     print(md)
 
