@@ -172,7 +172,6 @@ def test_handover_blocks_are_verified_on_import(engine, tiny_llama):
 
 
 def test_prefill_choice_keeps_short_and_cached_prompts_local():
-    from kvstrata.loader import load_config_and_tokenizer  # noqa: F401 - the ingress's weightless load
     from kvstrata.planner.modelspec import ModelSpec
     from kvstrata.sched.placement import Calibration, PlacementModel
 
@@ -238,3 +237,12 @@ def test_autoscaling_and_router_options_reach_ray_serve():
     assert d.ray_actor_options["num_cpus"] == 0.5
     fixed = _deployment(EngineReplica, "engine", ClusterOptions(replicas=3, router="ray-default"), 3, True)
     assert fixed.num_replicas == 3 and "PowerOfTwo" in fixed._deployment_config.request_router_config.request_router_class
+
+
+def test_ingress_tokenizes_as_the_engine_does_without_loading_weights(engine, tiny_llama):
+    from kvstrata.loader import load_config_and_tokenizer
+
+    cfg, tok = load_config_and_tokenizer(str(tiny_llama))
+    assert cfg == engine.model_config
+    text = "The quick brown fox, Grüße aus Köln."
+    assert tok.encode(text) == engine.tokenizer.encode(text)
