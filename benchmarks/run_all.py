@@ -35,6 +35,8 @@ BENCHES = [
     ("agentic replay", ["-m", "benchmarks.agentic_replay"], "agentic_replay.md"),
     ("agent replay (Claude Code traces: kvstrata vs llama-server vs recompute)", ["-m", "benchmarks.agent_replay"],
      "agent_replay.md"),
+    ("cluster: Claude Code replay (Ray Serve)", ["-m", "benchmarks.cluster_replay"], "cluster_replay.md"),
+    ("cluster: prefill/decode disaggregation", ["-m", "benchmarks.cluster_pd"], "cluster_pd.md"),
     ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
 QUICK = {"benchmarks.engine_bench", "benchmarks.agent_replay", "benchmarks.peers.run_peers"}  # take --quick

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from kvstrata.config import add_engine_args, engine_config_from_args
+from kvstrata.config import add_engine_args, engine_config_from_args, parse_bytes
 from kvstrata.core import KvstrataError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume-jobs", action="store_true",
                    help="do not resume, at start, the unfinished jobs clients submitted to /v1/jobs (set it when "
                         "several servers share one session store: each would resume them)")
+    add_cluster_arguments(p)
     add_engine_args(p)
+
+
+# -- a cluster on Ray Serve (kvstrata.cluster, docs/cluster.md); Ray is imported only when these are given
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster (Ray Serve; docs/cluster.md)")
+    g.add_argument("--replicas", type=int, help="run N engine replicas behind one ingress (a Ray Serve cluster)")
+    g.add_argument("--prefill-replicas", type=int, help="disaggregated: replicas that prefill long prompts ...")
+    g.add_argument("--decode-replicas", type=int, help="... and replicas that decode (give both)")
+    g.add_argument("--min-replicas", type=int, help="Ray Serve autoscaling: fewest engine replicas")
+    g.add_argument("--max-replicas", type=int, help="Ray Serve autoscaling: most engine replicas")
+    g.add_argument("--target-ongoing-requests", type=float, help="Ray Serve autoscaling: requests per replica")
+    g.add_argument("--ray-address", help="join a running Ray cluster (`ray start` on each machine) instead of "
+                   "starting a local Ray instance")
+    g.add_argument("--cluster-router", default="kvstrata", choices=["kvstrata", "ray-default"],
+                   help="replica choice: kvstrata (session affinity, cached prefix, load) or Ray's default "
+                        "power-of-two-choices (default kvstrata)")
+    g.add_argument("--route-imbalance", type=int, default=4,
+                   help="ongoing requests beyond the least loaded replica that override affinity (default 4)")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica (default 1)")
+    g.add_argument("--pd-transport", default="shared-tier", choices=["shared-tier", "object-store"],
+                   help="how prefilled KV reaches the decode replica (default shared-tier)")
+    g.add_argument("--object-store-bytes", type=parse_bytes, default=parse_bytes("512M"),
+                   help="Ray object store of a local Ray instance (default 512M)")
+
+
+def wants_cluster(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) is not None for k in ("replicas", "prefill_replicas", "decode_replicas",
+                                                           "min_replicas", "max_replicas", "ray_address"))
 
 
 def read_api_keys(args: argparse.Namespace) -> list[str]:
@@ -84,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
         raise KvstrataError("--max-waiting must be >= 0")
     keys = read_api_keys(args)
     cfg = engine_config_from_args(args)
+    if wants_cluster(args):  # the one place the CLI reaches into kvstrata.cluster, lazily
+        from kvstrata.cluster.launch import options_from_args, run as run_cluster
+
+        return run_cluster(args, options_from_args(args), cfg, store=args.session_store or default_store_path(),
+                           model_names=model_names(args, cfg), api_keys=keys)
     store = open_store(args.session_store or default_store_path())
     try:  # built on the thread that will step it (engine/async_engine.py says why)
         aengine = AsyncEngine(lambda: LLMEngine(cfg), max_waiting=args.max_waiting)

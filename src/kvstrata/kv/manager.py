@@ -33,6 +33,17 @@ class SeqBlocks(Protocol):
     def token_at(self, i: int) -> int: ...
 
 
+class BlockListener(Protocol):
+    """Told, on the engine thread, when named blocks enter or leave the device pool (e.g. a KV-event
+    publisher for a cluster router). `stored` gets a run of chained keys: each key's parent is the one
+    before it, the first one's is `parent`; token_ids are the run's tokens. Evictions reach listeners
+    through the pool's `evict_hooks`."""
+
+    def stored(self, keys: Sequence[bytes], parent: bytes | None, token_ids: Sequence[int]) -> None: ...
+
+    def removed(self, keys: Sequence[bytes]) -> None: ...
+
+
 class KVManager:
     def __init__(self, pool: BlockPool, fingerprint: str, enable_prefix_caching: bool = True) -> None:
         self.pool = pool
@@ -41,6 +52,7 @@ class KVManager:
         self.enable_prefix_caching = enable_prefix_caching
         # Optional lower tiers (kv/offload.py, set by the engine): blocks the pool no longer holds.
         self.offload = None
+        self.listeners: list[BlockListener] = []  # blocks computed or loaded into the pool
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -77,6 +89,9 @@ class KVManager:
                 if b is None:
                     break
                 self._attach(seq, b, key, name, by_tier)
+            loaded = len(seq.block_table) - i
+            if loaded and self.listeners:
+                self._stored(keys[i : i + loaded], keys[i - 1] if i else None, toks[i * bs : (i + loaded) * bs])
         n = len(seq.block_table) * bs
         seq.num_computed_tokens = n
         if seq.num_preemptions == 0:  # usage reports the first admission; re-admissions count below
@@ -105,8 +120,9 @@ class KVManager:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
+        first = len(seq.block_keys)
         parent = seq.block_keys[-1] if seq.block_keys else None
-        for i in range(len(seq.block_keys), full):
+        for i in range(first, full):
             chunk = [seq.token_at(j) for j in range(i * bs, (i + 1) * bs)]
             key = block_key(parent, chunk, self.fingerprint)
             b = seq.block_table[i]
@@ -114,6 +130,13 @@ class KVManager:
                 self.offload.on_register(b, key, chunk)
             seq.block_keys.append(key)
             parent = key
+        if self.listeners and full > first:
+            self._stored(seq.block_keys[first:full], seq.block_keys[first - 1] if first else None,
+                         [seq.token_at(j) for j in range(first * bs, full * bs)])
+
+    def _stored(self, keys: Sequence[bytes], parent: bytes | None, token_ids: Sequence[int]) -> None:
+        for listener in self.listeners:
+            listener.stored(keys, parent, token_ids)
 
     def free(self, seq: SeqBlocks) -> None:
         """Release seq's blocks, tail first, so the LRU evicts a prefix's tail before its head."""

@@ -60,6 +60,7 @@ class Offload:
         targets = stack.policy.offer_targets(len(stack.tiers))
         self._evict_targets_durable = bool(targets) and all(stack.tiers[i].durable for i in targets)
         pool.evict_hooks.append(self._on_evict)
+        self.listeners: list = []  # kv.manager.BlockListener: told of blocks prefetched into / parked out of the pool
 
     # -- write-down -------------------------------------------------------------------------------
     def _on_evict(self, b: int, key: bytes, token_ids: tuple[int, ...]) -> None:
@@ -149,6 +150,7 @@ class Offload:
         idx = self.tier_names.index(tier)
         t, codec = self.stack.tiers[idx], self.stack.codecs[idx]
         written = already = dropped = failed = 0
+        freed: list[bytes] = []
         for key, toks in self._chain(token_ids):
             b = self.pool.key_to_block.get(key)
             if not t.contains(key):
@@ -170,6 +172,10 @@ class Offload:
             if b is not None and self.pool.ref_count[b] == 0:
                 self.pool.drop_cached(b)
                 dropped += 1
+                freed.append(key)
+        if freed:
+            for listener in self.listeners:
+                listener.removed(freed)
         return {"blocks_written": written, "blocks_already_there": already, "device_blocks_freed": dropped,
                 "failed": failed, "tokens": (written + already) * self.pool.block_size}
 
@@ -181,14 +187,17 @@ class Offload:
     def prefetch(self, token_ids: Sequence[int]) -> int:
         """Loads the prefix's stored blocks back into the device pool (as cached blocks); tokens loaded."""
         loaded = 0
+        parent = None
         for key, toks in self._chain(token_ids):
-            if key in self.pool.key_to_block:
-                continue
-            b = self.load_block(key, toks)
-            if b is None:
-                break
-            self.pool.release(b)  # unreferenced but cached: the next request's prefix match takes it
-            loaded += self.pool.block_size
+            if key not in self.pool.key_to_block:
+                b = self.load_block(key, toks)
+                if b is None:
+                    break
+                self.pool.release(b)  # unreferenced but cached: the next request's prefix match takes it
+                loaded += self.pool.block_size
+                for listener in self.listeners:
+                    listener.stored([key], parent, toks)
+            parent = key
         return loaded
 
     def flush_device(self) -> int:

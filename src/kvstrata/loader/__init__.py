@@ -73,3 +73,23 @@ def load_model(model: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         f"{path}: not a .gguf file or a checkpoint directory; give a .gguf file or a directory with "
         "config.json, *.safetensors and tokenizer.json"
     )
+
+
+def load_config_and_tokenizer(model: str) -> tuple[ModelConfig, Tokenizer]:
+    """A model's config and tokenizer without its weights (what a router needs to tokenize prompts)."""
+    path = resolve_model_path(model)
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from kvstrata.loader.gguf_loader import _open, gguf_config, source_id
+        from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_gguf
+
+        reader = _open(path)
+        cfg = gguf_config(reader, path)
+        return cfg, tokenizer_from_gguf(path, reader, source_id(reader, path), cfg)
+    if p.is_dir():
+        from kvstrata.loader.hf_loader import hf_config
+        from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir
+
+        cfg = hf_config(p)
+        return cfg, tokenizer_from_hf_dir(p, cfg.eos_token_ids)
+    raise KvstrataError(f"{path}: not a .gguf file or a checkpoint directory")

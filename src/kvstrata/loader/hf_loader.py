@@ -38,13 +38,8 @@ def _shards(d: Path) -> list[Path]:
     return found
 
 
-def load_hf(path: str, dtype: torch.dtype):
-    from safetensors import safe_open
-
-    from kvstrata.loader import LoadedModel
-    from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir
-
-    d = Path(path)
+def hf_config(d: Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (config.json, plus generation_config.json's EOS ids)."""
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise KvstrataError(f"{d}: config.json is missing; a Hugging Face checkpoint directory needs one")
@@ -58,6 +53,18 @@ def load_hf(path: str, dtype: torch.dtype):
         eos = json.loads(gen.read_text()).get("eos_token_id")
         extra = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         cfg = _with_eos(cfg, extra)
+    return cfg
+
+
+def load_hf(path: str, dtype: torch.dtype):
+    from safetensors import safe_open
+
+    from kvstrata.loader import LoadedModel
+    from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir
+
+    d = Path(path)
+    cfg = hf_config(d)
+    cfg_path = d / "config.json"
     h = hashlib.sha256(b"hf")
     h.update(cfg_path.read_bytes())
     weights: dict[str, torch.Tensor] = {}

@@ -202,6 +202,24 @@ class PlacementModel:
                  kv_bytes, wait, pressure, {k: round(v, 4) for k, v in costs.items()})
         return d
 
+    def prefill_choice(self, new_tokens: int, context_tokens: int, kv_bytes: int,
+                       transports: dict[str, tuple[float, float]]) -> Decision:
+        """Prefill/decode disaggregation: compute `new_tokens` uncached prompt tokens (after
+        `context_tokens` cached ones) on the decode replica ("local"), or have another replica compute
+        them and hand their `kv_bytes` over a transport, name -> (GB/s, fixed latency s). Local costs the
+        recompute on the decode replica's own step loop; a handover the transfer. Ties stay local."""
+        from kvstrata.planner.cost import recompute_time_s, reload_time_s
+
+        costs = {"local": recompute_time_s(new_tokens, context_tokens, self.spec, self.cal.compute_GFLOPs)
+                 if new_tokens > 0 else 0.0}
+        for name, (gbps, latency_s) in transports.items():
+            if gbps > 0:
+                costs[name] = reload_time_s(kv_bytes, gbps, latency_s)
+        action = min(costs, key=lambda k: (costs[k], k != "local"))
+        d = Decision(action, costs, kv_bytes, new_tokens, 0.0, 0.0, reason="prefill")
+        self.counts["prefill:" + action] = self.counts.get("prefill:" + action, 0) + 1
+        return d
+
     def stats(self) -> dict:
         return {"decisions": dict(self.counts), "expected_wait_s": dict(self.waits.mean), "calibration": self.cal.source,
                 "last": [d.as_dict() for d in list(self.decisions)[-5:]]}
