@@ -97,6 +97,7 @@ def _parked(tiny_llama, tmp_path):
     ids = llm.tokenizer.encode(SHARED)
     cold = llm.generate([ids], PARAMS)[0]
     llm.engine.offload.park(ids, "disk", pin=False)
+    assert llm.engine.offload.stack.flush(30)  # writes behind the turn are done: the files below are final
     return llm, ids, cold
 
 
