@@ -112,6 +112,8 @@ def cached_int8_model(lm) -> LlamaModel | None:
 
 
 def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
+    from kvstrata.loader.tensor_file import drop_pages
+
     if "x86" in torch.backends.quantized.supported_engines:  # as quantize_model_int8 sets it (before packing)
         torch.backends.quantized.engine = "x86"
     model = _skeleton(lm, torch.float32)
@@ -136,7 +138,10 @@ def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
             mod = model.get_submodule(parent)
             if not isinstance(getattr(mod, attr, None), nn.Parameter) or getattr(mod, attr).shape != t.shape:
                 raise ValueError(f"{key} {tuple(t.shape)} has no place in this model")
-            setattr(mod, attr, nn.Parameter(t, requires_grad=False))
+            # copied out of the map (whose pages go back at once): when the int8 copies are released the
+            # map closes, rather than the whole file staying resident for the embeddings' sake
+            setattr(mod, attr, nn.Parameter(t.clone(), requires_grad=False))
+            drop_pages(t)
             assigned.add(key)
     if "lm_head.weight" not in state and model.lm_head is not None:  # its int8 copy replaced it
         model.lm_head = None

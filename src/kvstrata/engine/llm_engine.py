@@ -25,7 +25,7 @@ from kvstrata.core import (
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
 from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
-                                   resolve_device_dtype, resolve_kv_dtype, setup_native_decode)
+                                   resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.paused import PausedSessions
@@ -67,6 +67,8 @@ class LLMEngine:
         self.model_path = lm.path
         self.quantization = lm.quantization
         self.model = build_model(lm, self.dtype, self.device, cfg.quantization)
+        if self.device.type == "cpu":
+            trim_freed_host_memory()
         phases.mark("weights")
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if mc.sliding_window and self.max_model_len > mc.sliding_window:
@@ -97,6 +99,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.runner.native = setup_native_decode(cfg, self.model, self.pool, self.device)
         release_int8_copies(self.model)
+        if self.device.type == "cpu":
+            trim_freed_host_memory()
         phases.mark("native step")
         self.start_phases = phases
         self.sampler = Sampler()

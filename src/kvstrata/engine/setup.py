@@ -55,6 +55,18 @@ def keep_freed_host_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+def trim_freed_host_memory() -> None:
+    """Hands the heap's freed memory back to the OS (glibc malloc_trim) once the start-up temporaries
+    (quantized copies, packing buffers) are gone: `keep_freed_host_memory` would keep up to 1 GB of them."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_model(lm, dtype: torch.dtype, device: torch.device, quantization: str = "none") -> LlamaModel:
     """The model the engine runs, in `quantization` (resolved, not auto). The CPU int8 path comes from the
     layout cache when it holds this checkpoint, and is stored there when built (engine/layout.py)."""

@@ -33,27 +33,32 @@ from typing import Callable, Sequence
 import torch
 
 log = logging.getLogger(__name__)
+_HUGE = 2 << 20
 
 
-def _reserved_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """Zeros of `shape`. On CPU (Linux/POSIX): a view of a private anonymous map, whose pages the kernel
-    supplies zero-filled on first write, so nothing is resident until used. The map is advised for
-    transparent huge pages: decode streams K/V rows across the pool, and with 4 KiB pages every few rows
-    is a TLB miss (advice only; where THP is off nothing changes). Elsewhere torch.zeros."""
+def _reserved_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """Zeros of `shape`, and the map behind them. On CPU (POSIX): a view of a private anonymous map whose
+    pages the kernel supplies zero-filled on first write, so nothing is resident until used. Elsewhere
+    torch.zeros (and no map)."""
     n = 1
     for d in shape:
         n *= d
     nbytes = n * torch.empty(0, dtype=dtype).element_size()
     if torch.device(device).type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS") or nbytes == 0:
-        return torch.zeros(shape, dtype=dtype, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device), None
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
     mm = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    if sys.platform == "linux" and hasattr(mmap, "MADV_HUGEPAGE"):
+    return torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm  # the tensor keeps the map alive
+
+
+def _advise_huge_pages(maps: list[mmap.mmap]) -> None:
+    """Transparent huge pages for the rest of the pool: decode streams K/V rows across it, and with 4 KiB
+    pages every few rows is a TLB miss. Advice only (where THP is off nothing changes)."""
+    for mm in maps:
         try:
             mm.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
+        except (OSError, AttributeError):
             pass
-    return torch.frombuffer(mm, dtype=dtype, count=n).view(shape)  # the tensor keeps the map alive
 
 
 # Called with (block_id, key, token_ids) just before a cached block's memory is reused; the block's
@@ -75,8 +80,14 @@ class BlockPool:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = _reserved_zeros(shape, dtype, device)
-        self.v = _reserved_zeros(shape, dtype, device)
+        self.k, k_map = _reserved_zeros(shape, dtype, device)
+        self.v, v_map = _reserved_zeros(shape, dtype, device)
+        # Huge pages only once each layer's blocks in use fill one (2 MiB): advised from the start, the
+        # first block of every layer would make a whole huge page resident (~120 MiB for the default model
+        # before a single token is cached).
+        self._maps = [m for m in (k_map, v_map) if m is not None]
+        per_layer_block = self.k[0, 0].numel() * self.k.element_size()
+        self._huge_at = -(-_HUGE // per_layer_block) if self._maps and sys.platform == "linux" else None
         self.k_layers = list(self.k.unbind(0))  # views, one per layer
         self.v_layers = list(self.v.unbind(0))
         self.ref_count = [0] * num_blocks
@@ -143,6 +154,8 @@ class BlockPool:
         elif self.num_touched < self.num_blocks:
             b = self.num_touched
             self.num_touched += 1
+            if self.num_touched == self._huge_at:
+                _advise_huge_pages(self._maps)
         elif self.cached_lru:
             b, _ = self.cached_lru.popitem(last=False)
             key, toks = self.block_key[b], self.block_tokens[b]

@@ -120,3 +120,18 @@ def _load(path: Path, identity: str) -> dict[str, torch.Tensor] | None:
         out[name] = (torch.frombuffer(mm, dtype=dt, count=n, offset=lo) if n else torch.empty(0, dtype=dt)).view(shape)
     view.release()
     return out
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Returns the resident pages under a tensor that `load_tensors` mapped (and nobody wrote) to the page
+    cache: RSS falls, and a later read faults them in again from the file. Only for such tensors: on
+    anonymous memory this would zero it."""
+    import ctypes
+
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
