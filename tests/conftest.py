@@ -118,7 +118,7 @@ def default_gguf() -> str:
 def default_llm():
     from kvstrata import LLM
 
-    return LLM("default", kv_device_bytes="1G")
+    return LLM("default", kv_device_bytes="1G", quantization="none")  # the exact path, compared with transformers
 
 
 @pytest.fixture(scope="session")

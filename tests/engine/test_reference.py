@@ -93,7 +93,7 @@ def test_tiny_checkpoints_match_transformers(fixture, request):
     from transformers import AutoModelForCausalLM
 
     path = request.getfixturevalue(fixture)
-    llm = LLM(str(path), kv_device_bytes="32M")
+    llm = LLM(str(path), kv_device_bytes="32M", quantization="none")  # the exact path
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     texts = ["The quick brown fox", "Paris is the capital of", "def fibonacci(n):" * 5]
     _check_model(llm, ref, [llm.tokenizer.encode(t) for t in texts])
