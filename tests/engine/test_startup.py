@@ -103,18 +103,18 @@ def _rewrite(src: Path, dst: Path, template: str) -> None:
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "llama")
     for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
+        if k.startswith("GGUF.") or k in ("general.architecture", "tokenizer.chat_template"):
             continue
-        v = template if k == "tokenizer.chat_template" else f.contents()
-        vtype = f.types[0]
+        v, vtype = f.contents(), f.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
             w.add_array(k, v)
         elif vtype == gguf.GGUFValueType.STRING:
             w.add_string(k, v)
         else:
             w.add_key_value(k, v, vtype)
+    w.add_string("tokenizer.chat_template", template)
     for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_shape=np.array(t.data).shape, raw_dtype=t.tensor_type)
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 
 
@@ -233,8 +233,8 @@ def test_the_kv_pool_commits_memory_only_as_blocks_are_used():
     assert [int(pool.k[0, b, 0, 0, 0]) for b in (1, 2, 3)] == [2, 3, 4]  # contents kept
     assert float(pool.k[:, many[-1]].abs().sum()) == 0.0  # fresh memory reads as zeros
     pool.check_invariants()
-    assert pool.summary() == {"total": pool.num_blocks, "free": pool.num_blocks - len(many) - 4, "cached": 1,
-                              "in_use": len(many) + 3}
+    assert pool.summary() == {"total": pool.num_blocks, "free": pool.num_blocks - len(many) - 5, "cached": 1,
+                              "in_use": len(many) + 4}
 
 
 def test_eviction_waits_until_every_block_has_been_used():
