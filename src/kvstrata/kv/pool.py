@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from kvstrata.core import KvstrataError
+
 log = logging.getLogger(__name__)
 _HUGE = 2 << 20
 
@@ -47,7 +49,11 @@ def _reserved_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple
     if torch.device(device).type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS") or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device), None
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-    mm = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        mm = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        raise KvstrataError(f"cannot reserve {nbytes} bytes of address space for the KV pool ({e.strerror}); "
+                            "lower --kv-device-bytes or --kv-device-fraction") from None
     return torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm  # the tensor keeps the map alive
 
 
