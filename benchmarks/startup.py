@@ -66,14 +66,18 @@ def wait_health(url: str, proc: subprocess.Popen, t0: float, timeout: float = 30
             except httpx.HTTPError:
                 pass
             if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                raise RuntimeError(f"{proc.args[:3]} exited before answering /health")
+                log = next((a for a in proc.args if str(a).endswith(".log")), "")
+                raise RuntimeError(f"{proc.args[:3]} exited before answering /health {log}")
             time.sleep(0.01)
     raise TimeoutError(f"{url} not healthy after {timeout} s")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> float:
     """Signals the process and returns its peak RSS (MiB) once it has exited."""
-    proc.send_signal(sig)
+    try:
+        os.kill(proc.pid, sig)  # (not proc.send_signal: it polls first, which would reap the child and its rusage)
+    except ProcessLookupError:
+        pass
     try:
         return wait_peak_rss_mib(proc, timeout=60)
     except subprocess.TimeoutExpired:
@@ -100,9 +104,10 @@ def kv_first_token(env: dict, log: Path) -> dict:
 
 
 def kv_serve(env: dict, home: Path, port: int) -> subprocess.Popen:
+    home.mkdir(parents=True, exist_ok=True)
     args = ["serve", "--port", str(port), "--kv-host-bytes", "1G", "--kv-disk-dir", str(home / "kv"),
             "--kv-disk-bytes", "10G", "--session-store", str(home / "sessions.db")]
-    return subprocess.Popen(_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=open(home / "serve.log", "ab"))
 
 
 def kv_server_ready(env: dict, home: Path) -> dict:
