@@ -30,8 +30,8 @@ def _disk_files(d: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_default_model_restore_from_each_tier_equals_recompute(tmp_path, redis_server):
-    llm = LLM("default", kv_device_bytes="256M", kv_host_bytes="64M", kv_disk_dir=str(tmp_path / "kv"),
-              kv_redis_url=redis_server.url)
+    llm = _engine("default", kv_device_bytes="256M", kv_host_bytes="64M", kv_disk_dir=str(tmp_path / "kv"),
+                  kv_redis_url=redis_server.url)  # the exact path (see _engine)
     eng = llm.engine
     tok = llm.tokenizer
     for tier in ("host", "disk", "remote"):
