@@ -61,15 +61,16 @@ class LLMEngine:
                 torch.set_num_threads(cfg.num_threads)
             keep_freed_host_memory()
         lm = loaded if loaded is not None else load_model(cfg.model, self.dtype)
-        phases.mark("metadata+tokenizer")
+        phases.mark("metadata")
         self.model_config = mc = lm.config
-        self.tokenizer = lm.tokenizer
         self.model_path = lm.path
         self.quantization = lm.quantization
         self.model = build_model(lm, self.dtype, self.device, cfg.quantization)
+        phases.mark("weights")
+        self.tokenizer = lm.tokenizer  # (loaded meanwhile, see loader/gguf_loader.py)
         if self.device.type == "cpu":
             trim_freed_host_memory()
-        phases.mark("weights")
+        phases.mark("tokenizer")
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if mc.sliding_window and self.max_model_len > mc.sliding_window:
             log.warning("capping max_model_len to the model's sliding window %d", mc.sliding_window)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -27,11 +28,18 @@ class LoadedModel:
     mtime, sampled content; None where no cache may be derived from it)."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
-                 tokenizer: Tokenizer, source_id: str, path: str, rope_freqs: torch.Tensor | None = None,
+                 tokenizer: Tokenizer | Future, source_id: str, path: str, rope_freqs: torch.Tensor | None = None,
                  quantization: str = "none", identity: str | None = None) -> None:
-        self.config, self.tokenizer, self.source_id, self.path = config, tokenizer, source_id, path
+        self.config, self.source_id, self.path = config, source_id, path
         self.rope_freqs, self.quantization, self.identity = rope_freqs, quantization, identity
-        self._weights = weights
+        self._weights, self._tokenizer = weights, tokenizer
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """(A GGUF's tokenizer is built on a thread of its own while the weights load; this waits for it.)"""
+        if isinstance(self._tokenizer, Future):
+            self._tokenizer = self._tokenizer.result()
+        return self._tokenizer
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:

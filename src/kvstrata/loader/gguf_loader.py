@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -160,8 +161,12 @@ def load_gguf(path: str, dtype: torch.dtype):
     _check_dequantizable(g, path)
     sid = source_id(g)
     start, end = g.metadata_span
-    tok = tokenizer_from_gguf(path, g.metadata, hashlib.sha256(g.raw_bytes(start, end)).hexdigest(),
-                              kvstrata_home() / "tokenizers", cfg.eos_token_ids)
+    digest = hashlib.sha256(g.raw_bytes(start, end)).hexdigest()
+    # Built on its own thread: loading tokenizer.json (or converting it, the first time) overlaps with
+    # reading and packing the weights, which run mostly outside the GIL.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstrata-tokenizer")
+    tok = pool.submit(tokenizer_from_gguf, path, g.metadata, digest, kvstrata_home() / "tokenizers", cfg.eos_token_ids)
+    pool.shutdown(wait=False)
     rope = next((t for t in g.tensors if t.name == "rope_freqs.weight"), None)
     rope_freqs = _dequantize(g, rope, path).float() if rope is not None else None
     quant = ",".join(sorted({t.type_name for t in g.tensors} - {"F32"})) or "F32"
