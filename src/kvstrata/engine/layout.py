@@ -120,7 +120,8 @@ def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
     names = [k.removesuffix(_INT8_W) for k in state if k.endswith(_INT8_W)]
 
     def build(name: str) -> PerTokenInt8Linear:
-        return int8_linear_from_int8(state[name + _INT8_W], state[name + _INT8_S], state.get(name + ".bias"))
+        bias = state.get(name + ".bias")  # (copied, as the float weights below)
+        return int8_linear_from_int8(state[name + _INT8_W], state[name + _INT8_S], None if bias is None else bias.clone())
 
     # fbgemm's weight packing is most of a cached start (~0.7 CPU-s for the default model) and runs
     # without the GIL: one thread per core
