@@ -60,7 +60,7 @@ def _skeleton(lm, dtype: torch.dtype) -> LlamaModel:
 
 def model_from_weights(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
     model = _skeleton(lm, dtype)
-    model.load_state_dict(dict(lm.weights), strict=True, assign=True)
+    model.load_state_dict(lm.weights, strict=True, assign=True)  # (the dict is not kept: see LoadedModel)
     for layer in model.layers:
         layer.fuse_projections()
     return model.to(device).eval()

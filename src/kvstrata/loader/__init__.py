@@ -22,8 +22,8 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LoadedModel:
     """A checkpoint opened for the engine: config, tokenizer, identity, and its weights.
 
-    `weights` (our parameter names, see model/llama.py, dequantized to the load dtype) are read on first
-    use when given as a function: an engine that finds its built weights in the layout cache
+    `weights` (our parameter names, see model/llama.py, dequantized to the load dtype) are read when
+    asked for when given as a function: an engine that finds its built weights in the layout cache
     (engine/layout.py) never dequantizes the file. `identity` names the file as it is now (path, size,
     mtime, sampled content; None where no cache may be derived from it)."""
 
@@ -43,9 +43,9 @@ class LoadedModel:
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
-        if callable(self._weights):
-            self._weights = self._weights()
-        return self._weights
+        """Read from the file on each access when the loader gave a function (never kept here: once the
+        model has replaced a tensor, by fusing or quantizing it, its memory goes back)."""
+        return self._weights() if callable(self._weights) else self._weights
 
 
 def kvstrata_home() -> Path:
