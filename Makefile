@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # The default model, the SQLite session store and local tiers (host DRAM + disk) under $KVSTRATA_HOME.
 KVHOME ?= $${KVSTRATA_HOME:-$$HOME/.cache/kvstrata}
 serve: install
-	$(BIN)/kvstrata serve --model default --quantization auto --host 127.0.0.1 --port $${PORT:-8000} \
+	$(BIN)/kvstrata serve --model default --host 127.0.0.1 --port $${PORT:-8000} \
 	  --kv-host-bytes 1G --kv-disk-dir $(KVHOME)/kv --kv-disk-bytes 10G
 
 test: install

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: the machine's ceilings (measured in the same run), timing, result files.
+"""Shared benchmark helpers: the machine's ceilings (measured in the same run), timing, peak memory,
+result files.
 
 Result files go to benchmarks/results/, or to $KVSTRATA_BENCH_RESULTS (smoke runs that must not replace
 the committed results).
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
+import subprocess
 import time
 from pathlib import Path
 
@@ -63,3 +66,24 @@ class Timer:
 
     def __exit__(self, *a):
         self.s = time.perf_counter() - self.t0
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB), for a benchmark to report beside its results."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def wait_peak_rss_mib(proc: subprocess.Popen, timeout: float | None = None) -> float:
+    """Waits for a child started with subprocess.Popen and returns its peak resident memory (MiB), from
+    wait4's rusage of that child alone (so never call proc.poll() / wait() on it first: they reap it).
+    The Popen object's returncode is set as wait() would."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.01)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 BENCHES = [
+    ("start-up (cold start, server ready, restart, peak RSS; beside llama.cpp when built)", ["-m", "benchmarks.startup"],
+     "startup.md"),
     ("engine", ["-m", "benchmarks.engine_bench"], "engine.md"),
     ("tier TTFT", ["-m", "benchmarks.tier_ttft"], "tier_ttft.md"),
     ("int8 KV codec effect on output", ["-m", "benchmarks.kv_codec_effect"], "kv_codec_effect.md"),

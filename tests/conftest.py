@@ -118,7 +118,7 @@ def default_gguf() -> str:
 def default_llm():
     from kvstrata import LLM
 
-    return LLM("default", kv_device_bytes="1G")
+    return LLM("default", kv_device_bytes="1G", quantization="none")  # the exact path, compared with transformers
 
 
 @pytest.fixture(scope="session")
@@ -157,14 +157,12 @@ def own_redis():
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, tmp_path_factory, monkeypatch):
     """A fresh KVSTRATA_HOME per test (calibration profiles, sessions), never ~/.cache; only the
-    converted-tokenizer cache and the compiled native kernels are shared across the session, since they
-    depend on nothing but their sources."""
-    shared = tmp_path_factory.getbasetemp() / "kvstrata-tokenizers"
-    shared.mkdir(exist_ok=True)
+    converted-tokenizer cache, the int8 layouts and the compiled native kernels are shared across the
+    session, since they depend on nothing but their sources (and are keyed by them)."""
     home = tmp_path / "kvstrata-home"
     home.mkdir()
-    (home / "tokenizers").symlink_to(shared, target_is_directory=True)
-    native = tmp_path_factory.getbasetemp() / "kvstrata-native"  # compiled kernels depend only on source and CPU
-    native.mkdir(exist_ok=True)
-    (home / "native").symlink_to(native, target_is_directory=True)
+    for name in ("tokenizers", "layouts", "native"):
+        shared = tmp_path_factory.getbasetemp() / f"kvstrata-{name}"
+        shared.mkdir(exist_ok=True)
+        (home / name).symlink_to(shared, target_is_directory=True)
     monkeypatch.setenv("KVSTRATA_HOME", str(home))

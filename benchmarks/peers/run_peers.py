@@ -95,11 +95,10 @@ def gguf_weight_bytes(gguf: Path) -> int:
 
 def kv_bytes_per_token(gguf: Path, elem_bytes: int) -> int:
     """K and V bytes one context token holds over all layers."""
-    from gguf import GGUFReader
-
     from kvstrata.loader.gguf_loader import gguf_config
+    from kvstrata.loader.gguf_reader import read_gguf
 
-    cfg = gguf_config(GGUFReader(gguf), str(gguf))
+    cfg = gguf_config(read_gguf(str(gguf)), str(gguf))
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem_bytes
 
 

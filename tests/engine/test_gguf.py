@@ -29,7 +29,7 @@ def test_gguf_quant_types_match_reference(wide_llama, tmp_path, qtype):
         weights = write_gguf(wide_llama, path, qtype)
     except gguf.quants.QuantError as e:  # pragma: no cover - depends on the gguf package
         pytest.fail(f"gguf cannot quantize {qtype} here: {e}")
-    llm = LLM(str(path), kv_device_bytes="16M")
+    llm = LLM(str(path), kv_device_bytes="16M", quantization="none")  # the exact path: dequantization checked
     ref = reference_from(wide_llama, weights)
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     with torch.no_grad():

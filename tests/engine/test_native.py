@@ -260,7 +260,7 @@ def test_a_failing_native_step_falls_back_to_torch_and_loses_nothing(tiny_llama,
 
 def test_off_and_not_applicable(tiny_llama):
     assert LLM(str(tiny_llama), kv_device_bytes="16M", quantization="int8", native_decode="off").engine.runner.native is None
-    assert LLM(str(tiny_llama), kv_device_bytes="16M").engine.runner.native is None  # fp32: torch path
+    assert LLM(str(tiny_llama), kv_device_bytes="16M", quantization="none").engine.runner.native is None  # fp32: torch path
     with pytest.raises(KvstrataError, match="needs --quantization int8"):
         LLM(str(tiny_llama), kv_device_bytes="16M", quantization="int4", native_decode="on")
     with pytest.raises(KvstrataError, match="native_decode must be"):

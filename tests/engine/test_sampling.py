@@ -14,7 +14,7 @@ from kvstrata.engine.sampler import filter_logits
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama):
-    return LLM(str(tiny_llama), kv_device_bytes="8M")
+    return LLM(str(tiny_llama), kv_device_bytes="8M", quantization="none")  # the exact path: checked against transformers
 
 
 def test_seed_reproduces_alone_and_in_a_batch(llm):

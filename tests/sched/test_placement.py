@@ -108,11 +108,13 @@ def _block_bytes(llm):
 
 
 def test_preempted_batch_work_moves_down_and_matches_unpreempted(tiny_llama, tmp_path):
-    ref = LLM(str(tiny_llama), kv_device_bytes="8M")
+    # the exact path: outputs compared token for token across batch compositions
+    ref = LLM(str(tiny_llama), kv_device_bytes="8M", quantization="none")
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     prompts = [TEXT[i * 7:] + f" job {i}" for i in range(6)]
     want = [ref.generate(p, params)[0].outputs[0].token_ids for p in prompts]
-    llm = LLM(str(tiny_llama), kv_device_bytes=16 * _block_bytes(ref), kv_host_bytes="8M", max_num_batched_tokens=256)
+    llm = LLM(str(tiny_llama), kv_device_bytes=16 * _block_bytes(ref), kv_host_bytes="8M", max_num_batched_tokens=256,
+              quantization="none")
     llm.engine.placement = model(tiers=("host",))
     outs = llm.generate(prompts, params, request_class="batch")
     eng = llm.engine

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from kvstrata.config import add_engine_args, engine_config_from_args
 from kvstrata.core import KvstrataError, SamplingParams
+from kvstrata.startup import since_process_start
+
+log = logging.getLogger(__name__)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +89,9 @@ def run(a: argparse.Namespace) -> int:
         done = engine.run_to_completion()
     finally:
         engine.close()  # writes cached device blocks down (write-on-evict) so a later run finds them
+    firsts = [done[r].metrics.first_token_time for r in rids if done[r].metrics.first_token_time is not None]
+    if firsts:
+        log.debug("first token %.3f s after process start", since_process_start(min(firsts)))
     for rid in rids:
         out = done[rid]
         m = out.metrics

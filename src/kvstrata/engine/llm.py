@@ -10,6 +10,10 @@ from kvstrata.engine.llm_engine import LLMEngine
 
 
 class LLM:
+    """`LLM(model, **EngineConfig fields)`. With no fields it runs what every entry point runs: on CPU the
+    int8 fast path with the native decode step and a float16 KV pool (`quantization="none"` is the exact
+    path, greedy output identical to transformers), the KV pool committed as it is used."""
+
     def __init__(self, model: str = "default", **config: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **config))
         self.tokenizer = self.engine.tokenizer

@@ -24,8 +24,8 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.setup import (apply_quantization, auto_quantization, build_model, keep_freed_host_memory, pool_blocks,
-                                   resolve_device_dtype, setup_native_decode)
+from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
+                                   resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.pool import BlockPool
@@ -33,6 +33,7 @@ from kvstrata.loader import load_model
 from kvstrata.sched.placement import PlacementModel, model_spec
 from kvstrata.sched.scheduler import Scheduler
 from kvstrata.sched.sequence import Sequence
+from kvstrata.startup import Phases
 from kvstrata.tokenizer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,22 @@ class LLMEngine:
         if cfg.quantization == "auto":  # resolved once, so the fingerprint and the config name the real mode
             cfg = dataclasses.replace(cfg, quantization=auto_quantization(self.device, self.dtype))
         self.config = cfg
+        phases = Phases()
         if self.device.type == "cpu":
             if cfg.num_threads:
                 torch.set_num_threads(cfg.num_threads)
             keep_freed_host_memory()
-        t0 = time.perf_counter()
         lm = loaded if loaded is not None else load_model(cfg.model, self.dtype)
+        phases.mark("metadata")
         self.model_config = mc = lm.config
-        self.tokenizer = lm.tokenizer
         self.model_path = lm.path
         self.quantization = lm.quantization
-        self.model = apply_quantization(build_model(lm, self.dtype, self.device), cfg.quantization, self.device,
-                                        self.dtype)
+        self.model = build_model(lm, self.dtype, self.device, cfg.quantization)
+        phases.mark("weights")
+        self.tokenizer = lm.tokenizer  # (loaded meanwhile, see loader/gguf_loader.py)
+        if self.device.type == "cpu":
+            trim_freed_host_memory()
+        phases.mark("tokenizer")
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if mc.sliding_window and self.max_model_len > mc.sliding_window:
             log.warning("capping max_model_len to the model's sliding window %d", mc.sliding_window)
@@ -73,37 +78,45 @@ class LLMEngine:
         self.model.rotary.build_table(self.max_model_len, self.dtype)
         # The fingerprint names everything that makes a KV block's bytes what they are.
         fp = hashlib.sha256()
-        self.kv_dtype = self.dtype if cfg.kv_dtype == "auto" else getattr(torch, cfg.kv_dtype)
+        self.kv_dtype = resolve_kv_dtype(cfg, self.dtype, cfg.quantization)
         for part in (lm.source_id, str(self.dtype), "layout:LBSHD", cfg.block_size, mc.rope_theta, mc.rope_scaling,
                      cfg.quantization):
             fp.update(str(part).encode())
         if self.kv_dtype != self.dtype:  # (only then, so caches written before this option keep their name)
             fp.update(f"kv:{self.kv_dtype}".encode())
         self.fingerprint = fp.hexdigest()
-        nblocks = pool_blocks(cfg, mc, self.kv_dtype, self.device)
+        nblocks = pool_blocks(cfg, mc, self.kv_dtype, self.device, self.max_model_len)
         self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype,
                               self.device)
         self.kv = KVManager(self.pool, self.fingerprint, cfg.enable_prefix_caching)
+        phases.mark("rope+pool")
         stack = build_tier_stack(cfg, self.fingerprint)
         self.offload = Offload(self.pool, stack, self.fingerprint) if stack is not None else None
         self.kv.offload = self.offload
+        phases.mark("tiers")
         # the one cost model (keep / move down / drop): preemption here, paused sessions in sessions/kv.py
         self.placement = PlacementModel(None, model_spec(mc), self.offload.tier_names if self.offload else [])
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.program_priority)
         self.scheduler.on_preempt = self._on_preempt
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.runner.native = setup_native_decode(cfg, self.model, self.pool, self.device)
+        release_int8_copies(self.model)
+        if self.device.type == "cpu":
+            trim_freed_host_memory()
+        phases.mark("native step")
+        self.start_phases = phases
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_prompt_tokens": 0,
                          "generated_tokens": 0, "steps": 0, "preemptions": 0}
-        log.info("engine ready in %.1fs: %s, %d KV blocks of %d tokens (%.0f MiB), device %s, dtype %s, native decode %s",
-                 time.perf_counter() - t0, mc.name or cfg.model, nblocks, cfg.block_size,
-                 nblocks * self.pool.block_bytes / 2**20,
-                 self.device, self.dtype if self.kv_dtype == self.dtype else f"{self.dtype}, KV {self.kv_dtype}",
+        log.info("engine ready in %.1fs: %s, KV pool up to %d blocks of %d tokens (%.0f MiB, committed as used), "
+                 "device %s, dtype %s, quantization %s, native decode %s", phases.total, mc.name or cfg.model, nblocks,
+                 cfg.block_size, nblocks * self.pool.block_bytes / 2**20, self.device,
+                 self.dtype if self.kv_dtype == self.dtype else f"{self.dtype}, KV {self.kv_dtype}", cfg.quantization,
                  "on" if self.runner.native is not None else "off")
+        log.debug("start phases (s): %s", phases.report())
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(

@@ -8,9 +8,11 @@ import torch
 
 from kvstrata.config import EngineConfig
 from kvstrata.core import KvstrataError
+from kvstrata.engine.layout import cached_int8_model, layout_enabled, model_from_weights, save_int8_layout
 from kvstrata.kv.pool import BlockPool
 from kvstrata.model.config import ModelConfig
 from kvstrata.model.llama import LlamaModel
+from kvstrata.model.quant import PerTokenInt8Linear
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,17 +55,47 @@ def keep_freed_host_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def build_model(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
-    with torch.device("meta"):
-        model = LlamaModel(lm.config, dtype, lm.rope_freqs)
-    weights = dict(lm.weights)
-    model.load_state_dict(weights, strict=True, assign=True)
-    for layer in model.layers:
-        layer.fuse_projections()
-    inv = model.rotary.inv_freq
-    model.rotary.inv_freq = _inv_freq(lm)  # buffers built on meta must be recomputed for real
-    del inv
-    return model.to(device).eval()
+def trim_freed_host_memory() -> None:
+    """Hands the heap's freed memory back to the OS (glibc malloc_trim) once the start-up temporaries
+    (quantized copies, packing buffers) are gone: `keep_freed_host_memory` would keep up to 1 GB of them."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def build_model(lm, dtype: torch.dtype, device: torch.device, quantization: str = "none") -> LlamaModel:
+    """The model the engine runs, in `quantization` (resolved, not auto). The CPU int8 path comes from the
+    layout cache when it holds this checkpoint, and is stored there when built (engine/layout.py)."""
+    cache = quantization == "int8" and device.type == "cpu" and dtype == torch.float32 and layout_enabled(lm)
+    if cache:
+        model = cached_int8_model(lm)
+        if model is not None:
+            return model
+    model = apply_quantization(model_from_weights(lm, dtype, device), quantization, device, dtype)
+    if cache:
+        save_int8_layout(lm, model)
+    return model
+
+
+def release_int8_copies(model: LlamaModel) -> None:
+    """Drops the plain int8 weights the layout cache and the native step were built from (the torch path
+    multiplies fbgemm's packed copy; the native step keeps its own)."""
+    for mod in model.modules():
+        if isinstance(mod, PerTokenInt8Linear):
+            mod.int8 = None
+
+
+def resolve_kv_dtype(cfg: EngineConfig, dtype: torch.dtype, quantization: str) -> torch.dtype:
+    """--kv-dtype auto: float16 on the CPU int8 fast path (half the KV bytes; its accuracy bound against
+    transformers holds unchanged, tests/engine/test_reference.py), else the compute dtype (the exact
+    paths stay exact)."""
+    if cfg.kv_dtype != "auto":
+        return _DTYPES[cfg.kv_dtype]
+    return torch.float16 if quantization == "int8" and dtype == torch.float32 else dtype
 
 
 def auto_quantization(device: torch.device, dtype: torch.dtype) -> str:
@@ -113,13 +145,11 @@ def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, d
     return NativeDecoder(model, pool, lib)
 
 
-def _inv_freq(lm) -> torch.Tensor:
-    from kvstrata.model.layers import rope_inv_freq
-
-    return rope_inv_freq(lm.config, lm.rope_freqs)
-
-
-def pool_blocks(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+def pool_blocks(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
+                max_model_len: int | None = None) -> int:
+    """Blocks of the device KV pool: --kv-device-bytes, else --kv-device-fraction of free memory, on CPU
+    at most what max_num_seqs sequences of max_model_len tokens can use. On CPU this is a cap reserved as
+    address space, committed as blocks are first used (kv/pool.py); on CUDA it is allocated up front."""
     per_block = BlockPool.bytes_per_block(cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
     if cfg.kv_device_bytes:
         budget = cfg.kv_device_bytes
@@ -128,8 +158,8 @@ def pool_blocks(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: 
         budget = int(free * cfg.kv_device_fraction)
     else:
         budget = int(_available_ram() * cfg.kv_device_fraction)
-        # never more than the whole context of max_num_seqs sequences needs
-        budget = min(budget, per_block * (-(-mc.max_position_embeddings // cfg.block_size)) * cfg.max_num_seqs)
+        ctx = max_model_len or mc.max_position_embeddings
+        budget = min(budget, per_block * (-(-ctx // cfg.block_size)) * cfg.max_num_seqs)
     n = budget // per_block
     if n < 1:
         raise KvstrataError(f"the KV pool budget ({budget} bytes) holds no block of {per_block} bytes; raise --kv-device-bytes")

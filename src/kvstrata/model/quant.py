@@ -34,12 +34,17 @@ class PerTokenInt8Linear(nn.Module):
     first and the output rows are scaled back: per-token quantization with the same fast kernel.
     """
 
-    def __init__(self, dyn: nn.Module, bias: torch.Tensor | None) -> None:
+    def __init__(self, dyn: nn.Module, bias: torch.Tensor | None,
+                 int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.dyn = dyn
         self.packed = dyn._packed_params._packed_params  # the op's own handle: no module call per matmul
         self.reduce_range = not _has_vnni()
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        # the plain int8 weight (out, in) and fp32 per-channel scales (out,) it was built from, for the
+        # layout cache and the native step to read without unpacking fbgemm's copy; the engine drops them
+        # (int8 = None) once those have them, so the weights are not held once more
+        self.int8 = int8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, in)
         if x.shape[0] == 1:  # one row: the op's per-tensor activation scale already is per-token
@@ -66,17 +71,27 @@ def _has_vnni() -> bool:
 
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A per-token dynamic-quantized Linear with per-output-channel symmetric int8 weights."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
-
     w = weight.detach().float()
-    out_f, in_f = w.shape
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     with warnings.catch_warnings():  # torch.ao warns that it is moving to torchao; the kernels stay
         warnings.simplefilter("ignore")
-        qw = torch.quantize_per_channel(w, scale, torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
-        m = DynLinear(in_f, out_f, bias_=False, dtype=torch.qint8)
+        qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    return int8_linear_from_int8(qw.int_repr(), scale, bias)
+
+
+def int8_linear_from_int8(w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> PerTokenInt8Linear:
+    """The same module from int8 weights (out, in) and their fp32 per-channel scales (out,), as int8_linear
+    makes them (or a layout cache stored them): the identical packed weight, without quantizing again."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+
+    out_f, in_f = w8.shape
+    qw = torch._make_per_channel_quantized_tensor(w8, scale.double(), torch.zeros(out_f, dtype=torch.long), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = DynLinear(1, 1, bias_=False, dtype=torch.qint8)  # (its constructor packs a zero weight of the size it is given)
     m.set_weight_bias(qw, None)
-    return PerTokenInt8Linear(m, bias)
+    m.in_features, m.out_features = in_f, out_f
+    return PerTokenInt8Linear(m, bias, int8=(w8, scale.float()))
 
 
 def quantize_model_int8(model: nn.Module) -> nn.Module:

@@ -1,7 +1,8 @@
 """Native kernels compiled on the host: the fused int8 decode step (decode.c).
 
 The C source ships with the package and is built once per source version, compiler and CPU with the
-host's C compiler (`-O3 -march=native -fopenmp`, about a second), into $KVSTRATA_HOME/native (default
+host's C compiler (`-O3 -march=native -fopenmp`, about a second; keyed by the source, the compiler
+binary and the CPU's flags, so later starts only load it), into $KVSTRATA_HOME/native (default
 ~/.cache/kvstrata/native), then loaded with ctypes. It must be loaded after torch: its OpenMP runtime
 then resolves to the libgomp torch already loaded, so both share one thread team instead of two
 fighting over the cores. Where no compiler is available the engine keeps the torch path and says why
@@ -47,6 +48,17 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _compiler_identity(cc: str) -> tuple:
+    """The compiler binary as it is now (resolved path, size, mtime): a new compiler gets a new build.
+    A stat, not `cc --version`, so a cached start runs no subprocess."""
+    path = shutil.which(cc) or cc
+    try:
+        st = os.stat(os.path.realpath(path))
+    except OSError:
+        return (path,)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
 def build(force: bool = False, march: str = "native") -> Path:
     """Compiles decode.c for this CPU (cached) and returns the shared library's path; raises on failure.
     `march` names another target (e.g. x86-64-v2, without AVX2 or AVX-512): the tests build the portable
@@ -54,8 +66,7 @@ def build(force: bool = False, march: str = "native") -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, CFLAGS, march, _cpu_flags())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, _compiler_identity(cc), CFLAGS, march, _cpu_flags())).encode()).hexdigest()[:16]
     out = _cache_dir() / key / "libkvdecode.so"
     if out.exists() and not force:
         return out

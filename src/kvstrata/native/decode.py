@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import torch
 
 from kvstrata.core import KvstrataError
@@ -33,9 +34,14 @@ def unsupported_reason(model: LlamaModel, kv_dtype: torch.dtype) -> str | None:
 
 
 def _int8_parts(mod: PerTokenInt8Linear) -> list[torch.Tensor | None]:
-    qw = mod.dyn.weight()  # the same int8 values and per-channel scales the torch path multiplies with
-    w = qw.int_repr().contiguous()
-    return [w, qw.q_per_channel_scales().float().contiguous(), w.sum(dim=1, dtype=torch.int32).contiguous(),
+    if mod.int8 is not None:  # the same int8 values and per-channel scales the torch path multiplies with
+        w, scale = mod.int8
+    else:  # (released already: unpack fbgemm's copy)
+        qw = mod.dyn.weight()
+        w, scale = qw.int_repr(), qw.q_per_channel_scales().float()
+    w = w.contiguous()
+    rowsum = torch.from_numpy(w.numpy().sum(axis=1, dtype=np.int32))  # numpy: ~50x torch's int8 reduction here
+    return [w, scale.float().contiguous(), rowsum,
             None if mod.bias is None else mod.bias.detach().float().contiguous()]
 
 

@@ -1,8 +1,10 @@
 """Build a `tokenizers.Tokenizer` from a GGUF file's metadata.
 
 The conversion (vocabulary, merges, pre-tokenizer regex, special tokens) is transformers' own GGUF
-converter, so tokenization matches the reference exactly; the result is cached as tokenizer.json under
-$KVSTRATA_HOME/tokenizers keyed by the checkpoint id, so later starts skip transformers entirely.
+converter, so tokenization matches the reference exactly. It runs once per vocabulary: the result is
+cached as tokenizer.json (plus its special-token settings) under the cache directory the loader names,
+keyed by the sha256 of the file's whole metadata section, the bytes it is derived from; later starts
+load that file (tens of milliseconds) and never import transformers. A damaged cache entry is rebuilt.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import tokenizers
 
@@ -18,55 +21,68 @@ from kvstrata.core import KvstrataError
 from kvstrata.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+_CACHE_FORMAT = "v2"
 
 
-def tokenizer_from_gguf(path: str, reader, source_id: str, cfg) -> Tokenizer:
-    from kvstrata.loader import kvstrata_home
-
-    from kvstrata.loader.gguf_loader import _field
-
-    cache = kvstrata_home() / "tokenizers" / f"{source_id[:32]}.json"
+def tokenizer_from_gguf(path: str, metadata: Mapping[str, Any], metadata_digest: str, cache_dir: Path,
+                        eos_ids: tuple[int, ...]) -> Tokenizer:
+    """`metadata`: the file's key-value metadata (loader/gguf_reader.py); `metadata_digest`: a hash of
+    its bytes, the cache key; `path` is read again (by transformers) only when the cache has no entry."""
+    cache = Path(cache_dir) / f"{_CACHE_FORMAT}-{metadata_digest[:40]}.json"
     meta_cache = cache.with_suffix(".meta.json")
-    backend = None
-    if cache.is_file() and meta_cache.is_file():
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(cache))
-            meta = json.loads(meta_cache.read_text())
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            backend = None
+    backend, meta = _read_cache(cache, meta_cache)
     if backend is None:
-        try:
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-                convert_gguf_tokenizer,
-                get_gguf_tokenizer,
-            )
-        except ImportError as e:
-            raise KvstrataError(f"building the tokenizer of {path} needs transformers>=5: {e}") from None
-        arch, tok_dict, tok_cfg = get_gguf_tokenizer(path)
-        backend, _ = convert_gguf_tokenizer(arch, tok_dict)
-        meta = {
-            "bos_token": tok_cfg.get("bos_token"),
-            "eos_token": tok_cfg.get("eos_token"),
-            "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
-        }
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            backend.save(str(tmp))
-            os.replace(tmp, cache)
-            meta_cache.write_text(json.dumps(meta))
-        except OSError as e:
-            log.warning("could not cache tokenizer at %s: %s", cache, e)
-    template = _field(reader, "tokenizer.chat_template")
-    eos_ids = tuple(cfg.eos_token_ids)
+        backend, meta = _convert(path)
+        _write_cache(cache, meta_cache, backend, meta)
     return Tokenizer(
         backend=backend,
-        chat_template=template,
+        chat_template=metadata.get("tokenizer.chat_template"),
         bos_token=meta.get("bos_token"),
         eos_token=meta.get("eos_token"),
-        eos_token_ids=eos_ids,
+        eos_token_ids=tuple(eos_ids),
         add_bos_token=meta.get("add_bos_token", False),
     )
+
+
+def _read_cache(cache: Path, meta_cache: Path) -> tuple[tokenizers.Tokenizer | None, dict]:
+    if not (cache.is_file() and meta_cache.is_file()):
+        return None, {}
+    try:
+        meta = json.loads(meta_cache.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+        return tokenizers.Tokenizer.from_file(str(cache)), meta
+    except Exception as e:  # a damaged cache is rebuilt, never trusted
+        log.warning("rebuilding the cached tokenizer %s: %s", cache, e)
+        return None, {}
+
+
+def _convert(path: str) -> tuple[tokenizers.Tokenizer, dict]:
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError as e:
+        raise KvstrataError(f"building the tokenizer of {path} needs transformers>=5: {e}") from None
+    log.info("converting the tokenizer of %s (once; cached)", path)
+    arch, tok_dict, tok_cfg = get_gguf_tokenizer(path)
+    backend, _ = convert_gguf_tokenizer(arch, tok_dict)
+    meta = {
+        "bos_token": tok_cfg.get("bos_token"),
+        "eos_token": tok_cfg.get("eos_token"),
+        "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
+    }
+    return backend, meta
+
+
+def _write_cache(cache: Path, meta_cache: Path, backend: tokenizers.Tokenizer, meta: dict) -> None:
+    """tokenizer.json, then its settings, each written aside and renamed: a reader sees both or neither."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for target, write in ((cache, lambda p: backend.save(str(p))), (meta_cache, lambda p: p.write_text(json.dumps(meta)))):
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            write(tmp)
+            os.replace(tmp, target)
+    except OSError as e:
+        log.warning("could not cache the tokenizer at %s: %s", cache, e)
 
 
 def tokenizer_from_hf_dir(path: str | Path, eos_ids: tuple[int, ...]) -> Tokenizer:

@@ -1,0 +1,156 @@
+"""Building the model from a checkpoint, and the int8 fast path's built weights cached on disk.
+
+`model_from_weights` assembles a LlamaModel from a LoadedModel's dequantized weights. Its skeleton is
+built with every initializer skipped (`_no_init`): the parameters are assigned from the checkpoint
+right after, and random initialization is not free (on the meta device nn.Embedding's normal_ alone
+imports ~800 modules of torch's Python decompositions, about 2 s; on CPU it fills every weight).
+
+The int8 layout: making the int8 model from the default GGUF file means dequantizing every tensor
+(numpy, ~1 s), undoing the Q/K permutation, fusing projections and quantizing each per output channel
+(~2-4 s on 2 cores). The result (int8 weights with their fp32 scales; float embeddings, norms, biases)
+is saved once under $KVSTRATA_HOME/layouts, one file per checkpoint path (~250 MB for the default
+model), and memory-mapped on later starts after its checks (loader/tensor_file.py). It is keyed by the
+checkpoint's identity (path, size, mtime, sampled content: loader.file_identity): when the checkpoint
+changes, or is touched, it is rebuilt and overwritten. KVSTRATA_LAYOUT_CACHE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvstrata.model.llama import LlamaModel
+from kvstrata.model.quant import PerTokenInt8Linear, int8_linear_from_int8
+
+log = logging.getLogger(__name__)
+LAYOUT_VERSION = "int8-v1"  # bump when what is stored, or how it is built, changes
+_INT8_W, _INT8_S = ".int8_weight", ".int8_scale"
+_NO_INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _no_init():
+    """nn.Linear and nn.Embedding constructors skip their random initializers while this is held (one
+    holder at a time: the patched class attributes are process-wide)."""
+    with _NO_INIT_LOCK:
+        saved = [(cls, cls.__dict__["reset_parameters"]) for cls in (nn.Linear, nn.Embedding)]
+        try:
+            for cls, _ in saved:
+                cls.reset_parameters = lambda self: None
+            yield
+        finally:
+            for cls, fn in saved:
+                cls.reset_parameters = fn
+
+
+def _skeleton(lm, dtype: torch.dtype) -> LlamaModel:
+    """A LlamaModel whose parameters are uninitialized CPU memory (allocated, never touched, so never
+    resident): every one is replaced from the checkpoint before use."""
+    with _no_init():
+        return LlamaModel(lm.config, dtype, lm.rope_freqs)
+
+
+def model_from_weights(lm, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    model = _skeleton(lm, dtype)
+    model.load_state_dict(lm.weights, strict=True, assign=True)  # (the dict is not kept: see LoadedModel)
+    for layer in model.layers:
+        layer.fuse_projections()
+    return model.to(device).eval()
+
+
+def layout_enabled(lm) -> bool:
+    return lm.identity is not None and os.environ.get("KVSTRATA_LAYOUT_CACHE", "1") != "0"
+
+
+def layout_path(lm) -> Path:
+    from kvstrata.loader import kvstrata_home
+
+    name = hashlib.sha256(f"{os.path.realpath(lm.path)}|{LAYOUT_VERSION}".encode()).hexdigest()[:24]
+    return kvstrata_home() / "layouts" / f"{name}.kvt"
+
+
+def _identity(lm) -> str:
+    return f"{LAYOUT_VERSION}|torch {torch.__version__}|{lm.identity}"
+
+
+def save_int8_layout(lm, model: LlamaModel) -> None:
+    """Stores an int8 model's built weights (before the engine releases its plain int8 copies)."""
+    from kvstrata.loader.tensor_file import save_tensors
+
+    state: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, PerTokenInt8Linear):
+            assert mod.int8 is not None, f"{name}: its int8 weights were released before the layout was saved"
+            state[name + _INT8_W], state[name + _INT8_S] = mod.int8
+    for name, p in model.named_parameters():
+        state[name] = p.detach()
+    if save_tensors(layout_path(lm), _identity(lm), state):
+        log.info("cached the int8 layout of %s at %s", lm.path, layout_path(lm))
+
+
+def cached_int8_model(lm) -> LlamaModel | None:
+    """The int8 model from the layout cache, or None when there is no trustworthy entry for `lm`."""
+    from kvstrata.loader.tensor_file import load_tensors
+
+    path = layout_path(lm)
+    state = load_tensors(path, _identity(lm))
+    if state is None:
+        return None
+    try:
+        return _int8_model_from_state(lm, state)
+    except (KeyError, ValueError, RuntimeError, AttributeError) as e:  # a layout of another shape
+        log.warning("ignoring the cached layout %s (it will be rebuilt): %s", path, e)
+        return None
+
+
+def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
+    from kvstrata.loader.tensor_file import drop_pages
+
+    if "x86" in torch.backends.quantized.supported_engines:  # as quantize_model_int8 sets it (before packing)
+        torch.backends.quantized.engine = "x86"
+    model = _skeleton(lm, torch.float32)
+    names = [k.removesuffix(_INT8_W) for k in state if k.endswith(_INT8_W)]
+
+    def build(name: str) -> PerTokenInt8Linear:
+        bias = state.get(name + ".bias")  # (copied, as the float weights below)
+        return int8_linear_from_int8(state[name + _INT8_W], state[name + _INT8_S], None if bias is None else bias.clone())
+
+    # fbgemm's weight packing is most of a cached start (~0.7 CPU-s for the default model) and runs
+    # without the GIL: one thread per core
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        modules = list(pool.map(build, names))
+    placed, assigned = set(), set()
+    for name, mod in zip(names, modules):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, mod)
+        placed |= {name + _INT8_W, name + _INT8_S, name + ".bias"}
+        assigned.add(name + ".bias")
+    for key, t in state.items():
+        if key not in placed:
+            parent, _, attr = key.rpartition(".")
+            mod = model.get_submodule(parent)
+            if not isinstance(getattr(mod, attr, None), nn.Parameter) or getattr(mod, attr).shape != t.shape:
+                raise ValueError(f"{key} {tuple(t.shape)} has no place in this model")
+            # copied out of the map (whose pages go back at once): when the int8 copies are released the
+            # map closes, rather than the whole file staying resident for the embeddings' sake
+            setattr(mod, attr, nn.Parameter(t.clone(), requires_grad=False))
+            drop_pages(t)
+            assigned.add(key)
+    if "lm_head.weight" not in state and model.lm_head is not None:  # its int8 copy replaced it
+        model.lm_head = None
+    for layer in model.layers:  # the unfused projections the fused int8 ones replaced
+        for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            if name in layer._modules:
+                delattr(layer, name)
+    unset = [n for n, _ in model.named_parameters() if n not in assigned]
+    if unset or model.lm_head_q is None:
+        raise ValueError(f"the layout leaves parameters unset: {unset[:3] or ['lm_head_q']}")
+    return model.eval()

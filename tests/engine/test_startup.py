@@ -1,0 +1,312 @@
+"""Start-up and memory: the fast GGUF reader against the gguf package's, the caches derived from a model
+file (converted tokenizer, int8 layout) rebuilt whenever the file changes or the cache is damaged, the
+KV pool committing memory only as blocks are used (and the native step unaffected), the defaults every
+entry point shares, and `kvstrata generate`'s memory on the default model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvstrata import LLM, SamplingParams
+from kvstrata.core import KvstrataError
+from kvstrata.loader import load_model
+from kvstrata.loader.gguf_reader import GGUFStrings, read_gguf
+from tests.engine.gguf_writer import write_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("startup-gguf")
+    out = {}
+    for qtype in ("F32", "Q8_0"):
+        out[qtype] = d / f"tiny-{qtype}.gguf"
+        write_gguf(tiny_llama, out[qtype], qtype)
+    return out
+
+
+def _plain(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (GGUFStrings, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _same_as_the_gguf_package(path: Path) -> None:
+    import gguf
+
+    ref = gguf.GGUFReader(str(path))
+    ours = read_gguf(str(path))
+    fields = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert list(fields) == list(ours.metadata)
+    for k, v in fields.items():
+        assert _plain(ours.metadata[k]) == v, k
+    assert len(ref.tensors) == len(ours.tensors)
+    for a, b in zip(ref.tensors, ours.tensors):
+        assert (a.name, [int(x) for x in a.shape], a.tensor_type.name, a.data_offset, a.n_bytes) == \
+               (b.name, list(b.shape), b.type_name, b.offset, b.nbytes)
+        arr = ours.tensor_array(b)
+        assert arr.dtype == a.data.dtype and arr.shape == a.data.shape and np.array_equal(arr, a.data), a.name
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_the_fast_reader_gives_the_gguf_packages_fields_on_written_files(qtype, tiny_ggufs):
+    _same_as_the_gguf_package(tiny_ggufs[qtype])
+
+
+def test_the_fast_reader_gives_the_gguf_packages_fields_on_the_default_model(default_gguf):
+    _same_as_the_gguf_package(Path(default_gguf))
+
+
+def test_the_fast_reader_reads_every_value_type(tmp_path):
+    import gguf
+
+    p = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_uint8("t.u8", 200); w.add_int8("t.i8", -100); w.add_uint16("t.u16", 60000); w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000); w.add_int32("t.i32", -2_000_000_000); w.add_float32("t.f32", 1.5)
+    w.add_uint64("t.u64", 2**63 + 5); w.add_int64("t.i64", -(2**62)); w.add_float64("t.f64", 2.25)
+    w.add_bool("t.bool", True); w.add_string("t.str", "Grüße 東京 🚀"); w.add_string("t.empty", "")
+    w.add_array("t.ints", [1, 2, 3]); w.add_array("t.floats", [0.5, -1.0]); w.add_array("t.strs", ["a", "", "ü"])
+    w.add_array("t.bools", [True, False]); w.add_array("t.none", [])
+    w.add_tensor("x.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("y.weight", np.arange(6, dtype=np.float16).reshape(2, 3))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    _same_as_the_gguf_package(p)
+
+
+def test_the_fast_reader_refuses_damaged_files(tiny_ggufs, tmp_path):
+    data = tiny_ggufs["Q8_0"].read_bytes()
+    g = read_gguf(str(tiny_ggufs["Q8_0"]))
+    cases = {"in-vocab.gguf": data[: g.metadata_span[1] // 2], "no-tensor-data.gguf": data[: g.data_start + 10],
+             "magic.gguf": b"GGUX" + data[4:], "version.gguf": data[:4] + b"\x07\x00\x00\x00" + data[8:]}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(KvstrataError, match="truncated|corrupt|version"):
+            read_gguf(str(tmp_path / name))
+
+
+def _rewrite(src: Path, dst: Path, template: str) -> None:
+    """A copy of a GGUF file with another chat template (the vocabulary and tensors unchanged)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        v, vtype = f.contents(), f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_array(k, v)
+        elif vtype == gguf.GGUFValueType.STRING:
+            w.add_string(k, v)
+        else:
+            w.add_key_value(k, v, vtype)
+    w.add_string("tokenizer.chat_template", template)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+
+@pytest.fixture
+def private_home(tmp_path, monkeypatch) -> Path:
+    """A KVSTRATA_HOME of this test alone (no cache shared with other tests)."""
+    home = tmp_path / "private-home"
+    monkeypatch.setenv("KVSTRATA_HOME", str(home))
+    return home
+
+
+def test_the_tokenizer_cache_is_keyed_by_the_metadata_and_a_damaged_entry_is_rebuilt(tiny_ggufs, tmp_path,
+                                                                                     private_home, monkeypatch):
+    from kvstrata.tokenizer import gguf_tokenizer
+
+    conversions = []
+    real = gguf_tokenizer._convert
+    monkeypatch.setattr(gguf_tokenizer, "_convert", lambda path: conversions.append(path) or real(path))
+    src = tmp_path / "m.gguf"
+    shutil.copy(tiny_ggufs["Q8_0"], src)
+    first = load_model(str(src)).tokenizer
+    again = load_model(str(src)).tokenizer
+    assert len(conversions) == 1 and again.encode("The quick brown fox") == first.encode("The quick brown fox")
+    os.utime(src, ns=(0, 10**9))  # touched: same metadata bytes, so the same tokenizer
+    load_model(str(src))
+    assert len(conversions) == 1
+    other = tmp_path / "other.gguf"
+    _rewrite(src, other, "{{ 'changed' }}")
+    changed = load_model(str(other)).tokenizer
+    assert len(conversions) == 2 and changed.chat_template == "{{ 'changed' }}"
+    for f in (private_home / "tokenizers").glob("*.json"):
+        f.write_text("{ not json")
+    rebuilt = load_model(str(src)).tokenizer
+    assert len(conversions) == 3 and rebuilt.encode("The quick brown fox") == first.encode("The quick brown fox")
+
+
+def _prefill_logits(llm: LLM) -> torch.Tensor:
+    from tests.engine.test_reference import _our_prefill_logits
+
+    return _our_prefill_logits(llm, llm.tokenizer.encode("The quick brown fox jumps over the lazy dog"))
+
+
+def test_the_int8_layout_cache_is_used_and_rebuilt_when_the_file_changes(tiny_ggufs, tiny_llama, tmp_path,
+                                                                         private_home, monkeypatch):
+    from kvstrata.engine import setup
+
+    builds = []
+    real = setup.apply_quantization
+    monkeypatch.setattr(setup, "apply_quantization", lambda *a: builds.append(a[1]) or real(*a))
+    src = tmp_path / "m.gguf"
+    shutil.copy(tiny_ggufs["Q8_0"], src)
+
+    def engine():
+        return LLM(str(src), kv_device_bytes="4M")  # the defaults: int8 on CPU, from the layout when cached
+
+    fresh = engine()
+    assert builds == ["int8"] and fresh.engine.config.quantization == "int8"
+    layouts = list((private_home / "layouts").glob("*.kvt"))
+    assert len(layouts) == 1
+    cached = engine()
+    assert builds == ["int8"]  # nothing quantized: the layout was mapped
+    assert torch.equal(_prefill_logits(cached), _prefill_logits(fresh))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert cached.generate([[5, 6, 7]], params)[0].outputs[0].token_ids == fresh.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+
+    os.utime(src, ns=(0, 10**9))  # touched: the file's identity changed, so the layout is rebuilt
+    engine()
+    assert builds == ["int8"] * 2
+    write_gguf(tiny_llama, src, "F32")  # other weights under the same path
+    changed = engine()
+    assert builds == ["int8"] * 3 and list((private_home / "layouts").glob("*.kvt")) == layouts  # overwritten
+    monkeypatch.setenv("KVSTRATA_LAYOUT_CACHE", "0")
+    assert torch.equal(_prefill_logits(changed), _prefill_logits(engine()))
+    monkeypatch.delenv("KVSTRATA_LAYOUT_CACHE")
+    assert builds == ["int8"] * 4
+
+    data = bytearray(layouts[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: the CRC catches it
+    layouts[0].write_bytes(bytes(data))
+    repaired = engine()
+    assert builds == ["int8"] * 5 and torch.equal(_prefill_logits(repaired), _prefill_logits(changed))
+    layouts[0].write_bytes(layouts[0].read_bytes()[:-100])  # truncated
+    engine()
+    assert builds == ["int8"] * 6
+    engine()
+    assert builds == ["int8"] * 6  # and trusted again once rewritten
+
+
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    pytest.skip("no /proc/self/status")
+
+
+def test_the_kv_pool_commits_memory_only_as_blocks_are_used():
+    from kvstrata.kv.pool import BlockPool
+
+    per_block = BlockPool.bytes_per_block(16, 4, 2, 64, torch.float16)
+    before = _rss_anon_kib()
+    pool = BlockPool((2 << 30) // per_block, 16, 4, 2, 64, torch.float16)  # 2 GiB reserved
+    assert (_rss_anon_kib() - before) < 32 << 10  # (interpreter noise only: nothing was zero-filled)
+    assert pool.num_free == pool.num_blocks and pool.num_touched == 0
+    got = [pool.allocate() for _ in range(4)]
+    assert got == [0, 1, 2, 3] and pool.num_touched == 4
+    for b in got:
+        pool.k[:, b] = b + 1
+    pool.release(1)
+    pool.release(3)
+    assert pool.allocate() == 1 and pool.allocate() == 3  # released blocks before fresh ones
+    assert pool.allocate() == 4
+    pool.register(0, b"key0", list(range(16)))
+    pool.release(0)  # cached, not free
+    many = [pool.allocate() for _ in range(pool._huge_at + 10)]  # past the point huge pages are advised
+    assert 0 not in many and many == list(range(5, 5 + len(many)))
+    assert [int(pool.k[0, b, 0, 0, 0]) for b in (1, 2, 3)] == [2, 3, 4]  # contents kept
+    assert float(pool.k[:, many[-1]].abs().sum()) == 0.0  # fresh memory reads as zeros
+    pool.check_invariants()
+    assert pool.summary() == {"total": pool.num_blocks, "free": pool.num_blocks - len(many) - 5, "cached": 1,
+                              "in_use": len(many) + 4}
+
+
+def test_eviction_waits_until_every_block_has_been_used():
+    from kvstrata.kv.pool import BlockPool
+
+    pool = BlockPool(3, 16, 1, 1, 8)
+    a = pool.allocate()
+    pool.register(a, b"a", [1] * 16)
+    pool.release(a)
+    assert [pool.allocate(), pool.allocate()] == [1, 2] and pool.stats["evictions"] == 0
+    assert pool.allocate() == a and pool.stats["evictions"] == 1  # the cap reached: now the LRU goes
+    with pytest.raises(MemoryError):
+        pool.allocate()
+
+
+def test_the_native_step_reads_blocks_committed_late_exactly_as_early_ones(tiny_llama):
+    """The pool's tensors never move as it commits memory, so the native step's pointers stay right: the
+    same sequence decoded on the first blocks and on blocks committed after huge-page advice gives
+    bit-identical logits."""
+    from tests.engine.test_native import _teacher_forced
+
+    llm = LLM(str(tiny_llama), kv_device_bytes="64M", quantization="int8", native_decode="on")
+    eng, bs = llm.engine, llm.engine.pool.block_size
+    ids = torch.randint(3, eng.model_config.vocab_size, (70,), generator=torch.Generator().manual_seed(1)).tolist()
+    need = -(-len(ids) // bs)
+    early = [eng.pool.allocate() for _ in range(need)]
+    a = _teacher_forced(eng, ids, early)
+    filler = [eng.pool.allocate() for _ in range(eng.pool._huge_at + 3)]
+    late = [eng.pool.allocate() for _ in range(need)]
+    assert min(late) > max(filler) > max(early)
+    b = _teacher_forced(eng, ids, late)
+    assert torch.equal(a, b)
+
+
+def test_every_entry_point_shares_the_fast_path_default(tiny_llama):
+    from kvstrata.cli.main import build_parser
+    from kvstrata.config import EngineConfig, engine_config_from_args
+
+    assert (EngineConfig().quantization, EngineConfig().kv_dtype) == ("auto", "auto")
+    for argv in (["generate", "hi"], ["chat"], ["serve"], ["jobs", "run", "tasks.jsonl"]):
+        args = build_parser(argv).parse_args(argv)
+        assert engine_config_from_args(args).quantization == "auto", argv
+    eng = LLM(str(tiny_llama), kv_device_bytes="4M").engine
+    assert eng.config.quantization == "int8" and eng.kv_dtype == torch.float16 and eng.runner.native is not None
+    exact = LLM(str(tiny_llama), kv_device_bytes="4M", quantization="none").engine
+    assert exact.kv_dtype == torch.float32 and exact.runner.native is None  # the exact path stays exact
+
+
+def test_the_tokenizer_does_not_import_the_loader():
+    code = ("import sys, kvstrata.tokenizer.gguf_tokenizer, kvstrata.tokenizer.tokenizer; "
+            "assert not [m for m in sys.modules if m.startswith('kvstrata.loader')], sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
+@pytest.mark.slow
+def test_generate_on_the_default_model_stays_under_one_gib_and_imports_nothing_it_does_not_use(tmp_path):
+    """`kvstrata generate` with no flags, caches warm (one run first): peak RSS (the kernel's own count
+    for that process, wait4) under 1 GiB, measured 0.85-0.9 GiB (torch ~0.2, the int8 weights held by
+    fbgemm and by the native step 0.13 each, fp32 embeddings 0.11, the layout's pages while it is read).
+    Start phases and the first token's time are logged at debug level."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    probe = ("import sys, runpy; sys.argv = ['kvstrata', '--log-level', 'debug', 'generate', "
+             "'The capital of France is', '--max-tokens', '16']; from kvstrata.cli.main import main; rc = main(); "
+             "heavy = [m for m in ('transformers', 'jinja2', 'llguidance', 'matplotlib', 'redis', 'psycopg', "
+             "'fastapi', 'uvicorn', 'sympy') if m in sys.modules]; print('HEAVY', heavy); sys.exit(rc)")
+    for run in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        out, err = proc.stdout.read(), proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]
+    assert "Paris" in out and "HEAVY []" in out, out
+    assert "start phases" in err and "first token" in err
+    peak_mib = usage.ru_maxrss / 1024
+    assert peak_mib < 1024, peak_mib
