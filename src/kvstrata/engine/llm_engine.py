@@ -84,7 +84,7 @@ class LLMEngine:
         self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype,
                               self.device)
         self.kv = KVManager(self.pool, self.fingerprint, cfg.enable_prefix_caching)
-        stack = build_tier_stack(cfg, self.fingerprint)
+        stack = build_tier_stack(cfg, self.fingerprint, self.pool)
         self.offload = Offload(self.pool, stack, self.fingerprint) if stack is not None else None
         self.kv.offload = self.offload
         self.paused = PausedSessions(self)

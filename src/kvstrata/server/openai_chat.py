@@ -2,7 +2,8 @@
 
 With tools active (tools given, tool_choice not "none"), a streamed reply is held back until it is
 complete and then sent as one content delta or one tool_calls delta: a tool call can only be told
-from text once it is whole.
+from text once it is whole. Meanwhile (and in any stream with nothing to send for KEEPALIVE_S) an SSE
+comment goes out every KEEPALIVE_S, so clients and proxies see a live connection.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kvstrata.server import chat_format as cf
 from kvstrata.server.common import (
     SSE_DONE,
     SSE_HEADERS,
+    SSE_KEEPALIVE,
     build_sampling,
     chat_logprobs,
     generate_final,
@@ -29,6 +31,7 @@ from kvstrata.server.common import (
     sse,
     sse_error,
     usage,
+    with_keepalive,
 )
 from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import ChatCompletionRequest
@@ -109,7 +112,10 @@ async def _stream(st: ServerState, plan: ChatPlan, cid: str, model: str, first: 
                       "finish_reason": None}])
     last = first
     try:
-        async for out in outputs(first, agen):
+        async for out in with_keepalive(outputs(first, agen)):
+            if out is None:
+                yield SSE_KEEPALIVE
+                continue
             last = out
             for o in out.outputs:
                 i = o.index

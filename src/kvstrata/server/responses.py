@@ -218,6 +218,7 @@ async def _store(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessio
 async def create_response(body: ResponsesRequest, request: Request, who=Depends(owner)):
     st = get_state(request)
     st.check_model(body.model)
+    st.limits.check_metadata(body.metadata)
     tools = chat_tools(body.tools)
     choice = chat_tool_choice(body.tool_choice)
     cf.check_tools(tools, choice)

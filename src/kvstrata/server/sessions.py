@@ -49,6 +49,7 @@ def session_json(s: SessionInfo, *, include_tokens: bool = False) -> dict[str, A
 @router.post("")
 async def create_session(body: SessionCreate, request: Request, who=Depends(owner)):
     st = get_state(request)
+    st.limits.check_metadata(body.metadata)
     cf.check_tools(body.tools, None)
     msgs = cf.messages_to_dicts(body.messages)
     if any(m["role"] == "system" for m in msgs) and body.system:
@@ -142,6 +143,7 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
 async def park(session_id: str, body: SessionPark, request: Request, who=Depends(owner)):
     """Move the session's KV down to `tier` and pin it there until `lease_s` from now."""
     st = get_state(request)
+    st.limits.check_lease(body.lease_s)
     async with st.session_lock(session_id):
         sess = await st.db(st.store.get_session, session_id, owner=who)
         if sess.state == SessionState.CLOSED:
@@ -152,7 +154,11 @@ async def park(session_id: str, body: SessionPark, request: Request, who=Depends
         elif sess.token_ids:
             t0 = time.perf_counter()
             res = await st.aengine.call_async(lambda e: e.park(list(sess.token_ids), body.tier))
-            kv = {"moved": True, "seconds": round(time.perf_counter() - t0, 4), **(res or {})}
+            kv = {"moved": not (res or {}).get("failed"), "seconds": round(time.perf_counter() - t0, 4), **(res or {})}
+        if kv.get("failed"):  # the tier refused blocks (full, unwritable): not parked there, its pins undone
+            await unpin(st, sess.token_ids, body.tier)
+            kv["reason"] = f"the {body.tier} tier did not store the session's KV; the session is not parked"
+            return {**session_json(await st.db(st.store.get_session_info, session_id, owner=who)), "kv": kv}
         lease = time.time() + body.lease_s if body.lease_s else None
         info = await st.db(st.store.park, session_id, owner=who, tier=body.tier, lease_expires_at=lease,
                            expected_version=sess.version)
@@ -181,5 +187,6 @@ async def resume(session_id: str, request: Request, who=Depends(owner)):
 async def fork(session_id: str, request: Request, body: Optional[SessionFork] = None, who=Depends(owner)):
     """A new session with a copy of this one's history; its turns reuse the shared prefix's KV."""
     st = get_state(request)
+    st.limits.check_metadata(body.metadata if body else None)
     s = await st.db(st.store.fork_session, session_id, owner=who, metadata=body.metadata if body else None)
     return session_json(s)
