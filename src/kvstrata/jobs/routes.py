@@ -35,8 +35,10 @@ def server_manager(app) -> JobManager:
         st = getattr(app.state, "kv", None)
         if st is None:
             raise HTTPException(503, "this server has no job manager (set app.state.jobs)")
+        limits = getattr(st, "limits", None)  # the kvstrata server's state has its limits and admission gate
         mgr = app.state.jobs = JobManager(st.aengine, st.store, allow_python_modules=False, allow_mcp=False,
-                                          limits=st.limits.jobs(), admission=st.admission)
+                                          limits=limits.jobs() if limits else None,
+                                          admission=getattr(st, "admission", None))
     return mgr
 
 
