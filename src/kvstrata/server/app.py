@@ -3,9 +3,9 @@
 Auth and request counting are one pure-ASGI middleware (Starlette's BaseHTTPMiddleware would wrap
 streaming responses and hide client disconnects from them). Every route but /health needs a key
 when keys are configured; the key's hash is the owner of the sessions it creates. Inside it,
-`guards.TextGuard` refuses bodies that are not Unicode text; outside it, FastAPI's body limit
-answers 413 while a body larger than `--max-body-bytes` is read. Every generation passes one
-`Admission` gate (engine/admission.py), shared with the jobs' agents.
+`guards.BodyGuard` answers 413 for a body over `--max-body-bytes` (before or while it is read) and
+400 for one that is not Unicode text. Every generation passes one `Admission` gate
+(engine/admission.py), shared with the jobs' agents.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kvstrata.engine.admission import Admission
 from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.server import completions, openai_chat, responses, sessions
 from kvstrata.server.errors import APIError, error_body, install_error_handlers
-from kvstrata.server.guards import TextGuard
+from kvstrata.server.guards import BodyGuard
 from kvstrata.server.health import health_body
 from kvstrata.server.limits import ServerLimits
 from kvstrata.server.state import ServerState, get_state, make_api_keys
@@ -131,11 +131,11 @@ def create_app(
             aengine.shutdown()
             store.close()
 
-    app = FastAPI(title="kvstrata", version="0.1.0", lifespan=lifespan, max_body_size=limits.max_body_bytes,
+    app = FastAPI(title="kvstrata", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API with durable agent sessions (see docs/server.md)")
     app.state.kv = st
     install_error_handlers(app)
-    app.add_middleware(TextGuard)
+    app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes)
     app.add_middleware(AuthAndMetrics, state=st)
     app.include_router(openai_chat.router)
     app.include_router(completions.router)

@@ -220,9 +220,10 @@ async def outputs(first: RequestOutput, agen: AsyncIterator[RequestOutput]) -> A
         await agen.aclose()  # type: ignore[attr-defined]
 
 
-async def with_keepalive(items: AsyncIterator[Any], every_s: float = KEEPALIVE_S) -> AsyncIterator[Any]:
-    """The items of `items`, and None whenever `every_s` pass without one (a stream that holds its reply
-    back sends an SSE comment then). Closing this closes `items`."""
+async def with_keepalive(items: AsyncIterator[Any], every_s: float | None = None) -> AsyncIterator[Any]:
+    """The items of `items`, and None whenever `every_s` (default KEEPALIVE_S) pass without one (a stream
+    that holds its reply back sends an SSE comment then). Closing this closes `items`."""
+    every_s = every_s or KEEPALIVE_S
     it = items.__aiter__()
     nxt: asyncio.Future | None = None
     try:

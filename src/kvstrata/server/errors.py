@@ -138,9 +138,6 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"no route {request.method} {request.url.path}; see /docs for the API"
         elif exc.status_code == 413:
-            limit = request.scope.get("starlette.max_body_size")
-            msg = (f"the request body is larger than this server accepts ({limit} bytes, --max-body-bytes)"
-                   if limit is not None else msg)
             code = "request_too_large"
         elif exc.status_code == 400:
             code = "invalid_request"

@@ -1,10 +1,13 @@
-"""Request bodies that would break the server further in: text that is not Unicode a program can write.
+"""Request bodies that would break the server further in: too large, or text that is not Unicode.
 
-JSON allows `"\\ud800"`, a lone UTF-16 surrogate: Python decodes it into a `str` that no UTF-8 writer
-accepts, so the tokenizer, the session store or the response encoder fails far from the request
-(a 500, or a reset connection when the error message itself cannot be encoded). `TextGuard` reads
-the body as it passes (the body-size limit, outside it, has already bounded it) and answers 400 at
-the end of a body that is not UTF-8, or whose JSON holds a lone surrogate, naming where.
+Size: a body larger than `--max-body-bytes` gets 413 before it is read when its Content-Length says
+so, else as soon as the bytes read pass the limit (a chunked body), so memory never holds more.
+(Starlette's own limiter answers in plain text, not in the OpenAI error body clients parse.)
+
+Text: JSON allows `"\\ud800"`, a lone UTF-16 surrogate: Python decodes it into a `str` that no UTF-8
+writer accepts, so the tokenizer, the session store or the response encoder fails far from the
+request (a 500, or a reset connection when the error message itself cannot be encoded). At the end
+of the body, one that is not UTF-8, or whose JSON holds a lone surrogate, gets 400 naming where.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import re
 from typing import Any
 
 from starlette.exceptions import HTTPException
+
+from kvstrata.server.errors import error_response
 
 # a \uD800-\uDFFF escape; a cheap pre-filter (a pair is fine, and "\\ud800" is just text)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
@@ -58,22 +63,38 @@ def check_body_text(body: bytes) -> str | None:
             "send valid Unicode")
 
 
-class TextGuard:
-    """Pure ASGI middleware: a 400 for a JSON body that check_body_text refuses, raised from the body's
-    last read so the route's own error handling renders it."""
+class BodyGuard:
+    """Pure ASGI middleware: 413 for a body over `max_bytes`, 400 for one check_body_text refuses. Errors
+    found while the route reads are raised from that read (HTTPException), so the app's handlers render
+    them in the OpenAI format."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self) -> HTTPException:
+        return HTTPException(413, f"the request body is larger than this server accepts ({self.max_bytes} bytes, "
+                             "--max-body-bytes)")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        length = next((v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            e = self.too_large()
+            return await error_response(413, e.detail, "request_too_large")(scope, receive, send)
         chunks: list[bytes] = []
+        size = 0
 
         async def receive_checked():
+            nonlocal size
             message = await receive()
             if message["type"] == "http.request":
-                chunks.append(message.get("body", b""))
+                body = message.get("body", b"")
+                size += len(body)
+                if size > self.max_bytes:
+                    chunks.clear()
+                    raise self.too_large()
+                chunks.append(body)
                 if not message.get("more_body", False):
                     why = check_body_text(b"".join(chunks))
                     chunks.clear()

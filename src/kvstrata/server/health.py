@@ -2,10 +2,11 @@
 
 200 `{"status": "ok" | "draining", "model", "store": "ok"}` when both work; 503 with code
 `engine_dead` once the engine thread died (every generation would fail), or `store_unavailable`
-while the session store cannot be read (sessions, responses and jobs answer 503 meanwhile; chat and
-completions still serve). The store is probed with one cheap read at most every PROBE_EVERY_S, one
-probe at a time and at most PROBE_TIMEOUT_S waited for, so a hung database never piles up threads
-or holds a health check.
+while the session store cannot be read, or failed a request's read or write within the last
+RECENT_FAILURE_S (a full disk still reads fine; sessions, responses and jobs answer 503 meanwhile;
+chat and completions still serve). The store is probed with one cheap read at most every
+PROBE_EVERY_S, one probe at a time and at most PROBE_TIMEOUT_S waited for, so a hung database never
+piles up threads or holds a health check.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.0
+RECENT_FAILURE_S = 10.0
 
 
 class StoreHealth:
@@ -30,6 +32,9 @@ class StoreHealth:
         self._probe: asyncio.Future | None = None
 
     async def check(self, store) -> bool:
+        failed_at = store.failed_at
+        if failed_at is not None and time.monotonic() - failed_at < RECENT_FAILURE_S:
+            return False
         if time.monotonic() - self.checked < PROBE_EVERY_S:
             return self.ok
         if self._probe is None or self._probe.done():

@@ -83,6 +83,7 @@ class PostgresSessionStore(SqlStore):
                     self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s))
                 )
             except psycopg.Error as e:
+                self.failed_at = time.monotonic()
                 raise StoreUnavailable(
                     f"cannot connect to the session store {self.where}: {str(e).strip()}; check that the "
                     "server runs and the URL (user, password, database) is right"
@@ -99,6 +100,7 @@ class PostgresSessionStore(SqlStore):
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.QueryCanceled) as e:
+            self.failed_at = time.monotonic()
             raise StoreUnavailable(f"session store {self.where}: {str(e).strip()}") from None
 
     def _read(self) -> contextlib.AbstractContextManager[Any]:

@@ -124,6 +124,7 @@ class SQLiteSessionStore(SqlStore):
             hint = " (the file exists but is not a SQLite database: point the store at another path)"
         elif "full" in str(e):
             hint = " (free disk space where the store lives)"
+        self.failed_at = time.monotonic()
         return StoreUnavailable(f"session store {str(self.path)!r}: SQLite error: {e}{hint}")
 
     @contextlib.contextmanager
