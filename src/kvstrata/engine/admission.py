@@ -80,6 +80,7 @@ class Admission:
     def __init__(self, aengine: AsyncEngine, policy: AdmissionPolicy) -> None:
         self.aengine, self.policy = aengine, policy
         self.outstanding = {"interactive": 0, "batch": 0}
+        self.peak = {"interactive": 0, "batch": 0}  # the most outstanding at once, per class
         self.by_key: dict[Any, int] = {}
         self.queued_by_key: dict[Any, int] = {}
         self._waiters: list[_Waiter] = []
@@ -100,7 +101,9 @@ class Admission:
         return key is None or c == 0 or self.by_key.get(key, 0) < c
 
     def _take(self, key: Any, batch: bool) -> None:
-        self.outstanding["batch" if batch else "interactive"] += 1
+        cls = "batch" if batch else "interactive"
+        self.outstanding[cls] += 1
+        self.peak[cls] = max(self.peak[cls], self.outstanding[cls])
         if key is not None:
             self.by_key[key] = self.by_key.get(key, 0) + 1
         self.stats["admitted"] += 1
