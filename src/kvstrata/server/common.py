@@ -247,3 +247,10 @@ async def with_keepalive(items: AsyncIterator[Any], every_s: float | None = None
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def keepalive_sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The SSE events of `events`, plus an SSE comment whenever KEEPALIVE_S pass without one (a stream
+    holding its reply back, a request waiting for the engine)."""
+    async for ev in with_keepalive(events):
+        yield SSE_KEEPALIVE if ev is None else ev

@@ -19,10 +19,10 @@ from kvstrata.server import chat_format as cf
 from kvstrata.server.common import (
     SSE_DONE,
     SSE_HEADERS,
-    SSE_KEEPALIVE,
     build_sampling,
     chat_logprobs,
     generate_final,
+    keepalive_sse,
     new_id,
     now,
     open_stream,
@@ -31,7 +31,6 @@ from kvstrata.server.common import (
     sse,
     sse_error,
     usage,
-    with_keepalive,
 )
 from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import ChatCompletionRequest
@@ -85,8 +84,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, _owner
     if body.stream:
         first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.rc)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(st, plan, cid, body.model, first, agen, include_usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        events = _stream(st, plan, cid, body.model, first, agen, include_usage)
+        return StreamingResponse(keepalive_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
     out = await generate_final(st, request, plan.prompt, plan.params, plan.rc)
     return {
         "id": cid, "object": "chat.completion", "created": now(), "model": body.model,
@@ -112,10 +111,7 @@ async def _stream(st: ServerState, plan: ChatPlan, cid: str, model: str, first: 
                       "finish_reason": None}])
     last = first
     try:
-        async for out in with_keepalive(outputs(first, agen)):
-            if out is None:
-                yield SSE_KEEPALIVE
-                continue
+        async for out in outputs(first, agen):
             last = out
             for o in out.outputs:
                 i = o.index
