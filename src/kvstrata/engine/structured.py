@@ -266,16 +266,20 @@ def build_processor(spec: dict, tokenizer, vocab_size: int) -> GrammarProcessor:
 def check_output(spec: dict, tokenizer, token_ids: list[int], eos_ids) -> str | None:
     """Why `token_ids`, a constrained output that stopped on EOS or on its grammar, is not a complete match
     of `spec` (replayed through a fresh matcher), or None when it is."""
-    proc = build_processor(spec, tokenizer, tokenizer.vocab_size)
-    m = proc.matcher
     toks = list(token_ids)
+    proc = build_processor(spec, tokenizer, tokenizer.vocab_size)
     if toks and (toks[-1] in eos_ids or toks[-1] in proc.eos_ids):
         toks.pop()
-    for t in toks:
-        if not m.consume_token(int(t)):
+    m = proc.matcher
+    if m.consume_tokens([int(t) for t in toks]) and not m.is_error() and m.is_accepting():
+        return None
+    # a failure: replay as the engine ran it, a mask before each token, to find where and why it gave up
+    proc = build_processor(spec, tokenizer, tokenizer.vocab_size)
+    m = proc.matcher
+    for t in toks + [None]:
+        proc._allowed(tokenizer.vocab_size)
+        if m.is_error() or t is None or not m.consume_token(int(t)) or m.is_error():
             break
     if m.is_error():
         return f"the parser gave up: {m.get_error()}"
-    if not m.is_accepting():
-        return "the output ends before the grammar is complete"
-    return None
+    return "the output ends before the grammar is complete"
