@@ -141,3 +141,22 @@ def test_limit_flags(tmp_path):
     assert limits_from_args(p.parse_args([])) == ServerLimits()
     with pytest.raises(KvstrataError, match="max-job-tasks"):
         limits_from_args(p.parse_args(["--max-job-tasks", "0"]))
+
+
+def test_a_message_far_longer_than_the_context_is_refused_before_tokenizing(keyed, monkeypatch):
+    """A 0.9 MB message (under the body limit) on a 1,024-token model: 400 context_length_exceeded from
+    its length alone; tokenizing it first cost 2 GB of RSS for 7.5 MB."""
+    from kvstrata.tokenizer.tokenizer import Tokenizer
+
+    seen = []
+    real = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, *a, **kw: seen.append(len(text)) or
+                        real(self, text, *a, **kw))
+    long = "hello world " * 75_000
+    for path, body in (("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": long}]}),
+                       ("/v1/completions", {"model": "tiny", "prompt": long}),
+                       ("/v1/responses", {"model": "tiny", "input": long})):
+        err = assert_openai_error(httpx.post(keyed.url + path, json=body, headers=KEY, timeout=60), 400,
+                                  "context_length_exceeded")
+        assert "characters" in err["message"]
+    assert not [n for n in seen if n > 100_000], seen

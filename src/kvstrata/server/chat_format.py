@@ -12,7 +12,7 @@ import logging
 import secrets
 from typing import Any
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import ContextLengthError, KvstrataError
 from kvstrata.server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,39 @@ def _fallback_render(tok, messages: list[dict], tools: list | None) -> str:
     return tok.apply_chat_template(msgs, add_generation_prompt=True, tools=tools)
 
 
-def render(tok, messages: list[dict], tools: list | None = None, tool_choice: Any = None) -> str:
-    """The prompt text for `messages` (with the generation prompt). Raises APIError 400 on bad messages."""
+def render(tok, messages: list[dict], tools: list | None = None, tool_choice: Any = None, *,
+           context: int | None = None) -> str:
+    """The prompt text for `messages` (with the generation prompt). Raises APIError 400 on bad messages,
+    and, with the model's `context` (tokens), ContextLengthError for a text too long to fit (check_fits)."""
     try:
         if _tools is not None:
-            return _tools.render_chat(tok, messages, tools=tools, tool_choice=tool_choice, add_generation_prompt=True)
-        return _fallback_render(tok, messages, tools)
+            text = _tools.render_chat(tok, messages, tools=tools, tool_choice=tool_choice, add_generation_prompt=True)
+        else:
+            text = _fallback_render(tok, messages, tools)
     except KvstrataError as e:
         raise APIError(400, str(e), param="messages") from None
+    if context is not None:
+        check_fits(tok, text, context)
+    return text
+
+
+_token_chars: dict[int, int] = {}  # id(tokenizer) -> the most characters one token stands for
+
+
+def check_fits(tok, text: str, context: int) -> None:
+    """ContextLengthError, before tokenizing, for a text that cannot fit in `context` tokens.
+
+    No token stands for more characters than the vocabulary's longest entry (byte-level and
+    sentencepiece entries spell at least the characters they decode to); with a factor of 2 for
+    normalizers that fold characters, a longer text needs more tokens than the context has. This keeps a
+    megabytes-long message from costing gigabytes in the tokenizer before the length check says no."""
+    per = _token_chars.get(id(tok))
+    if per is None:
+        per = _token_chars[id(tok)] = max(map(len, tok.backend.get_vocab(with_added_tokens=True)), default=1)
+    most = 2 * per * context + 1024
+    if len(text) > most:
+        raise ContextLengthError(f"the prompt is {len(text)} characters; the model's context of {context} tokens "
+                                 f"holds far fewer (at most about {most}); shorten the prompt")
 
 
 def check_tools(tools: list | None, tool_choice: Any) -> tuple[list | None, Any]:

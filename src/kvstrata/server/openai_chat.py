@@ -49,7 +49,7 @@ class ChatPlan:
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         tools, choice = cf.check_tools(body.tools, body.tool_choice)
         msgs = cf.messages_to_dicts(body.messages)
-        text = cf.render(st.tokenizer, msgs, tools, choice)
+        text = cf.render(st.tokenizer, msgs, tools, choice, context=st.engine.max_model_len)
         self.prompt = st.tokenizer.encode(text, add_special_tokens=False)
         forced = cf.forced_spec(tools, choice)
         structured = cf.structured_from_response_format(body.response_format)

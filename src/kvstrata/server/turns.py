@@ -62,7 +62,8 @@ def plan_turn(st: ServerState, sess: Session, new_messages: list[dict[str, Any]]
     tools, choice = cf.check_tools(sess.tools, tool_choice)
     # tool_choice "none" still advertises the session's tools (only the parsing is off), so the
     # rendered history, and the KV of it, stay the same from turn to turn
-    text = cf.render(tok, history(sess) + new_messages, tools, "auto" if choice == "none" else choice)
+    text = cf.render(tok, history(sess) + new_messages, tools, "auto" if choice == "none" else choice,
+                     context=st.engine.max_model_len)
     keep, new_ids = splice_tokens(tok, sess.token_ids, text)
     prompt = sess.token_ids[:keep] + new_ids
     params: SamplingParams = make_params(len(prompt), cf.forced_spec(tools, choice))
