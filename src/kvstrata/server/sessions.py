@@ -26,7 +26,7 @@ from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import MessagesAppend, SessionCreate, SessionFork, SessionGenerate, SessionPark
 from kvstrata.server.state import get_state, owner
 from kvstrata.server.turns import prefetch, resume_if_parked, run_turn, unpin
-from kvstrata.sessions import Session, SessionInfo, SessionState
+from kvstrata.sessions import Session, SessionInfo, SessionState, VersionConflict
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -130,6 +130,8 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         sess = await st.db(st.store.get_session, session_id, owner=who)
         if sess.state == SessionState.CLOSED:
             raise APIError(409, f"session {session_id!r} is closed; fork it to continue", code="invalid_state")
+        if body.expected_version is not None and sess.version != body.expected_version:
+            raise VersionConflict(session_id, body.expected_version, sess.version)
         sess = await resume_if_parked(st, sess, who)
         turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
     return {
