@@ -119,3 +119,20 @@ def test_a_jobs_task_sessions_belong_to_the_jobs_key(tiny_aeng, store):
         assert r.status_code == 200 and r.json()["metadata"]["job_id"] == job["id"]
         assert c.get(f"/v1/sessions/{sid}", headers=bob).status_code == 404
         assert c.get(f"/v1/jobs/{job['id']}", headers=bob).status_code == 404
+
+
+def test_a_cancelled_job_has_no_running_task_and_none_starts(store):
+    """The store's own rule, whoever cancels: running tasks go back to pending in the cancelling write,
+    and no task of a finished job can start afterwards (an agent's late write cannot revive one)."""
+    from kvstrata.sessions import ANY_OWNER, InvalidTransition, JobState, TaskState
+
+    job = store.create_job({"job": {}}, owner=None, tasks=[{"user": "a"}, {"user": "b"}, {"user": "c"}])
+    store.set_job_state(job.id, JobState.RUNNING, owner=ANY_OWNER)
+    store.update_job_task(job.id, 0, state=TaskState.RUNNING)
+    store.update_job_task(job.id, 1, state=TaskState.RUNNING)
+    store.update_job_task(job.id, 1, state=TaskState.DONE, result={"status": "done"})
+    store.set_job_state(job.id, JobState.CANCELLED, owner=ANY_OWNER)
+    states = [t.state for t in store.get_job_tasks(job.id, owner=ANY_OWNER)]
+    assert states == [TaskState.PENDING, TaskState.DONE, TaskState.PENDING]
+    with pytest.raises(InvalidTransition, match="cancelled"):
+        store.update_job_task(job.id, 2, state=TaskState.RUNNING)
