@@ -1,7 +1,7 @@
 """The chaos run: a reference run, then the same workload under faults, then a soak; one report.
 
     python -m tests.chaos.run                      # the long form: 10 minutes, 64 clients (make chaos)
-    python -m tests.chaos.run --minutes 2 --clients 16 --out /tmp/chaos.md
+    python -m tests.chaos.run --minutes 2 --clients 16 --out chaos-quick.md
 
 The server is `kvstrata serve` as a process (SQLite store, disk tier written through, host tier, a real
 Redis), on the tiny random-weight model of the tests unless `--model` names another (`default`: the

@@ -47,7 +47,7 @@ def test_negative_max_waiting_is_a_user_error():
     ("postgresql://db/kvs?user=kv&password=s3cret&sslmode=require", "postgresql://db/kvs?user=kv&password=***&sslmode=require"),
     ("host=db password=s3cret user=kv", "host=db password=*** user=kv"),
     ("postgresql://kv@db/kvs", "postgresql://kv@db/kvs"),
-    ("/var/lib/kvstrata/sessions.db", "/var/lib/kvstrata/sessions.db"),
+    ("state/sessions.db", "state/sessions.db"),
 ])
 def test_store_urls_are_printed_without_their_password(url, shown):
     assert serve.redact_url(url) == shown

@@ -6,7 +6,6 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from kvstrata.server.limits import ServerLimits
 from tests.server.harness import make_engine, serve
@@ -62,6 +61,9 @@ def test_one_key_cannot_take_everyones_room(tiny_engine, tmp_path):
             t.join(60)
         assert {k: r.status_code for k, r in results.items()} == {"a1": 200, "a2": 200, "b1": 200}
         assert gate.total == 0 and gate.by_key == {} and gate.queued_by_key == {}
+        metrics = httpx.get(srv.url + "/metrics", headers=a).text
+        assert 'kvstrata_admission{what="rejected_quota"} 1.0' in metrics
+        assert 'kvstrata_admission{what="interactive"} 0.0' in metrics
     store.close()
 
 
