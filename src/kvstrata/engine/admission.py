@@ -197,6 +197,9 @@ class Admission:
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, ENGINE_FULL_BACKOFF_S[1])
                     continue
+                except BaseException:  # cancelled while the engine adds it: the engine stream aborts it
+                    await agen.aclose()
+                    raise
                 break
             try:
                 if first.finished:

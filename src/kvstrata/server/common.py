@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
 import secrets
 import time
 from typing import Any, AsyncIterator
@@ -158,8 +159,9 @@ async def generate_final(st: ServerState, request: Request, prompt: list[int], p
 
     async def consume() -> RequestOutput:
         last = None
-        async for out in _admitted(st, request, prompt, params, rc):
-            last = out
+        async with aclosing(_admitted(st, request, prompt, params, rc)) as outs:  # closed (aborted) when cancelled
+            async for out in outs:
+                last = out
         assert last is not None and last.finished
         return last
 
