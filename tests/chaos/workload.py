@@ -5,7 +5,8 @@ protocol that makes a turn exactly-once: every attempt carries the session versi
 (`expected_version`), and after any attempt whose outcome it did not see (a killed server, its own
 cancellation) the client reads the session back to learn whether the turn was committed. Chat: single greedy
 completions. Jobs: multi-step tasks (follow-ups) submitted before the faults start. A never-disturbed
-reference run of the same scripts gives the expected output of every turn, completion and task.
+reference run of the same scripts (first, on the same server, before any fault, with nothing cached)
+gives the expected output of every turn, completion and task.
 """
 
 from __future__ import annotations
