@@ -158,7 +158,7 @@ async def park(session_id: str, body: SessionPark, request: Request, who=Depends
             res = await st.aengine.call_async(lambda e: e.park(list(sess.token_ids), body.tier))
             kv = {"moved": not (res or {}).get("failed"), "seconds": round(time.perf_counter() - t0, 4), **(res or {})}
         if kv.get("failed"):  # the tier refused blocks (full, unwritable): not parked there, its pins undone
-            await unpin(st, sess.token_ids, body.tier)
+            await unpin(st, sess.token_ids[: kv.get("tokens", 0)], body.tier)  # what this park pinned
             kv["reason"] = f"the {body.tier} tier did not store the session's KV; the session is not parked"
             return {**session_json(await st.db(st.store.get_session_info, session_id, owner=who)), "kv": kv}
         lease = time.time() + body.lease_s if body.lease_s else None
