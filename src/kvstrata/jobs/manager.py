@@ -226,7 +226,9 @@ class JobManager:
                 p.kv_by_tier = {}
                 continue
             try:
-                locs = await self.aeng.call_async(lambda e: [e.locate(x) for x in ids])
+                # shielded: cancelling this sampler (the job ends or stops) must not cancel the engine-thread
+                # call, whose result would then be set on a cancelled future (issue 19, defect 1)
+                locs = await asyncio.shield(self.aeng.call_async(lambda e: [e.locate(x) for x in ids]))
             except EngineDeadError:
                 return
             except Exception as e:  # a display detail; never stops the job

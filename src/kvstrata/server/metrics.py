@@ -6,6 +6,7 @@ that describe the engine (queue depth, KV blocks) are read from the engine threa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -90,8 +91,8 @@ class Metrics:
 
     async def render(self, aengine, admission=None) -> bytes:
         try:
-            summary, waiting, counters, kv = await aengine.call_async(
-                lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters), e.kv_stats()))
+            summary, waiting, counters, kv = await asyncio.shield(aengine.call_async(  # a scraper that leaves
+                lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters), e.kv_stats())))  # cancels nothing there
             self._tiers(kv)
             self.waiting.set(waiting)
             for k, v in counters.items():
