@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench bench-peers clean
+.PHONY: install serve test test-fast bench bench-peers chaos clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ bench: install
 
 bench-peers: install
 	$(BIN)/python -m benchmarks.peers.prepare
+
+# The chaos suite's long form (10 minutes, 64 clients; its short form runs in `make test`): SIGKILLs,
+# store and Redis outages, corrupt tier files and cancelling clients against the real server, every
+# output checked against an undisturbed run. Needs an idle machine; writes benchmarks/results/chaos.md.
+chaos: install
+	$(BIN)/python -m tests.chaos.run --minutes $${MINUTES:-10} --clients $${CLIENTS:-64}
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

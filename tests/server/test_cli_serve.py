@@ -39,3 +39,36 @@ def test_negative_max_waiting_is_a_user_error():
     from kvstrata.cli.main import main
 
     assert main(["serve", "--max-waiting", "-1"]) == 2
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://kv:s3cret@db:5432/kvs", "postgresql://kv:***@db:5432/kvs"),
+    ("postgresql://kv:p@ss:w0rd@db/kvs", "postgresql://kv:***@db/kvs"),
+    ("postgresql://db/kvs?user=kv&password=s3cret&sslmode=require", "postgresql://db/kvs?user=kv&password=***&sslmode=require"),
+    ("host=db password=s3cret user=kv", "host=db password=*** user=kv"),
+    ("postgresql://kv@db/kvs", "postgresql://kv@db/kvs"),
+    ("state/sessions.db", "state/sessions.db"),
+])
+def test_store_urls_are_printed_without_their_password(url, shown):
+    assert serve.redact_url(url) == shown
+
+
+def test_the_start_banner_never_shows_the_store_password(tiny_llama, tmp_path):
+    """The server as users start it, on a real PostgreSQL (trust auth: the password is ignored there)."""
+    from tests.server.harness import ServerProcess
+    from tests.support.postgres_server import PostgresServer
+
+    pg = PostgresServer()
+    pg.start()
+    try:
+        url = pg.create_database().replace("://kvstrata@", "://kvstrata:hunter2-s3cret@")
+        proc = ServerProcess(["--model", str(tiny_llama), "--kv-device-bytes", "16M", "--session-store", url],
+                             tmp_path / "serve.log")
+        try:
+            proc.wait_ready()
+            out = proc.output()
+        finally:
+            proc.close()
+        assert "kvstrata:***@127.0.0.1" in out and "hunter2" not in out
+    finally:
+        pg.cleanup()

@@ -148,6 +148,7 @@ def full_dir(tmp_path):
 
 
 def test_full_disk_put_returns_false_and_leaves_no_partial_block(full_dir):
+    """Full of pinned blocks (nothing to evict on ENOSPC), a put fails whole."""
     d, kind = full_dir
     t = DiskTier(d)
     big = make_block(0)
@@ -158,6 +159,7 @@ def test_full_disk_put_returns_false_and_leaves_no_partial_block(full_dir):
         results.append(t.put(b.key, blob))
         if not results[-1]:
             break
+        t.pin(b.key)
     assert results[-1] is False, "the directory never filled up"
     s = t.stats()
     assert s.put_failures == 1 and s.errors == 1

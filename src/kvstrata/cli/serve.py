@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 from kvstrata.config import add_engine_args, engine_config_from_args, parse_bytes
@@ -40,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not resume, at start, the unfinished jobs clients submitted to /v1/jobs (set it when "
                         "several servers share one session store: each would resume them)")
     add_cluster_arguments(p)
+    from kvstrata.server.limits import add_limit_args
+
+    add_limit_args(p)
     add_engine_args(p)
 
 
@@ -92,6 +96,12 @@ def default_store_path() -> str:
     return str(home / "sessions.db")
 
 
+def redact_url(url: str) -> str:
+    """A store URL or libpq DSN fit to print: the password (`user:PW@`, `password=PW`) shown as ***."""
+    out = re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:?#]*):[^/?#]*@", r"\1:***@", out, flags=re.I)
+
+
 def model_names(args: argparse.Namespace, cfg) -> list[str]:
     if args.served_model_name:
         return list(dict.fromkeys(args.served_model_name))
@@ -108,11 +118,13 @@ def run(args: argparse.Namespace) -> int:
     from kvstrata.engine.async_engine import AsyncEngine
     from kvstrata.engine.llm_engine import LLMEngine
     from kvstrata.server import create_app
+    from kvstrata.server.limits import limits_from_args
     from kvstrata.sessions import open_store
 
     if args.max_waiting < 0:
         raise KvstrataError("--max-waiting must be >= 0")
     keys = read_api_keys(args)
+    limits = limits_from_args(args)
     cfg = engine_config_from_args(args)
     if wants_cluster(args):  # the one place the CLI reaches into kvstrata.cluster, lazily
         from kvstrata.cluster.launch import options_from_args, run as run_cluster
@@ -127,11 +139,12 @@ def run(args: argparse.Namespace) -> int:
         raise
     park_tier = "disk" if (cfg.kv_disk_dir and not args.no_park_on_shutdown) else None
     app = create_app(aengine, store, model_names=model_names(args, cfg), api_keys=keys,
-                     close_on_shutdown=True, park_tier_on_shutdown=park_tier, resume_jobs=not args.no_resume_jobs)
+                     close_on_shutdown=True, park_tier_on_shutdown=park_tier, resume_jobs=not args.no_resume_jobs,
+                     limits=limits)
     base = f"http://{args.host}:{args.port}"
     auth = ' -H "Authorization: Bearer $KVSTRATA_API_KEY"' if keys else ""
     name = app.state.kv.model_id
-    print(f"kvstrata: serving {name!r} at {base}/v1 (sessions: {args.session_store or default_store_path()})",
+    print(f"kvstrata: serving {name!r} at {base}/v1 (sessions: {redact_url(args.session_store or default_store_path())})",
           flush=True)
     print(f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",

@@ -90,7 +90,7 @@ class LLMEngine:
                               self.device)
         self.kv = KVManager(self.pool, self.fingerprint, cfg.enable_prefix_caching)
         phases.mark("rope+pool")
-        stack = build_tier_stack(cfg, self.fingerprint)
+        stack = build_tier_stack(cfg, self.fingerprint, self.pool)
         self.offload = Offload(self.pool, stack, self.fingerprint) if stack is not None else None
         self.kv.offload = self.offload
         phases.mark("tiers")

@@ -15,6 +15,13 @@ The spec dict (docs/structured.md has the full reference):
                                                               <tool_call>{"name": ..., "arguments": ...}</tool_call>
                                                               (built by tokenizer.tools.forced_tool_call_spec)
 
+A grammar llguidance cannot enforce is refused up front where it can tell (the grammar does not
+compile, or the parser gives up on its first mask: KvstrataError, HTTP 400). Where the parser only
+gives up later (a schema whose required recursion never ends, a pattern that explodes), the matcher
+can only end the sequence; `check_output` replays a finished output through a fresh matcher and
+says why it is not a complete match, so such an output is reported as a failure
+(ConstraintFailedError), never as a clean stop.
+
 JSON is generated compactly with ", " and ": " separators and no other whitespace, so a model (even a
 random one) cannot pad its output with endless blanks. The token-level view of the vocabulary
 (`llguidance.LLTokenizer`, ~0.7 s to build for a 49k vocabulary) is cached per tokenizer object, and
@@ -41,6 +48,17 @@ log = logging.getLogger(__name__)
 
 SPEC_TYPES = ("json_object", "json_schema", "regex", "grammar", "tool_call")
 _GRAMMAR_CACHE_SIZE = 64
+
+
+class ConstraintFailedError(KvstrataError):
+    """A constrained output ended without completing its grammar: llguidance gave up on it (a schema or
+    pattern too complex to enforce) and the sequence could only stop."""
+
+
+def _limits():
+    import llguidance
+
+    return llguidance.LLParserLimits(verbose_errors=False)  # errors say what, without a parser-state dump
 
 
 class LogitsProcessor(abc.ABC):
@@ -229,12 +247,39 @@ def build_processor(spec: dict, tokenizer, vocab_size: int) -> GrammarProcessor:
             _grammars.move_to_end(key)
     if template is None:
         check_grammar(grammar, _what(spec))
-        template = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0)
+        template = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0, limits=_limits())
         if template.is_error():
             raise KvstrataError(f"invalid {_what(spec)}: {template.get_error()}")
+        probe = GrammarProcessor(template.deep_copy(), tokenizer.vocab_size, spec["type"])
+        probe._allowed(tokenizer.vocab_size)  # the first mask: where the parser gives up at once, say so now
+        if probe.matcher.is_error():
+            raise KvstrataError(f"this {_what(spec)} cannot be enforced (llguidance: {probe.matcher.get_error()}); "
+                                "simplify it")
         with _lock:
             _grammars[key] = template
             while len(_grammars) > _GRAMMAR_CACHE_SIZE:
                 _grammars.popitem(last=False)
     llt = ll_tokenizer(tokenizer)
     return GrammarProcessor(template.deep_copy(), tokenizer.vocab_size, spec["type"], tuple(llt.eos_tokens))
+
+
+def check_output(spec: dict, tokenizer, token_ids: list[int], eos_ids) -> str | None:
+    """Why `token_ids`, a constrained output that stopped on EOS or on its grammar, is not a complete match
+    of `spec` (replayed through a fresh matcher), or None when it is."""
+    toks = list(token_ids)
+    proc = build_processor(spec, tokenizer, tokenizer.vocab_size)
+    if toks and (toks[-1] in eos_ids or toks[-1] in proc.eos_ids):
+        toks.pop()
+    m = proc.matcher
+    if m.consume_tokens([int(t) for t in toks]) and not m.is_error() and m.is_accepting():
+        return None
+    # a failure: replay as the engine ran it, a mask before each token, to find where and why it gave up
+    proc = build_processor(spec, tokenizer, tokenizer.vocab_size)
+    m = proc.matcher
+    for t in toks + [None]:
+        proc._allowed(tokenizer.vocab_size)
+        if m.is_error() or t is None or not m.consume_token(int(t)) or m.is_error():
+            break
+    if m.is_error():
+        return f"the parser gave up: {m.get_error()}"
+    return "the output ends before the grammar is complete"

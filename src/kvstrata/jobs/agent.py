@@ -32,7 +32,7 @@ from kvstrata.engine.async_engine import EngineDeadError
 from kvstrata.jobs.results import summarize
 from kvstrata.jobs.tools import ToolContext
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
-from kvstrata.sessions import ANY_OWNER, JobTask, Session, SessionState, TaskState
+from kvstrata.sessions import ANY_OWNER, JobTask, Session, SessionState, StoreUnavailable, TaskState
 from kvstrata.sessions import turns
 from kvstrata.sessions.kv import SessionKV
 from kvstrata.tokenizer.tools import forced_tool_call_spec, parse_tool_calls
@@ -49,6 +49,7 @@ class RunContext:
     workers: ToolWorkers
     job_id: str
     progress: Any  # jobs.progress.JobProgress
+    owner: str | None = None  # the job's owner: its task sessions are the job's key's too
 
 
 class Agent:
@@ -79,7 +80,7 @@ class Agent:
                 await self._db(st.update_job_task, self.rc.job_id, t.index, state=TaskState.RUNNING)
             return
         meta = {"job_id": self.rc.job_id, "task_index": t.index, "task_id": t.id, "started_at": time.time()}
-        self.sess = await self._db(st.create_session, owner=None, messages=list(t.messages), system_prompt=t.system,
+        self.sess = await self._db(st.create_session, owner=self.rc.owner, messages=list(t.messages), system_prompt=t.system,
                                    tools=self.tools.defs or None, request_class=RequestClass.BATCH, metadata=meta)
         await self._db(st.update_job_task, self.rc.job_id, t.index, state=TaskState.RUNNING, session_id=self.sess.id)
 
@@ -117,7 +118,7 @@ class Agent:
                         reason = "answered"
                 else:
                     reason = await self._step()
-        except (EngineDeadError, asyncio.CancelledError):
+        except (EngineDeadError, StoreUnavailable, asyncio.CancelledError):  # the job stops and resumes later
             raise
         except Exception as e:  # an engine or store error for this task: it fails, the job goes on
             log.exception("task %s failed", t.id)

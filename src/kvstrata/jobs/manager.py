@@ -20,30 +20,40 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from kvstrata.core import KvstrataError
+from kvstrata.engine.admission import Admission, AdmissionPolicy, AdmittedEngine
 from kvstrata.engine.async_engine import EngineDeadError
 from kvstrata.jobs.agent import Agent, RunContext
 from kvstrata.jobs.progress import JobProgress
 from kvstrata.jobs.results import result_record
-from kvstrata.jobs.spec import JobSpec
+from kvstrata.jobs.spec import JobLimits, JobSpec
 from kvstrata.jobs.tools import Tool, load_source
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
-from kvstrata.sessions import ANY_OWNER, JobState, TaskState
+from kvstrata.sessions import ANY_OWNER, JobState, StoreUnavailable, TaskState
 from kvstrata.sessions.kv import SessionKV
 
 log = logging.getLogger(__name__)
 TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+STORE_RETRY_S = (1.0, 30.0)  # a job whose store is down resumes after this backoff (first, most)
 
 
 class JobManager:
     def __init__(self, aengine, store, *, skv: SessionKV | None = None, allow_python_modules: bool = True,
-                 allow_mcp: bool = True, kv_sample_s: float = 2.0) -> None:
+                 allow_mcp: bool = True, kv_sample_s: float = 2.0, limits: JobLimits | None = None,
+                 admission: Admission | None = None) -> None:
         """skv: the SessionKV that owns the sessions' KV (the server passes its own; default: a new one).
         allow_python_modules / allow_mcp: whether job specs may name tool modules by path / start MCP
         server commands. The CLI allows both; a server should allow neither for untrusted clients (entry
-        points, installed by the operator, are always allowed)."""
+        points, installed by the operator, are always allowed). limits: what one job may ask for (a
+        server's flags; None: no limit). admission: the gate every agent's generation passes (the
+        server's, shared with its HTTP requests; default: one over this engine alone). Agents wait there
+        for room as batch requests, so a job never takes the interactive reserve and never fails on a
+        full queue."""
         self.aeng, self.store = aengine, store
         self.skv = skv if skv is not None else SessionKV(aengine, store)
         self.allow_python_modules, self.allow_mcp = allow_python_modules, allow_mcp
+        self.limits = limits or JobLimits()
+        self.gate = admission or Admission(aengine, AdmissionPolicy.for_engine(
+            aengine.engine.scheduler.max_num_seqs, aengine.max_waiting))
         self.kv_sample_s = kv_sample_s
         self.progress: dict[str, JobProgress] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -54,7 +64,7 @@ class JobManager:
     # -- create -------------------------------------------------------------------------------------
     async def create(self, job: dict, *, owner: str | None = None, source: dict | None = None) -> str:
         """Validate `job` (the job-file object) and store it as a QUEUED job; returns its id."""
-        spec = JobSpec.parse(job)
+        spec = JobSpec.parse(job, self.limits)
         if spec.mcp_servers and not self.allow_mcp:
             raise KvstrataError("this server does not start MCP servers named in a job; ask the operator to "
                                 "configure them, or run the job with `kvstrata jobs run`")
@@ -80,9 +90,19 @@ class JobManager:
         return t
 
     async def _run_logged(self, job_id: str) -> None:
+        delay = STORE_RETRY_S[0]
+        while True:
+            try:
+                return await self._run_once(job_id)
+            except StoreUnavailable as e:  # nothing is lost: every step is in the store; resume when it is back
+                log.warning("job %s: the session store is unavailable (%s); resuming in %.0f s", job_id, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, STORE_RETRY_S[1])
+
+    async def _run_once(self, job_id: str) -> None:
         try:
             await self.run(job_id)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, StoreUnavailable):
             raise
         except KvstrataError as e:  # e.g. a tool source that does not load: the job fails with the reason
             log.warning("job %s failed: %s", job_id, e)
@@ -168,8 +188,10 @@ class JobManager:
         p.failed = sum(t.state == TaskState.FAILED for t in tasks)
         self.progress[job_id] = p
         registry, conns = await self._tools(spec)
-        rc = RunContext(self.aeng, self.store, self.skv, ToolWorkers(spec.tool_workers), job_id, p)
-        sem = asyncio.Semaphore(spec.max_concurrent_agents)
+        lim = self.limits  # a job stored under other limits (a resume) runs within today's
+        workers = ToolWorkers(min(spec.tool_workers, lim.max_tool_workers or spec.tool_workers))
+        rc = RunContext(AdmittedEngine(self.gate, job.owner), self.store, self.skv, workers, job_id, p, owner=job.owner)
+        sem = asyncio.Semaphore(min(spec.max_concurrent_agents, lim.max_agents or spec.max_concurrent_agents))
 
         async def one(jt) -> None:
             async with sem:
@@ -263,6 +285,8 @@ class JobManager:
         return out
 
     async def cancel(self, job_id: str, *, owner: Any = ANY_OWNER) -> dict:
+        """Stops the job's agents (their engine requests aborted, waiters leave the admission queue) and
+        marks it cancelled; the store puts its running tasks back to pending in the same write."""
         await self._db(self.store.get_job, job_id, owner=owner)  # JobNotFound for another owner
         t = self._tasks.pop(job_id, None)
         if t is not None:

@@ -10,7 +10,8 @@ use from the server's `app.state.kv` (its `aengine` and `store`) that refuses mo
 commands (a client must not choose code to run on the server; tools registered through the
 `kvstrata.tools` entry-point group are allowed). The owner of a job is `request.state.owner`, set by
 the server's auth middleware (None without API keys). Errors are HTTPExceptions (404 unknown job,
-400 bad job), which the server renders in its OpenAI error format.
+400 bad job, e.g. past the server's job limits), which the server renders in its OpenAI error format;
+a StoreUnavailable passes through to the server's handler (503).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastapi import APIRouter, Body, HTTPException, Request
 
 from kvstrata.core import KvstrataError
 from kvstrata.jobs.manager import JobManager
-from kvstrata.sessions import JobNotFound
+from kvstrata.sessions import JobNotFound, StoreUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -34,8 +35,10 @@ def server_manager(app) -> JobManager:
         st = getattr(app.state, "kv", None)
         if st is None:
             raise HTTPException(503, "this server has no job manager (set app.state.jobs)")
+        limits = getattr(st, "limits", None)  # the kvstrata server's state has its limits and admission gate
         mgr = app.state.jobs = JobManager(st.aengine, st.store, skv=st.skv, allow_python_modules=False,
-                                          allow_mcp=False)
+                                          allow_mcp=False, limits=limits.jobs() if limits else None,
+                                          admission=getattr(st, "admission", None))
     return mgr
 
 
@@ -52,6 +55,8 @@ async def _call(coro):
         return await coro
     except JobNotFound as e:
         raise HTTPException(404, str(e)) from None
+    except StoreUnavailable:  # the server's state, not the request's: the app's handler answers 503
+        raise
     except KvstrataError as e:
         raise HTTPException(400, str(e)) from None
 

@@ -166,6 +166,27 @@ class MCPServerSpec:
 
 
 @dataclass(frozen=True)
+class JobLimits:
+    """What a server lets one job ask for (None: no limit, as `kvstrata jobs run` on the user's own file)."""
+
+    max_tasks: int | None = None
+    max_agents: int | None = None  # largest max_concurrent_agents
+    max_tool_workers: int | None = None  # largest tool_workers; also caps the default (the CPU count)
+
+    def check(self, raw: dict) -> None:
+        """KvstrataError naming the limit and the flag that sets it, before anything is parsed or stored."""
+        n = len(raw.get("tasks") or []) if isinstance(raw.get("tasks"), list) else 0
+        for what, got, cap, flag in (("tasks", n, self.max_tasks, "--max-job-tasks"),
+                                     ("max_concurrent_agents", raw.get("max_concurrent_agents"), self.max_agents,
+                                      "--max-job-agents"),
+                                     ("tool_workers", raw.get("tool_workers"), self.max_tool_workers,
+                                      "--max-tool-workers")):
+            if cap is not None and isinstance(got, int) and not isinstance(got, bool) and got > cap:
+                raise KvstrataError(f"the job asks for {got} {what}; this server allows at most {cap} ({flag}); "
+                                    "split the job or lower the value")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     raw: dict  # the job as given (what the store keeps and a resume re-parses)
     name: str | None
@@ -177,10 +198,12 @@ class JobSpec:
     max_tool_output_chars: int = 8000
 
     @classmethod
-    def parse(cls, raw: Any) -> "JobSpec":
+    def parse(cls, raw: Any, limits: JobLimits | None = None) -> "JobSpec":
         if not isinstance(raw, dict):
             raise KvstrataError("a job must be a JSON object with `tasks` (see docs/jobs.md)")
         _check_keys(raw, JOB_KEYS, "job")
+        limits = limits or JobLimits()
+        limits.check(raw)
         if raw.get("kvstrata_job", FORMAT_VERSION) != FORMAT_VERSION:
             raise KvstrataError(f"job format version {raw['kvstrata_job']!r} is not supported (this build reads {FORMAT_VERSION})")
         tasks = raw.get("tasks")
@@ -214,7 +237,8 @@ class JobSpec:
                 raise KvstrataError(f"`{k}` must be an integer >= {lo}; got {x!r}")
         return cls(raw=raw, name=raw.get("name"), tool_sources=tuple(srcs),
                    mcp_servers=tuple(MCPServerSpec.parse(m, i) for i, m in enumerate(mcps)), tasks=parsed,
-                   max_concurrent_agents=mca, tool_workers=tw or (os.cpu_count() or 2), max_tool_output_chars=mo)
+                   max_concurrent_agents=mca, max_tool_output_chars=mo,
+                   tool_workers=tw or min(os.cpu_count() or 2, limits.max_tool_workers or 1 << 30))
 
 
 def read_job_file(path: str | os.PathLike) -> tuple[dict, str]:

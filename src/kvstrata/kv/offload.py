@@ -29,16 +29,19 @@ DEFAULT_DISK_BYTES = 10 << 30
 DURABLE_KEYS_REMEMBERED = 1 << 16  # keys known written to the durable tiers (about 1M tokens of blocks)
 
 
-def build_tier_stack(cfg: EngineConfig, fingerprint: str):
-    """The TierStack the config asks for (host, disk, remote, fastest first), or None."""
+def build_tier_stack(cfg: EngineConfig, fingerprint: str, pool: BlockPool | None = None):
+    """The TierStack the config asks for (host, disk, remote, fastest first), or None. With the `pool`,
+    the disk tier knows how large a block can be and never reads a larger file."""
     from kvstrata.tiers import DiskTier, HostTier, RedisTier, TierStack
+    from kvstrata.tiers.codec import max_encoded_bytes
 
     tiers, codecs = [], []
     if cfg.kv_host_bytes:
         tiers.append(HostTier(cfg.kv_host_bytes))
         codecs.append("raw")
     if cfg.kv_disk_dir:
-        tiers.append(DiskTier(cfg.kv_disk_dir, cfg.kv_disk_bytes or DEFAULT_DISK_BYTES))
+        most = max_encoded_bytes((2, *pool.k[:, 0].shape), pool.k.dtype, len(fingerprint)) if pool else None
+        tiers.append(DiskTier(cfg.kv_disk_dir, cfg.kv_disk_bytes or DEFAULT_DISK_BYTES, max_blob_bytes=most))
         codecs.append(cfg.kv_cold_codec)
     if cfg.kv_redis_url:
         tiers.append(RedisTier(cfg.kv_redis_url))

@@ -2,7 +2,10 @@
 
 Auth and request counting are one pure-ASGI middleware (Starlette's BaseHTTPMiddleware would wrap
 streaming responses and hide client disconnects from them). Every route but /health needs a key
-when keys are configured; the key's hash is the owner of the sessions it creates.
+when keys are configured; the key's hash is the owner of the sessions it creates. Inside it,
+`guards.BodyGuard` answers 413 for a body over `--max-body-bytes` (before or while it is read) and
+400 for one that is not Unicode text. Every generation passes one `Admission` gate
+(engine/admission.py), shared with the jobs' agents.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kvstrata.engine.admission import Admission
 from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.jobs.routes import router as jobs_router
 from kvstrata.jobs.routes import server_manager
 from kvstrata.server import completions, openai_chat, responses, sessions
 from kvstrata.server.errors import APIError, error_body, install_error_handlers
+from kvstrata.server.guards import BodyGuard
+from kvstrata.server.health import health_body
+from kvstrata.server.limits import ServerLimits
 from kvstrata.server.state import ServerState, get_state, make_api_keys
 from kvstrata.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 class AuthAndMetrics:
@@ -62,9 +70,10 @@ class AuthAndMetrics:
                 scope.setdefault("state", {})["owner"] = owner
             await self.app(scope, receive, send_counted)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or ("unmatched" if status["code"] == 404 else path)
-            self.st.metrics.requests.labels(label, scope.get("method", ""), str(status["code"])).inc()
+            # labels from a bounded set only: a route template, never the path a client sent
+            label = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.st.metrics.requests.labels(label, method if method in METHODS else "other", str(status["code"])).inc()
 
 
 def create_app(
@@ -77,6 +86,7 @@ def create_app(
     park_tier_on_shutdown: str | None = None,
     lease_sweep_s: float = 30.0,
     resume_jobs: bool = True,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """The server app over a running AsyncEngine and an open SessionStore.
 
@@ -85,9 +95,14 @@ def create_app(
     served by this process at that tier when shutting down (after in-flight requests finished).
     lease_sweep_s: how often expired session leases are swept (their KV unpinned); 0 disables.
     resume_jobs: at start, resume the unfinished jobs submitted to /v1/jobs (a restart or crash left them
-    queued or running); jobs of `kvstrata jobs run` are left to that command.
+    queued or running); jobs of `kvstrata jobs run` are left to that command. limits: request, job and
+    per-key limits (server/limits.py; default: its defaults).
     """
-    st = ServerState(aengine=aengine, store=store, model_names=list(model_names), api_keys=make_api_keys(api_keys or []))
+    limits = limits or ServerLimits()
+    keys = make_api_keys(api_keys or [])
+    policy = limits.admission(aengine.engine.scheduler.max_num_seqs, aengine.max_waiting, keyed=bool(keys))
+    st = ServerState(aengine=aengine, store=store, model_names=list(model_names), api_keys=keys,
+                     admission=Admission(aengine, policy), limits=limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,6 +130,7 @@ def create_app(
                   description="OpenAI-compatible API with durable agent sessions (see docs/server.md)")
     app.state.kv = st
     install_error_handlers(app)
+    app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes)
     app.add_middleware(AuthAndMetrics, state=st)
     app.include_router(openai_chat.router)
     app.include_router(completions.router)
@@ -124,10 +140,7 @@ def create_app(
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request):
-        s = get_state(request)
-        if s.aengine._dead is not None:
-            raise APIError(503, f"the engine stopped: {s.aengine._dead!r}", code="engine_dead")
-        return {"status": "draining" if s.draining else "ok", "model": s.model_id}
+        return await health_body(get_state(request))
 
     @app.get("/v1/models", tags=["openai"])
     async def list_models(request: Request):
@@ -143,7 +156,7 @@ def create_app(
     @app.get("/metrics", tags=["ops"])
     async def metrics(request: Request):
         s = get_state(request)
-        return Response(await s.metrics.render(s.aengine), media_type="text/plain; version=0.0.4")
+        return Response(await s.metrics.render(s.aengine, s.admission), media_type="text/plain; version=0.0.4")
 
     return app
 

@@ -11,7 +11,7 @@ import logging
 import secrets
 from typing import Any
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import ContextLengthError, KvstrataError
 from kvstrata.server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,17 @@ def messages_to_dicts(messages: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def render(tok, messages: list[dict], tools: list | None = None, tool_choice: Any = None) -> str:
-    """The prompt text for `messages` (with the generation prompt). Raises APIError 400 on bad messages."""
+def render(tok, messages: list[dict], tools: list | None = None, tool_choice: Any = None, *,
+           context: int | None = None) -> str:
+    """The prompt text for `messages` (with the generation prompt). Raises APIError 400 on bad messages,
+    and, with the model's `context` (tokens), ContextLengthError for a text too long to fit."""
     try:
-        return _tools.render_chat(tok, messages, tools=tools, tool_choice=tool_choice, add_generation_prompt=True)
+        text = _tools.render_chat(tok, messages, tools=tools, tool_choice=tool_choice, add_generation_prompt=True)
     except KvstrataError as e:
         raise APIError(400, str(e), param="messages") from None
+    if context is not None:
+        tok.check_fits(text, context)
+    return text
 
 
 def check_tools(tools: list | None, tool_choice: Any) -> tuple[list | None, Any]:

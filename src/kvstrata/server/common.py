@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
 import secrets
 import time
 from typing import Any, AsyncIterator
@@ -146,6 +147,11 @@ def completion_logprobs(tok, lps: list[TokenLogprob] | None, start: int, offset0
 # ---------------------------------------------------------------------------------------------- running
 
 
+def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass):
+    """The engine stream of this request, through the server's admission gate as the caller's key."""
+    return st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None))
+
+
 async def generate_final(st: ServerState, request: Request, prompt: list[int], params: SamplingParams,
                          rc: RequestClass) -> RequestOutput:
     """Run one engine request to the end (aborted if the client disconnects); records metrics."""
@@ -153,8 +159,9 @@ async def generate_final(st: ServerState, request: Request, prompt: list[int], p
 
     async def consume() -> RequestOutput:
         last = None
-        async for out in st.aengine.generate(prompt, params, request_class=rc):
-            last = out
+        async with aclosing(_admitted(st, request, prompt, params, rc)) as outs:  # closed (aborted) when cancelled
+            async for out in outs:
+                last = out
         assert last is not None and last.finished
         return last
 
@@ -168,8 +175,12 @@ async def open_stream(st: ServerState, request: Request, prompt: list[int], para
     """Start an engine request and wait for its first output, so that errors (429, too long, a bad
     schema) still become HTTP error statuses before the SSE stream begins."""
     st.check_accepting()
-    agen = st.aengine.generate(prompt, params, request_class=rc)
-    first = await until_disconnect(request, agen.__anext__())
+    agen = _admitted(st, request, prompt, params, rc)
+    try:
+        first = await until_disconnect(request, agen.__anext__())
+    except BaseException:
+        await agen.aclose()
+        raise
     return first, agen
 
 
@@ -189,6 +200,8 @@ def sse(obj: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+SSE_KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies and timeouts see bytes
+KEEPALIVE_S = 5.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -207,3 +220,39 @@ async def outputs(first: RequestOutput, agen: AsyncIterator[RequestOutput]) -> A
                 yield out
     finally:
         await agen.aclose()  # type: ignore[attr-defined]
+
+
+async def with_keepalive(items: AsyncIterator[Any], every_s: float | None = None) -> AsyncIterator[Any]:
+    """The items of `items`, and None whenever `every_s` (default KEEPALIVE_S) pass without one (a stream
+    that holds its reply back sends an SSE comment then). Closing this closes `items`."""
+    every_s = every_s or KEEPALIVE_S
+    it = items.__aiter__()
+    nxt: asyncio.Future | None = None
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            fut, nxt = nxt, None
+            try:
+                item = fut.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if nxt is not None:
+            nxt.cancel()
+            await asyncio.gather(nxt, return_exceptions=True)
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def keepalive_sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The SSE events of `events`, plus an SSE comment whenever KEEPALIVE_S pass without one (a stream
+    holding its reply back, a request waiting for the engine)."""
+    async for ev in with_keepalive(events):
+        yield SSE_KEEPALIVE if ev is None else ev

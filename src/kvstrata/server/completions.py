@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from kvstrata.core import RequestOutput
+from kvstrata.server import chat_format as cf
 from kvstrata.server.common import (
     SSE_DONE,
     SSE_HEADERS,
@@ -52,6 +53,7 @@ def _prompts(st: ServerState, p: Any) -> list[tuple[str, list[int]]]:
     out = []
     for x in items:
         if isinstance(x, str):
+            tok.check_fits(x, st.engine.max_model_len)
             out.append((x, tok.encode(x)))
         else:
             bad = [t for t in x if not 0 <= t < vocab]

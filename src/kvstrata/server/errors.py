@@ -3,8 +3,10 @@
 Every error a client can cause becomes a 4xx with that body: request validation (FastAPI's 422 is
 turned into 400, as OpenAI answers), KvstrataError (400), a too-long prompt (400,
 `context_length_exceeded`), missing / wrong API key (401), unknown model, session or response (404),
-a stale session write (409), a full queue (429 with Retry-After). Anything else is a 500 whose body
-says only that the server failed (the traceback goes to the log).
+a stale session write (409), a full queue or a key's quota (429 with Retry-After), a body over the
+limit (413). A session store that cannot be reached or written is the server's fault: 503 with
+Retry-After, the database's name and error only in the log. Anything else is a 500 whose body says
+only that the server failed (the traceback goes to the log).
 """
 
 from __future__ import annotations
@@ -59,20 +61,27 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 
 def to_api_error(e: BaseException) -> APIError:
     """Map an exception raised below the HTTP layer to the status a client should see."""
+    from kvstrata.engine.admission import QuotaExceededError
     from kvstrata.engine.async_engine import EngineDeadError, QueueFullError
+    from kvstrata.engine.structured import ConstraintFailedError
     from kvstrata.sessions import (
         InvalidTransition,
         JobNotFound,
         ResponseNotFound,
         SessionNotFound,
+        StoreUnavailable,
         VersionConflict,
     )
 
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFullError):
-        return APIError(429, f"the server is busy: {e}", code="queue_full",
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+        return APIError(429, f"the server is busy: {e}", code="quota_exceeded" if isinstance(e, QuotaExceededError)
+                        else "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, StoreUnavailable):
+        return store_unavailable(e)
+    if isinstance(e, ConstraintFailedError):
+        return APIError(400, str(e), code="constraint_failed")
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), code="context_length_exceeded", param="messages")
     if isinstance(e, SessionNotFound):
@@ -91,6 +100,13 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(400, str(e), code="invalid_request")
     log.exception("internal error", exc_info=e)
     return APIError(500, f"internal server error ({type(e).__name__}); see the server log", code="internal_error")
+
+
+def store_unavailable(e: BaseException) -> APIError:
+    """503 for a session store that failed; what failed goes to the log, not to the client."""
+    log.error("session store unavailable: %s", e)
+    return APIError(503, "the session store is unavailable; nothing was changed; retry later",
+                    code="store_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -118,9 +134,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        code = None
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return error_response(exc.status_code, msg, headers=getattr(exc, "headers", None))
+        elif exc.status_code == 413:
+            code = "request_too_large"
+        elif exc.status_code == 400:
+            code = "invalid_request"
+        return error_response(exc.status_code, msg, code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:

@@ -6,6 +6,7 @@ that describe the engine (queue depth, KV blocks) are read from the engine threa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,9 @@ class Metrics:
                                    ["tier", "reason"], registry=r)
         self.placement = Gauge("kvstrata_placement_decisions", "placement cost-model decisions by action",
                                ["action"], registry=r)
+        self.admission = Gauge("kvstrata_admission", "the admission gate: requests in progress by class "
+                               "(interactive, batch), waiting, and counts since start (admitted, rejected_full, "
+                               "rejected_quota, waited, engine_full_retries)", ["what"], registry=r)
 
     def observe_output(self, out: "RequestOutput") -> None:
         """Record a finished engine request."""
@@ -85,10 +89,10 @@ class Metrics:
         for action, n in (kv.get("placement", {}).get("decisions") or {}).items():
             self.placement.labels(action).set(n)
 
-    async def render(self, aengine) -> bytes:
+    async def render(self, aengine, admission=None) -> bytes:
         try:
-            summary, waiting, counters, kv = await aengine.call_async(
-                lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters), e.kv_stats()))
+            summary, waiting, counters, kv = await asyncio.shield(aengine.call_async(  # a scraper that leaves
+                lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters), e.kv_stats())))  # cancels nothing there
             self._tiers(kv)
             self.waiting.set(waiting)
             for k, v in counters.items():
@@ -100,4 +104,7 @@ class Metrics:
         except Exception as e:  # a dead engine still lets the counters be scraped
             log.warning("could not read engine gauges: %s", e)
         self.running.set(aengine.num_active)
+        if admission is not None:
+            for what, v in admission.snapshot().items():
+                self.admission.labels(what).set(v)
         return generate_latest(self.registry)

@@ -2,7 +2,8 @@
 
 With tools active (tools given, tool_choice not "none"), a streamed reply is held back until it is
 complete and then sent as one content delta or one tool_calls delta: a tool call can only be told
-from text once it is whole.
+from text once it is whole. Meanwhile (and in any stream with nothing to send for KEEPALIVE_S) an SSE
+comment goes out every KEEPALIVE_S, so clients and proxies see a live connection.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvstrata.server.common import (
     build_sampling,
     chat_logprobs,
     generate_final,
+    keepalive_sse,
     new_id,
     now,
     open_stream,
@@ -47,7 +49,7 @@ class ChatPlan:
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         tools, choice = cf.check_tools(body.tools, body.tool_choice)
         msgs = cf.messages_to_dicts(body.messages)
-        text = cf.render(st.tokenizer, msgs, tools, choice)
+        text = cf.render(st.tokenizer, msgs, tools, choice, context=st.engine.max_model_len)
         self.prompt = st.tokenizer.encode(text, add_special_tokens=False)
         forced = cf.forced_spec(tools, choice)
         structured = cf.structured_from_response_format(body.response_format)
@@ -82,8 +84,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, _owner
     if body.stream:
         first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.rc)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(st, plan, cid, body.model, first, agen, include_usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        events = _stream(st, plan, cid, body.model, first, agen, include_usage)
+        return StreamingResponse(keepalive_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
     out = await generate_final(st, request, plan.prompt, plan.params, plan.rc)
     return {
         "id": cid, "object": "chat.completion", "created": now(), "model": body.model,

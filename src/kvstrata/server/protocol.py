@@ -112,6 +112,9 @@ class MessagesAppend(_Lenient):
 
 class SessionGenerate(SamplingFields):
     messages: list[ChatMessage] = Field(default_factory=list, description="appended before generating")
+    expected_version: Optional[int] = Field(
+        None, ge=1, description="generate only while the session is at this version, else 409 version_conflict: "
+        "a client that retries a turn whose answer it lost never appends it twice")
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False

@@ -28,7 +28,7 @@ from fastapi.responses import StreamingResponse
 
 from kvstrata.core import RequestClass, RequestOutput
 from kvstrata.server import chat_format as cf
-from kvstrata.server.common import SSE_HEADERS, build_sampling, new_id, now, open_stream, outputs
+from kvstrata.server.common import SSE_HEADERS, build_sampling, keepalive_sse, new_id, now, open_stream, outputs
 from kvstrata.server.errors import APIError, to_api_error
 from kvstrata.server.protocol import ResponsesRequest
 from kvstrata.server.state import ServerState, get_state, owner
@@ -218,6 +218,7 @@ async def _store(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessio
 async def create_response(body: ResponsesRequest, request: Request, who=Depends(owner)):
     st = get_state(request)
     st.check_model(body.model)
+    st.limits.check_metadata(body.metadata)
     tools = chat_tools(body.tools)
     choice = chat_tool_choice(body.tool_choice)
     cf.check_tools(tools, choice)
@@ -246,7 +247,7 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
             turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=choice, persist=body.store)
     if body.stream:
         events = _events(st, body, who, sess, turn_no, branched_from, new_msgs, plan, first, agen)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(keepalive_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
     resp = _response(body, _response_id(body), status=_status(turn), output=output_items(turn.message), turn=turn,
                      session_id=sess.id, branched_from=branched_from)
     await _store(st, body, who, sess, turn_no, turn, resp)

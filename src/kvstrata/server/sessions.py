@@ -25,7 +25,7 @@ from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import MessagesAppend, SessionCreate, SessionFork, SessionGenerate, SessionPark
 from kvstrata.server.state import get_state, owner
 from kvstrata.server.turns import run_turn
-from kvstrata.sessions import Session, SessionInfo, SessionState
+from kvstrata.sessions import Session, SessionInfo, SessionState, VersionConflict
 from kvstrata.sessions.turns import sync
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def session_json(s: SessionInfo, *, include_tokens: bool = False) -> dict[str, A
 @router.post("")
 async def create_session(body: SessionCreate, request: Request, who=Depends(owner)):
     st = get_state(request)
+    st.limits.check_metadata(body.metadata)
     cf.check_tools(body.tools, None)
     msgs = cf.messages_to_dicts(body.messages)
     if any(m["role"] == "system" for m in msgs) and body.system:
@@ -125,6 +126,8 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         sess = await st.db(st.store.get_session, session_id, owner=who)
         if sess.state == SessionState.CLOSED:
             raise APIError(409, f"session {session_id!r} is closed; fork it to continue", code="invalid_state")
+        if body.expected_version is not None and sess.version != body.expected_version:
+            raise VersionConflict(session_id, body.expected_version, sess.version)
         await st.skv.resume(sess, who)  # parked or paused on a tool: the KV comes back first
         turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
     return {
@@ -139,11 +142,14 @@ async def park(session_id: str, body: SessionPark, request: Request, who=Depends
     """Move the session's KV down to `tier` and pin it there until `lease_s` from now. When the tier
     cannot take every block the session is not marked parked, and `kv.moved` is false."""
     st = get_state(request)
+    st.limits.check_lease(body.lease_s)
     async with st.session_lock(session_id):
         sess = await st.db(st.store.get_session, session_id, owner=who)
         if sess.state == SessionState.CLOSED:
             raise APIError(409, f"session {session_id!r} is closed", code="invalid_state")
         kv = await st.skv.park(sess, who, body.tier, body.lease_s)
+        if not kv["moved"] and sess.token_ids:
+            kv["reason"] = f"the {body.tier} tier did not store the session's KV; the session is not parked"
     return {**session_json(sess), "kv": kv}
 
 
@@ -169,5 +175,6 @@ async def resume(session_id: str, request: Request, who=Depends(owner)):
 async def fork(session_id: str, request: Request, body: Optional[SessionFork] = None, who=Depends(owner)):
     """A new session with a copy of this one's history; its turns reuse the shared prefix's KV."""
     st = get_state(request)
+    st.limits.check_metadata(body.metadata if body else None)
     s = await st.skv.fork(session_id, who, metadata=body.metadata if body else None)
     return session_json(s)

@@ -7,6 +7,7 @@ caller's owner (for the session store) with the `owner` dependency.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,8 +15,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
+from kvstrata.engine.admission import Admission
 from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.server.errors import APIError
+from kvstrata.server.health import StoreHealth
+from kvstrata.server.limits import ServerLimits
 from kvstrata.server.metrics import Metrics
 from kvstrata.sessions import SessionStore, hash_api_key
 from kvstrata.sessions.kv import SessionKV
@@ -29,12 +33,15 @@ class ServerState:
     aengine: AsyncEngine
     store: SessionStore
     model_names: list[str]  # the first is the id /v1/models lists; every one is accepted in `model`
-    api_keys: dict[str, str] = field(default_factory=dict)  # key -> owner hash; empty: no auth
+    admission: Admission  # every generation passes it (engine/admission.py)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    api_keys: tuple[str, ...] = ()  # the owner hash of each accepted key (never the key); empty: no auth
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # set on shutdown: new generations get 503
     weight_bytes: int | None = None  # of the model's parameters, computed on first use
     touched_sessions: dict[str, Any] = field(default_factory=dict)  # id -> owner, for parking at shutdown
+    store_health: StoreHealth = field(default_factory=StoreHealth)
     _session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     skv: SessionKV = field(init=False)  # the one owner of every session's KV between turns
 
@@ -69,7 +76,11 @@ class ServerState:
             return None
         if not key:
             raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
-        owner = self.api_keys.get(key)
+        presented = hash_api_key(key)
+        owner = None
+        for h in self.api_keys:  # every one compared in constant time: how long it takes says nothing
+            if hmac.compare_digest(h, presented):
+                owner = h
         if owner is None:
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
         return owner
@@ -89,8 +100,8 @@ class ServerState:
         return await asyncio.to_thread(fn, *args, **kw)
 
 
-def make_api_keys(keys: list[str]) -> dict[str, str]:
-    return {k: hash_api_key(k) for k in keys if k}
+def make_api_keys(keys: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(hash_api_key(k) for k in keys if k))
 
 
 def get_state(request: Request) -> ServerState:

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from kvstrata.core import KvstrataError, RequestOutput, SamplingParams
+from kvstrata.core import ContextLengthError, KvstrataError, RequestOutput, SamplingParams
 from kvstrata.server import chat_format as cf
 from kvstrata.server.common import generate_final, usage
 from kvstrata.server.errors import APIError
@@ -60,6 +60,8 @@ def plan_turn(st: ServerState, sess: Session, new_messages: list[dict[str, Any]]
     forced = cf.forced_spec(tools, choice)
     try:
         plan = sturns.plan_turn(st.engine, sess, new_messages, lambda n: make_params(n, forced))
+    except ContextLengthError:
+        raise
     except KvstrataError as e:
         raise APIError(400, str(e), param="messages") from None
     return HttpTurn(plan, cf.parses_tools(tools, choice))

@@ -31,6 +31,7 @@ from kvstrata.sessions.types import (
     SessionNotFound,
     SessionState,
     SessionStoreError,
+    StoreUnavailable,
     TaskState,
     ToolCallNotFound,
     ToolCallRecord,
@@ -84,6 +85,6 @@ def open_store(url_or_path: str | os.PathLike, **kwargs: Any) -> SessionStore:
 __all__ = [
     "ANY_OWNER", "SESSION_TRANSITIONS", "UNSET", "InvalidTransition", "Job", "JobNotFound", "JobState",
     "JobTask", "Page", "ResponseNotFound", "ResponseRecord", "SchemaTooNew", "Session", "SessionInfo",
-    "SessionNotFound", "SessionState", "SessionStore", "SessionStoreError", "TaskState", "ToolCallNotFound",
+    "SessionNotFound", "SessionState", "SessionStore", "SessionStoreError", "StoreUnavailable", "TaskState", "ToolCallNotFound",
     "ToolCallRecord", "ToolCallStatus", "VersionConflict", "hash_api_key", "open_store",
 ]  # fmt: skip

@@ -21,7 +21,7 @@ import psycopg
 
 from kvstrata.sessions.schema import MIGRATIONS, Migration, current_version, migrate
 from kvstrata.sessions.sql_sessions import SqlStore
-from kvstrata.sessions.types import SessionStoreError
+from kvstrata.sessions.types import SessionStoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class PostgresSessionStore(SqlStore):
                     self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s))
                 )
             except psycopg.Error as e:
-                raise SessionStoreError(
+                self.failed_at = time.monotonic()
+                raise StoreUnavailable(
                     f"cannot connect to the session store {self.where}: {str(e).strip()}; check that the "
                     "server runs and the URL (user, password, database) is right"
                 ) from None
@@ -98,8 +99,9 @@ class PostgresSessionStore(SqlStore):
         try:
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
-        except (psycopg.OperationalError, psycopg.errors.QueryCanceled) as e:
-            raise SessionStoreError(f"session store {self.where}: {str(e).strip()}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.QueryCanceled) as e:
+            self.failed_at = time.monotonic()
+            raise StoreUnavailable(f"session store {self.where}: {str(e).strip()}") from None
 
     def _read(self) -> contextlib.AbstractContextManager[Any]:
         return self._tx()

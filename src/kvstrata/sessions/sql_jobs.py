@@ -119,6 +119,9 @@ class JobsSql(SqlBase):
                 "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?",
                 (state.value, error, now, job_id),
             )
+            if state == JobState.CANCELLED:  # a cancelled job runs nothing: its running tasks stop, unfinished
+                self._x(cur, "UPDATE job_tasks SET state = ?, updated_at = ? WHERE job_id = ? AND state = ?",
+                        (TaskState.PENDING.value, now, job_id, TaskState.RUNNING.value))  # fmt: skip
         job.state, job.error, job.updated_at = state, error, now
         return job
 
@@ -176,6 +179,10 @@ class JobsSql(SqlBase):
             task = self._task_row(cur, job_id, index, True)
             if state is not None:
                 check_transition(f"task {index} of job", job_id, TASK_TRANSITIONS, task.state, state)
+            if state == TaskState.RUNNING:
+                job_state = self._one(cur, "SELECT state FROM jobs WHERE id = ?", (job_id,))[0]
+                if job_state in (JobState.CANCELLED.value, JobState.DONE.value, JobState.FAILED.value):
+                    raise InvalidTransition(f"job {job_id!r} is {job_state}: its task {index} cannot start")
             sets["updated_at"] = max(self._now(), task.updated_at)
             cols = ", ".join(f"{k} = ?" for k in sets)
             self._x(cur, f"UPDATE job_tasks SET {cols} WHERE job_id = ? AND idx = ?",

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 from kvstrata.core import KvstrataError
 from kvstrata.sessions.schema import MIGRATIONS, Migration, current_version, migrate
 from kvstrata.sessions.sql_sessions import SqlStore
-from kvstrata.sessions.types import SessionStoreError
+from kvstrata.sessions.types import SessionStoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,16 @@ class SQLiteSessionStore(SqlStore):
                 delay = min(2 * delay, 0.1)
 
     def _wrap(self, e: sqlite3.DatabaseError) -> SessionStoreError:
+        """Every database error here is the store's state, not the request's: StoreUnavailable (HTTP 503)."""
         hint = ""
         if "locked" in str(e) or "busy" in str(e):
             hint = f" (another writer held it for over {self.busy_timeout_s:g}s; retry later)"
         elif "not a database" in str(e):
             hint = " (the file exists but is not a SQLite database: point the store at another path)"
-        return SessionStoreError(f"session store {str(self.path)!r}: SQLite error: {e}{hint}")
+        elif "full" in str(e):
+            hint = " (free disk space where the store lives)"
+        self.failed_at = time.monotonic()
+        return StoreUnavailable(f"session store {str(self.path)!r}: SQLite error: {e}{hint}")
 
     @contextlib.contextmanager
     def _tx(self, begin: str) -> Iterator[Any]:

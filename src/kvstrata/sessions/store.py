@@ -49,7 +49,11 @@ class SessionStore(abc.ABC):
     * **Threads and processes.** One store object may be used from many threads at once; several
       processes may open the same database. Every error a caller can cause is a `KvstrataError`.
     * Returned objects are copies: mutating them changes nothing in the store.
+    * **Outages.** A database that cannot be reached or written raises `StoreUnavailable` (the
+      server's state, worth a retry) and sets `failed_at` (time.monotonic()), which /health reads.
     """
+
+    failed_at: float | None = None
 
     # ------------------------------------------------------------------------------------ sessions
 

@@ -53,10 +53,12 @@ def plan_turn(engine: Any, sess: Session, new_messages: Sequence[dict[str, Any]]
 
     The session's tools are always advertised (tool_choice only changes what is parsed or forced), so
     the rendered history, and the KV of it, stay the same from turn to turn. `make_params(prompt_len)`
-    gives the turn's sampling. Raises KvstrataError on messages the template cannot render."""
+    gives the turn's sampling. Raises KvstrataError on messages the template cannot render,
+    ContextLengthError (before tokenizing) for a text far longer than the model's window."""
     tok = engine.tokenizer
     tools = sess.tools or None
     text = render_chat(tok, history(sess) + list(new_messages), tools=tools, tool_choice="auto" if tools else None)
+    tok.check_fits(text, engine.max_model_len)  # a text far past the window is refused before tokenizing
     keep, new_ids = splice_tokens(tok, sess.token_ids, text)
     prompt = sess.token_ids[:keep] + new_ids
     return TurnPlan(prompt, make_params(len(prompt)), keep, new_ids, RequestClass(sess.request_class).value)

@@ -22,6 +22,12 @@ class SessionStoreError(KvstrataError):
     """Base of every error the session store raises on purpose."""
 
 
+class StoreUnavailable(SessionStoreError):
+    """The database cannot be reached or written now (server down, disk full, locked for too long): the
+    server's fault, not the request's, and worth a retry (HTTP 503). The message names the database;
+    the server logs it and tells clients less."""
+
+
 class SessionNotFound(SessionStoreError):
     """No such session, or it belongs to another API key (the two are indistinguishable on purpose)."""
 

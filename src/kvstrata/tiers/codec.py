@@ -189,6 +189,15 @@ def get_codec(name: str) -> PayloadCodec:
         raise KvstrataError(f"unknown KV codec {name!r}; choose one of {sorted(CODECS)}") from None
 
 
+def max_encoded_bytes(shape: Sequence[int], dtype: torch.dtype, fingerprint_len: int = 64) -> int:
+    """The most bytes one block of `shape` (2, L, T, H, D) and `dtype` encodes to in any codec: a tier can
+    check a stored blob's size against it before reading it (a larger file cannot be a block)."""
+    payload = max(c.payload_nbytes(shape, dtype) for c in CODECS.values())
+    names = 2 * (1 + 255)  # dtype and codec names, each a u8 length and at most 255 bytes
+    header = _FIXED.size + names + 2 + fingerprint_len + 1 + 4 * len(shape) + 4 + 4 * int(shape[2])
+    return header + HEADER_ALIGN + _CRC.size + payload
+
+
 # ---- header --------------------------------------------------------------------------------------
 
 

@@ -7,13 +7,22 @@ name. At start the index is rebuilt from the files (oldest mtime first: a hit to
 mtime, at most once per TOUCH_AFTER_S, so recency survives restarts) and stray temporary files are
 removed. One engine process per directory: the index lives in memory (engines share blocks through
 the remote tier).
+
+What the directory may hold besides blocks never stops the tier: at start, entries that vanish
+during the scan, dangling symlinks, anything but a regular file under a block name, and files larger
+than a block can be (`max_blob_bytes`, checked with stat, never read) are skipped (the oversized ones
+deleted); a lookup stats a file before reading it and discards an oversized one. A budget larger
+than the filesystem's free space is met on ENOSPC: the least recently used unpinned blocks are
+evicted to make room and the write is tried again.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import stat as statmod
 import threading
 import time
 from collections import OrderedDict
@@ -41,11 +50,14 @@ class DiskTier(LocalIndexTier):
     durable = True
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int | None = None, *, fsync: bool = True,
-                 name: str = "disk") -> None:
+                 name: str = "disk", max_blob_bytes: int | None = None) -> None:
+        """max_blob_bytes: the largest blob a block can be (codec.max_encoded_bytes); a file above it is
+        not read and not kept (None: no bound)."""
         self.name = name
         super().__init__()
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
+        self.max_blob_bytes = max_blob_bytes
         self.fsync = fsync
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise KvstrataError(f"disk tier capacity must be > 0 bytes (or None), got {capacity_bytes}")
@@ -71,30 +83,64 @@ class DiskTier(LocalIndexTier):
 
     def _rebuild_index(self) -> None:
         found: list[tuple[float, bytes, int]] = []
-        removed = 0
+        removed = skipped = 0
         for shard in self.root.iterdir():
-            if not (shard.is_dir() and len(shard.name) == 2):
+            if not (len(shard.name) == 2 and shard.is_dir() and not shard.is_symlink()):
                 continue
-            for entry in os.scandir(shard):
+            try:
+                entries = list(os.scandir(shard))
+            except OSError as e:  # removed or unreadable meanwhile
+                logger.warning("disk tier: cannot list %s: %s", shard, e)
+                continue
+            for entry in entries:
                 if entry.name.endswith(TMP_SUFFIX):  # left by a writer that died before its rename
-                    try:
-                        os.unlink(entry.path)
-                        removed += 1
-                    except OSError as e:
-                        logger.warning("cannot remove stray temp file %s: %s", entry.path, e)
+                    removed += self._unlink(entry.path, "stray temp file")
                 elif _BLOCK_NAME.match(entry.name) and entry.name.startswith(shard.name):
-                    st = entry.stat()
-                    found.append((st.st_mtime, bytes.fromhex(entry.name[:64]), st.st_size))
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:  # removed during the scan
+                        skipped += 1
+                        continue
+                    if not statmod.S_ISREG(st.st_mode):  # a symlink (dangling or not), a directory, ...
+                        logger.warning("disk tier: %s is not a regular file; ignored", entry.path)
+                        skipped += 1
+                    elif self._oversized(st.st_size):
+                        logger.warning("disk tier: %s has %d bytes, more than a block can (%d); deleted",
+                                       entry.path, st.st_size, self.max_blob_bytes)
+                        skipped += 1
+                        self._unlink(entry.path, "oversized block file")
+                    else:
+                        found.append((st.st_mtime, bytes.fromhex(entry.name[:64]), st.st_size))
         found.sort()
         for _, key, size in found:
             self._index[key] = size
             self._used += size
-        logger.info("disk tier %s: %d blocks, %d bytes; %d stray temp files removed",
-                    self.root, len(self._index), self._used, removed)
+        logger.info("disk tier %s: %d blocks, %d bytes; %d stray temp files removed, %d entries skipped",
+                    self.root, len(self._index), self._used, removed, skipped)
+
+    def _oversized(self, size: int) -> bool:
+        return self.max_blob_bytes is not None and size > self.max_blob_bytes
+
+    @staticmethod
+    def _unlink(path: str | Path, what: str) -> int:
+        try:
+            os.unlink(path)
+            return 1
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            logger.warning("disk tier: cannot remove %s %s: %s", what, path, e)
+            return 0
 
     def _read(self, path: Path, nbytes: int | None = None, touch: bool = False) -> bytearray:
-        with open(path, "rb", buffering=0) as f:
+        """The file's bytes (at most nbytes). OversizedBlob, unread, when it is larger than a block can be;
+        a symlink is not followed (OSError)."""
+        with open(path, "rb", buffering=0, opener=_open_nofollow) as f:
             st = os.fstat(f.fileno())
+            if not statmod.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
+            if nbytes is None and self._oversized(st.st_size):
+                raise OversizedBlob(st.st_size)
             size = st.st_size if nbytes is None else min(st.st_size, nbytes)
             buf = bytearray(size)
             n = f.readinto(buf)
@@ -151,6 +197,12 @@ class DiskTier(LocalIndexTier):
             self._forget(key)
             self._count(misses=1)
             return None
+        except OversizedBlob as e:  # cannot be a block: never read, never kept
+            logger.warning("disk tier: %s has %d bytes, more than a block can (%d); discarded", path, e.size,
+                           self.max_blob_bytes)
+            self.remove(key)
+            self._count(misses=1, errors=1)
+            return None
         except OSError as e:
             logger.warning("disk tier read of %s failed: %s", path, e)
             self._count(misses=1, errors=1)
@@ -167,6 +219,9 @@ class DiskTier(LocalIndexTier):
     def put(self, key: bytes, blob: bytes | bytearray | memoryview) -> bool:
         t0 = time.perf_counter()
         key, size = check_key(key), len(blob)
+        if self._oversized(size):
+            self._count(put_failures=1)
+            return False
         with self._lock:
             if key in self._index or key in self._reserved:
                 if key in self._index:
@@ -182,7 +237,7 @@ class DiskTier(LocalIndexTier):
             self._used += size
         self._evict_files(victims)
         try:
-            self._write_atomic(self.path(key), blob)
+            self._write_full(key, blob)
         except OSError as e:  # disk full, read-only, permissions: the engine carries on without it
             with self._lock:
                 self._used -= self._reserved.pop(key)
@@ -196,6 +251,31 @@ class DiskTier(LocalIndexTier):
             self._index[key] = size
         self._count_put(size, t0)
         return True
+
+    def _write_full(self, key: bytes, blob: bytes | bytearray | memoryview) -> None:
+        """Write the block; on ENOSPC (the filesystem is fuller than the budget knows) evict least recently
+        used unpinned blocks, twice the block's size at a time, and try again while any are left."""
+        while True:
+            try:
+                return self._write_atomic(self.path(key), blob)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                with self._lock:
+                    victims, freed = [], 0
+                    for k, s in self._index.items():
+                        if freed >= 2 * len(blob):
+                            break
+                        if not self._pins.get(k):
+                            victims.append(k)
+                            freed += s
+                    for k in victims:
+                        self._used -= self._index.pop(k)
+                if not victims:
+                    raise
+                logger.info("disk tier %s: the filesystem is full; evicted %d blocks (%d bytes) to make room",
+                            self.root, len(victims), freed)
+                self._evict_files(victims)
 
     def _make_room(self, size: int) -> list[bytes] | None:
         """LRU unpinned keys whose removal lets `size` more bytes fit; None if impossible. Lock held."""
@@ -225,7 +305,7 @@ class DiskTier(LocalIndexTier):
             if listener is not None:
                 try:
                     blob = self._read(p)
-                except OSError:
+                except OSError:  # gone, or oversized: nothing to write down
                     pass
             try:
                 os.unlink(p)
@@ -261,3 +341,15 @@ class DiskTier(LocalIndexTier):
     def _usage(self) -> tuple[int | None, int | None, int | None, int]:
         with self._lock:
             return len(self._index), self._used, self.capacity_bytes, len(self._pins)
+
+
+class OversizedBlob(OSError):
+    """A file under a block name larger than any block can be."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(errno.EFBIG, f"{size} bytes, more than a block can be")
+        self.size = size
+
+
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import tokenizers
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import ContextLengthError, KvstrataError
 
 # Used when a model ships no chat template (ChatML, as SmolLM and Qwen use).
 CHATML_TEMPLATE = (
@@ -31,6 +31,21 @@ class Tokenizer:
     eos_token_ids: tuple[int, ...] = ()
     add_bos_token: bool = False
     _template_cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _max_token_chars: int = field(default=0, repr=False)
+
+    def check_fits(self, text: str, context: int) -> None:
+        """ContextLengthError, before tokenizing, for a text that cannot fit in `context` tokens.
+
+        No token stands for more characters than the vocabulary's longest entry (byte-level and
+        sentencepiece entries spell at least the characters they decode to); with a factor of 2 for
+        normalizers that fold characters, a longer text needs more tokens than the context has. This keeps
+        a megabytes-long message from costing gigabytes in the tokenizer before the length check says no."""
+        if not self._max_token_chars:
+            self._max_token_chars = max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+        most = 2 * self._max_token_chars * context + 1024
+        if len(text) > most:
+            raise ContextLengthError(f"the prompt is {len(text)} characters; the model's context of {context} "
+                                     f"tokens holds far fewer (at most about {most}); shorten the prompt")
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,90 @@
+"""The server's limits on what one request, one job or one API key may take (docs/server.md, "Limits").
+
+One frozen dataclass, a help string per field; `kvstrata serve` gets a `--<field>` flag for each
+(`add_limit_args`, `limits_from_args`). Every limit answers a client that passes it with a clear 4xx
+(413 for a body, 400 for the rest, 429 for a quota) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstrata.config import parse_bytes
+from kvstrata.core import KvstrataError
+from kvstrata.engine.admission import AdmissionPolicy
+from kvstrata.jobs.spec import JobLimits
+from kvstrata.server.errors import APIError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_body_bytes: int = _f(8 << 20, "largest request body; a larger one gets 413 while it is read (e.g. 8M)",
+                             bytes=True)
+    max_metadata_bytes: int = _f(16 << 10, "largest `metadata` of a session or response, as JSON bytes")
+    max_lease_s: float = _f(86400.0, "longest `lease_s` a park may ask for, in seconds (KV pinned in a tier)")
+    interactive_reserve: int | None = _f(None, "admission slots only interactive requests may take "
+                                         "(default: a quarter of --max-waiting)")
+    max_concurrent_per_key: int = _f(64, "requests one API key may have in progress at once (0: no limit)")
+    max_queued_per_key: int = _f(128, "more requests of one API key that may wait for one of its slots; "
+                                 "beyond them 429 (0: none wait)")
+    max_job_tasks: int = _f(10_000, "most tasks in one job submitted to /v1/jobs")
+    max_job_agents: int = _f(64, "largest `max_concurrent_agents` a job may ask for")
+    max_tool_workers: int = _f(16, "largest `tool_workers` a job may ask for (default of a job: min(CPUs, this))")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None and (isinstance(v, bool) or v < 0):
+                raise KvstrataError(f"--{f.name.replace('_', '-')} must be >= 0, got {v!r}")
+        if self.max_job_tasks < 1 or self.max_job_agents < 1 or self.max_tool_workers < 1 or self.max_lease_s <= 0:
+            raise KvstrataError("--max-job-tasks, --max-job-agents, --max-tool-workers and --max-lease-s must be > 0")
+
+    def admission(self, max_num_seqs: int, max_waiting: int, keyed: bool) -> AdmissionPolicy:
+        """Per-key quotas apply only where API keys are configured (an open server has one tenant)."""
+        return AdmissionPolicy.for_engine(
+            max_num_seqs, max_waiting, interactive_reserve=self.interactive_reserve,
+            per_key_concurrency=self.max_concurrent_per_key if keyed else 0,
+            per_key_queue=self.max_queued_per_key if keyed else 0)
+
+    def jobs(self) -> JobLimits:
+        return JobLimits(self.max_job_tasks, self.max_job_agents, self.max_tool_workers)
+
+    # -- checks the routes call --------------------------------------------------------------------
+    def check_metadata(self, metadata: Any, param: str = "metadata") -> None:
+        if metadata is None:
+            return
+        n = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if n > self.max_metadata_bytes:
+            raise APIError(400, f"{param} is {n} bytes as JSON; this server keeps at most {self.max_metadata_bytes} "
+                           "(--max-metadata-bytes)", code="invalid_request", param=param)
+
+    def check_lease(self, lease_s: float | None) -> None:
+        if lease_s is not None and lease_s > self.max_lease_s:
+            raise APIError(400, f"lease_s {lease_s:g} is longer than this server allows ({self.max_lease_s:g} s, "
+                           "--max-lease-s); park again before the lease ends to keep the KV pinned",
+                           code="invalid_request", param="lease_s")
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits (docs/server.md)")
+    for f in dataclasses.fields(ServerLimits):
+        typ = str if f.metadata.get("bytes") else (float if "float" in str(f.type) else int)
+        g.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
+                       help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerLimits):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            kw[f.name] = parse_bytes(v) if f.metadata.get("bytes") else v
+    return ServerLimits(**kw)
