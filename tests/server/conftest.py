@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,19 @@ def client(tiny_server):
     return tiny_server.client()
 
 
+@pytest.fixture
+def slow_steps(tiny_server):
+    """Each engine step takes at least 10 ms, so a 900-1,000 token request lasts >= 9 s whatever the
+    machine: a test of what happens while a request runs (a disconnect, keep-alives) then cannot pass or
+    fail by the tiny model finishing first (CI once decoded all 1,000 tokens inside a 0.5 s client timeout)."""
+    def install(e):
+        orig = e.runner.execute
+
+        def slowed(so):
+            time.sleep(0.01)
+            return orig(so)
+        e.runner.execute = slowed
+
+    tiny_server.engine_call(install)
+    yield
+    tiny_server.engine_call(lambda e: e.runner.__dict__.pop("execute"))

@@ -10,24 +10,6 @@ import openai
 import pytest
 
 
-@pytest.fixture
-def slow_steps(tiny_server):
-    """Each engine step takes at least 10 ms, so a 900-1,000 token request lasts >= 9 s whatever the
-    machine: a disconnect test then cannot pass or fail by the tiny model finishing before the client
-    gives up (CI once decoded all 1,000 tokens inside the 0.5 s client timeout)."""
-    def install(e):
-        orig = e.runner.execute
-
-        def slowed(so):
-            time.sleep(0.01)
-            return orig(so)
-        e.runner.execute = slowed
-
-    tiny_server.engine_call(install)
-    yield
-    tiny_server.engine_call(lambda e: e.runner.__dict__.pop("execute"))
-
-
 def test_32_concurrent_streaming_clients_all_complete(tiny_server):
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, str, int]:
         stream = await c.chat.completions.create(

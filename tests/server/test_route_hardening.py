@@ -98,7 +98,7 @@ def test_parking_on_an_unwritable_disk_reports_it_and_does_not_park(tiny_llama, 
         store.close()
 
 
-def test_a_tool_stream_sends_keepalives_while_it_holds_the_reply(tiny_server, monkeypatch):
+def test_a_tool_stream_sends_keepalives_while_it_holds_the_reply(tiny_server, slow_steps, monkeypatch):
     monkeypatch.setattr("kvstrata.server.common.KEEPALIVE_S", 0.1)
     body = {**LONG, "stream": True, "tools": TOOLS, "tool_choice": "auto"}
     lines: list[tuple[float, str]] = []

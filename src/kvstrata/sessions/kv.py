@@ -111,7 +111,10 @@ class SessionKV:
             raise KvstrataError("no KV tier is configured; start the engine with --kv-host-bytes, --kv-disk-dir "
                                 "or --kv-redis-url")
         self._release(e, sid)
-        return e.offload.park(ids, tier, pin=True)
+        res = e.offload.park(ids, tier, pin=True)
+        if res["failed"]:  # not parked: undo the pins this park put on the blocks that did get there
+            e.offload.unpin(ids[: res["tokens"]], tier)
+        return res
 
     # -- the lifecycle ----------------------------------------------------------------------------
     async def pause(self, sess: Session, owner: Owner = ANY_OWNER, tool: str | None = None,
