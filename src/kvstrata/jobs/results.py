@@ -40,6 +40,7 @@ def summarize(messages: list[dict], meta: dict, reason: str | None, error: str |
         "steps": len(steps),
         "tool_calls": len(tools),
         "tool_errors": sum(1 for m in tools if m["kvstrata"].get("error")),
+        "compactions": sum(1 for m in messages if m.get("role") == "compaction"),
         "prompt_tokens": sum(x.get("prompt_tokens", 0) for x in k),
         "completion_tokens": sum(x.get("completion_tokens", 0) for x in k),
         "cached_prompt_tokens": sum(x.get("cached_prompt_tokens", 0) for x in k),

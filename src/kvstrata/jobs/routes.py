@@ -34,8 +34,9 @@ def server_manager(app) -> JobManager:
         st = getattr(app.state, "kv", None)
         if st is None:
             raise HTTPException(503, "this server has no job manager (set app.state.jobs)")
+        memory = getattr(st, "memory", None)
         mgr = app.state.jobs = JobManager(st.aengine, st.store, skv=st.skv, allow_python_modules=False,
-                                          allow_mcp=False)
+                                          allow_mcp=False, recall=memory.recall if memory is not None else None)
     return mgr
 
 
