@@ -291,7 +291,7 @@ async def _context_management(st: ServerState, body: ResponsesRequest, sess: Ses
                               new_msgs: list[dict[str, Any]], make_params, choice: Any) -> None:
     """`context_management` compaction: compact first when this turn's prompt would pass the threshold."""
     entries = [c for c in body.context_management or () if isinstance(c, dict) and c.get("type") == "compaction"]
-    if not entries or not sess.messages:
+    if not entries:
         return
     threshold = entries[0].get("compact_threshold")
     if threshold is None:
@@ -299,6 +299,8 @@ async def _context_management(st: ServerState, body: ResponsesRequest, sess: Ses
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise APIError(400, "context_management compact_threshold must be a positive number of tokens",
                        param="context_management")
+    if not sess.messages:
+        return
     plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice)
     if len(plan.prompt) + (body.max_output_tokens or 0) <= threshold:
         return
