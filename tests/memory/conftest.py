@@ -61,7 +61,7 @@ def embedder():
 
 
 @contextmanager
-def memory_server(aengine, store_url: str, embedder=None, keys=(KEY_A, KEY_B), **retention):
+def memory_server(aengine, store_url: str, embedder=None, keys=(KEY_A, KEY_B), policy=None, **retention):
     """A served app over `store_url` with API keys, recall (when an embedder is given) and retention."""
     from kvstrata.memory import Recall
     from kvstrata.server.memory_api import Retention, configure
@@ -70,7 +70,7 @@ def memory_server(aengine, store_url: str, embedder=None, keys=(KEY_A, KEY_B), *
     store = open_store(store_url)
     srv = serve(aengine, store, api_keys=list(keys), lease_sweep_s=0, resume_jobs=False)
     recall = Recall(store, embedder=embedder, poll_s=0.2) if embedder is not None else None
-    configure(srv.app, recall=recall, retention=Retention(**retention))
+    configure(srv.app, recall=recall, retention=Retention(**retention), policy=policy)
     try:
         with srv:
             yield srv

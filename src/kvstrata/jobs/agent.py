@@ -209,9 +209,8 @@ class Agent:
             return None
         n = self.eng.max_model_len
         return CompactionPolicy(threshold_tokens=c.get("threshold") or n - self.task.max_tokens,
-                                keep_recent_tokens=c.get("keep_recent_tokens", min(1024, n // 4)),
-                                summary_max_tokens=c.get("summary_max_tokens") or min(384, n // 8),
-                                request_class="batch")
+                                keep_recent_tokens=c.get("keep_recent_tokens"),
+                                summary_max_tokens=c.get("summary_max_tokens"), request_class="batch")
 
     async def _generate(self, prompt: list[int], params: SamplingParams, sid: str):
         final = None

@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("job_id", "task_index", "task_id", "status", "finish_reason", "final_answer", "error", "steps",
-               "tool_calls", "tool_errors", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+               "tool_calls", "tool_errors", "compactions", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
                "computed_prompt_tokens", "timings", "session_id", "metadata", "transcript")
 
 

@@ -21,6 +21,7 @@ Steps, all on the session's own turn path (sessions/turns.py, sessions/kv.py):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 import time
@@ -48,8 +49,9 @@ class CompactionError(KvstrataError):
 @dataclass(frozen=True)
 class CompactionPolicy:
     threshold_tokens: int | None = None  # compact when the next prompt would pass this (None: only on request)
-    keep_recent_tokens: int = 1024  # about this much of the latest conversation stays verbatim
-    summary_max_tokens: int = 384  # the summary's length limit
+    keep_recent_tokens: int | None = None  # about this much of the latest conversation stays verbatim
+    summary_max_tokens: int | None = None  # the summary's length limit
+    # (None: a quarter of the window up to 1024, an eighth up to 384)
     request_class: str = "batch"
     instructions: str = SUMMARY_REQUEST
 
@@ -102,6 +104,10 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
     t0 = time.perf_counter()
     e = aeng.engine
     tok = e.tokenizer
+    n = e.max_model_len
+    policy = dataclasses.replace(
+        policy, keep_recent_tokens=min(1024, n // 4) if policy.keep_recent_tokens is None else policy.keep_recent_tokens,
+        summary_max_tokens=min(384, n // 8) if policy.summary_max_tokens is None else policy.summary_max_tokens)
     cut = choose_cut(tok, sess, policy.keep_recent_tokens)
     start, _ = _visible(sess)
     # the summary turn reads the session as it was up to the cut, spliced onto the stored ids (cached)
@@ -127,6 +133,9 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
     text = render_chat(tok, turns.history(after), tools=sess.tools or None,
                        tool_choice="auto" if sess.tools else None, add_generation_prompt=False)
     ids = tok.encode(text, add_special_tokens=False)
+    if len(ids) >= len(sess.token_ids):
+        raise CompactionError(f"compacting session {sess.id!r} would not shorten it ({len(sess.token_ids)} -> "
+                              f"{len(ids)} tokens); keep fewer recent tokens or a shorter summary")
     mark["kvstrata"]["tokens_after"] = len(ids)
     old_ids = list(sess.token_ids)
     keys = chain_keys(ids, e.pool.block_size, e.fingerprint)
