@@ -130,25 +130,32 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
         "cached_prompt_tokens": m.cached_prompt_tokens, "at": time.time()}}
     after = copy.copy(sess)
     after.messages = sess.messages + [mark]
-    text = render_chat(tok, turns.history(after), tools=sess.tools or None,
-                       tool_choice="auto" if sess.tools else None, add_generation_prompt=False)
-    ids = tok.encode(text, add_special_tokens=False)
-    if len(ids) >= len(sess.token_ids):
-        raise CompactionError(f"compacting session {sess.id!r} would not shorten it ({len(sess.token_ids)} -> "
-                              f"{len(ids)} tokens); keep fewer recent tokens or a shorter summary")
+    ids = _context_ids(tok, after)
+    before = max(len(sess.token_ids), len(_context_ids(tok, sess)))
+    if len(ids) >= before:
+        raise CompactionError(f"compacting session {sess.id!r} would not shorten it ({before} -> {len(ids)} "
+                              "tokens); keep fewer recent tokens or a shorter summary")
+    mark["kvstrata"]["tokens_before"] = before
     mark["kvstrata"]["tokens_after"] = len(ids)
     old_ids = list(sess.token_ids)
     keys = chain_keys(ids, e.pool.block_size, e.fingerprint)
     await turns.append(store, sess, owner, [mark], None, token_ids=ids, keep_tokens=0, block_keys=keys, keep_blocks=0)
     warm = await skv.warm(sess, owner, old_ids, request_class=policy.request_class)
     res = {"compacted": True, "reason": reason, "kept_from": cut, "summarized_messages": cut - start,
-           "tokens_before": len(old_ids), "tokens_after": len(ids), "summary": summary,
+           "tokens_before": before, "tokens_after": len(ids), "summary": summary,
            "summary_tokens": len(o.token_ids), "summary_prompt_tokens": len(plan.prompt),
            "summary_cached_tokens": m.cached_prompt_tokens, "prefill": warm,
            "seconds": round(time.perf_counter() - t0, 4)}
     log.info("session %s compacted (%s): %d -> %d tokens, %d messages summarised in %.2fs", sess.id, reason,
-             len(old_ids), len(ids), cut - start, res["seconds"])
+             before, len(ids), cut - start, res["seconds"])
     return res
+
+
+def _context_ids(tok: Any, sess: Session) -> list[int]:
+    """The token ids of the session's context as the next turn renders it (without the generation prompt)."""
+    text = render_chat(tok, turns.history(sess), tools=sess.tools or None, tool_choice="auto" if sess.tools else None,
+                       add_generation_prompt=False)
+    return tok.encode(text, add_special_tokens=False)
 
 
 def _fitting_plan(e: Any, view: Session, ask: list[dict], policy: CompactionPolicy, start: int, cut: int):

@@ -22,7 +22,7 @@ def memory_search_tool() -> dict[str, Any]:
         "description": ("Search everything said earlier in this conversation, including turns no longer in "
                         "your context (messages and tool results). Returns the most relevant passages."),
         "parameters": {"type": "object", "properties": {
-            "query": {"type": "string", "description": "what to look for, in a few words"},
+            "query": {"type": "string", "maxLength": 200, "description": "what to look for, in a few words"},
             "k": {"type": "integer", "description": f"how many passages (1-20, default {DEFAULT_K})"}},
             "required": ["query"]}}}
 

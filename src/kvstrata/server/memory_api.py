@@ -231,6 +231,16 @@ async def delete_response(response_id: str, request: Request, who=Depends(owner)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
+@router.get("/v1/memory/stats", tags=["memory"])
+async def memory_stats(request: Request):
+    """The recall thread's progress (index kind, chunks indexed, sessions behind) and retention's removals."""
+    st = get_state(request)
+    if st.memory is None:
+        return {"recall": None, "retention": None}
+    rec = await asyncio.to_thread(st.memory.recall.stats) if st.memory.recall is not None else None
+    return {"recall": rec, "retention": dict(st.memory.sweeps)}
+
+
 @router.post("/v1/memory/search", tags=["memory"])
 async def memory_search(body: MemorySearch, request: Request, who=Depends(owner)):
     """The caller's embedded messages nearest to `query` (never another key's)."""
