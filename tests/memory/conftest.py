@@ -76,3 +76,12 @@ def memory_server(aengine, store_url: str, embedder=None, keys=(KEY_A, KEY_B), p
             yield srv
     finally:
         store.close()
+
+
+@pytest.fixture
+def store(store_url):
+    from kvstrata.sessions import open_store
+
+    s = open_store(store_url)
+    yield s
+    s.close()

@@ -107,3 +107,24 @@ def test_conversation_bad_input_is_400_and_changes_nothing(short_engine, tmp_pat
         assert list(a.conversations.items.list(conv.id)) == []
         r = httpx.get(f"{srv.url}/v1/conversations/{conv.id}/items/item_99", headers=h)
         assert r.status_code == 404 and r.json()["error"]["code"] == "item_not_found"
+
+
+def test_retention_sweep_keeps_the_newest_per_key(short_engine, tmp_path):
+    import time
+
+    with memory_server(short_engine, str(tmp_path / "s.db"), max_sessions_per_owner=2, sweep_every_s=0.2) as srv:
+        a, b = srv.client(KEY_A), srv.client(KEY_B)
+        ids = []
+        for _ in range(4):
+            ids.append(a.conversations.create().id)
+            time.sleep(0.01)
+        kept_b = b.conversations.create().id
+        deadline = time.time() + 20
+        while time.time() < deadline and srv.state.memory.sweeps["sessions"] < 2:
+            time.sleep(0.1)
+        assert srv.state.memory.sweeps["sessions"] == 2
+        for cid in ids[:2]:
+            with pytest.raises(openai.NotFoundError):
+                a.conversations.retrieve(cid)
+        assert [a.conversations.retrieve(c).id for c in ids[2:]] == ids[2:]
+        assert b.conversations.retrieve(kept_b).id == kept_b

@@ -193,3 +193,43 @@ def test_kill_mid_embedding_loses_nothing(tiny_llama, tmp_path):
             assert dup == 0
     finally:
         con.close()
+
+
+def test_memory_search_in_an_agent_job(window_4k_engine, embedder, tmp_path):
+    """A task that names memory_search gets the built-in tool; it searches the task's own session only."""
+    import asyncio
+
+    from kvstrata.jobs import JobManager
+    from kvstrata.memory import Recall
+    from kvstrata.sessions import open_store
+
+    store = open_store(tmp_path / "jobs.db")
+    recall = Recall(store, embedder=embedder, poll_s=0.1).start()
+    task = {"id": "t", "messages": [{"role": "user", "content": FACTS[3][0]},
+                                    {"role": "assistant", "content": "Noted."},
+                                    {"role": "user", "content": FACTS[3][1]}],
+            "tools": ["memory_search"], "tool_choice": "required", "max_steps": 2, "max_tokens": 300,
+            "sampling": {"temperature": 0}}
+    other = {"id": "u", "user": FACTS[5][0], "tools": [], "max_steps": 1, "max_tokens": 4}
+
+    async def go():
+        mgr = JobManager(window_4k_engine, store, recall=recall)
+        jid = await mgr.create({"tasks": [other]})  # another task's session, which must not be searched
+        await mgr.run(jid)
+        await asyncio.to_thread(recall.wait_idle, 60)
+        jid = await mgr.create({"tasks": [task]})
+        await mgr.run(jid)
+        return (await mgr.results(jid))[0]
+
+    try:
+        rec = asyncio.run(go())
+    finally:
+        recall.stop()
+        store.close()
+    tools = [m for m in rec["transcript"] if m["role"] == "tool"]
+    assert tools and tools[0]["name"] == "memory_search" and not tools[0]["kvstrata"]["error"], tools
+    hits = json.loads(tools[0]["content"])
+    assert all(h["text"] != FACTS[5][0] for h in hits)  # only this task's session
+    # the task's own session may not be embedded yet when the tool runs (never waited on); what it
+    # returns comes from that session alone
+    assert all(h["text"] in (FACTS[3][0], "Noted.", FACTS[3][1]) for h in hits)

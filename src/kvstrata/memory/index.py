@@ -7,9 +7,8 @@ nothing: the next start finds the session behind its cursor and embeds the rest 
 
 Search, per backend:
 - SQLite: a sqlite-vec `vec0` virtual table (`memory_vec`, cosine distance, the owner as its partition
-  key, the session as a metadata column) in the same file. Python's own sqlite3 module here is built
-  without extension loading, so the index opens the file through `sqlean` (sqlite3 with loadable
-  extensions); the store's connections never touch the virtual table.
+  key, the session as a metadata column) in a sidecar file beside the store, `<store>.vec`, derived from
+  memory_items and brought up to them before each search (see SqliteVecIndex).
 - PostgreSQL: exact search: the owner's (or the session's) embeddings read and scored with one matrix
   product. pgvector is not used (no package of it on these machines); the rows keep the embedding as
   bytes, so an ANN index can be added beside them later.
@@ -66,18 +65,22 @@ class Hit:
 
 
 class MemoryIndex(abc.ABC):
-    """backlog / messages / write for the embedder; search for everyone; gc after deletions."""
+    """backlog / messages / write for the embedder; search for everyone; gc after deletions. The rows
+    (memory_items, memory_cursor) are read and written through the session store's own connections."""
 
     kind = ""
 
-    @abc.abstractmethod
-    def _read(self) -> contextlib.AbstractContextManager[Any]: ...
+    def __init__(self, store: Any) -> None:
+        self.store = store
 
-    @abc.abstractmethod
-    def _write(self) -> contextlib.AbstractContextManager[Any]: ...
+    def _read(self):
+        return self.store._read()
+
+    def _write(self):
+        return self.store._write()
 
     def _x(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> Any:
-        cur.execute(sql, tuple(params))
+        cur.execute(self.store._q(sql), tuple(params))
         return cur
 
     def backlog(self, limit: int = 64) -> list[tuple[str, str | None, int, int]]:
@@ -94,43 +97,39 @@ class MemoryIndex(abc.ABC):
 
     def write(self, session_id: str, owner: str | None, chunks: Sequence[Chunk], vecs: np.ndarray, done: int) -> bool:
         """Store the chunks with their vectors and move the session's cursor to `done`, in one
-        transaction. False (nothing written) when the session was deleted meanwhile."""
+        transaction. False (nothing written) when the session was deleted meanwhile. Rows written before
+        a crash that kept the cursor behind are replaced (new ids: ids are never reused)."""
         now = time.time()
         with self._write() as cur:
             if self._x(cur, "SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
                 return False
+            if chunks:
+                self._x(cur, "DELETE FROM memory_items WHERE session_id = ? AND idx >= ? AND idx <= ?",
+                        (session_id, min(c.idx for c in chunks), max(c.idx for c in chunks)))
             for c, v in zip(chunks, vecs):
-                old = self._x(cur, "SELECT id FROM memory_items WHERE session_id = ? AND idx = ? AND part = ?",
-                              (session_id, c.idx, c.part)).fetchone()
-                if old is not None:  # written before a crash that kept the cursor behind: replace
-                    self._drop_vector(cur, old[0])
-                    self._x(cur, "DELETE FROM memory_items WHERE id = ?", (old[0],))
-                blob = np.asarray(v, dtype=np.float32).tobytes()
-                item_id = self._x(
-                    cur, "INSERT INTO memory_items (session_id, idx, part, owner, role, text, embedding, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                    (session_id, c.idx, c.part, owner, c.role, c.text, blob, now)).fetchone()[0]
-                self._add_vector(cur, item_id, owner, session_id, blob)
+                self._x(cur, "INSERT INTO memory_items (session_id, idx, part, owner, role, text, embedding, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (session_id, c.idx, c.part, owner, c.role, c.text, np.asarray(v, dtype=np.float32).tobytes(), now))
             self._x(cur, CURSOR_SQL, (session_id, done, now))
+        self.sync()
         return True
 
-    def _add_vector(self, cur: Any, item_id: int, owner: str | None, session_id: str, blob: bytes) -> None:
-        """Backend hook: index the vector (no-op where search reads memory_items itself)."""
-
-    def _drop_vector(self, cur: Any, item_id: int) -> None:
-        """Backend hook."""
+    def sync(self) -> int:
+        """Bring a derived search structure up to the rows (a no-op where search reads the rows)."""
+        return 0
 
     @abc.abstractmethod
     def search(self, owner: Any, query: np.ndarray, k: int = 5, session_id: str | None = None) -> list[Hit]:
         """The k chunks of `owner` (of one session when given) nearest to the unit vector `query`."""
 
-    def _items(self, cur: Any, ids: Sequence[int], owner: Any) -> dict[int, tuple]:
+    def _items(self, ids: Sequence[int], owner: Any) -> dict[int, tuple]:
         """memory_items rows by id, only those `owner` may see."""
         if not ids:
             return {}
         marks = ", ".join("?" for _ in ids)
-        rows = self._x(cur, f"SELECT id, owner, session_id, idx, part, role, text FROM memory_items WHERE id IN ({marks})",
-                       list(ids)).fetchall()
+        with self._read() as cur:
+            rows = self._x(cur, f"SELECT id, owner, session_id, idx, part, role, text FROM memory_items "
+                                f"WHERE id IN ({marks})", list(ids)).fetchall()
         return {r[0]: r for r in rows if owner is ANY_OWNER or r[1] == owner}
 
     def stats(self) -> dict[str, int]:
@@ -141,7 +140,7 @@ class MemoryIndex(abc.ABC):
         return {"items": int(items), "sessions_behind": int(behind)}
 
     def gc(self) -> int:
-        """Forget index entries whose rows went with a deleted session; returns how many."""
+        """Forget derived entries whose rows went with a deleted session; returns how many."""
         return 0
 
     def close(self) -> None:
@@ -149,22 +148,33 @@ class MemoryIndex(abc.ABC):
 
 
 class SqliteVecIndex(MemoryIndex):
+    """sqlite-vec in a sidecar file beside the store (`<store file>.vec`), derived from memory_items.
+
+    The sidecar holds a vec0 table keyed by memory_items ids (owner as partition key, session as metadata)
+    and how far it has copied (`vec_state.synced_id`). It is opened through `sqlean` (Python's own sqlite3
+    here cannot load extensions) and never the store's file: two SQLite libraries must not open one
+    database in one process (their POSIX locks would cancel each other; SQLite's "how to corrupt" 2.2.1).
+    Ids are never reused, so a stale entry can only point at a deleted row, which search drops."""
+
     kind = "sqlite-vec"
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
-        import sqlean  # noqa: F401  (imported here: only the SQLite index needs it)
+    def __init__(self, store: Any, *, busy_timeout_s: float = 10.0) -> None:
+        import sqlean  # noqa: F401  (imported here: only the SQLite index needs them)
         import sqlite_vec  # noqa: F401
 
-        self.path = Path(path)
+        super().__init__(store)
+        self.path = Path(str(store.path) + ".vec")
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._conns: list[Any] = []
         self._lock = threading.Lock()
         from kvstrata.memory.embed import DIM
 
-        with self._write() as cur:
+        with self._vec("BEGIN IMMEDIATE") as cur:
             cur.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS memory_vec USING vec0(item_id INTEGER PRIMARY KEY, "
                         f"owner TEXT PARTITION KEY, session_id TEXT, embedding FLOAT[{DIM}] distance_metric=cosine)")
+            cur.execute("CREATE TABLE IF NOT EXISTS vec_state (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+            cur.execute("INSERT OR IGNORE INTO vec_state (k, v) VALUES ('synced_id', 0)")
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -179,15 +189,13 @@ class SqliteVecIndex(MemoryIndex):
             conn.enable_load_extension(False)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
         return conn
 
     @contextlib.contextmanager
-    def _tx(self, begin: str) -> Iterator[Any]:
+    def _vec(self, begin: str) -> Iterator[Any]:
         conn = self._conn()
         conn.execute(begin)
         try:
@@ -197,44 +205,57 @@ class SqliteVecIndex(MemoryIndex):
             raise
         conn.execute("COMMIT")
 
-    def _read(self):
-        return self._tx("BEGIN")
-
-    def _write(self):
-        return self._tx("BEGIN IMMEDIATE")
-
     @staticmethod
     def _part(owner: str | None) -> str:
         return owner if owner is not None else ""  # owner hashes are hex: "" is no key's partition
 
-    def _add_vector(self, cur, item_id, owner, session_id, blob) -> None:
-        cur.execute("INSERT INTO memory_vec (item_id, owner, session_id, embedding) VALUES (?, ?, ?, ?)",
-                    (item_id, self._part(owner), session_id, blob))
-
-    def _drop_vector(self, cur, item_id) -> None:
-        cur.execute("DELETE FROM memory_vec WHERE item_id = ?", (item_id,))
+    def sync(self, batch: int = 2000) -> int:
+        """Copy memory_items rows newer than the sidecar's mark into the vec0 table; returns how many."""
+        total = 0
+        while True:
+            with self._vec("BEGIN IMMEDIATE") as vc:
+                mark = vc.execute("SELECT v FROM vec_state WHERE k = 'synced_id'").fetchone()[0]
+                with self._read() as cur:
+                    rows = self._x(cur, "SELECT id, owner, session_id, embedding FROM memory_items WHERE id > ? "
+                                        "ORDER BY id LIMIT ?", (mark, batch)).fetchall()
+                for item_id, owner, sid, blob in rows:
+                    vc.execute("INSERT INTO memory_vec (item_id, owner, session_id, embedding) VALUES (?, ?, ?, ?)",
+                               (item_id, self._part(owner), sid, bytes(blob)))
+                if rows:
+                    vc.execute("UPDATE vec_state SET v = ? WHERE k = 'synced_id'", (rows[-1][0],))
+            total += len(rows)
+            if len(rows) < batch:
+                return total
 
     def search(self, owner: Any, query: np.ndarray, k: int = 5, session_id: str | None = None) -> list[Hit]:
+        self.sync()
         q = np.asarray(query, dtype=np.float32).tobytes()
         sql = "SELECT item_id, distance FROM memory_vec WHERE embedding MATCH ? AND k = ?"
-        params: list[Any] = [q, 2 * k + 8]  # a few spare for entries of deleted sessions not yet collected
+        params: list[Any] = [q, 2 * k + 8]  # spare rows for entries of deleted messages not collected yet
         if owner is not ANY_OWNER:
             sql += " AND owner = ?"
             params.append(self._part(owner))
         if session_id is not None:
             sql += " AND session_id = ?"
             params.append(session_id)
-        with self._read() as cur:
-            near = cur.execute(sql, params).fetchall()
-            rows = self._items(cur, [r[0] for r in near], owner)
+        with self._vec("BEGIN") as vc:
+            near = vc.execute(sql, params).fetchall()
+        rows = self._items([r[0] for r in near], owner)
         hits = [Hit(rows[i][2], rows[i][3], rows[i][4], rows[i][5], rows[i][6], 1.0 - float(d))
                 for i, d in near if i in rows and (session_id is None or rows[i][2] == session_id)]
         return hits[:k]
 
     def gc(self) -> int:
-        with self._write() as cur:
-            cur.execute("DELETE FROM memory_vec WHERE item_id NOT IN (SELECT id FROM memory_items)")
-            return cur.rowcount if cur.rowcount and cur.rowcount > 0 else 0
+        with self._vec("BEGIN") as vc:
+            ids = [r[0] for r in vc.execute("SELECT item_id FROM memory_vec").fetchall()]
+        live = set()
+        for i in range(0, len(ids), 500):
+            live |= set(self._items(ids[i:i + 500], ANY_OWNER))
+        dead = [i for i in ids if i not in live]
+        with self._vec("BEGIN IMMEDIATE") as vc:
+            for i in dead:
+                vc.execute("DELETE FROM memory_vec WHERE item_id = ?", (i,))
+        return len(dead)
 
     def close(self) -> None:
         with self._lock:
@@ -245,22 +266,9 @@ class SqliteVecIndex(MemoryIndex):
 
 
 class ExactIndex(MemoryIndex):
-    """PostgreSQL: exact cosine search over the owner's rows, through the session store's connections."""
+    """PostgreSQL: exact cosine search over the owner's (or the session's) rows."""
 
     kind = "exact"
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def _x(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> Any:
-        cur.execute(self.store._q(sql), tuple(params))
-        return cur
-
-    def _read(self):
-        return self.store._read()
-
-    def _write(self):
-        return self.store._write()
 
     def search(self, owner: Any, query: np.ndarray, k: int = 5, session_id: str | None = None) -> list[Hit]:
         sql = "SELECT id, owner, session_id, idx, part, role, text, embedding FROM memory_items WHERE 1 = 1"
@@ -283,7 +291,7 @@ class ExactIndex(MemoryIndex):
 
 
 def open_index(store: Any) -> MemoryIndex:
-    """The index of the session store `store` (SQLite: sqlite-vec in the same file; PostgreSQL: exact)."""
+    """The index of the session store `store` (SQLite: sqlite-vec in a sidecar file; PostgreSQL: exact)."""
     if getattr(store, "dialect", "") == "sqlite":
-        return SqliteVecIndex(store.path, busy_timeout_s=getattr(store, "busy_timeout_s", 10.0))
+        return SqliteVecIndex(store, busy_timeout_s=getattr(store, "busy_timeout_s", 10.0))
     return ExactIndex(store)
