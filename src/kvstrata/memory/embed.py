@@ -78,7 +78,7 @@ class Embedder:
 
         d = self.path or model_dir()
         self._tok = AutoTokenizer.from_pretrained(str(d))
-        self._model = AutoModel.from_pretrained(str(d), torch_dtype=torch.float32).eval()
+        self._model = AutoModel.from_pretrained(str(d), dtype=torch.float32).eval()
         log.info("embedding model loaded from %s", d)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -90,13 +90,15 @@ class Embedder:
         with self._lock:
             if self._model is None:
                 self._load()
-            out = []
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length: less padding
+            out = np.empty((len(texts), DIM), dtype=np.float32)
             with torch.inference_mode():
                 for i in range(0, len(texts), self.batch_size):
-                    b = self._tok(texts[i:i + self.batch_size], padding=True, truncation=True,
+                    idx = order[i:i + self.batch_size]
+                    b = self._tok([texts[j] for j in idx], padding=True, truncation=True,
                                   max_length=MAX_TOKENS, return_tensors="pt")
                     h = self._model(**b).last_hidden_state  # (B, T, 384)
                     mask = b["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
                     e = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean over real tokens
-                    out.append(torch.nn.functional.normalize(e, dim=-1).numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+                    out[idx] = torch.nn.functional.normalize(e, dim=-1).numpy()
+        return out
