@@ -27,6 +27,8 @@ BENCHES = [
     ("resumed agent turns", ["-m", "benchmarks.session_resume"], "session_resume.md"),
     ("serving (HTTP)", ["-m", "benchmarks.serving"], "serving.md"),
     ("agentic replay", ["-m", "benchmarks.agentic_replay"], "agentic_replay.md"),
+    ("memory: embedding model", ["-m", "benchmarks.memory_embed"], "memory_embed.md"),
+    ("memory: compaction on a long session", ["-m", "benchmarks.memory_compaction"], "memory_compaction.md"),
     ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
 
