@@ -62,7 +62,7 @@ async def gen(aeng, prompt, n, rid):
     return final
 
 
-async def run_compaction(aeng, store, system, tools, turns, window) -> dict:
+async def run_compaction(aeng, store, system, tools, turns, window, keep_recent) -> dict:
     from kvstrata.core import SamplingParams
     from kvstrata.memory import CompactionPolicy, maybe_compact
     from kvstrata.sessions import ANY_OWNER, turns as st
@@ -78,7 +78,7 @@ async def run_compaction(aeng, store, system, tools, turns, window) -> dict:
     for i, (new, rec) in enumerate(turns):
         n = out_tokens(tok, rec)
         plan = st.plan_turn(e, sess, new, lambda k: SamplingParams(max_tokens=n))
-        policy = CompactionPolicy(threshold_tokens=window - n - 8)
+        policy = CompactionPolicy(threshold_tokens=window - n - 8, keep_recent_tokens=keep_recent)
         if len(plan.prompt) + n > policy.threshold_tokens:
             if new:  # the turn's inputs join the log first, so the summary and the kept turns include them
                 await st.append(store, sess, ANY_OWNER, new, None)
@@ -89,6 +89,9 @@ async def run_compaction(aeng, store, system, tools, turns, window) -> dict:
                               "tokens_after": res["tokens_after"], "summary_tokens": res["summary_tokens"],
                               "summary_cached_tokens": res["summary_cached_tokens"]})
             plan = st.plan_turn(e, sess, new, lambda k: SamplingParams(max_tokens=n))
+            if len(plan.prompt) + n > window:
+                raise SystemExit(f"turn {i}: compaction could not bring the prompt under the window "
+                                 f"({len(plan.prompt)} + {n} > {window}); lower --keep-recent or raise --window")
         out = await gen(aeng, plan.prompt, n, f"c{i}")
         computed += out.metrics.computed_prompt_tokens
         cached += out.metrics.cached_prompt_tokens
@@ -134,6 +137,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entries", type=int, default=12, help="BFCL entries chained into the session")
     ap.add_argument("--window", type=int, default=8192, help="max_model_len (the default model's is 8192)")
+    ap.add_argument("--keep-recent", type=int, default=None, help="compaction's keep_recent_tokens (default: its own)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--quantization", default="auto")
     ap.add_argument("--kv-device-bytes", default="512M")
@@ -153,7 +157,7 @@ def main() -> int:
             store = open_store(Path(tmp) / f"{mode}.db")
             try:
                 if mode == "compaction":
-                    res[mode] = asyncio.run(run_compaction(aeng, store, system, tools, turns, a.window))
+                    res[mode] = asyncio.run(run_compaction(aeng, store, system, tools, turns, a.window, a.keep_recent))
                 else:
                     res[mode] = asyncio.run(run_truncation(aeng, system, tools, turns, a.window))
             finally:

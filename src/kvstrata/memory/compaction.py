@@ -132,9 +132,10 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
     after.messages = sess.messages + [mark]
     ids = _context_ids(tok, after)
     before = max(len(sess.token_ids), len(_context_ids(tok, sess)))
-    if len(ids) >= before:
-        raise CompactionError(f"compacting session {sess.id!r} would not shorten it ({before} -> {len(ids)} "
-                              "tokens); keep fewer recent tokens or a shorter summary")
+    if len(ids) >= before or len(ids) >= n:
+        raise CompactionError(f"compacting session {sess.id!r} would not bring it under its length or the "
+                              f"window ({before} -> {len(ids)} tokens, window {n}); keep fewer recent tokens or "
+                              "a shorter summary")
     mark["kvstrata"]["tokens_before"] = before
     mark["kvstrata"]["tokens_after"] = len(ids)
     old_ids = list(sess.token_ids)
