@@ -65,6 +65,7 @@ async def gen(aeng, prompt, n, rid):
 async def run_compaction(aeng, store, system, tools, turns, window, keep_recent) -> dict:
     from kvstrata.core import SamplingParams
     from kvstrata.memory import CompactionPolicy, maybe_compact
+    from kvstrata.memory.compaction import default_threshold
     from kvstrata.sessions import ANY_OWNER, turns as st
     from kvstrata.sessions.kv import SessionKV
     from kvstrata.sessions.types import SessionState
@@ -78,7 +79,8 @@ async def run_compaction(aeng, store, system, tools, turns, window, keep_recent)
     for i, (new, rec) in enumerate(turns):
         n = out_tokens(tok, rec)
         plan = st.plan_turn(e, sess, new, lambda k: SamplingParams(max_tokens=n))
-        policy = CompactionPolicy(threshold_tokens=window - n - 8, keep_recent_tokens=keep_recent)
+        policy = CompactionPolicy(keep_recent_tokens=keep_recent)
+        policy = dataclasses.replace(policy, threshold_tokens=default_threshold(policy, window, n))
         if len(plan.prompt) + n > policy.threshold_tokens:
             if new:  # the turn's inputs join the log first, so the summary and the kept turns include them
                 await st.append(store, sess, ANY_OWNER, new, None)

@@ -37,6 +37,7 @@ from kvstrata.jobs.results import summarize
 from kvstrata.jobs.tools import ToolContext
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
 from kvstrata.memory import CompactionPolicy, maybe_compact
+from kvstrata.memory.compaction import default_threshold
 from kvstrata.sessions import ANY_OWNER, JobTask, Session, SessionState, TaskState
 from kvstrata.sessions import turns
 from kvstrata.sessions.kv import SessionKV
@@ -203,14 +204,14 @@ class Agent:
         return None
 
     def _compaction_policy(self) -> CompactionPolicy | None:
-        """The task's compaction (None: off). Default threshold: where this step would no longer fit."""
+        """The task's compaction (None: off). Default threshold: memory.compaction.default_threshold."""
         c = self.task.compaction
         if c is None:
             return None
+        p = CompactionPolicy(keep_recent_tokens=c.get("keep_recent_tokens"),
+                             summary_max_tokens=c.get("summary_max_tokens"), request_class="batch")
         n = self.eng.max_model_len
-        return CompactionPolicy(threshold_tokens=c.get("threshold") or n - self.task.max_tokens,
-                                keep_recent_tokens=c.get("keep_recent_tokens"),
-                                summary_max_tokens=c.get("summary_max_tokens"), request_class="batch")
+        return dataclasses.replace(p, threshold_tokens=c.get("threshold") or default_threshold(p, n, self.task.max_tokens))
 
     async def _generate(self, prompt: list[int], params: SamplingParams, sid: str):
         final = None

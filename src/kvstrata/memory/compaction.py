@@ -56,6 +56,17 @@ class CompactionPolicy:
     instructions: str = SUMMARY_REQUEST
 
 
+def summary_limit(policy: CompactionPolicy, window: int) -> int:
+    return min(384, window // 8) if policy.summary_max_tokens is None else policy.summary_max_tokens
+
+
+def default_threshold(policy: CompactionPolicy, window: int, max_tokens: int) -> int:
+    """Where to compact by default: before the next step (`max_tokens`) stops fitting, and early enough
+    that the summary turn (the context so far, the request, the summary) still fits, so it reads the
+    history from the cache instead of a shortened, recomputed view."""
+    return window - max(max_tokens, summary_limit(policy, window) + 128)
+
+
 def _visible(sess: Session) -> tuple[int, list[int]]:
     """(start of the current context in the log, indexes of its visible messages)."""
     msgs = sess.messages
@@ -107,7 +118,7 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
     n = e.max_model_len
     policy = dataclasses.replace(
         policy, keep_recent_tokens=min(1024, n // 4) if policy.keep_recent_tokens is None else policy.keep_recent_tokens,
-        summary_max_tokens=min(384, n // 8) if policy.summary_max_tokens is None else policy.summary_max_tokens)
+        summary_max_tokens=summary_limit(policy, n))
     cut = choose_cut(tok, sess, policy.keep_recent_tokens)
     start, _ = _visible(sess)
     # the summary turn reads the session as it was up to the cut, spliced onto the stored ids (cached)
