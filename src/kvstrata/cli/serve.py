@@ -44,6 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from kvstrata.server.limits import add_limit_args
 
     add_limit_args(p)
+    m = p.add_argument_group("memory (docs/memory.md)")
+    m.add_argument("--no-recall", action="store_true",
+                   help="do not embed session messages for recall (/v1/memory/search and the memory_search tool)")
+    m.add_argument("--retention-session-ttl", type=float, default=None, metavar="S",
+                   help="delete sessions (conversations) not updated for S seconds, with their responses (default: keep)")
+    m.add_argument("--retention-max-sessions", type=int, default=None, metavar="N",
+                   help="keep at most N sessions per API key, the most recently updated (default: no limit)")
+    m.add_argument("--retention-response-ttl", type=float, default=None, metavar="S",
+                   help="delete stored responses older than S seconds (their sessions stay; default: keep)")
+    m.add_argument("--retention-max-responses", type=int, default=None, metavar="N",
+                   help="keep at most N stored responses per API key, the newest (default: no limit)")
     add_engine_args(p)
 
 
@@ -141,6 +152,22 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(aengine, store, model_names=model_names(args, cfg), api_keys=keys,
                      close_on_shutdown=True, park_tier_on_shutdown=park_tier, resume_jobs=not args.no_resume_jobs,
                      limits=limits)
+    from kvstrata.server.memory_api import Retention, configure
+
+    recall = None
+    if not args.no_recall:
+        from kvstrata.memory import Recall
+
+        recall = Recall(store)
+    for flag in ("retention_max_sessions", "retention_max_responses"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise KvstrataError(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("retention_session_ttl", "retention_response_ttl"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise KvstrataError(f"--{flag.replace('_', '-')} must be > 0 seconds")
+    configure(app, recall=recall, retention=Retention(
+        session_ttl_s=args.retention_session_ttl, max_sessions_per_owner=args.retention_max_sessions,
+        response_ttl_s=args.retention_response_ttl, max_responses_per_owner=args.retention_max_responses))
     base = f"http://{args.host}:{args.port}"
     auth = ' -H "Authorization: Bearer $KVSTRATA_API_KEY"' if keys else ""
     name = app.state.kv.model_id

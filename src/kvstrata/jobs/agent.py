@@ -15,6 +15,10 @@ token ids are the prompt's source of truth, so the engine's prefix cache (device
 serves the prefix after a tool wait or a restart. While the tools run the session is paused through
 SessionKV (sessions/kv.py): the cost model keeps, moves down or drops its KV, and the placement is
 recorded in the store, so a restart during a tool wait resumes from the tier the KV went to.
+
+Near the window a step compacts the session first (memory/compaction.py; the task's `compaction` key):
+the model summarises the older turns, the log keeps them, and the agent goes on from the summary and its
+recent turns, whose KV is computed once and cached, instead of ending at `context_length`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from kvstrata.engine.async_engine import EngineDeadError
 from kvstrata.jobs.results import summarize
 from kvstrata.jobs.tools import ToolContext
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
+from kvstrata.memory import CompactionPolicy, maybe_compact
+from kvstrata.memory.compaction import default_threshold
 from kvstrata.sessions import ANY_OWNER, JobTask, Session, SessionState, StoreUnavailable, TaskState
 from kvstrata.sessions import turns
 from kvstrata.sessions.kv import SessionKV
@@ -147,7 +153,8 @@ class Agent:
         if used >= t.max_total_tokens:
             return "max_total_tokens"
         defs = self.tools.defs or None
-        choice = t.tool_choice if s.messages[-1]["role"] == "user" else "auto"
+        last = next((m for m in reversed(s.messages) if not turns.hidden(m)), s.messages[-1])
+        choice = t.tool_choice if last["role"] == "user" else "auto"
         forced = forced_tool_call_spec(defs, choice) if defs and choice not in ("auto", "none") else None
         room = [0]
 
@@ -157,6 +164,12 @@ class Agent:
                                   **t.sampling, structured=forced)
 
         plan = turns.plan_turn(self.eng, s, [], make_params)
+        policy = self._compaction_policy()
+        if policy is not None and len(plan.prompt) + t.max_tokens > policy.threshold_tokens:
+            await self.rc.skv.resume(s)  # the summary reads the old prefix: bring it back first
+            if await maybe_compact(self.rc.aeng, self.rc.store, self.rc.skv, s, ANY_OWNER, policy,
+                                   len(plan.prompt) + t.max_tokens) is not None:
+                plan = turns.plan_turn(self.eng, s, [], make_params)
         if room[0] < 1:
             return "context_length"
         await self.rc.skv.resume(s)  # paused on tools (in this run or before a restart): the KV comes back
@@ -190,6 +203,16 @@ class Agent:
         await self._db(self.rc.store.record_job_step, self.rc.job_id, t.index, prompt_tokens=len(plan.prompt),
                        completion_tokens=len(gen))
         return None
+
+    def _compaction_policy(self) -> CompactionPolicy | None:
+        """The task's compaction (None: off). Default threshold: memory.compaction.default_threshold."""
+        c = self.task.compaction
+        if c is None:
+            return None
+        p = CompactionPolicy(keep_recent_tokens=c.get("keep_recent_tokens"),
+                             summary_max_tokens=c.get("summary_max_tokens"), request_class="batch")
+        n = self.eng.max_model_len
+        return dataclasses.replace(p, threshold_tokens=c.get("threshold") or default_threshold(p, n, self.task.max_tokens))
 
     async def _generate(self, prompt: list[int], params: SamplingParams, sid: str):
         final = None

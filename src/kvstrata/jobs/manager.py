@@ -26,7 +26,7 @@ from kvstrata.jobs.agent import Agent, RunContext
 from kvstrata.jobs.progress import JobProgress
 from kvstrata.jobs.results import result_record
 from kvstrata.jobs.spec import JobLimits, JobSpec
-from kvstrata.jobs.tools import Tool, load_source
+from kvstrata.jobs.tools import Tool, ToolContext, load_source
 from kvstrata.jobs.workers import TaskTools, ToolWorkers
 from kvstrata.sessions import ANY_OWNER, JobState, StoreUnavailable, TaskState
 from kvstrata.sessions.kv import SessionKV
@@ -36,10 +36,24 @@ TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 STORE_RETRY_S = (1.0, 30.0)  # a job whose store is down resumes after this backoff (first, most)
 
 
+def memory_tool(recall: Any) -> Tool:
+    """The built-in `memory_search` (kvstrata.memory.tools): a search of the calling task's own session,
+    run on a tool worker thread (the query's embedding never runs on the engine thread)."""
+    from kvstrata.memory.tools import memory_search_tool, render_hits
+
+    def memory_search(query: str, k: int = 5, tool_context: ToolContext | None = None) -> str:
+        sid = tool_context.session_id if tool_context is not None else None
+        return render_hits(recall.search_sync(ANY_OWNER, query, max(1, min(int(k), 20)), session_id=sid))
+
+    f = memory_search_tool()["function"]
+    return Tool(name=f["name"], description=f["description"], parameters=f["parameters"], source="builtin:memory",
+                fn=memory_search, ctx_param="tool_context")
+
+
 class JobManager:
     def __init__(self, aengine, store, *, skv: SessionKV | None = None, allow_python_modules: bool = True,
                  allow_mcp: bool = True, kv_sample_s: float = 2.0, limits: JobLimits | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, recall: Any = None) -> None:
         """skv: the SessionKV that owns the sessions' KV (the server passes its own; default: a new one).
         allow_python_modules / allow_mcp: whether job specs may name tool modules by path / start MCP
         server commands. The CLI allows both; a server should allow neither for untrusted clients (entry
@@ -47,7 +61,8 @@ class JobManager:
         server's flags; None: no limit). admission: the gate every agent's generation passes (the
         server's, shared with its HTTP requests; default: one over this engine alone). Agents wait there
         for room as batch requests, so a job never takes the interactive reserve and never fails on a
-        full queue."""
+        full queue. recall: a kvstrata.memory.Recall; with it, a task that names `memory_search` in its
+        tools can search its own earlier conversation."""
         self.aeng, self.store = aengine, store
         self.skv = skv if skv is not None else SessionKV(aengine, store)
         self.allow_python_modules, self.allow_mcp = allow_python_modules, allow_mcp
@@ -55,6 +70,7 @@ class JobManager:
         self.gate = admission or Admission(aengine, AdmissionPolicy.for_engine(
             aengine.engine.scheduler.max_num_seqs, aengine.max_waiting))
         self.kv_sample_s = kv_sample_s
+        self.recall = recall
         self.progress: dict[str, JobProgress] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
@@ -149,6 +165,8 @@ class JobManager:
                                         "rename one (or give the MCP server a tool_prefix)")
                 registry[t.name] = t
 
+        if self.recall is not None:
+            add([memory_tool(self.recall)])
         try:
             for src in spec.tool_sources:
                 add(load_source(src, allow_python=self.allow_python_modules))

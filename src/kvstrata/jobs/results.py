@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("job_id", "task_index", "task_id", "status", "finish_reason", "final_answer", "error", "steps",
-               "tool_calls", "tool_errors", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+               "tool_calls", "tool_errors", "compactions", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
                "computed_prompt_tokens", "timings", "session_id", "metadata", "transcript")
 
 
@@ -40,6 +40,7 @@ def summarize(messages: list[dict], meta: dict, reason: str | None, error: str |
         "steps": len(steps),
         "tool_calls": len(tools),
         "tool_errors": sum(1 for m in tools if m["kvstrata"].get("error")),
+        "compactions": sum(1 for m in messages if m.get("role") == "compaction"),
         "prompt_tokens": sum(x.get("prompt_tokens", 0) for x in k),
         "completion_tokens": sum(x.get("completion_tokens", 0) for x in k),
         "cached_prompt_tokens": sum(x.get("cached_prompt_tokens", 0) for x in k),

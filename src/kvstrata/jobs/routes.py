@@ -36,9 +36,11 @@ def server_manager(app) -> JobManager:
         if st is None:
             raise HTTPException(503, "this server has no job manager (set app.state.jobs)")
         limits = getattr(st, "limits", None)  # the kvstrata server's state has its limits and admission gate
+        memory = getattr(st, "memory", None)
         mgr = app.state.jobs = JobManager(st.aengine, st.store, skv=st.skv, allow_python_modules=False,
                                           allow_mcp=False, limits=limits.jobs() if limits else None,
-                                          admission=getattr(st, "admission", None))
+                                          admission=getattr(st, "admission", None),
+                                          recall=memory.recall if memory is not None else None)
     return mgr
 
 

@@ -42,7 +42,10 @@ TASK_FIELDS: dict[str, tuple[Any, str]] = {
     "tool_state": ({}, "initial state of stateful toolsets, by toolset name"),
     "sampling": ({}, "temperature, top_p, top_k, min_p, seed, stop, repetition_penalty"),
     "metadata": (None, "anything; copied into the task's result"),
+    "compaction": ({}, "near the window the agent's older turns are summarised and it goes on (docs/memory.md): "
+                       "false to end at context_length instead, or {threshold, keep_recent_tokens, summary_max_tokens}"),
 }
+COMPACTION_KEYS = ("threshold", "keep_recent_tokens", "summary_max_tokens")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "repetition_penalty", "ignore_eos",
                  "presence_penalty", "frequency_penalty")
 JOB_KEYS = ("kvstrata_job", "name", "tools", "mcp_servers", "defaults", "tasks", "max_concurrent_agents",
@@ -73,6 +76,7 @@ class TaskSpec:
     tool_state: dict
     sampling: dict
     metadata: Any
+    compaction: dict | None = None  # None: off; else {threshold, keep_recent_tokens, summary_max_tokens} (each optional)
 
     @classmethod
     def parse(cls, d: Any, index: int, defaults: dict | None = None) -> "TaskSpec":
@@ -124,6 +128,16 @@ class TaskSpec:
         if not (tc in ("auto", "required", "none") or (isinstance(tc, dict) and tc.get("type") == "function")):
             raise KvstrataError(f"{where}: `tool_choice` must be auto, required, none or "
                                 f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}; got {tc!r}")
+        comp = v["compaction"]
+        if comp is False or comp is None:
+            comp = None
+        elif not isinstance(comp, dict):
+            raise KvstrataError(f"{where}: `compaction` must be false or an object with {list(COMPACTION_KEYS)}")
+        else:
+            _check_keys(comp, COMPACTION_KEYS, f"{where}.compaction")
+            for k, x in comp.items():
+                if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < (0 if k == "keep_recent_tokens" else 1)):
+                    raise KvstrataError(f"{where}: compaction.{k} must be a positive integer; got {x!r}")
         tid = v["id"] if v["id"] is not None else f"task-{index}"
         if not isinstance(tid, (str, int)):
             raise KvstrataError(f"{where}: `id` must be a string")
@@ -131,7 +145,7 @@ class TaskSpec:
                    tools=tools, tool_choice=tc, max_steps=v["max_steps"], max_tokens=v["max_tokens"],
                    max_total_tokens=v["max_total_tokens"], deadline_s=v["deadline_s"], deadline=v["deadline"],
                    tool_timeout_s=float(v["tool_timeout_s"]), tool_state=dict(v["tool_state"]),
-                   sampling=dict(v["sampling"]), metadata=v["metadata"])
+                   sampling=dict(v["sampling"]), metadata=v["metadata"], compaction=comp)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class TaskTools:
         self.max_output_chars = max_output_chars
         chosen: list[tuple[Tool, dict]] = []
         if task.tools == "*":
-            chosen = [(t, t.openai()) for t in registry.values()]
+            chosen = [(t, t.openai()) for t in registry.values() if not t.source.startswith("builtin:")]  # named only
         else:
             for i, item in enumerate(task.tools):
                 name = item if isinstance(item, str) else ((item.get("function") or {}).get("name") or item.get("name"))

@@ -22,7 +22,7 @@ from kvstrata.engine.admission import Admission
 from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.jobs.routes import router as jobs_router
 from kvstrata.jobs.routes import server_manager
-from kvstrata.server import completions, openai_chat, responses, sessions
+from kvstrata.server import completions, memory_api, openai_chat, responses, sessions
 from kvstrata.server.errors import APIError, error_body, install_error_handlers
 from kvstrata.server.guards import BodyGuard
 from kvstrata.server.health import health_body
@@ -137,6 +137,7 @@ def create_app(
     app.include_router(responses.router)
     app.include_router(sessions.router)
     app.include_router(jobs_router)
+    app.include_router(memory_api.router)  # conversations, compaction, recall, retention (server/memory_api.py)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request):

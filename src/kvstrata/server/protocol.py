@@ -93,6 +93,10 @@ class ResponsesRequest(SamplingFields):
     stream: bool = False
     store: bool = True
     metadata: Optional[dict[str, Any]] = None
+    conversation: Union[str, dict[str, Any], None] = Field(
+        None, description="a conversation id (or {id}): the input and output are added to it")
+    context_management: Optional[list[dict[str, Any]]] = Field(
+        None, description='[{"type": "compaction", "compact_threshold": tokens}]: compact first when the prompt would pass it')
 
 
 # ---------------------------------------------------------------------------------------------- sessions

@@ -9,6 +9,11 @@ branches into a new session holding the history up to that response.
 `tools` not resent on a continuation stay those of the session. `store: false` runs the turn
 without writing anything (the id it returns cannot be continued).
 
+`conversation` (an id from /v1/conversations, which is a session) continues that conversation at its
+latest turn and adds the input and output to it. `context_management: [{"type": "compaction",
+"compact_threshold": N}]` compacts the session first (memory/compaction.py) when the turn's prompt would
+pass N tokens. A `{"type": "memory_search"}` tool is run by the server itself (not streamed).
+
 `stream: true` sends the Responses event stream (response.created, output items, text deltas,
 function-call arguments, response.completed / response.incomplete). Text streams as it is generated;
 with tools active a reply is held back until whole (a tool call can only be told from text then), as
@@ -32,8 +37,9 @@ from kvstrata.server.common import SSE_HEADERS, build_sampling, keepalive_sse, n
 from kvstrata.server.errors import APIError, to_api_error
 from kvstrata.server.protocol import ResponsesRequest
 from kvstrata.server.state import ServerState, get_state, owner
-from kvstrata.server.turns import HttpTurn, TurnResult, finish_turn, plan_turn, run_turn
-from kvstrata.sessions import Session, SessionState
+from kvstrata.server.turns import HttpTurn, TurnResult, finish_turn, plan_turn, run_turn_with_builtins
+from kvstrata.memory.tools import expand_tools
+from kvstrata.sessions import Session, SessionNotFound, SessionState
 from kvstrata.sessions.types import new_response_id
 
 log = logging.getLogger(__name__)
@@ -149,6 +155,23 @@ async def _session_for(st: ServerState, body: ResponsesRequest, who: Any, tools:
     """(session to continue, turn number, branched-from id) for this request; a branch when the history
     diverges from the session's latest turn."""
     rc = RequestClass(body.request_class or "interactive")
+    if body.conversation is not None:
+        if body.previous_response_id:
+            raise APIError(400, "previous_response_id cannot be combined with conversation", param="conversation")
+        cid = body.conversation.get("id") if isinstance(body.conversation, dict) else body.conversation
+        if not isinstance(cid, str) or not cid:
+            raise APIError(400, "conversation must be an id or {\"id\": ...}", param="conversation")
+        try:
+            s = await st.db(st.store.get_session, cid, owner=who)
+        except SessionNotFound:
+            raise APIError(404, f"conversation {cid!r} not found", code="conversation_not_found",
+                           param="conversation") from None
+        if tools is not None and tools != s.tools and s.num_messages:
+            raise APIError(400, "a conversation keeps the tools of its first turn; send the same tools or none",
+                           param="tools")
+        if body.instructions is not None and body.instructions != s.system_prompt and s.num_messages:
+            raise APIError(400, "a conversation keeps its instructions; send the same or none", param="instructions")
+        return s, sum(m.get("role") == "assistant" for m in s.messages), None
     if not body.previous_response_id:
         s = await _new_session(st, body.store, who, system_prompt=body.instructions, tools=tools,
                                request_class=rc, metadata={"api": "responses"})
@@ -191,6 +214,7 @@ def _response(body: ResponsesRequest, rid: str, *, status: str, output: list[dic
             "output_tokens_details": {"reasoning_tokens": 0}},
         "metadata": body.metadata or {}, "store": body.store, "user": body.user,
         "session_id": session_id if body.store else None, "branched_from": branched_from,
+        "conversation": {"id": session_id} if body.conversation is not None else None,
     }
 
 
@@ -206,12 +230,18 @@ def _response_id(body: ResponsesRequest) -> str:
 
 
 async def _store(st: ServerState, body: ResponsesRequest, who: Any, sess: Session, turn_no: int, turn: TurnResult,
-                 resp: dict[str, Any]) -> None:
-    """Records the response, under its id, as the session's turn (nothing for `store: false`)."""
+                 resp: dict[str, Any], input_from: int) -> None:
+    """Records the response, under its id, as the session's turn (nothing for `store: false`), with where
+    its input items lie in the session's log (input_items)."""
     if body.store and turn.info is not None:
         await st.db(st.store.put_response, sess.id, owner=who, turn=turn_no,
-                    output={"response": resp, "num_messages": turn.info.num_messages, "num_tokens": turn.info.num_tokens},
+                    output={"response": resp, "num_messages": turn.info.num_messages, "num_tokens": turn.info.num_tokens,
+                            "input_from": input_from, "input_to": input_from + len(_input_of(body))},
                     usage=resp["usage"], response_id=resp["id"])
+
+
+def _input_of(body: ResponsesRequest) -> list[dict[str, Any]]:
+    return input_to_messages(body.input)
 
 
 @router.post("/v1/responses")
@@ -219,7 +249,7 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
     st = get_state(request)
     st.check_model(body.model)
     st.limits.check_metadata(body.metadata)
-    tools = chat_tools(body.tools)
+    tools = chat_tools(expand_tools(body.tools))
     choice = chat_tool_choice(body.tool_choice)
     cf.check_tools(tools, choice)
     new_msgs = input_to_messages(body.input)
@@ -233,30 +263,56 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
 
     sess, turn_no, branched_from = await _session_for(st, body, who, tools)
     async with st.session_lock(sess.id):
-        if body.store:  # re-read under the lock: another turn may have landed meanwhile
+        persist = body.store or body.conversation is not None  # a conversation's turns are always kept
+        if persist:  # re-read under the lock: another turn may have landed meanwhile
             fresh = await st.db(st.store.get_session, sess.id, owner=who)
             if fresh.num_messages != sess.num_messages:
                 raise APIError(409, f"response {body.previous_response_id!r} was continued concurrently; retry",
                                code="version_conflict")
             sess = fresh
             await st.skv.resume(sess, who)  # paused on its function calls: the KV comes back first
+            await _context_management(st, body, sess, who, new_msgs, make_params, choice)
+        input_from = sess.num_messages
         if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
             plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice)
             first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class)
         else:
-            turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=choice, persist=body.store)
+            turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=choice,
+                                                persist=persist)
     if body.stream:
-        events = _events(st, body, who, sess, turn_no, branched_from, new_msgs, plan, first, agen)
+        events = _events(st, body, who, sess, turn_no, branched_from, new_msgs, plan, first, agen, input_from)
         return StreamingResponse(keepalive_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
     resp = _response(body, _response_id(body), status=_status(turn), output=output_items(turn.message), turn=turn,
                      session_id=sess.id, branched_from=branched_from)
-    await _store(st, body, who, sess, turn_no, turn, resp)
+    await _store(st, body, who, sess, turn_no, turn, resp, input_from)
     return resp
+
+
+async def _context_management(st: ServerState, body: ResponsesRequest, sess: Session, who: Any,
+                              new_msgs: list[dict[str, Any]], make_params, choice: Any) -> None:
+    """`context_management` compaction: compact first when this turn's prompt would pass the threshold."""
+    entries = [c for c in body.context_management or () if isinstance(c, dict) and c.get("type") == "compaction"]
+    if not entries:
+        return
+    threshold = entries[0].get("compact_threshold")
+    if threshold is None:
+        threshold = int(0.8 * st.engine.max_model_len)
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise APIError(400, "context_management compact_threshold must be a positive number of tokens",
+                       param="context_management")
+    if not sess.messages:
+        return
+    plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice)
+    if len(plan.prompt) + (body.max_output_tokens or 0) <= threshold:
+        return
+    from kvstrata.server.memory_api import compact_session, policy_for
+
+    await compact_session(st, sess, who, policy_for(st, threshold=threshold), "threshold")
 
 
 async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Session, turn_no: int,
                   branched_from: str | None, new_msgs: list[dict[str, Any]], plan: HttpTurn, first: RequestOutput,
-                  agen: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+                  agen: AsyncIterator[RequestOutput], input_from: int) -> AsyncIterator[str]:
     seq = itertools.count()
 
     def ev(kind: str, **fields: Any) -> str:
@@ -291,7 +347,8 @@ async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessi
                      logprobs=[])
         st.metrics.observe_output(last)
         async with st.session_lock(sess.id):
-            turn = await finish_turn(st, sess, who, new_msgs, plan, last, persist=body.store)
+            turn = await finish_turn(st, sess, who, new_msgs, plan, last,
+                                     persist=body.store or body.conversation is not None)
         items = output_items(turn.message, msg_id)
         for i, item in enumerate(items):
             if item["type"] == "message":
@@ -317,7 +374,7 @@ async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessi
         status = _status(turn)
         resp = _response(body, rid, status=status, output=items, turn=turn, session_id=sess.id,
                          branched_from=branched_from)
-        await _store(st, body, who, sess, turn_no, turn, resp)
+        await _store(st, body, who, sess, turn_no, turn, resp, input_from)
     except Exception as e:  # after the headers went out, an error travels as an event
         log.warning("responses stream %s failed: %s", rid, e)
         a = to_api_error(e)

@@ -24,7 +24,8 @@ from kvstrata.server.common import build_sampling, new_id
 from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import MessagesAppend, SessionCreate, SessionFork, SessionGenerate, SessionPark
 from kvstrata.server.state import get_state, owner
-from kvstrata.server.turns import run_turn
+from kvstrata.memory.tools import expand_tools
+from kvstrata.server.turns import run_turn_with_builtins
 from kvstrata.sessions import Session, SessionInfo, SessionState, VersionConflict
 from kvstrata.sessions.turns import sync
 
@@ -51,13 +52,14 @@ def session_json(s: SessionInfo, *, include_tokens: bool = False) -> dict[str, A
 async def create_session(body: SessionCreate, request: Request, who=Depends(owner)):
     st = get_state(request)
     st.limits.check_metadata(body.metadata)
-    cf.check_tools(body.tools, None)
+    tools = expand_tools(body.tools)  # {"type": "memory_search"}: the built-in recall tool
+    cf.check_tools(tools, None)
     msgs = cf.messages_to_dicts(body.messages)
     if any(m["role"] == "system" for m in msgs) and body.system:
         raise APIError(400, "give the system prompt either as `system` or as a system message, not both",
                        param="messages")
     s = await st.db(st.store.create_session, owner=who, messages=msgs, system_prompt=body.system,
-                    tools=body.tools, request_class=RequestClass(body.request_class), metadata=body.metadata)
+                    tools=tools, request_class=RequestClass(body.request_class), metadata=body.metadata)
     return session_json(s)
 
 
@@ -129,7 +131,7 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         if body.expected_version is not None and sess.version != body.expected_version:
             raise VersionConflict(session_id, body.expected_version, sess.version)
         await st.skv.resume(sess, who)  # parked or paused on a tool: the KV comes back first
-        turn = await run_turn(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
+        turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
     return {
         "id": new_id("gen-"), "object": "session.generation", "session_id": session_id,
         "message": turn.message, "finish_reason": turn.finish_reason, "usage": turn.usage,

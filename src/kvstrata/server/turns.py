@@ -13,7 +13,7 @@ from fastapi import Request
 
 from kvstrata.core import ContextLengthError, KvstrataError, RequestOutput, SamplingParams
 from kvstrata.server import chat_format as cf
-from kvstrata.server.common import generate_final, usage
+from kvstrata.server.common import generate_final, sum_usage, usage
 from kvstrata.server.errors import APIError
 from kvstrata.server.state import ServerState
 from kvstrata.sessions import Session, SessionInfo, SessionState
@@ -80,6 +80,8 @@ async def finish_turn(st: ServerState, sess: Session, owner: Any, new_messages: 
         info = await sturns.record_turn(st.store, st.engine, sess, owner, new_messages, turn.plan, msg,
                                         list(o.token_ids), state)
         st.touched_sessions[sess.id] = owner
+        if st.memory is not None:  # new messages: the recall thread looks now rather than at its next poll
+            st.memory.notify()
         if has_calls:
             tool = (msg["tool_calls"][0].get("function") or {}).get("name")
             await st.skv.pause(sess, owner, tool=tool)
@@ -105,3 +107,39 @@ async def run_turn(
     turn = plan_turn(st, sess, new_messages, make_params, tool_choice=tool_choice)
     out = await generate_final(st, request, turn.prompt, turn.params, turn.request_class)
     return await finish_turn(st, sess, owner, new_messages, turn, out, persist=persist)
+
+
+MAX_BUILTIN_ROUNDS = 4  # memory_search calls the server answers itself within one request
+
+
+def _builtin_only(st: ServerState, turn: TurnResult) -> bool:
+    from kvstrata.memory import MEMORY_SEARCH
+
+    calls = turn.message.get("tool_calls") or []
+    return (turn.has_calls and turn.info is not None and st.memory is not None and st.memory.recall is not None
+            and all((c.get("function") or {}).get("name") == MEMORY_SEARCH for c in calls))
+
+
+async def run_turn_with_builtins(st: ServerState, request: Request, sess: Session, owner: Any,
+                                 new_messages: list[dict[str, Any]], make_params, *, tool_choice: Any = None,
+                                 persist: bool = True) -> TurnResult:
+    """run_turn, then, while the reply calls only the built-in `memory_search` (and recall is on), the
+    server runs the searches over the session's own memory, appends their results and generates again
+    (at most MAX_BUILTIN_ROUNDS times). The usage is that of every generation together."""
+    from kvstrata.memory.tools import run_memory_search
+
+    turn = await run_turn(st, request, sess, owner, new_messages, make_params, tool_choice=tool_choice, persist=persist)
+    parts = [turn.usage]
+    for _ in range(MAX_BUILTIN_ROUNDS):
+        if not _builtin_only(st, turn):
+            break
+        results = []
+        for c in turn.message["tool_calls"]:
+            content, _err = await run_memory_search(st.memory.recall, owner, sess.id, (c.get("function") or {}).get("arguments"))
+            results.append({"role": "tool", "tool_call_id": c.get("id") or "", "name": "memory_search", "content": content})
+        await st.skv.resume(sess, owner)  # finish_turn paused the KV for the "tool"; it comes back at once
+        turn = await run_turn(st, request, sess, owner, results, make_params, persist=persist)
+        parts.append(turn.usage)
+    if len(parts) > 1:
+        turn.usage = sum_usage(parts)
+    return turn

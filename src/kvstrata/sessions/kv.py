@@ -14,6 +14,8 @@ sessions/turns.py; between them the session is in one of these places, and only 
                          learn how long the tool took
     prefetch / locate    load the stored prefix into device memory / where each part of it is now
     fork                 a new session sharing the prefix (and so, by content, its KV)
+    warm                 the session's token ids were replaced (compaction): release what it held for the
+                         old prefix, compute the new prefix's KV once so the next turn finds it cached
     close                release everything; the session takes no more turns
     sweep_leases         unpin the KV of sessions whose lease ended (they stay parked)
 
@@ -43,7 +45,7 @@ import logging
 import time
 from typing import Any
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import KvstrataError, SamplingParams
 from kvstrata.sessions.store import SessionStore
 from kvstrata.sessions.turns import sync
 from kvstrata.sessions.types import ANY_OWNER, Owner, Session, SessionInfo, SessionState
@@ -260,6 +262,28 @@ class SessionKV:
     async def fork(self, session_id: str, owner: Owner, metadata: dict | None = None) -> Session:
         """A new session with this one's history; its turns find the shared prefix's KV by content."""
         return await self._db(self.store.fork_session, session_id, owner=owner, metadata=metadata)
+
+    async def warm(self, sess: Session, owner: Owner = ANY_OWNER, old_ids: list[int] | tuple = (), *,
+                   request_class: str = "batch") -> dict:
+        """After the session's stored token ids were replaced (compaction): release the hold or tier pin it
+        had on `old_ids`, clear its placement, and compute the new prefix's KV once (a one-token
+        generation), so its blocks are in the device prefix cache and, under write-behind with a disk or
+        remote tier, written down behind it. Returns {"tokens", "computed_tokens", "cached_tokens", "seconds"}."""
+        sid, ids, old, tier = sess.id, list(sess.token_ids), list(old_ids), sess.parked_tier
+        await self._engine(lambda e: self._resume_now(e, sid, old, None, tier, False))
+        if sess.kv_placement is not None or sess.parked_tier is not None or sess.lease_expires_at is not None:
+            sync(sess, await self._db(self.store.set_lease, sid, owner=owner, lease_expires_at=None, parked_tier=None,
+                                      kv_placement=None, expected_version=sess.version))
+        if not ids:
+            return {"tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "seconds": 0.0}
+        t0 = time.perf_counter()
+        final = None
+        async for out in self.aeng.generate(ids, SamplingParams(max_tokens=1, temperature=0.0),
+                                            request_id=f"{sid}-warm-{time.time_ns()}", request_class=request_class):
+            final = out
+        m = final.metrics
+        return {"tokens": len(ids), "computed_tokens": m.computed_prompt_tokens, "cached_tokens": m.cached_prompt_tokens,
+                "seconds": round(time.perf_counter() - t0, 4)}
 
     async def prefetch(self, token_ids: list[int]) -> int:
         """Load the stored prefix of token_ids into device memory (as cached blocks); tokens loaded."""

@@ -124,7 +124,40 @@ MIGRATIONS: tuple[Migration, ...] = (
         "sessions.kv_placement: where a paused session's KV was put (survives restarts)",
         ("ALTER TABLE sessions ADD COLUMN kv_placement TEXT",),
     ),
+    Migration(
+        4,
+        "memory: embedded message chunks (recall) and each session's embedding cursor",
+        (
+            "CREATE INDEX responses_created ON responses (created_at)",
+            "CREATE INDEX sessions_updated ON sessions (updated_at)",
+        ),
+        run=lambda cur, dialect: _memory_tables(cur, dialect),
+    ),
 )
+
+
+def _memory_tables(cur: Any, dialect: str) -> None:
+    """memory_items: one row per embedded chunk of a session message (ids never reused, so a vector
+    index keyed by them can never point at another owner's text); memory_cursor: how many of a
+    session's messages are embedded. Both go with their session (ON DELETE CASCADE)."""
+    serial = "INTEGER PRIMARY KEY AUTOINCREMENT" if dialect == "sqlite" else "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    t = TYPES[dialect]
+    cur.execute(f"""CREATE TABLE memory_items (
+        id {serial},
+        session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        part INTEGER NOT NULL,
+        owner TEXT,
+        role TEXT NOT NULL,
+        text TEXT NOT NULL,
+        embedding {t['blob']} NOT NULL,
+        created_at {t['real']} NOT NULL,
+        UNIQUE (session_id, idx, part))""")
+    cur.execute("CREATE INDEX memory_items_owner ON memory_items (owner, session_id)")
+    cur.execute(f"""CREATE TABLE memory_cursor (
+        session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+        done INTEGER NOT NULL,
+        updated_at {t['real']} NOT NULL)""")
 
 SCHEMA_VERSION_DDL = (
     "CREATE TABLE IF NOT EXISTS schema_version ("

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from kvstrata.core import BLOCK_KEY_BYTES, KvstrataError, RequestClass
 from kvstrata.sessions import codec
 from kvstrata.sessions.sql_jobs import JobsSql
+from kvstrata.sessions.sql_memory import MemorySql
 from kvstrata.sessions.sql_responses import ResponsesSql
 from kvstrata.sessions.store import SessionStore
 from kvstrata.sessions.types import (
@@ -62,7 +63,7 @@ def _info(row: Sequence[Any]) -> dict[str, Any]:
     )
 
 
-class SqlStore(ResponsesSql, JobsSql, SessionStore):
+class SqlStore(ResponsesSql, MemorySql, JobsSql, SessionStore):
     """SessionStore on any backend that provides the SqlBase hooks."""
 
     # ------------------------------------------------------------------------------------ reads

@@ -222,6 +222,35 @@ class SessionStore(abc.ABC):
     def get_response(self, response_id: str, *, owner: Owner) -> ResponseRecord:
         """The response, if its session is visible to `owner`; else ResponseNotFound."""
 
+    @abc.abstractmethod
+    def delete_response(self, response_id: str, *, owner: Owner) -> None:
+        """Delete the stored response (its session and messages stay). Raises ResponseNotFound."""
+
+    @abc.abstractmethod
+    def replace_message(
+        self, session_id: str, idx: int, message: dict[str, Any], *, owner: Owner, expected_version: int | None = None
+    ) -> SessionInfo:
+        """Replace message `idx` of the session (a deleted conversation item becomes a tombstone, so the
+        indexes of the messages after it do not move); its embedded chunks are forgotten; version + 1.
+        The stored token ids are left: the next turn's splice cuts them where the rendering changed.
+        Raises SessionNotFound, InvalidTransition (closed), KvstrataError (no such index)."""
+
+    @abc.abstractmethod
+    def apply_retention(
+        self,
+        now: float,
+        *,
+        session_ttl_s: float | None = None,
+        max_sessions_per_owner: int | None = None,
+        response_ttl_s: float | None = None,
+        max_responses_per_owner: int | None = None,
+    ) -> dict[str, int]:
+        """The retention sweep, every owner: delete sessions not updated for `session_ttl_s` and, per
+        owner, all but the `max_sessions_per_owner` most recently updated (with their messages,
+        responses and embeddings); stored responses older than `response_ttl_s` and all but the newest
+        `max_responses_per_owner` per owner. Sessions of unfinished job tasks are kept. None: no limit.
+        Returns {"sessions": n, "responses": n} removed."""
+
     # ------------------------------------------------------------------------------------ jobs
 
     @abc.abstractmethod

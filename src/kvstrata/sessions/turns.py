@@ -30,10 +30,37 @@ from kvstrata.tokenizer.tokenizer import splice_tokens
 from kvstrata.tokenizer.tools import render_chat
 
 
+COMPACTION_ROLE = "compaction"  # a log entry: the summary of the turns before `kept_from` (memory/compaction.py)
+SUMMARY_HEADER = "Summary of the earlier conversation (its older turns were compacted into this):"
+CONTINUE_NOTE = "(The conversation continues after the summary above.)"
+
+
+def hidden(m: dict[str, Any]) -> bool:
+    """A log entry that is not part of the prompt: a compaction item, or a deleted (tombstoned) message."""
+    meta = m.get("kvstrata")
+    return m.get("role") == COMPACTION_ROLE or (isinstance(meta, dict) and bool(meta.get("deleted")))
+
+
 def history(sess: Session) -> list[dict[str, Any]]:
-    """The session's conversation as chat messages, its system prompt first."""
-    sys_msgs = [{"role": "system", "content": sess.system_prompt}] if sess.system_prompt else []
-    return sys_msgs + list(sess.messages)
+    """The session's conversation as chat messages, its system prompt first.
+
+    The log keeps every event. After a compaction (a `compaction` entry holding a summary and
+    `kvstrata.kept_from`, the first message kept verbatim) the prompt is: the system prompt with the
+    summary appended, then the messages from `kept_from` on (a short user note first when they do not
+    start with a user message, so every chat template accepts the order). Tombstones are left out."""
+    msgs, system = sess.messages, sess.system_prompt
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == COMPACTION_ROLE), default=None)
+    if last is None:
+        recent = [m for m in msgs if not hidden(m)]
+    else:
+        mark = msgs[last]
+        kept = int((mark.get("kvstrata") or {}).get("kept_from", last))
+        recent = [m for m in msgs[kept:last] + msgs[last + 1:] if not hidden(m)]
+        system = (system + "\n\n" if system else "") + SUMMARY_HEADER + "\n" + str(mark.get("content") or "")
+        if recent and recent[0].get("role") != "user":
+            recent = [{"role": "user", "content": CONTINUE_NOTE}] + recent
+    sys_msgs = [{"role": "system", "content": system}] if system else []
+    return sys_msgs + list(recent)
 
 
 @dataclass
