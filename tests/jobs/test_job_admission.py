@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kvstrata.server.limits import ServerLimits  # noqa: E402
-from tests.server.harness import make_engine, serve  # noqa: E402
+from tests.server.harness import make_engine, serve, slow_engine_steps  # noqa: E402
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -42,6 +42,7 @@ def small_server(tiny_llama, tmp_path):
     from kvstrata.sessions import open_store
 
     ae = make_engine(str(tiny_llama), max_num_seqs=2, max_waiting=4, kv_device_bytes="32M")
+    slow_engine_steps(ae)  # >= 10 ms a step: a job lasts long enough for the chat requests sent beside it
     store = open_store(tmp_path / "s.db")
     with serve(ae, store, limits=ServerLimits(max_job_agents=32)) as srv:
         yield srv

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from kvstrata.sessions import hash_api_key
 from tests.memory.conftest import KEY_A, WINDOW, memory_server
 
 FILLER = "the quick brown fox jumps over the lazy dog and then it rests "  # ~ a dozen tiny-model tokens each
@@ -101,7 +102,7 @@ def test_session_compact_writes_the_new_prefix_down_to_disk(tiny_llama, tmp_path
             full = (res["tokens_after"] // 16) * 16
             loc = httpx.get(f"{srv.url}/v1/sessions/{sid}?locate=true", headers=h).json()["kv_location"]
             assert loc.get("device", 0) >= full, loc  # computed once, in the device prefix cache
-            keys = srv.state.store.get_session(sid, owner=srv.state.api_keys[KEY_A]).block_keys
+            keys = srv.state.store.get_session(sid, owner=hash_api_key(KEY_A)).block_keys
             assert len(keys) == full // 16
 
             def on_disk(e):

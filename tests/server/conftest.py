@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # so `tests.server.harness` imports however pytest was started
     sys.path.insert(0, str(ROOT))
 
-from tests.server.harness import make_engine, serve  # noqa: E402
+from tests.server.harness import make_engine, serve, slow_engine_steps  # noqa: E402
 
 
 @pytest.fixture(scope="package")
@@ -42,14 +41,6 @@ def slow_steps(tiny_server):
     """Each engine step takes at least 10 ms, so a 900-1,000 token request lasts >= 9 s whatever the
     machine: a test of what happens while a request runs (a disconnect, keep-alives) then cannot pass or
     fail by the tiny model finishing first (CI once decoded all 1,000 tokens inside a 0.5 s client timeout)."""
-    def install(e):
-        orig = e.runner.execute
-
-        def slowed(so):
-            time.sleep(0.01)
-            return orig(so)
-        e.runner.execute = slowed
-
-    tiny_server.engine_call(install)
+    undo = slow_engine_steps(tiny_server.state.aengine)
     yield
-    tiny_server.engine_call(lambda e: e.runner.__dict__.pop("execute"))
+    undo()

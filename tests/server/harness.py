@@ -68,6 +68,21 @@ class ServerThread:
         return self.state.aengine.call(fn).result(timeout)
 
 
+def slow_engine_steps(aengine, seconds: float = 0.01):
+    """Make every engine step take at least `seconds` (a test of what happens while requests run must
+    not pass or fail by the tiny model finishing first); returns the function that undoes it."""
+    def install(e):
+        orig = e.runner.execute
+
+        def slowed(so):
+            time.sleep(seconds)
+            return orig(so)
+        e.runner.execute = slowed
+
+    aengine.call(install).result(30)
+    return lambda: aengine.call(lambda e: e.runner.__dict__.pop("execute")).result(30)
+
+
 def make_engine(model: str, **kw):
     from kvstrata.engine.async_engine import AsyncEngine
     from kvstrata.engine.llm_engine import LLMEngine
