@@ -100,7 +100,7 @@ def read_api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def default_store_path() -> str:
-    from kvstrata.loader import kvstrata_home
+    from kvstrata.core import kvstrata_home
 
     home = kvstrata_home()
     home.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import KvstrataError, kvstrata_home
 from kvstrata.model.config import ModelConfig
 from kvstrata.tokenizer.tokenizer import Tokenizer
 
@@ -47,9 +47,6 @@ class LoadedModel:
         model has replaced a tensor, by fusing or quantizing it, its memory goes back)."""
         return self._weights() if callable(self._weights) else self._weights
 
-
-def kvstrata_home() -> Path:
-    return Path(os.environ.get("KVSTRATA_HOME", Path.home() / ".cache" / "kvstrata"))
 
 
 def file_identity(path: str, content_id: str) -> str:
