@@ -56,7 +56,7 @@ class EngineConfig:
     max_num_batched_tokens: int = _f(2048, "token budget of one engine step, shared by prefill chunks and decodes")
     enable_prefix_caching: bool = _f(True, "reuse KV blocks of earlier requests that share a prefix")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: the machine's cores)")
-    native_decode: str = _f("auto", "the fused C decode step for --quantization int8 on CPU (native/decode.c, built with the host's C compiler): auto (use it when it builds), on (fail if it cannot) or off")
+    native_decode: str = _f("auto", "the native C step for every CPU float32 step, prefill and decode, fp32 / int8 / int4 weights (native/, built with the host's C compiler; batch-invariant): auto (use it when it builds), on (fail if it cannot) or off (the torch path)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -23,7 +23,8 @@ PROMPTS = [
 
 
 def _our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position, via the engine's model over its paged pool."""
+    """Logits at every prompt position, computed as the engine computes a prefill: one native step over
+    the paged pool where the engine has one (every CPU float32 engine), else the torch model."""
     from kvstrata.model.attention import AttnMetadata, PrefillSpan
 
     eng = llm.engine
@@ -33,7 +34,10 @@ def _our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     try:
         table = torch.tensor(blocks)
         pos = torch.arange(len(ids))
-        meta = AttnMetadata(slot_mapping=table[pos // bs] * bs + pos % bs, prefills=[PrefillSpan(0, len(ids), 0, table)])
+        slots = table[pos // bs] * bs + pos % bs
+        if eng.runner.native is not None:
+            return eng.runner.native.step(torch.tensor(ids), pos, slots, torch.zeros_like(pos), [blocks], pos)
+        meta = AttnMetadata(slot_mapping=slots, prefills=[PrefillSpan(0, len(ids), 0, table)])
         return eng.model(torch.tensor(ids), pos, eng.pool.k_layers, eng.pool.v_layers, meta, pos)
     finally:
         for b in blocks:
