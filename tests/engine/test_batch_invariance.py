@@ -215,3 +215,18 @@ def test_greedy_tokens_are_the_same_alone_batched_chunked_and_cached(quantizatio
             assert eng.cached_tokens_by_tier.get(sc["tier"], 0) > hits.get(sc["tier"], 0)  # the restore happened
 
     check()
+
+
+def test_the_torch_int8_linear_quantizes_each_row_alone():
+    """The torch path's int8 linear (no C compiler): a row's output is the same bits alone or beside rows
+    of any magnitude. (PyTorch's dynamic linear alone picks one quantization grid from the whole matrix.)"""
+    from kvstrata.model.quant import int8_linear
+
+    g = torch.Generator().manual_seed(2)
+    lin = int8_linear(torch.randn(96, 64, generator=g), torch.randn(96, generator=g))
+    x = torch.randn(5, 64, generator=g)
+    loud = torch.randn(3, 64, generator=g) * 1e3
+    loud[:, 3] = -5e4  # a massive outlier (as at attention-sink positions)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(5)])
+    assert torch.equal(lin(x), alone)
+    assert torch.equal(lin(torch.cat([loud[:2], x, loud[2:]]))[2:7], alone)
