@@ -71,8 +71,6 @@ ATTN_ITEM_C(_f16, f16)
 ATTN_ITEM_C(_bf16, bf16)
 
 #if defined(__AVX512F__)
-#define PF_AHEAD 8 /* positions ahead whose whole K row is prefetched */
-
 static inline void prefetch_row(const void *r, int bytes) {
     for (int i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)r + i);
 }
@@ -82,36 +80,32 @@ static inline __m512 ld16_bf16(const bf16 *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* The same for head_dim = 16 * NV with AVX-512: a head's K row and its output accumulators live in
- * registers and each dot product is reduced with a shuffle tree instead of a scalar chain. Memory: whole
- * K rows are prefetched PF_AHEAD positions ahead (a pool block is only block_size rows, too short for the
- * hardware prefetchers to ramp up on), and each position's V row is requested as its K row is read, so
- * the two streams share the score loop and the value loop finds its rows in cache (requesting all of V
- * in one burst before the softmax was 12 % slower at 4,096 context). Values: each V row is loaded once
- * per group of up to VG query heads that share it, their outputs accumulating in registers. */
-#define ATTN_ITEM_AVX512(NV, SUF, T)                                                                           \
-static void attn_item_##NV##SUF(const AttnShape *m, const float *q, const void *kcv, const void *vcv,              \
-                                const int64_t *rows, int n, float *po, float *pml, float *sc) {                \
-    const T *kc = kcv, *vc = vcv;                                                                              \
-    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV, row = KVH * D * (int)sizeof(T);                \
-    const float scale = m->scale;                                                                              \
-    for (int t = 0; t < n && t < PF_AHEAD; t++) prefetch_row(kc + rows[t], row);                               \
-    for (int t = 0; t < n; t++) {                                                                              \
-        const T *kr = kc + rows[t];                                                                            \
-        if (t + PF_AHEAD < n) prefetch_row(kc + rows[t + PF_AHEAD], row);                                      \
-        prefetch_row(vc + rows[t], row);                                                                       \
-        for (int h = 0; h < KVH; h++) {                                                                        \
-            __m512 k[NV];                                                                                      \
-            for (int j = 0; j < NV; j++) k[j] = ld16##SUF(kr + h * D + 16 * j);                                \
-            for (int g = 0; g < G; g++) {                                                                      \
-                const float *qh = q + (size_t)(h * G + g) * D;                                                 \
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);                                         \
-                for (int j = 1; j < NV; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), k[j], acc);   \
-                sc[(h * G + g) * CHUNK + t] = _mm512_reduce_add_ps(acc) * scale;                               \
-            }                                                                                                  \
-        }                                                                                                      \
-    }                                                                                                          \
-    softmax_rows(sc, pml, H, n);                                                                               \
+/* Sums of the 16 lanes of each of a[0..15] -> lane i holds a[i]'s sum, with the very pairing of
+ * _mm512_reduce_add_ps (lanes i + 8, then i + 4, then i + 2, then i + 1; float adds commute exactly), so a
+ * score reduced here has the bits a one-at-a-time reduction gives; 46 instructions for 16 sums. */
+static inline __m512 hsum16(const __m512 a[16]) {
+    __m512 w[8], z[4], r[2];
+    for (int p = 0; p < 8; p++)
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int p = 0; p < 4; p++) /* quarter c of z[p]: source 4p + c */
+        z[p] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int p = 0; p < 2; p++) /* quarter c of r[p]: sources 8p + c, 8p + 4 + c, two partials each */
+        r[p] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * p], z[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(z[2 * p], z[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(r[0], r[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* lane 4c + m holds source 4m + c */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), s);
+}
+
+/* Values of one query: po (H, D) = sum over its n positions of p * V, each V row loaded once per group of
+ * up to VG query heads that share it, their outputs accumulating in registers (position order). */
+#define PV_AVX512(NV, SUF, T)                                                                                  \
+static inline __attribute__((always_inline)) void pv_##NV##SUF(const AttnShape *m, const T *vc,               \
+        const int64_t *rows, int n, const float *sc, float *po) {                                              \
+    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV;                                                \
     enum { VG = 16 / NV }; /* query heads per pass over V: VG * NV accumulator registers */                    \
     for (int h = 0; h < KVH; h++) {                                                                            \
         const T *vh = vc + (size_t)h * D;                                                                      \
@@ -135,6 +129,88 @@ static void attn_item_##NV##SUF(const AttnShape *m, const float *q, const void *
         }                                                                                                      \
     }                                                                                                          \
 }
+
+/* The same for head_dim = 16 * NV with AVX-512, one query (decode): a head's K row and its output
+ * accumulators live in registers and each dot product is reduced with a shuffle tree. Memory: whole K rows
+ * are prefetched PF_AHEAD positions ahead (a pool block is only block_size rows, too short for the
+ * hardware prefetchers to ramp up on), and each position's V row is requested as its K row is read, so the
+ * two streams share the score loop and the value loop finds its rows in cache (requesting all of V in one
+ * burst before the softmax was 12 % slower at 4,096 context). */
+#define PF_AHEAD 8
+#define ATTN_ITEM_AVX512(NV, SUF, T)                                                                           \
+PV_AVX512(NV, SUF, T)                                                                                          \
+static void attn_item_##NV##SUF(const AttnShape *m, const float *q, const void *kcv, const void *vcv,          \
+                                const int64_t *rows, int n, float *po, float *pml, float *sc) {                \
+    const T *kc = kcv, *vc = vcv;                                                                              \
+    const int KVH = m->KVH, G = m->H / KVH, D = 16 * NV, row = KVH * D * (int)sizeof(T);                       \
+    const float scale = m->scale;                                                                              \
+    for (int t = 0; t < n && t < PF_AHEAD; t++) prefetch_row(kc + rows[t], row);                               \
+    for (int t = 0; t < n; t++) {                                                                              \
+        const T *kr = kc + rows[t];                                                                            \
+        if (t + PF_AHEAD < n) prefetch_row(kc + rows[t + PF_AHEAD], row);                                      \
+        prefetch_row(vc + rows[t], row);                                                                       \
+        for (int h = 0; h < KVH; h++) {                                                                        \
+            __m512 k[NV];                                                                                      \
+            for (int j = 0; j < NV; j++) k[j] = ld16##SUF(kr + h * D + 16 * j);                                \
+            for (int g = 0; g < G; g++) {                                                                      \
+                const float *qh = q + (size_t)(h * G + g) * D;                                                 \
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);                                         \
+                for (int j = 1; j < NV; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), k[j], acc);   \
+                sc[(h * G + g) * CHUNK + t] = _mm512_reduce_add_ps(acc) * scale;                               \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    softmax_rows(sc, pml, m->H, n);                                                                            \
+    pv_##NV##SUF(m, vc, rows, n, sc, po);                                                                      \
+}                                                                                                              \
+/* Scores of one query head over up to 16 positions: the same products as above (q * k, then FMAs, in  \
+ * lanes), the 16 lane vectors reduced together (hsum16: the bits of 16 separate reductions). */          \
+static inline __attribute__((always_inline)) void scores16_##NV##SUF(const T *kc, const int64_t *rows,        \
+        const float *qh, int kvo, int tn, float scale, float *out) {                                           \
+    __m512 qv[NV], acc[16];                                                                                    \
+    for (int j = 0; j < NV; j++) qv[j] = _mm512_loadu_ps(qh + 16 * j);                                        \
+    for (int i = 0; i < 16; i++) {                                                                             \
+        if (i < tn) {                                                                                          \
+            const T *kh = kc + rows[i] + kvo;                                                                  \
+            __m512 a = _mm512_mul_ps(qv[0], ld16##SUF(kh));                                                    \
+            for (int j = 1; j < NV; j++) a = _mm512_fmadd_ps(qv[j], ld16##SUF(kh + 16 * j), a);                \
+            acc[i] = a;                                                                                        \
+        } else {                                                                                               \
+            acc[i] = _mm512_setzero_ps();                                                                      \
+        }                                                                                                      \
+    }                                                                                                          \
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << tn) - 1), _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale))); \
+}                                                                                                              \
+/* Several queries of one sequence over one chunk (prefill): each group of 16 K rows (12 KB in fp32) is \
+ * read from L1 by every query head of every query before the next group; values per query as above. */   \
+static void attn_block_##NV##SUF(const AttnShape *m, const float *q, size_t qstride, int nq, const int *nj,    \
+                                 const void *kcv, const void *vcv, const int64_t *rows, float *po,             \
+                                 size_t postride, float *pml, size_t pmlstride, float *sc) {                   \
+    const T *kc = kcv, *vc = vcv;                                                                              \
+    const int H = m->H, G = H / m->KVH, D = 16 * NV, row = m->KVH * D * (int)sizeof(T);                        \
+    int n = 0;                                                                                                 \
+    for (int j = 0; j < nq; j++) n = nj[j] > n ? nj[j] : n;                                                    \
+    for (int t = 0; t < n && t < 16; t++) prefetch_row(kc + rows[t], row);                                     \
+    for (int t0 = 0; t0 < n; t0 += 16) {                                                                       \
+        for (int t = t0 + 16; t < t0 + 32 && t < n; t++) prefetch_row(kc + rows[t], row);                      \
+        for (int j = 0; j < nq; j++) {                                                                         \
+            const int tn = nj[j] - t0 < 16 ? nj[j] - t0 : 16;                                                  \
+            if (tn <= 0) continue;                                                                             \
+            for (int hq = 0; hq < H; hq++) {                                                                   \
+                const float *qh = q + j * qstride + (size_t)hq * D;                                            \
+                float *out = sc + ((size_t)j * H + hq) * CHUNK + t0;                                           \
+                if (tn == 16) scores16_##NV##SUF(kc, rows + t0, qh, (hq / G) * D, 16, m->scale, out);          \
+                else scores16_##NV##SUF(kc, rows + t0, qh, (hq / G) * D, tn, m->scale, out);                   \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int j = 0; j < nq; j++) {                                                                             \
+        if (nj[j] <= 0) continue;                                                                              \
+        float *scj = sc + (size_t)j * H * CHUNK;                                                               \
+        softmax_rows(scj, pml + j * pmlstride, H, nj[j]);                                                      \
+        pv_##NV##SUF(m, vc, rows, nj[j], scj, po + j * postride);                                              \
+    }                                                                                                          \
+}
 ATTN_ITEM_AVX512(4, _f32, float)
 ATTN_ITEM_AVX512(8, _f32, float)
 ATTN_ITEM_AVX512(4, _f16, f16)
@@ -142,6 +218,23 @@ ATTN_ITEM_AVX512(8, _f16, f16)
 ATTN_ITEM_AVX512(4, _bf16, bf16)
 ATTN_ITEM_AVX512(8, _bf16, bf16)
 #endif
+
+/* Without a vectorized block kernel: each query through its one-query kernel (the same bits by definition). */
+static void attn_block_each(const AttnShape *m, const float *q, size_t qstride, int nq, const int *nj, const void *kc,
+                            const void *vc, const int64_t *rows, float *po, size_t postride, float *pml,
+                            size_t pmlstride, float *sc) {
+    attn_fn one = pick_attn(m->D, m->kvt);
+    for (int j = 0; j < nq; j++)
+        if (nj[j] > 0) one(m, q + j * qstride, kc, vc, rows, nj[j], po + j * postride, pml + j * pmlstride, sc);
+}
+
+attn_block_fn pick_attn_block(int D, int kvt) {
+#if defined(__AVX512F__)
+    if (D == 64) return kvt == KV_F16 ? attn_block_4_f16 : kvt == KV_BF16 ? attn_block_4_bf16 : attn_block_4_f32;
+    if (D == 128) return kvt == KV_F16 ? attn_block_8_f16 : kvt == KV_BF16 ? attn_block_8_bf16 : attn_block_8_f32;
+#endif
+    return attn_block_each;
+}
 
 attn_fn pick_attn(int D, int kvt) {
 #if defined(__AVX512F__)

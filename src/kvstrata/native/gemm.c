@@ -44,29 +44,29 @@ static inline float i8_out(const Mat *W, const Act *A, int i, int c, int32_t acc
 }
 
 #if KV_VNNI
-#define I8_MR 8
+#define I8_MR 6 /* rows per tile, times up to 4 panels: 24 accumulators */
 
-/* acc[i][j]: rows i < mr of A against the panels p and p + 1 (np of them) */
+/* acc[i][j]: rows i < mr of A against the panels p .. p + np - 1 (one quad) */
 static inline __attribute__((always_inline)) void i8_tile(const Mat *W, const Act *A, int m0, const int mr, int p,
-                                                         const int np, __m512i acc[I8_MR][2]) {
+                                                         const int np, __m512i acc[I8_MR][4]) {
     const int kq_n = W->kp / 4;
-    const int8_t *w0 = W->wp + (size_t)p * W->kp * 16, *w1 = w0 + (size_t)W->kp * 16;
+    const int8_t *w = W->wp + (size_t)(p / 4) * W->kp * 64 + (size_t)(p % 4) * 64;
     const uint8_t *a = A->q + (size_t)m0 * A->ldq;
-    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < np; j++) acc[i][j] = _mm512_setzero_si512();
     for (int kq = 0; kq < kq_n; kq++) {
-        __m512i wa = _mm512_loadu_si512(w0 + (size_t)kq * 64), wb = wa;
-        if (np > 1) wb = _mm512_loadu_si512(w1 + (size_t)kq * 64);
+        __m512i wv[4];
+        for (int j = 0; j < np; j++) wv[j] = _mm512_loadu_si512(w + (size_t)kq * 256 + j * 64);
         for (int i = 0; i < mr; i++) {
             int32_t a4;
             memcpy(&a4, a + (size_t)i * A->ldq + 4 * kq, 4);
             __m512i av = _mm512_set1_epi32(a4);
-            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, wa);
-            if (np > 1) acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, wb);
+            for (int j = 0; j < np; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, wv[j]);
         }
     }
 }
 
-static void i8_store(const Mat *W, const Act *A, int m0, int mr, int p, int np, __m512i acc[I8_MR][2], float *y,
+static void i8_store(const Mat *W, const Act *A, int m0, int mr, int p, int np, __m512i acc[I8_MR][4], float *y,
                      int ldy, int add, int c0, int c1) {
     for (int j = 0; j < np; j++) {
         int n0 = 16 * (p + j), lo = c0 > n0 ? c0 - n0 : 0, hi = c1 - n0 < 16 ? c1 - n0 : 16;
@@ -87,37 +87,37 @@ static void i8_store(const Mat *W, const Act *A, int m0, int mr, int p, int np, 
 }
 
 static void mm_i8(const Mat *W, const Act *A, int M, float *y, int ldy, int add, int c0, int c1) {
-    const int MB = 96;  /* rows per block: MB x kp bytes stay in L2 while the panels stream by */
+    const int MB = 96;  /* rows per block: MB x kp bytes stay in L2 while the quads stream by */
     const int p0 = c0 / 16, p1 = (c1 + 15) / 16;
+    __m512i acc[I8_MR][4];
     for (int mb = 0; mb < M; mb += MB) {
         const int me = mb + MB < M ? mb + MB : M;
-        for (int p = p0; p < p1; p += 2) {
-            const int np = p + 1 < p1 ? 2 : 1;
-            __m512i acc[I8_MR][2];
+        for (int p = p0; p < p1;) {
+            const int np = p1 - p < 4 - p % 4 ? p1 - p : 4 - p % 4; /* the rest of p's quad */
             for (int m0 = mb; m0 < me; m0 += I8_MR) {
                 const int mr = me - m0 < I8_MR ? me - m0 : I8_MR;
-#define I8_CASE(R)                                                             \
-                case R:                                                        \
-                    if (np == 2) i8_tile(W, A, m0, R, p, 2, acc);              \
-                    else i8_tile(W, A, m0, R, p, 1, acc);                      \
+#define I8_NP(R)                                                                                  \
+                case R:                                                                           \
+                    if (np == 4) i8_tile(W, A, m0, R, p, 4, acc);                                 \
+                    else if (np == 3) i8_tile(W, A, m0, R, p, 3, acc);                            \
+                    else if (np == 2) i8_tile(W, A, m0, R, p, 2, acc);                            \
+                    else i8_tile(W, A, m0, R, p, 1, acc);                                         \
                     break;
-                switch (mr) { I8_CASE(1) I8_CASE(2) I8_CASE(3) I8_CASE(4) I8_CASE(5) I8_CASE(6) I8_CASE(7) I8_CASE(8) }
-#undef I8_CASE
+                switch (mr) { I8_NP(1) I8_NP(2) I8_NP(3) I8_NP(4) I8_NP(5) I8_NP(6) }
+#undef I8_NP
                 i8_store(W, A, m0, mr, p, np, acc, y, ldy, add, c0, c1);
             }
+            p += np;
         }
     }
 }
 #else
 static void mm_i8(const Mat *W, const Act *A, int M, float *y, int ldy, int add, int c0, int c1) {
-    const int kq_n = W->kp / 4;
     for (int c = c0; c < c1; c++) {
-        const int8_t *wp = W->wp + (size_t)(c / 16) * W->kp * 16 + 4 * (c % 16);
         for (int i = 0; i < M; i++) {
             const uint8_t *a = A->q + (size_t)i * A->ldq;
             int32_t acc = 0;
-            for (int kq = 0; kq < kq_n; kq++)
-                for (int t = 0; t < 4; t++) acc += (int32_t)a[4 * kq + t] * (int32_t)wp[(size_t)kq * 64 + t];
+            for (int k = 0; k < W->kp; k++) acc += (int32_t)a[k] * (int32_t)W->wp[i8_off(W->kp, c, k)];
             float v = i8_out(W, A, i, c, acc);
             float *yr = y + (size_t)i * ldy + c;
             *yr = add ? *yr + v : v;

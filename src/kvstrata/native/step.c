@@ -26,9 +26,10 @@
 #include "kv.h"
 
 #define SMALL_T 8 /* up to this many rows every thread prepares every row itself: no barrier per stage */
+#define NQB 8     /* consecutive query rows of one sequence attended together (sharing K loads) */
 
 typedef struct {
-    int L, H, KVH, D, hidden, inter, vocab, bs, max_pos, kvt, nq;
+    int L, H, KVH, D, hidden, inter, vocab, bs, bs_shift, max_pos, kvt, nq;
     float eps;
     AttnShape as;
     Mat *qkv, *o, *gu, *dn, head;
@@ -51,7 +52,7 @@ static size_t up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 static size_t mat_bytes(const Mat *w) {
     size_t n16 = up((size_t)w->n, 16);
-    if (w->fmt == W_I8) return up(n16 * w->kp, 64) + 3 * up(4 * n16, 64);
+    if (w->fmt == W_I8) return up(up((size_t)w->n, 64) * w->kp, 64) + 3 * up(4 * n16, 64);
     return 0;
 }
 
@@ -68,11 +69,11 @@ static char *pack_mat(Mat *w, const int64_t *ptr, char *p) {
     if (w->fmt == W_I8) {
         const int8_t *src = (const int8_t *)ptr[0];
         int8_t *wp = (int8_t *)p;
-        memset(wp, 0, n16 * w->kp);
+        memset(wp, 0, up(n, 64) * w->kp);
         for (size_t r = 0; r < n; r++)
-            for (size_t c = 0; c < k; c++) wp[(r / 16) * w->kp * 16 + (c / 4) * 64 + (r % 16) * 4 + c % 4] = src[r * k + c];
+            for (size_t c = 0; c < k; c++) wp[i8_off(w->kp, (int)r, (int)c)] = src[r * k + c];
         w->wp = wp;
-        p += up(n16 * w->kp, 64);
+        p += up(up(n, 64) * w->kp, 64);
         float *s = (float *)p;
         memset(s, 0, 4 * n16);
         memcpy(s, (const float *)ptr[1], 4 * n);
@@ -112,6 +113,8 @@ void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *fm, const
     m->L = (int)iv[0]; m->H = (int)iv[1]; m->KVH = (int)iv[2]; m->D = (int)iv[3];
     m->hidden = (int)iv[4]; m->inter = (int)iv[5]; m->vocab = (int)iv[6]; m->bs = (int)iv[7];
     m->max_pos = (int)iv[8]; m->kvt = (int)iv[9];
+    while ((1 << m->bs_shift) < m->bs) m->bs_shift++;
+    if ((1 << m->bs_shift) != m->bs) { kv_model_free(m); return NULL; }
     m->eps = (float)fv[0];
     m->as = (AttnShape){m->H, m->KVH, m->D, m->kvt, (float)fv[1]};
     m->nq = (m->H + 2 * m->KVH) * m->D;
@@ -233,7 +236,8 @@ static void rope_write(const Model *m, int hh, int T, float *qkvb, const int64_t
 /* pool rows (element offsets) of positions [t0, t1) of the sequence whose block table is tab */
 static void pool_rows(const Model *m, const int64_t *tab, int t0, int t1, int64_t *rows) {
     const int64_t re = (int64_t)m->KVH * m->D;
-    for (int p = t0; p < t1; p++) rows[p - t0] = (tab[p / m->bs] * m->bs + p % m->bs) * re;
+    const int sh = m->bs_shift, mask = m->bs - 1; /* block_size is a power of two (EngineConfig checks) */
+    for (int p = t0; p < t1; p++) rows[p - t0] = ((tab[p >> sh] << sh) + (p & mask)) * re;
 }
 
 /* every thread: columns of W in its share of whole 16-column panels, then wait for the team */
@@ -265,17 +269,17 @@ static Rows rows_at(const Model *m, int n, char *p) {
     return r;
 }
 
-/* Per thread: attention scores (H, CHUNK), pool rows (CHUNK), one query's partials (maxch chunks) and,
- * for small steps, its own activation rows. */
+/* Per thread: attention scores (NQB, H, CHUNK), pool rows (CHUNK), a block of queries' partials (NQB x
+ * maxch chunks) and, for small steps, its own activation rows. */
 static size_t thread_bytes(const Model *m, int T, int maxch, int small) {
-    size_t b = up((size_t)4 * m->H * CHUNK, 64) + 8 * CHUNK + up((size_t)4 * maxch * m->H * (m->D + 2), 64) + 64;
+    size_t b = up((size_t)4 * NQB * m->H * CHUNK, 64) + 8 * CHUNK + up((size_t)4 * NQB * maxch * m->H * (m->D + 2), 64) + 64;
     return up(b + (small ? rows_bytes(m, T) : 0), 64);
 }
 
 static int workspace(Model *m, int T, int items, int maxch, int small, int nt, Work *w) {
     const size_t nx = up((size_t)4 * T * m->hidden, 64), nqkv = up((size_t)4 * T * m->nq, 64),
                  ngu = up((size_t)4 * T * 2 * m->inter, 64), npo = up((size_t)4 * items * m->H * m->D, 64),
-                 npml = up((size_t)8 * items * m->H, 64), nit = up((size_t)4 * items, 64), nfirst = up((size_t)4 * T, 64),
+                 npml = up((size_t)8 * items * m->H, 64), nit = up((size_t)4 * items, 64), nfirst = up((size_t)4 * (T + 1), 64),
                  nrows = small ? 0 : rows_bytes(m, T);
     w->per_thread_bytes = thread_bytes(m, T, maxch, small);
     const size_t need = nx + nqkv + ngu + npo + npml + 2 * nit + nfirst + nrows + w->per_thread_bytes * nt;
@@ -324,14 +328,22 @@ int kv_step(void *mp, int T, const int64_t *tok, const int64_t *pos, const int64
     if (nthreads < 1) nthreads = 1;
     Work w;
     if (workspace(m, T, small ? items : 0, maxch, small, nthreads, &w)) return -1;
-    if (small)
+    int nblocks = 0;
+    if (small) {
         for (int r = 0, i = 0; r < T; r++)
             for (int c = 0; c * CHUNK <= pos[r]; c++, i++) {
                 if (c == 0) w.first[r] = i;
                 w.it_r[i] = r; w.it_c[i] = c;
             }
+    } else { /* blocks of up to NQB consecutive positions of one sequence; first[b] = the block's first row */
+        for (int r = 0; r < T; r++)
+            if (r == 0 || rseq[r] != rseq[r - 1] || pos[r] != pos[r - 1] + 1 || r - w.first[nblocks - 1] == NQB)
+                w.first[nblocks++] = r;
+        w.first[nblocks] = T;
+    }
     for (int r = 0; r < T; r++) memcpy(w.x + (size_t)r * Hd, m->embed + (size_t)tok[r] * Hd, sizeof(float) * Hd);
     const attn_fn attn = pick_attn(D, m->kvt);
+    const attn_block_fn attn_block = pick_attn_block(D, m->kvt);
     const size_t esz = m->kvt == KV_F32 ? 4 : 2;
 
     #pragma omp parallel num_threads(nthreads)
@@ -339,9 +351,10 @@ int kv_step(void *mp, int T, const int64_t *tok, const int64_t *pos, const int64
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         char *mine = w.per_thread + w.per_thread_bytes * tid;
         float *sc = (float *)mine;
-        int64_t *prow = (int64_t *)(mine + up((size_t)4 * H * CHUNK, 64));
+        int64_t *prow = (int64_t *)(mine + up((size_t)4 * NQB * H * CHUNK, 64));
         float *part = (float *)((char *)prow + 8 * CHUNK);
-        float *part_ml = part + (size_t)maxch * H * D;
+        float *part_ml = part + (size_t)NQB * maxch * H * D;
+        const size_t pstride = (size_t)maxch * H * D, mlstride = (size_t)maxch * H * 2;
         const Rows a = small ? rows_at(m, T, mine + w.per_thread_bytes - rows_bytes(m, T)) : w.shared;
         const Act A = act_of(m, &a);
         /* the rows this thread prepares: all of them in a small step, else its share (then a barrier) */
@@ -379,19 +392,27 @@ int kv_step(void *mp, int T, const int64_t *tok, const int64_t *pos, const int64
                                    a.h + (size_t)r * m->ldf);
                     prep(m, &a, r, H * D, m->o[l].fmt);
                 }
-            } else { /* many rows: one row's chunks each, in this thread's own partial buffers */
+            } else { /* many rows: a block of one sequence's consecutive queries each, chunk by chunk */
                 #pragma omp for schedule(dynamic, 1)
-                for (int r = 0; r < T; r++) {
-                    const int nc = (int)(pos[r] / CHUNK) + 1;
-                    const int64_t *tab = bt + (size_t)rseq[r] * max_blocks;
-                    for (int c = 0; c < nc; c++) {
-                        const int t0 = c * CHUNK, t1 = t0 + CHUNK < pos[r] + 1 ? t0 + CHUNK : (int)pos[r] + 1;
+                for (int bi = 0; bi < nblocks; bi++) {
+                    const int r0 = w.first[bi], nqr = w.first[bi + 1] - r0, last = (int)pos[r0 + nqr - 1];
+                    const int64_t *tab = bt + (size_t)rseq[r0] * max_blocks;
+                    int nj[NQB];
+                    for (int c = 0; c * CHUNK <= last; c++) {
+                        const int t0 = c * CHUNK, t1 = t0 + CHUNK < last + 1 ? t0 + CHUNK : last + 1;
                         pool_rows(m, tab, t0, t1, prow);
-                        attn(&m->as, w.qkvb + (size_t)r * nq, kc, vc, prow, t1 - t0, part + (size_t)c * H * D,
-                             part_ml + (size_t)c * H * 2, sc);
+                        for (int j = 0; j < nqr; j++) {
+                            const int v = (int)pos[r0 + j] + 1 - t0;
+                            nj[j] = v < 0 ? 0 : (v > CHUNK ? CHUNK : v);
+                        }
+                        attn_block(&m->as, w.qkvb + (size_t)r0 * nq, nq, nqr, nj, kc, vc, prow, part + (size_t)c * H * D,
+                                   pstride, part_ml + (size_t)c * H * 2, mlstride, sc);
                     }
-                    merge_partials(&m->as, nc, part, part_ml, a.h + (size_t)r * m->ldf);
-                    prep(m, &a, r, H * D, m->o[l].fmt);
+                    for (int j = 0; j < nqr; j++) {
+                        merge_partials(&m->as, (int)(pos[r0 + j] / CHUNK) + 1, part + j * pstride, part_ml + j * mlstride,
+                                       a.h + (size_t)(r0 + j) * m->ldf);
+                        prep(m, &a, r0 + j, H * D, m->o[l].fmt);
+                    }
                 }
             }
             mm_team(&m->o[l], &A, T, w.x, Hd, 1);
