@@ -132,6 +132,22 @@ static void mm_i8(const Mat *W, const Act *A, int M, float *y, int ldy, int add,
 #define F_NR 4
 
 #if defined(__AVX512F__)
+/* out[i][j] = the lane sum of acc[i][j]; a full 4 x 4 tile in one transposed tree (hsum16: the bits of
+ * _mm512_reduce_add_ps, which a partial tile uses per element) */
+static inline __attribute__((always_inline)) void reduce_tile(__m512 acc[F_MR][F_NR], const int mr, const int nr,
+                                                             float out[F_MR][F_NR]) {
+    if (mr == 4 && nr == 4) {
+        __m512 a[16];
+        for (int i = 0; i < 16; i++) a[i] = acc[i / 4][i % 4];
+        float s[16];
+        _mm512_storeu_ps(s, hsum16(a));
+        for (int i = 0; i < 16; i++) out[i / 4][i % 4] = s[i];
+        return;
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
 /* lane sums of rows [m0, m0 + mr) of A against W rows [n0, n0 + nr), reduced into out[i][j] */
 static inline __attribute__((always_inline)) void f32_tile(const Mat *W, const Act *A, int m0, const int mr, int n0,
                                                           const int nr, float out[F_MR][F_NR]) {
@@ -158,8 +174,7 @@ static inline __attribute__((always_inline)) void f32_tile(const Mat *W, const A
             for (int j = 0; j < nr; j++) acc[i][j] = _mm512_fmadd_ps(av, wv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    reduce_tile(acc, mr, nr, out);
 }
 
 static inline __attribute__((always_inline)) void i4_tile(const Mat *W, const Act *A, int m0, const int mr, int n0,
@@ -188,8 +203,7 @@ static inline __attribute__((always_inline)) void i4_tile(const Mat *W, const Ac
             }
         }
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    reduce_tile(acc, mr, nr, out);
 }
 #else
 /* Portable: the same 16-lane scheme in plain C (its own fixed order: lanes, then a fixed tree). */

@@ -99,4 +99,29 @@ static inline float exp_neg(float x) {
     return p * u.f;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* Sums of the 16 lanes of each of a[0..15] -> lane i holds a[i]'s sum, with the very pairing of
+ * _mm512_reduce_add_ps (lanes i + 8, then i + 4, then i + 2, then i + 1; float adds commute exactly), so a
+ * score reduced here has the bits a one-at-a-time reduction gives; 46 instructions for 16 sums. */
+static inline __m512 hsum16(const __m512 a[16]) {
+    __m512 w[8], z[4], r[2];
+    for (int p = 0; p < 8; p++)
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int p = 0; p < 4; p++) /* quarter c of z[p]: source 4p + c */
+        z[p] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int p = 0; p < 2; p++) /* quarter c of r[p]: sources 8p + c, 8p + 4 + c, two partials each */
+        r[p] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * p], z[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(z[2 * p], z[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(r[0], r[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* lane 4c + m holds source 4m + c */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), s);
+}
+
+#endif
+
 #endif
