@@ -1,4 +1,4 @@
-"""The native int8 decode step (native/decode.c).
+"""The native step (native/step.c, gemm.c, attn.c). Its batch invariance: test_batch_invariance.py.
 
 1. Kernel arithmetic: teacher-forced native decoding (one token per call, from position 0, over blocks
    scattered through the pool) against a float64 emulation of the same int8 scheme written out here in
@@ -8,7 +8,9 @@
 2. Batching: sequences of different lengths decoded in one call give bit-identical logits to each
    decoded alone.
 3. The independent reference: on the default model, teacher-forced native decode logits against
-   Hugging Face transformers in fp32 (KL and argmax agreement, the bounds of the torch int8 path).
+   Hugging Face transformers in fp32 (KL and argmax agreement, the bounds of the torch int8 path);
+   fp32 and int4 prefills against transformers are in test_reference.py; fp32 over fp16 / bf16 pools
+   against the torch path, which rounds the pool the same way.
 4. Engine wiring: auto / on / off, KVSTRATA_NATIVE=0, a compiler that fails, and what is refused.
 """
 
@@ -307,3 +309,23 @@ def test_a_damaged_cached_build_is_rebuilt(tmp_path, monkeypatch):
         assert path.stat().st_size > 1000
     finally:
         native.library.cache_clear()
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+def test_fp32_over_a_16_bit_pool_matches_the_torch_path(kv_dtype, tiny_models):
+    """fp32 weights over an fp16 / bf16 pool: the native prefill's logits against the torch model's on the
+    same engine (both store K / V rounded the same way, then compute in fp32): within 1e-3 of the logit
+    scale, the same argmax at >= 97 % of positions (a rounding boundary can fall differently)."""
+    from tests.engine.test_reference import _our_prefill_logits
+    from kvstrata.model.attention import AttnMetadata, PrefillSpan
+
+    llm = LLM(str(tiny_models["d64-gqa2"]), kv_device_bytes="16M", kv_dtype=kv_dtype)
+    eng = llm.engine
+    ids = torch.randint(3, eng.model_config.vocab_size, (200,), generator=torch.Generator().manual_seed(9)).tolist()
+    ours = _our_prefill_logits(llm, ids)  # the native step
+    blocks = _scattered_blocks(eng, len(ids))
+    table, pos, bs = torch.tensor(blocks), torch.arange(len(ids)), eng.pool.block_size
+    meta = AttnMetadata(slot_mapping=table[pos // bs] * bs + pos % bs, prefills=[PrefillSpan(0, len(ids), 0, table)])
+    ref = eng.model(torch.tensor(ids), pos, eng.pool.k_layers, eng.pool.v_layers, meta, pos)
+    assert (ours - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.97
