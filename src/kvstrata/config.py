@@ -40,7 +40,7 @@ class EngineConfig:
     model: str = _f("default", "a .gguf file, a Hugging Face checkpoint directory, or `default` (SmolLM2-135M-Instruct)")
     dtype: str = _f("auto", "weights and KV dtype: float32, bfloat16 or auto (float32 on CPU, bfloat16 on CUDA)")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    quantization: str = _f("none", "weights in compute: none (as loaded, dequantized), int8 (CPU fast path: int8 weights, dynamic int8 activations, the native decode step), int4 (CPU: 4-bit groups of 32, bf16 activations; slow prefill) or auto (int8 where the engine computes in float32 on CPU, else none)")
+    quantization: str = _f("none", "weights in compute: none (as loaded, dequantized), int8 (CPU fast path: int8 weights, int8 activations quantized per row), int4 (CPU: 4-bit groups of 32, fp32 activations in the native step) or auto (int8 where the engine computes in float32 on CPU, else none)")
     kv_dtype: str = _f("auto", "dtype of the KV pool and its tiers: auto (the compute dtype), float32, float16 or bfloat16; float16 halves the KV bytes of the CPU fp32/int8 paths (attention still computes in fp32)")
     block_size: int = _f(16, "tokens per KV block (the unit of prefix caching and of every tier)")
     kv_device_bytes: int | None = _f(None, "bytes of the device KV pool (e.g. 2G); default: --kv-device-fraction of free memory", bytes=True)
