@@ -40,7 +40,7 @@ class EngineConfig:
     model: str = _f("default", "a .gguf file, a Hugging Face checkpoint directory, or `default` (SmolLM2-135M-Instruct)")
     dtype: str = _f("auto", "weights and KV dtype: float32, bfloat16 or auto (float32 on CPU, bfloat16 on CUDA)")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    quantization: str = _f("auto", "weights in compute: auto (int8 where the engine computes in float32 on CPU, else none), none (as loaded, dequantized: the exact path, greedy output identical to transformers), int8 (CPU fast path: int8 weights, dynamic int8 activations, the native decode step) or int4 (CPU: 4-bit groups of 32, bf16 activations; slow prefill)")
+    quantization: str = _f("auto", "weights in compute: auto (int8 where the engine computes in float32 on CPU, else none), none (as loaded, dequantized), int8 (CPU fast path: int8 weights, int8 activations quantized per row) or int4 (CPU: 4-bit groups of 32, fp32 activations in the native step)")
     kv_dtype: str = _f("auto", "dtype of the KV pool and its tiers: auto (float16 on the CPU int8 fast path, else the compute dtype), float32, float16 or bfloat16; float16 halves the KV bytes of the CPU fp32/int8 paths (attention still computes in fp32)")
     block_size: int = _f(16, "tokens per KV block (the unit of prefix caching and of every tier)")
     kv_device_bytes: int | None = _f(None, "most bytes of the device KV pool (e.g. 2G); default: --kv-device-fraction of free memory. On CPU it is reserved, not filled: memory is committed as blocks are first used", bytes=True)
@@ -59,7 +59,7 @@ class EngineConfig:
     program_priority: bool = _f(True, "order waiting work by agent program: requests of a session or job task that has had less service go first (least attained service); --no-program-priority: arrival order")
     pause_ttl: bool = _f(True, "a paused session whose KV the cost model keeps in device memory is moved down once its wait outlasts the break-even time (a TTL), instead of being held until it resumes")
     prefetch_ahead: bool = _f(True, "a paused session whose KV went to a tier is prefetched into device memory shortly before its tool is expected to return")
-    native_decode: str = _f("auto", "the fused C decode step for --quantization int8 on CPU (native/decode.c, built with the host's C compiler): auto (use it when it builds), on (fail if it cannot) or off")
+    native_decode: str = _f("auto", "the native C step for every CPU float32 step, prefill and decode, fp32 / int8 / int4 weights (native/, built with the host's C compiler; batch-invariant): auto (use it when it builds), on (fail if it cannot) or off (the torch path)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

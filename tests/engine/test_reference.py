@@ -23,7 +23,8 @@ PROMPTS = [
 
 
 def _our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position, via the engine's model over its paged pool."""
+    """Logits at every prompt position, computed as the engine computes a prefill: one native step over
+    the paged pool where the engine has one (every CPU float32 engine), else the torch model."""
     from kvstrata.model.attention import AttnMetadata, PrefillSpan
 
     eng = llm.engine
@@ -33,7 +34,10 @@ def _our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     try:
         table = torch.tensor(blocks)
         pos = torch.arange(len(ids))
-        meta = AttnMetadata(slot_mapping=table[pos // bs] * bs + pos % bs, prefills=[PrefillSpan(0, len(ids), 0, table)])
+        slots = table[pos // bs] * bs + pos % bs
+        if eng.runner.native is not None:
+            return eng.runner.native.step(torch.tensor(ids), pos, slots, torch.zeros_like(pos), [blocks], pos)
+        meta = AttnMetadata(slot_mapping=slots, prefills=[PrefillSpan(0, len(ids), 0, table)])
         return eng.model(torch.tensor(ids), pos, eng.pool.k_layers, eng.pool.v_layers, meta, pos)
     finally:
         for b in blocks:
@@ -135,12 +139,14 @@ def _divergence_from_reference(llm: LLM, hf, our_logits=_our_prefill_logits) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_dtype", ["auto", "float32"])
 def test_int8_fast_path_stays_close_to_the_reference(kv_dtype, hf_default):
-    """int8 weights + per-token dynamic int8 activations on the default model: lossy by design (the
-    file's Q4_1 groups are re-quantized per output channel; down_proj and v_proj inputs carry channel
-    outliers). Bounds, set from measurement (KL at the last position 0.36-0.65 nats, mean 0.24-0.29):
-    KL(reference || int8) < 1.0 nat at the last prompt position and < 0.5 on average, and the argmax
-    agrees with transformers' fp32 at >= 70% of prompt positions (measured 72-89%). The fp32 path is the exact one.
-    "auto" is what every entry point runs with no flags: int8 with a float16 KV pool, under the same bounds."""
+    """int8 weights + int8 activations quantized per row on the default model, as the engine computes a
+    prefill (the native step): lossy by design (the file's Q4_1 groups are re-quantized per output
+    channel; down_proj and v_proj inputs carry channel outliers). Measured: KL at the last position
+    0.03-0.11 nats, mean 0.03-0.06, argmax agreement 87-89 % (the torch path's fbgemm prefill: 0.36-0.65,
+    0.24-0.29, 72-89 %). Bounds, kept from the torch path so either passes: KL(reference || int8) < 1.0
+    nat at the last prompt position and < 0.5 on average, and the argmax agrees with transformers' fp32
+    at >= 70% of prompt positions. The fp32 path is the exact one. "auto" is what every entry point runs
+    with no flags: int8 with a float16 KV pool, under the same bounds."""
     llm = LLM("default", kv_device_bytes="256M", kv_dtype=kv_dtype)  # --quantization auto: int8 on CPU
     assert llm.engine.config.quantization == "int8"
     assert llm.engine.kv_dtype == (torch.float16 if kv_dtype == "auto" else torch.float32)
@@ -155,11 +161,11 @@ def test_int8_needs_cpu_float32(tiny_llama):
 
 @pytest.mark.slow
 def test_int4_path_reproduces_the_files_q4_groups(hf_default):
-    """int4 (groups of 32 with scale and zero point, as GGUF Q4_1) re-quantizes the default file's Q4_1
-    weights back to their own groups, so only bf16 activations and scales are lost. Bounds, set from
-    measurement (KL at the last position 0.012-0.018 nats, mean 0.007-0.009, argmax agreement 98-100%;
-    int8 on the same prompts: 0.03-0.25, 0.06-0.13, 78-87%): KL < 0.1 at the last position, < 0.05 on
-    average, agreement >= 95%."""
+    """int4 (groups of 32 with scale and minimum, as GGUF Q4_1) re-quantizes the default file's Q4_1
+    weights back to their own groups; the native step multiplies them with fp32 activations. Measured: KL
+    at the last position 0.006-0.019 nats, mean 0.004-0.005, argmax agreement 100 % (the torch path's
+    int4 kernel, bf16 activations and scales: 0.012-0.018, 0.007-0.009, 98-100 %). Bounds: KL < 0.1 at
+    the last position, < 0.05 on average, agreement >= 95%."""
     llm = LLM("default", kv_device_bytes="256M", quantization="int4")
     for kl_last, kl_mean, agree in _divergence_from_reference(llm, hf_default):
         assert kl_last < 0.1 and kl_mean < 0.05 and agree >= 0.95, (kl_last, kl_mean, agree)

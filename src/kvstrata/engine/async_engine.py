@@ -35,16 +35,44 @@ class EngineDeadError(KvstrataError):
     """The engine thread stopped after an internal error; the server must be restarted."""
 
 
+class _Command:
+    """One unit of work for the engine thread: `run()` there between steps, or `fail(err)` when the engine
+    stops before running it (its caller then gets the error instead of waiting forever)."""
+
+    __slots__ = ("run", "fail")
+
+    def __init__(self, run: Callable[[], None], fail: Callable[[BaseException], None]) -> None:
+        self.run, self.fail = run, fail
+
+
+def _settle(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolves an asyncio future unless its caller already left (cancelled): runs on the future's loop."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 class AsyncEngine:
+    """Cancellation contract: a caller may be cancelled at any await point. A `call()` cancelled before
+    the engine thread reaches it never runs; one already running finishes and its result is dropped. A
+    `generate()` cancelled at any point leaves no request behind (an add still queued is undone right
+    after it runs). Nothing a caller does reaches the engine loop as an error. When the engine stops (an
+    internal error, or `shutdown()`), every queued command and every open stream gets EngineDeadError."""
+
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], max_waiting: int = 256) -> None:
         factory = None if isinstance(engine, LLMEngine) else engine
         self.engine: LLMEngine = None if factory else engine  # type: ignore[assignment]
         self.max_waiting = max_waiting
-        self._cmds: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._cmds: queue.Queue[_Command] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = False
-        self._dead: BaseException | None = None
+        self._dead: BaseException | None = None  # set when the engine thread died of an internal error
+        self._closed: str | None = None  # why no command is accepted any more (died or shut down)
+        self._lock = threading.Lock()  # orders _submit against the loop's final drain
         self._ids = 0
         built = threading.Event()
         build_error: list[BaseException] = []
@@ -83,13 +111,10 @@ class AsyncEngine:
     # -- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         failures = 0
+        reason = "the engine was shut down"
         try:
             while not self._stop:
-                while True:
-                    try:
-                        self._cmds.get_nowait()()
-                    except queue.Empty:
-                        break
+                self._run_commands()
                 if self.engine.has_unfinished():
                     try:
                         outs = self.engine.step()
@@ -109,8 +134,36 @@ class AsyncEngine:
         except BaseException as e:  # repeated internal errors: fail every stream loudly, never hang them
             log.exception("engine thread died")
             self._dead = e
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"the engine stopped: {e!r}"))
+            reason = f"the engine stopped: {e!r}"
+        self._close(reason)
+
+    def _run_commands(self) -> None:
+        while not self._stop:  # after shutdown() the rest fail in _close instead of running
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                cmd.run()
+            except Exception:  # a command's own failure goes to its caller; never let one stop the loop
+                log.exception("an engine command failed outside its caller's future")
+
+    def _close(self, reason: str) -> None:
+        """No command is accepted from now on; every queued command and open stream fails with `reason`."""
+        with self._lock:
+            self._closed = reason
+        err = EngineDeadError(reason)
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                cmd.fail(err)
+            except Exception:
+                log.exception("failing a queued engine command")
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError(reason))
 
     def _fail_in_flight(self, err: Exception) -> None:
         for rid in list(self.engine.requests):
@@ -129,24 +182,34 @@ class AsyncEngine:
         except RuntimeError:  # the caller's loop is closed
             pass
 
-    def _submit(self, fn: Callable[[], None]) -> None:
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
-        self._cmds.put(fn)
+    def _submit(self, run: Callable[[], None], fail: Callable[[BaseException], None]) -> None:
+        with self._lock:
+            if self._closed is not None:
+                raise EngineDeadError(self._closed)
+            self._cmds.put(_Command(run, fail))
         self._wake.set()
 
     # -- API --------------------------------------------------------------------------------------
     def call(self, fn: Callable[[LLMEngine], Any]) -> Future:
-        """Runs fn(engine) on the engine thread between steps; returns a concurrent Future."""
+        """Runs fn(engine) on the engine thread between steps; returns a concurrent Future. Cancelling the
+        Future before the engine thread reaches it means fn never runs."""
         fut: Future = Future()
 
         def run() -> None:
+            if not fut.set_running_or_notify_cancel():  # the caller left before it ran: skip it
+                return
             try:
-                fut.set_result(fn(self.engine))
+                result = fn(self.engine)
             except BaseException as e:
                 fut.set_exception(e)
+            else:
+                fut.set_result(result)
 
-        self._submit(run)
+        def fail(err: BaseException) -> None:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(err)
+
+        self._submit(run, fail)
         return fut
 
     async def call_async(self, fn: Callable[[LLMEngine], Any]) -> Any:
@@ -159,7 +222,8 @@ class AsyncEngine:
         request_id: str | None = None,
         request_class: RequestClass | str = RequestClass.INTERACTIVE,
     ) -> AsyncIterator[RequestOutput]:
-        """Streams RequestOutputs (cumulative) until finished. Cancelling the iterator aborts the request."""
+        """Streams RequestOutputs (cumulative) until finished. Cancelling the iterator, at any point, aborts
+        the request."""
         if self.num_waiting >= self.max_waiting:
             raise QueueFullError(f"{self.num_waiting} requests are already waiting; retry later")
         self._ids += 1
@@ -168,39 +232,62 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         added: asyncio.Future = loop.create_future()
 
+        def settle(result: Any = None, error: BaseException | None = None) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, added, result, error)
+            except RuntimeError:  # the caller's loop is closed: nobody waits for this
+                pass
+
+        mine: list = []  # on the engine thread: this call's request object, once add() put it there
+
         def add() -> None:
             try:
                 self.engine.add_request(prompt, params, rid, request_class)
-                self._streams[rid] = (loop, q)
-                loop.call_soon_threadsafe(added.set_result, None)
-            except BaseException as e:
-                loop.call_soon_threadsafe(added.set_exception, e)
+            except Exception as e:
+                settle(error=e)
+                return
+            mine.append(self.engine.requests[rid])
+            self._streams[rid] = (loop, q)
+            settle()
 
-        self._submit(add)
-        await added  # validation errors (too long, bad ids) surface here, before any output
+        def undo() -> None:  # runs after add() (commands run in order); removes only what add() put there
+            if self._streams.get(rid, (None, None))[1] is q:
+                del self._streams[rid]
+            if mine and self.engine.requests.get(rid) is mine[0]:  # not a later request reusing the id
+                self.engine.abort_request(rid)
+
+        self._submit(add, lambda err: settle(error=err))
         finished = False
         try:
+            await added  # validation errors (too long, bad ids) surface here, before any output
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped it
                     raise item
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
-            if not finished:
-                self.abort(rid)
+            if not finished:  # cancelled or closed at any point, the add still queued included
+                try:
+                    self._submit(undo, lambda err: None)
+                except EngineDeadError:
+                    pass
 
     def abort(self, request_id: str) -> None:
         def run() -> None:
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
 
-        if self._dead is None:
-            self._submit(run)
+        try:
+            self._submit(run, lambda err: None)
+        except EngineDeadError:  # nothing runs any more: nothing to abort
+            self._streams.pop(request_id, None)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread; queued commands and open streams get EngineDeadError."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)

@@ -1,4 +1,8 @@
-"""The model runner: turns a SchedulerOutput into tensors, runs the model, returns logits."""
+"""The model runner: turns a SchedulerOutput into tensors, runs the model, returns logits.
+
+On CPU in float32 every step goes to the native step (native/) when the engine has one: each row's
+arithmetic is then independent of the rest of the step. The torch path below (CUDA, bf16 compute, no C
+compiler) batches rows through PyTorch kernels whose summation order can change with the batch."""
 
 from __future__ import annotations
 
@@ -23,43 +27,48 @@ class ModelRunner:
         self.pool = kv.pool
         self.device = device
         self.bs = kv.block_size
-        self.native = None  # a NativeDecoder (native/decode.py) for all-decode steps, set by the engine
+        # a NativeDecoder (native/decode.py), set by the engine: every step then runs in one C call, each
+        # row with the same arithmetic whatever else the step holds (batch invariance)
+        self.native = None
         self.native_steps = 0
 
-    def _execute_native(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor] | None:
-        """All-decode steps of at most native.max_batch sequences, in one native call; None: not eligible."""
-        sched = so.scheduled
-        if not sched or len(sched) > self.native.max_batch:
-            return None
+    def _execute_native(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        """The whole step (prefill chunks and decodes of any number of sequences) in one native call."""
         bs = self.bs
-        tokens, positions, slots, lens, tables, seqs = [], [], [], [], [], []
-        for s in sched:
-            seq = s.seq
-            p = seq.num_computed_tokens
-            if s.num_new_tokens != 1 or p + 1 != seq.num_tokens:
-                return None
-            table = seq.block_table
-            tokens.append(seq.token_at(p))
-            positions.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        row_seq: list[int] = []
+        tables: list[list[int]] = []
+        out_rows: list[int] = []
+        seqs: list[Sequence] = []
+        for i, s in enumerate(so.scheduled):
+            seq, n = s.seq, s.num_new_tokens
+            start, table = seq.num_computed_tokens, seq.block_table
+            if n == 1:
+                tokens.append(seq.token_at(start))
+            else:
+                tokens.extend(seq.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            row_seq.extend([i] * n)
             tables.append(table)
-            seqs.append(seq)
-        logits = self.native.decode(tokens, positions, slots, lens, tables)
+            if start + n == seq.num_tokens:  # caught up: the last position's logits give the next token
+                out_rows.append(len(tokens) - 1)
+                seqs.append(seq)
+        t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+        logits = self.native.step(t(tokens), t(positions), t(slots), t(row_seq), tables, t(out_rows))
         self.native_steps += 1
         return seqs, logits
 
     def execute(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
         """Runs one step. Returns the sequences that get a next token this step and their logits (S, V)."""
-        if self.native is not None:
+        if self.native is not None and so.scheduled:
             try:
-                out = self._execute_native(so)
+                return self._execute_native(so)
             except KvstrataError as e:  # the step wrote nothing it needs: the torch path redoes it
-                log.error("native decode step failed (%s); continuing on the torch path", e)
+                log.error("native step failed (%s); continuing on the torch path, which is not batch-invariant", e)
                 self.native = None
-                out = None
-            if out is not None:
-                return out
         dev, bs = self.device, self.bs
         ids: list[int] = []
         positions: list[torch.Tensor] = []

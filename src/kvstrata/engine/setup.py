@@ -123,11 +123,11 @@ def apply_quantization(model: LlamaModel, mode: str, device: torch.device, dtype
 
 
 def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, device: torch.device):
-    """The fused C decode step (native/) for this engine, or None when it is off or cannot run here.
+    """The native step (native/) for this engine, or None when it is off or cannot run here.
 
-    `auto` uses it for int8 models on CPU when it builds and says why when it does not; `on` makes any
-    reason an error."""
-    if cfg.native_decode == "off" or (cfg.native_decode == "auto" and (cfg.quantization != "int8" or device.type != "cpu")):
+    `auto` uses it on CPU in float32 (fp32, int8 or int4 weights) when it builds and says why when it
+    does not; `on` makes any reason an error."""
+    if cfg.native_decode == "off" or (cfg.native_decode == "auto" and device.type != "cpu"):
         return None
     from kvstrata.native import library, native_status
     from kvstrata.native.decode import NativeDecoder, unsupported_reason
@@ -140,7 +140,7 @@ def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, d
     if reason is not None:
         if cfg.native_decode == "on":
             raise KvstrataError(f"--native-decode on: {reason}")
-        log.warning("native decode step off: %s", reason)
+        log.warning("native step off (the torch path is not batch-invariant): %s", reason)
         return None
     return NativeDecoder(model, pool, lib)
 

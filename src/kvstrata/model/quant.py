@@ -1,12 +1,12 @@
-"""CPU fast path: int8 weights with dynamically quantized activations (fbgemm / oneDNN x86 kernels).
+"""CPU weight quantization: int8 (per-channel symmetric weights) and int4 (groups of 32, as GGUF Q4_1).
 
-Decode is memory-bound: fp32 weights make every step read 4 bytes per parameter. int8 weights read
-one, and PyTorch's x86 dynamic-quantized linear (per-channel symmetric int8 weights, per-tensor
-activations quantized on the fly) runs 4-8x faster than fp32 `linear` on the 2-core machines this
-project targets (measured in benchmarks/results/engine.md). The cost is accuracy: about 1-2% relative
-error per projection, so greedy output can drift from the fp32 reference after some tokens; the
-benchmark reports token agreement against fp32. Embedding lookups stay fp32; the LM head (tied or not)
-gets its own int8 copy.
+Decode is memory-bound: fp32 weights make every step read 4 bytes per parameter, int8 one, int4 half.
+The engine's CPU step (native/) multiplies these weights itself, each activation row quantized on its
+own; the modules here hold the quantized weights and are also the torch path's linears (where no C
+compiler is found), on PyTorch's x86 kernels. The cost is accuracy: about 1-2% relative error per
+projection for int8, so greedy output can drift from the fp32 reference after some tokens (bounds in
+tests/engine/test_reference.py). Embedding lookups stay fp32; the LM head (tied or not) gets its own
+int8 copy.
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # after Decod
 
 
 class PerTokenInt8Linear(nn.Module):
-    """y = x W^T + b with int8 W, each activation row quantized with its own scale.
+    """y = x W^T + b with int8 W, each activation row quantized on its own.
 
-    PyTorch's dynamic linear quantizes the whole activation matrix with one scale; in a prefill one
-    token with massive activations (attention-sink positions such as BOS) would crush every other
-    row's resolution. Linear maps commute with row scaling, so each row is scaled to max |x| = 1
-    first and the output rows are scaled back: per-token quantization with the same fast kernel.
+    This is the torch path's int8 linear (the native step, native/, quantizes each row itself and is
+    what the engine runs on CPU). PyTorch's dynamic linear quantizes the whole activation matrix with one
+    scale and zero point from its min and max, which couples the rows: in a prefill one token with
+    massive activations (attention-sink positions such as BOS) would crush every other row's
+    resolution, and a row's result would depend on what else shares the step. Linear maps commute with
+    row scaling, so each row is scaled to max |x| = 1 first and the output rows scaled back; a constant
+    extra row [-1, 1, 0, ...] pins the matrix's range to exactly [-1, 1], so every row is quantized with
+    the same fixed grid whatever the other rows hold, and the int8 x int8 sums are exact: a row's result
+    is the same alone or in any batch.
     """
 
     def __init__(self, dyn: nn.Module, bias: torch.Tensor | None,
@@ -45,13 +50,14 @@ class PerTokenInt8Linear(nn.Module):
         # layout cache and the native step to read without unpacking fbgemm's copy; the engine drops them
         # (int8 = None) once those have them, so the weights are not held once more
         self.int8 = int8
+        pin = torch.zeros(1, dyn.in_features)
+        pin[0, 0], pin[0, min(1, dyn.in_features - 1)] = -1.0, 1.0
+        self.register_buffer("range_row", pin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, in)
-        if x.shape[0] == 1:  # one row: the op's per-tensor activation scale already is per-token
-            y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
-        else:
-            s = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-6)  # (T, 1)
-            y = torch.ops.quantized.linear_dynamic(x / s, self.packed, self.reduce_range).mul_(s)
+        s = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-6)  # (T, 1)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([x / s, self.range_row]), self.packed, self.reduce_range)
+        y = y[:-1].mul_(s)
         return y if self.bias is None else y.add_(self.bias)
 
 
@@ -114,15 +120,15 @@ GROUP = 32  # int4 group size: the GGUF Q4_0 / Q4_1 block, so a Q4_1 file's grou
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T + b with W in asymmetric 4-bit groups of 32 along the input (a scale and a zero point per
-    group and output channel, as GGUF Q4_1 stores them), multiplied by PyTorch's CPU int4 kernel
-    (`_weight_int4pack_mm_for_cpu`) with bf16 activations and fp32 accumulation.
+    """y = x W^T + b with W in asymmetric 4-bit groups of 32 along the input (a scale d and a minimum m per
+    group and output channel, w = d * q + m with q in 0..15, as GGUF Q4_1 stores them). Re-quantizing a
+    Q4_1 file's dequantized weights gives back its own groups.
 
-    The kernel reads half the bytes of int8, which makes it the fastest single-row matmul here (33 vs
-    27-35 us for 576x3072, and whole-model decode 90 vs 81 tok/s), but it does not block for many rows:
-    from 8 rows on it is 3-4x slower than the int8 kernel, so prefill and large batches lose (measured in
-    docs/peers.md). Re-quantizing a Q4_1 file's dequantized weights gives back its own groups up to the
-    bf16 rounding of the scales."""
+    Kept as `q4` (n, k / 32, 16) bytes (byte j of a group: q of element j in the low nibble, of j + 16
+    in the high one), `d` and `m` (n, k / 32) fp32: what the native step multiplies (fp32 activations,
+    native/gemm.c). The torch path (no C compiler, CUDA excluded) uses PyTorch's CPU int4 kernel
+    (`_weight_int4pack_mm_for_cpu`, bf16 activations and scales), packed on first use: it reads half the
+    bytes of int8 but does not block for many rows (from 8 rows on 3-4x slower than the int8 kernel)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -131,15 +137,26 @@ class Int4Linear(nn.Module):
         g = w.view(n, k // GROUP, GROUP)
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp(min=1e-10)
-        q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32).view(n, k)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), persistent=False)
-        # the kernel computes (q - 8) * scale + zero: zero = lo + 8 * scale; laid out (k / GROUP, n, 2)
-        sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).contiguous()
-        self.register_buffer("scales_zeros", sz.to(torch.bfloat16), persistent=False)
+        q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)  # (n, k/32, 32)
+        self.register_buffer("q4", (q[..., :16] | (q[..., 16:] << 4)).contiguous(), persistent=False)
+        self.register_buffer("d", scale.contiguous(), persistent=False)
+        self.register_buffer("m", lo.contiguous(), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._torch_pack: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._torch_pack is None:
+            n = self.q4.shape[0]
+            q = torch.cat([self.q4 & 15, self.q4 >> 4], dim=-1).to(torch.int32).view(n, -1)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            # the kernel computes (q - 8) * scale + zero: zero = m + 8 * d; laid out (k / GROUP, n, 2)
+            sz = torch.stack([self.d.t(), (self.m + 8 * self.d).t()], dim=-1).contiguous().to(torch.bfloat16)
+            self._torch_pack = (packed, sz)
+        return self._torch_pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, in) fp32
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros).float()
+        packed, sz = self._pack()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, GROUP, sz).float()
         return y if self.bias is None else y.add_(self.bias)
 
 

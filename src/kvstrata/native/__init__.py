@@ -1,7 +1,7 @@
-"""Native kernels compiled on the host: the fused int8 decode step (decode.c).
+"""Native kernels compiled on the host: the engine's step (step.c, gemm.c, attn.c).
 
-The C source ships with the package and is built once per source version, compiler and CPU with the
-host's C compiler (`-O3 -march=native -fopenmp`, about a second; keyed by the source, the compiler
+The C sources ship with the package and are built once per source version, compiler and CPU with the
+host's C compiler (`-O3 -march=native -fopenmp`, a few seconds; keyed by the sources, the compiler
 binary and the CPU's flags, so later starts only load it), into $KVSTRATA_HOME/native (default
 ~/.cache/kvstrata/native), then loaded with ctypes. It must be loaded after torch: its OpenMP runtime
 then resolves to the libgomp torch already loaded, so both share one thread team instead of two
@@ -24,14 +24,22 @@ from pathlib import Path
 import torch  # noqa: F401  (loaded first on purpose: see the module docstring)
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("decode.c")
-CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wall"]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "step.c", HERE / "gemm.c", HERE / "attn.c"]
+HEADERS = [HERE / "kv.h"]
+# -ffp-contract=off: a * b + c stays two roundings wherever the code writes it so (an FMA only where an
+# intrinsic asks for one), so the C means the same arithmetic on every build.
+CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wall", "-ffp-contract=off"]
+# GCC may peel iterations off a vectorized loop until an array is aligned; in a reduction that makes the
+# summation order depend on the buffer's address, which batch invariance cannot allow.
+GCC_FLAGS = ["--param=vect-max-peeling-for-alignment=0", "--param=vect-max-version-for-alignment-checks=0"]
 _status = {"available": False, "reason": "not built yet", "path": None}
 
 
 def _cache_dir() -> Path:
-    home = os.environ.get("KVSTRATA_HOME") or str(Path.home() / ".cache" / "kvstrata")
-    return Path(home) / "native"
+    from kvstrata.core import kvstrata_home
+
+    return kvstrata_home() / "native"
 
 
 def _cpu_flags() -> str:
@@ -60,25 +68,29 @@ def _compiler_identity(cc: str) -> tuple:
 
 
 def build(force: bool = False, march: str = "native") -> Path:
-    """Compiles decode.c for this CPU (cached) and returns the shared library's path; raises on failure.
+    """Compiles the step for this CPU (cached) and returns the shared library's path; raises on failure.
     `march` names another target (e.g. x86-64-v2, without AVX2 or AVX-512): the tests build the portable
     loops that way to check them on any machine."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, _compiler_identity(cc), CFLAGS, march, _cpu_flags())).encode()).hexdigest()[:16]
-    out = _cache_dir() / key / "libkvdecode.so"
+    ident = _compiler_identity(cc)
+    flags = CFLAGS + ([] if "clang" in os.path.basename(ident[0]) else GCC_FLAGS)
+    text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(text + repr((cc, ident, flags, march, _cpu_flags())).encode()).hexdigest()[:16]
+    out = _cache_dir() / key / "libkvstep.so"
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # build aside, then rename: safe for concurrent builds
     os.close(fd)
-    r = subprocess.run([cc, *CFLAGS, f"-march={march}", str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    r = subprocess.run([cc, *flags, f"-march={march}", *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
+                       text=True)
     if r.returncode != 0:
         os.unlink(tmp)
-        raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"{cc} failed to build the native step:\n{r.stderr[-2000:]}")
     os.replace(tmp, out)
-    log.info("built the native decode kernels: %s", out)
+    log.info("built the native step: %s", out)
     return out
 
 
@@ -92,7 +104,7 @@ def library() -> ctypes.CDLL | None:
         lib = load()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status.update(available=False, reason=str(e))
-        log.warning("native decode kernels unavailable, using the torch path: %s", e)
+        log.warning("native step unavailable, using the torch path: %s", e)
         return None
     _status.update(available=True, reason="", path=lib._name, vnni=bool(lib.kv_has_vnni()))
     return lib
@@ -104,18 +116,18 @@ def load(march: str = "native") -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:  # a damaged cached build (truncated file, wrong architecture): rebuild once
-        log.warning("rebuilding the native decode kernels: the cached %s does not load (%s)", path, e)
+        log.warning("rebuilding the native step: the cached %s does not load (%s)", path, e)
         path = build(force=True, march=march)
         lib = ctypes.CDLL(str(path))
     P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.kv_model_new.restype = P
-    lib.kv_model_new.argtypes = [P, P, P]
+    lib.kv_model_new.argtypes = [P, P, P, P]
     lib.kv_model_free.argtypes = [P]
     lib.kv_has_vnni.restype = I
     lib.kv_model_weight_bytes.restype = ctypes.c_size_t
     lib.kv_model_weight_bytes.argtypes = [P]
-    lib.kv_decode.restype = I
-    lib.kv_decode.argtypes = [P, I, P, P, P, P, P, I, P, P, I64, P, I]
+    lib.kv_step.restype = I
+    lib.kv_step.argtypes = [P, I, P, P, P, P, P, I, P, P, I64, I, P, P, I]
     return lib
 
 
