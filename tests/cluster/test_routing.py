@@ -250,3 +250,8 @@ def test_ingress_tokenizes_as_the_engine_does_without_loading_weights(engine, ti
     assert cfg == engine.model_config
     text = "The quick brown fox, Grüße aus Köln."
     assert tok.encode(text) == engine.tokenizer.encode(text)
+    from kvstrata.loader import load_model
+
+    cfg, tok = load_config_and_tokenizer("default")  # a GGUF: metadata and tokenizer, no weights read
+    lm = load_model("default")
+    assert cfg == lm.config and tok.encode(text) == lm.tokenizer.encode(text)

@@ -105,12 +105,8 @@ def load_config_and_tokenizer(model: str) -> tuple[ModelConfig, Tokenizer]:
     path = resolve_model_path(model)
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
-        from kvstrata.loader.gguf_loader import _open, gguf_config, source_id
-        from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_gguf
-
-        reader = _open(path)
-        cfg = gguf_config(reader, path)
-        return cfg, tokenizer_from_gguf(path, reader, source_id(reader, path), cfg)
+        lm = load_model(path)  # a GGUF's weights are read only when asked for
+        return lm.config, lm.tokenizer
     if p.is_dir():
         from kvstrata.loader.hf_loader import hf_config
         from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir
