@@ -207,7 +207,7 @@ def test_greedy_tokens_are_the_same_alone_batched_chunked_and_cached(quantizatio
         if sc["tier"] != "none" and prefix:
             _run(eng, [(0, prefix, 1)] + sc["others"][1:2], sc["budget"])
             if sc["tier"] == "host":  # into the host tier and out of the device pool: restored on lookup
-                eng.park(prefix, tier="host", pin=False)
+                eng.offload.park(prefix, "host", pin=False)
         hits = dict(eng.cached_tokens_by_tier)
         got = _run(eng, [(sc["arrival"], target, TARGET_TOKENS)] + sc["others"], sc["budget"])[0]
         assert got == ref, (quantization, len(target), len(prefix), sc["tier"], sc["budget"], len(sc["others"]))

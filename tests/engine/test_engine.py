@@ -12,9 +12,8 @@ TEXTS = ["The quick brown fox", "Once upon a time there was", "def fibonacci(n):
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama):
-    # the exact path: batched == alone holds bit for bit only there (int8 prefill rows share fbgemm's
-    # per-tensor activation range, so a row's rounding depends on its batch)
-    return LLM(str(tiny_llama), kv_device_bytes="8M", max_num_batched_tokens=64, quantization="none")
+    # the default path (int8, fp16 KV, the native step): batched == alone bit for bit (batch invariance)
+    return LLM(str(tiny_llama), kv_device_bytes="8M", max_num_batched_tokens=64)
 
 
 def _step_all(engine, check=True):
@@ -79,7 +78,7 @@ def test_chunked_prefill_matches_whole_prefill(tiny_llama):
 
 def test_preemption_under_a_tiny_pool_keeps_outputs_correct(tiny_llama, llm):
     # 12 blocks of 16 tokens: eight ~40-token sequences growing to ~70 cannot all stay resident
-    tiny = LLM(str(tiny_llama), kv_device_bytes=12 * _block_bytes(llm), max_num_batched_tokens=64, quantization="none")
+    tiny = LLM(str(tiny_llama), kv_device_bytes=12 * _block_bytes(llm), max_num_batched_tokens=64)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     prompts = [t * 2 for t in TEXTS] + [t * 3 for t in TEXTS[:3]]
     for p in prompts:
@@ -92,10 +91,7 @@ def test_preemption_under_a_tiny_pool_keeps_outputs_correct(tiny_llama, llm):
 
 
 def _block_bytes(llm) -> int:
-    from kvstrata.kv.pool import BlockPool
-
-    c = llm.engine.model_config
-    return BlockPool.bytes_per_block(llm.engine.pool.block_size, c.num_layers, c.num_kv_heads, c.head_dim)
+    return llm.engine.pool.block_bytes
 
 
 def test_abort_frees_blocks(llm):

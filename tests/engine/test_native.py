@@ -319,7 +319,7 @@ def test_fp32_over_a_16_bit_pool_matches_the_torch_path(kv_dtype, tiny_models):
     from tests.engine.test_reference import _our_prefill_logits
     from kvstrata.model.attention import AttnMetadata, PrefillSpan
 
-    llm = LLM(str(tiny_models["d64-gqa2"]), kv_device_bytes="16M", kv_dtype=kv_dtype)
+    llm = LLM(str(tiny_models["d64-gqa2"]), kv_device_bytes="16M", kv_dtype=kv_dtype, quantization="none")
     eng = llm.engine
     ids = torch.randint(3, eng.model_config.vocab_size, (200,), generator=torch.Generator().manual_seed(9)).tolist()
     ours = _our_prefill_logits(llm, ids)  # the native step

@@ -101,20 +101,16 @@ def test_saved_calibration_is_read_at_start(monkeypatch):
 
 
 def _block_bytes(llm):
-    from kvstrata.kv.pool import BlockPool
-
-    c = llm.engine.model_config
-    return BlockPool.bytes_per_block(16, c.num_layers, c.num_kv_heads, c.head_dim)
+    return llm.engine.pool.block_bytes
 
 
 def test_preempted_batch_work_moves_down_and_matches_unpreempted(tiny_llama, tmp_path):
-    # the exact path: outputs compared token for token across batch compositions
-    ref = LLM(str(tiny_llama), kv_device_bytes="8M", quantization="none")
+    # outputs compared token for token across batch compositions (batch invariance, the default path)
+    ref = LLM(str(tiny_llama), kv_device_bytes="8M")
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     prompts = [TEXT[i * 7:] + f" job {i}" for i in range(6)]
     want = [ref.generate(p, params)[0].outputs[0].token_ids for p in prompts]
-    llm = LLM(str(tiny_llama), kv_device_bytes=16 * _block_bytes(ref), kv_host_bytes="8M", max_num_batched_tokens=256,
-              quantization="none")
+    llm = LLM(str(tiny_llama), kv_device_bytes=16 * _block_bytes(ref), kv_host_bytes="8M", max_num_batched_tokens=256)
     llm.engine.placement = model(tiers=("host",))
     outs = llm.generate(prompts, params, request_class="batch")
     eng = llm.engine
