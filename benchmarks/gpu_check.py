@@ -187,7 +187,7 @@ def main() -> int:
     for b in (1, 32, 64):
         r = decode_rate(eng, b, a.ctx, a.new)
         kv = b * (a.ctx + a.new) * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-        roof = bw / ((wbytes + kv) / b) * 1e9 / 1e9
+        roof = bw * 1e9 / ((wbytes + kv) / b)  # tok/s if each step only read the weights and the KV once
         h = hf_rate({**LLAMA8B, "num_hidden_layers": a.layers}, dev, b, a.ctx, a.new)
         res[f"decode_b{b}"], res[f"hf_decode_b{b}"], res[f"roofline_b{b}"] = r, h, roof
         rows.append([b, r, roof, f"{r / roof:.0%}", h, f"{r / h:.2f}x"])

@@ -281,7 +281,7 @@ def test_every_entry_point_shares_the_fast_path_default(tiny_llama):
     eng = LLM(str(tiny_llama), kv_device_bytes="4M").engine
     assert eng.config.quantization == "int8" and eng.kv_dtype == torch.float16 and eng.runner.native is not None
     exact = LLM(str(tiny_llama), kv_device_bytes="4M", quantization="none").engine
-    assert exact.kv_dtype == torch.float32 and exact.runner.native is None  # the exact path stays exact
+    assert exact.kv_dtype == torch.float32 and exact.runner.native.formats == ["fp32"]  # fp32 weights and KV
 
 
 def test_the_tokenizer_does_not_import_the_loader():

@@ -80,6 +80,10 @@ def test_parking_on_an_unwritable_disk_reports_it_and_does_not_park(tiny_llama, 
             assert r.status_code == 200
             (tmp_path / "kv").rename(tmp_path / "kv-away")
             (tmp_path / "kv").write_text("not a directory")  # nothing can be written under it now
+            # a second turn: its new blocks cannot be written behind, so the park has blocks to write
+            r = c.post(f"/v1/sessions/{sid}/generate", json={"messages": [{"role": "user", "content": "more " * 40}],
+                                                            "max_tokens": 8})
+            assert r.status_code == 200, r.text
             r = c.post(f"/v1/sessions/{sid}/park", json={"tier": "disk", "lease_s": 60})
             assert r.status_code == 200, r.text
             body = r.json()

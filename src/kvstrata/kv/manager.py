@@ -84,10 +84,9 @@ class KVManager:
             self._attach(seq, b, key, "device", by_tier)
         i = len(seq.block_table)
         if self.offload is not None and i < max_blocks:  # then the tiers below, each load verified
-            for name, key, chunk in zip(self.offload.lookup(keys[i:]), keys[i:], chunks[i:]):
-                b = self.offload.load_block(key, chunk)
-                if b is None:
-                    break
+            names = self.offload.lookup(keys[i:])
+            run = list(zip(keys[i : i + len(names)], chunks[i : i + len(names)]))
+            for name, (key, _), b in zip(names, run, self.offload.load_blocks(run)):
                 self._attach(seq, b, key, name, by_tier)
             loaded = len(seq.block_table) - i
             if loaded and self.listeners:

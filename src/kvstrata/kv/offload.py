@@ -114,6 +114,27 @@ class Offload:
     def lookup(self, keys: Sequence[bytes]) -> list[str]:
         return self.stack.lookup_prefix(keys)
 
+    def load_blocks(self, items: Sequence[tuple[bytes, Sequence[int]]]) -> list[int]:
+        """Loads a run of verified blocks into fresh pool blocks (ref_count 1, registered), in order, until
+        one misses or the pool has no room; their payloads cross to the device together
+        (BlockPool.load_payloads). Returns the blocks loaded."""
+        blocks: list[int] = []
+        payloads = []
+        for key, token_ids in items:
+            if self.pool.num_available == 0:
+                break
+            payload = self.stack.load(key, token_ids)
+            if payload is None:
+                self.counters["blocks_load_failed"] += 1
+                break
+            b = self.pool.allocate()
+            self.pool.register(b, key, token_ids)  # (the data follows below, before anything reads it)
+            blocks.append(b)
+            payloads.append(payload)
+        self.pool.load_payloads(blocks, payloads)
+        self.counters["blocks_loaded"] += len(blocks)
+        return blocks
+
     def load_block(self, key: bytes, token_ids: Sequence[int]) -> int | None:
         """Loads a verified block into a fresh pool block (ref_count 1, registered); None on a miss."""
         if self.pool.num_available == 0:

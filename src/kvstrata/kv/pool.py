@@ -37,6 +37,8 @@ from kvstrata.core import KvstrataError
 log = logging.getLogger(__name__)
 _HUGE = 2 << 20
 
+STAGE_BYTES = 64 << 20  # host-to-GPU restore copies are staged in pinned buffers of at most this
+
 
 def _reserved_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, mmap.mmap | None]:
     """Zeros of `shape`, and the map behind them. On CPU (POSIX): a view of a private anonymous map whose
@@ -217,6 +219,32 @@ class BlockPool:
     def load_payload(self, b: int, payload: torch.Tensor) -> None:
         self.k[:, b].copy_(payload[0])
         self.v[:, b].copy_(payload[1])
+
+    def load_payloads(self, blocks: list[int], payloads: list[torch.Tensor]) -> None:
+        """load_payload for many blocks. On a GPU the host payloads are staged in pinned memory and cross
+        the bus in copies of up to STAGE_BYTES, then scattered on the device: one small pageable copy per
+        layer and block was ~100x slower than the bus (a 4,096-token restore on an H200: 0.5 GB/s)."""
+        if not blocks:
+            return
+        if self.k.device.type == "cpu":
+            for b, p in zip(blocks, payloads):
+                self.load_payload(b, p)
+            return
+        dev_type = self.k.device
+        if all(p.is_pinned() for p in payloads):  # (a pinned host tier's blobs): straight across
+            for b, p in zip(blocks, payloads):
+                self.k[:, b].copy_(p[0].to(dev_type, non_blocking=True))
+                self.v[:, b].copy_(p[1].to(dev_type, non_blocking=True))
+            return
+        per = max(1, STAGE_BYTES // (payloads[0].numel() * payloads[0].element_size()))
+        for i in range(0, len(blocks), per):
+            chunk = payloads[i : i + per]
+            host = torch.empty((len(chunk), *chunk[0].shape), dtype=chunk[0].dtype, pin_memory=True)
+            torch.stack(chunk, out=host)
+            dev = host.to(self.k.device)  # (n, 2, L, T, H, D); from pinned memory: one DMA at bus speed
+            idx = torch.tensor(blocks[i : i + per], dtype=torch.long, device=self.k.device)
+            self.k.index_copy_(1, idx, dev[:, 0].transpose(0, 1))
+            self.v.index_copy_(1, idx, dev[:, 1].transpose(0, 1))
 
     def drop_cached(self, b: int) -> None:
         """Forget one cached (unreferenced) block: its memory becomes free."""
