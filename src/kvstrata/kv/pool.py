@@ -165,6 +165,7 @@ class BlockPool:
         elif self.cached_lru:
             b, _ = self.cached_lru.popitem(last=False)
             key, toks = self.block_key[b], self.block_tokens[b]
+            assert key is not None and toks is not None  # a cached block is registered
             for hook in self.evict_hooks:
                 hook(b, key, toks)
             del self.key_to_block[key]
@@ -218,11 +219,16 @@ class BlockPool:
         self.k[:, b].copy_(payload[0])
         self.v[:, b].copy_(payload[1])
 
+    def _key(self, b: int) -> bytes:
+        key = self.block_key[b]
+        assert key is not None, f"block {b} is not registered"
+        return key
+
     def drop_cached(self, b: int) -> None:
         """Forget one cached (unreferenced) block: its memory becomes free."""
         assert self.ref_count[b] == 0 and b in self.cached_lru
         del self.cached_lru[b]
-        del self.key_to_block[self.block_key[b]]
+        del self.key_to_block[self._key(b)]
         self.block_key[b] = self.block_tokens[b] = None
         self.free_ids.append(b)
 
@@ -230,7 +236,7 @@ class BlockPool:
         """Drop every cached (unreferenced) block; returns how many."""
         n = len(self.cached_lru)
         for b in list(self.cached_lru):
-            del self.key_to_block[self.block_key[b]]
+            del self.key_to_block[self._key(b)]
             self.block_key[b] = self.block_tokens[b] = None
             self.free_ids.append(b)
         self.cached_lru.clear()
