@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench bench-peers chaos clean
+.PHONY: install serve test lint test-fast bench bench-peers chaos clean
 
 install: $(STAMP)
 
@@ -25,8 +25,13 @@ serve: install
 	$(BIN)/kvstrata serve --model default --host 127.0.0.1 --port $${PORT:-8000} \
 	  --kv-host-bytes 1G --kv-disk-dir $(KVHOME)/kv --kv-disk-bytes 10G
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q -ra
+
+# ruff over the whole tree, mypy over the core packages ([tool.ruff] / [tool.mypy] in pyproject.toml)
+lint: install
+	$(BIN)/ruff check -q src tests benchmarks
+	$(BIN)/mypy
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -157,7 +157,7 @@ def run_config(cfg: str, sessions, waits, a) -> dict:
     out = {"config": cfg, "wall_s": wall, "counters": c, "quantization": eng.config.quantization, "tiers": tiers, "placement": kv.get("placement"),
            "device": kv["device"], "block_bytes": bpb, "engine_offload": kv.get("engine"), **stats}
     eng.close(flush_device=False)
-    del eng, aeng
+    eng = aeng = None  # freed before the next configuration
     gc.collect()
     shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -144,7 +144,7 @@ def restore_over_pcie(lm, prefix: int) -> dict:
            "kv_bytes": kv_bytes, "restore_GBps": kv_bytes / restored / 1e9, "h2d_GBps": h2d_bandwidth(),
            "same_token": out_cold.outputs[0].token_ids == out_warm.outputs[0].token_ids}
     eng.close(flush_device=False)
-    del eng
+    eng = None  # freed before the next check
     torch.cuda.empty_cache()
     return res
 
@@ -192,7 +192,7 @@ def main() -> int:
         res[f"decode_b{b}"], res[f"hf_decode_b{b}"], res[f"roofline_b{b}"] = r, h, roof
         rows.append([b, r, roof, f"{r / roof:.0%}", h, f"{r / h:.2f}x"])
     eng.close(flush_device=False)
-    del eng
+    eng = None  # freed before the next check
     torch.cuda.empty_cache()
     r = res["restore"] = restore_over_pcie(lm, a.restore_tokens)
     md = [f"# GPU path check\n\n{res['gpu']}; Llama-3.1-8B shapes with {a.layers} layers, random bf16 weights "

@@ -188,7 +188,7 @@ def single_stream(w: dict, settings: dict, *, seed: int = 0) -> dict:
                      f"D-token context is prefilled untimed (its first token included in the prefill), ignore_eos, greedy, "
                      f"best of 3, with a memory-bandwidth sample before, between and after the repetitions")
     eng.close(flush_device=False)
-    del llm, eng
+    llm = eng = None  # freed before the server side starts
     gc.collect()
     return out
 

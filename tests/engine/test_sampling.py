@@ -71,7 +71,6 @@ def test_min_p_drops_tokens_below_the_scaled_max(vals, m):
 @given(st.integers(1, 5), st.floats(0.05, 0.9), st.integers(0, 10_000))
 def test_sampled_tokens_respect_top_k_and_top_p_bounds(llm, k, p, seed):
     """End to end: every emitted token was inside the filtered set of its step's distribution."""
-    from transformers import AutoModelForCausalLM
 
     ref = _ref(llm)
     ids = llm.tokenizer.encode("The quick brown fox")

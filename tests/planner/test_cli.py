@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from kvstrata.cli.main import main
-from kvstrata.planner.calibration import MachineProfile, save_profile
+from kvstrata.planner.calibration import MachineProfile
 
 FIELDS = {"hardware", "devices", "fits", "ttft_s", "tokens_per_s_per_user", "tokens_per_s_aggregate", "usd_per_million_tokens"}
 

@@ -7,7 +7,6 @@ import time
 
 import httpx
 import openai
-import pytest
 
 
 def test_32_concurrent_streaming_clients_all_complete(tiny_server):

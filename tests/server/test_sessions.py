@@ -285,3 +285,17 @@ def test_responses_stream_through_the_sdk_stream_helper(tiny_server):
     call = final.output[-1]
     assert final.status == "completed" and call.type == "function_call" and call.name == "get_time"
     assert json.loads(call.arguments)["tz"] in ("UTC", "CET")
+
+
+def test_requests_are_scheduled_by_the_program_they_belong_to(tiny_server, http):
+    """The engine orders waiting work by agent program (least attained service): a session turn counts
+    for its session, a chat request for its X-Session-Id header or its prompt_cache_key."""
+    attained = tiny_server.state.aengine.call(lambda e: e.scheduler.attained).result(30)
+    sid = ok(http.post("/v1/sessions", json={"system": "You are terse."}))["id"]
+    ok(http.post(f"/v1/sessions/{sid}/generate", json={"messages": [{"role": "user", "content": "Hello there"}],
+                                                        "max_tokens": 2, "temperature": 0}))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Count to three."}], "max_tokens": 2}
+    ok(http.post("/v1/chat/completions", json=chat, headers={"X-Session-Id": "agent-header-7"}))
+    ok(http.post("/v1/chat/completions", json={**chat, "prompt_cache_key": "agent-key-8"}))
+    for program in (sid, "agent-header-7", "agent-key-8"):
+        assert attained.get(program, 0) > 0, (program, list(attained)[-5:])

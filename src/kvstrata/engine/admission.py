@@ -179,15 +179,16 @@ class Admission:
     # -- API -------------------------------------------------------------------------------------
     async def generate(self, prompt: str | Seq[int], params: SamplingParams, *, request_id: str | None = None,
                        request_class: RequestClass | str = RequestClass.INTERACTIVE, owner: Any = None,
-                       wait: bool = False) -> AsyncIterator[RequestOutput]:
+                       wait: bool = False, program: str | None = None) -> AsyncIterator[RequestOutput]:
         """AsyncEngine.generate once admitted. `owner`: the API key's owner hash (None: no per-key quota);
-        `wait`: queue here (and ride out a full engine queue) instead of raising QueueFullError."""
+        `wait`: queue here (and ride out a full engine queue) instead of raising QueueFullError; `program`:
+        the session or job task it belongs to (the engine orders waiting work by program)."""
         batch = RequestClass(request_class) == RequestClass.BATCH
         await self._acquire(owner, batch, wait)
         try:
             delay = ENGINE_FULL_BACKOFF_S[0]
             while True:
-                agen = self.aengine.generate(prompt, params, request_id, request_class)
+                agen = self.aengine.generate(prompt, params, request_id, request_class, program=program)
                 try:
                     first = await agen.__anext__()
                 except QueueFullError:
@@ -254,6 +255,7 @@ class AdmittedEngine:
         return await self.aengine.call_async(fn)
 
     def generate(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None,
-                 request_class: RequestClass | str = RequestClass.BATCH) -> AsyncIterator[RequestOutput]:
+                 request_class: RequestClass | str = RequestClass.BATCH,
+                 program: str | None = None) -> AsyncIterator[RequestOutput]:
         return self.gate.generate(prompt, params, request_id=request_id, request_class=request_class,
-                                  owner=self.owner, wait=True)
+                                  owner=self.owner, wait=True, program=program)

@@ -221,9 +221,10 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         request_class: RequestClass | str = RequestClass.INTERACTIVE,
+        program: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutputs (cumulative) until finished. Cancelling the iterator, at any point, aborts
-        the request."""
+        the request. `program`: the agent program (session, job task) it belongs to (LLMEngine.add_request)."""
         if self.num_waiting >= self.max_waiting:
             raise QueueFullError(f"{self.num_waiting} requests are already waiting; retry later")
         self._ids += 1
@@ -242,7 +243,7 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                self.engine.add_request(prompt, params, rid, request_class)
+                self.engine.add_request(prompt, params, rid, request_class, program=program)
             except Exception as e:
                 settle(error=e)
                 return

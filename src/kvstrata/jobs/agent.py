@@ -217,7 +217,7 @@ class Agent:
     async def _generate(self, prompt: list[int], params: SamplingParams, sid: str):
         final = None
         rid = f"{sid}-{next(_rids)}"
-        async for out in self.rc.aeng.generate(prompt, params, request_id=rid, request_class="batch"):
+        async for out in self.rc.aeng.generate(prompt, params, request_id=rid, request_class="batch", program=sid):
             final = out
         return final
 

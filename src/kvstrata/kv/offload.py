@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from kvstrata.config import EngineConfig
 from kvstrata.core import KvstrataError, chain_keys
 from kvstrata.kv.pool import BlockPool
+
+if TYPE_CHECKING:
+    from kvstrata.tiers.base import Tier
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ def build_tier_stack(cfg: EngineConfig, fingerprint: str, pool: BlockPool | None
     from kvstrata.tiers import DiskTier, HostTier, RedisTier, TierStack
     from kvstrata.tiers.codec import max_encoded_bytes
 
-    tiers, codecs = [], []
+    tiers: list[Tier] = []
+    codecs: list[str] = []
     if cfg.kv_host_bytes:
         tiers.append(HostTier(cfg.kv_host_bytes))
         codecs.append("raw")
@@ -106,9 +110,9 @@ class Offload:
     def offer_blocks(self, blocks: Sequence[int]) -> None:
         """Write these registered device blocks down now (a preempted sequence moving down)."""
         for b in blocks:
-            key = self.pool.block_key[b]
-            if key is not None and not self.stack.offer_on_compute:
-                self._offer(b, key, self.pool.block_tokens[b])
+            key, toks = self.pool.block_key[b], self.pool.block_tokens[b]
+            if key is not None and toks is not None and not self.stack.offer_on_compute:
+                self._offer(b, key, toks)
 
     # -- reload -----------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> list[str]:
@@ -236,8 +240,10 @@ class Offload:
         """Offers every cached device block down (for a graceful shutdown under write-on-evict)."""
         n = 0
         for b in list(self.pool.cached_lru):
-            self._offer(b, self.pool.block_key[b], self.pool.block_tokens[b])
-            n += 1
+            key, toks = self.pool.block_key[b], self.pool.block_tokens[b]
+            if key is not None and toks is not None:  # (cached blocks are registered)
+                self._offer(b, key, toks)
+                n += 1
         return n
 
     def stats(self) -> dict:

@@ -167,6 +167,7 @@ class BlockPool:
         elif self.cached_lru:
             b, _ = self.cached_lru.popitem(last=False)
             key, toks = self.block_key[b], self.block_tokens[b]
+            assert key is not None and toks is not None  # a cached block is registered
             for hook in self.evict_hooks:
                 hook(b, key, toks)
             del self.key_to_block[key]
@@ -220,6 +221,11 @@ class BlockPool:
         self.k[:, b].copy_(payload[0])
         self.v[:, b].copy_(payload[1])
 
+    def _key(self, b: int) -> bytes:
+        key = self.block_key[b]
+        assert key is not None, f"block {b} is not registered"
+        return key
+
     def load_payloads(self, blocks: list[int], payloads: list[torch.Tensor]) -> None:
         """load_payload for many blocks. On a GPU the host payloads are staged in pinned memory and cross
         the bus in copies of up to STAGE_BYTES, then scattered on the device: one small pageable copy per
@@ -235,6 +241,7 @@ class BlockPool:
             for b, p in zip(blocks, payloads):
                 self.k[:, b].copy_(p[0].to(dev_type, non_blocking=True))
                 self.v[:, b].copy_(p[1].to(dev_type, non_blocking=True))
+            torch.cuda.current_stream(dev_type).synchronize()  # the tier may free a blob once this returns
             return
         per = max(1, STAGE_BYTES // (payloads[0].numel() * payloads[0].element_size()))
         for i in range(0, len(blocks), per):
@@ -250,7 +257,7 @@ class BlockPool:
         """Forget one cached (unreferenced) block: its memory becomes free."""
         assert self.ref_count[b] == 0 and b in self.cached_lru
         del self.cached_lru[b]
-        del self.key_to_block[self.block_key[b]]
+        del self.key_to_block[self._key(b)]
         self.block_key[b] = self.block_tokens[b] = None
         self.free_ids.append(b)
 
@@ -258,7 +265,7 @@ class BlockPool:
         """Drop every cached (unreferenced) block; returns how many."""
         n = len(self.cached_lru)
         for b in list(self.cached_lru):
-            del self.key_to_block[self.block_key[b]]
+            del self.key_to_block[self._key(b)]
             self.block_key[b] = self.block_tokens[b] = None
             self.free_ids.append(b)
         self.cached_lru.clear()

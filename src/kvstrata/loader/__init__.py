@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from kvstrata.core import KvstrataError, kvstrata_home
+from kvstrata.core import KvstrataError
 from kvstrata.model.config import ModelConfig
 from kvstrata.tokenizer.tokenizer import Tokenizer
 
@@ -39,6 +39,7 @@ class LoadedModel:
         """(A GGUF's tokenizer is built on a thread of its own while the weights load; this waits for it.)"""
         if isinstance(self._tokenizer, Future):
             self._tokenizer = self._tokenizer.result()
+        assert isinstance(self._tokenizer, Tokenizer)
         return self._tokenizer
 
     @property

@@ -8,8 +8,9 @@ undone here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import hashlib
-import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -101,7 +102,7 @@ def _dequantize_array(arr: np.ndarray, t, path: str) -> np.ndarray:
 def _check_dequantizable(g: GGUFFile, path: str) -> None:
     """Fails now, with the clear error, on a tensor type the gguf package cannot dequantize: one row of the
     first tensor of each type is dequantized (the weights themselves are read later, or never)."""
-    firsts = {}
+    firsts: dict[int, Any] = {}
     for t in g.tensors:
         firsts.setdefault(t.ggml_type, t)
     for t in firsts.values():
@@ -173,10 +174,3 @@ def load_gguf(path: str, dtype: torch.dtype):
     quant = ",".join(sorted({t.type_name for t in g.tensors} - {"F32"})) or "F32"
     return LoadedModel(cfg, lambda: read_weights(g, cfg, dtype, path), tok, sid, path, rope_freqs, quant,
                        identity=file_identity(path, sid))
-
-
-def dump_metadata(path: str) -> str:
-    g = read_gguf(path)
-    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-    out = {k: str(v.tolist() if hasattr(v, "tolist") else v)[:200] for k, v in g.metadata.items() if k not in skip}
-    return json.dumps(out, indent=1)

@@ -19,6 +19,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ _ALIGN = 64
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 def _data_start(header_len: int) -> int:
@@ -39,7 +40,8 @@ def _data_start(header_len: int) -> int:
 def save_tensors(path: Path, identity: str, tensors: dict[str, torch.Tensor]) -> bool:
     """Writes the file (replacing any older one); False, with a warning, where the disk refuses or lacks
     room for twice its size (the cache is an optimization, never worth filling a disk)."""
-    entries, offset = [], 0
+    entries: list[list[Any]] = []
+    offset = 0
     for name, t in tensors.items():
         offset = -(-offset // _ALIGN) * _ALIGN
         nbytes = t.numel() * t.element_size()

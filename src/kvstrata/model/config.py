@@ -49,14 +49,6 @@ class ModelConfig:
         """fp32 bytes of K and V for one token across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
 
-    def num_params(self) -> int:
-        h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
-        q = h * self.num_heads * self.head_dim
-        kv = 2 * h * self.num_kv_heads * self.head_dim
-        o = self.num_heads * self.head_dim * h
-        per_layer = q + kv + o + 3 * h * i + 2 * h
-        emb = self.vocab_size * h
-        return L * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":

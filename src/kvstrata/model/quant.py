@@ -110,9 +110,7 @@ def quantize_model_int8(model: nn.Module) -> nn.Module:
             setattr(layer, name, int8_linear(lin.weight, lin.bias))
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     model.lm_head_q = int8_linear(head, None)
-    if model.lm_head is not None:
-        model.lm_head = None
-        model.cfg_tied_head_dropped = True
+    model.lm_head = None  # (the int8 head replaces it)
     return model
 
 

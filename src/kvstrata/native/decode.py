@@ -116,7 +116,7 @@ class NativeDecoder:
         pv = torch.tensor(ptrs, dtype=torch.int64)
         self._keep = keep
         self.handle = lib.kv_model_new(ints.data_ptr(), floats.data_ptr(), fm.data_ptr(), pv.data_ptr())
-        del copied
+        copied.clear()  # the C arena holds its own copies
         if not self.handle:
             raise KvstrataError("the native step could not allocate its weights")
         self.weight_bytes = int(lib.kv_model_weight_bytes(self.handle))  # its own int8 copy, beside fbgemm's

@@ -6,17 +6,15 @@ forced_tool_call_spec, validate_tools); this module turns its errors into HTTP 4
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from typing import Any
 
-from kvstrata.core import ContextLengthError, KvstrataError
+from kvstrata.core import KvstrataError
 from kvstrata.server.errors import APIError
+from kvstrata.tokenizer import tools as _tools
 
 log = logging.getLogger(__name__)
-
-from kvstrata.tokenizer import tools as _tools
 
 
 def messages_to_dicts(messages: list[Any]) -> list[dict[str, Any]]:

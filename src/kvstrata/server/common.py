@@ -147,19 +147,28 @@ def completion_logprobs(tok, lps: list[TokenLogprob] | None, start: int, offset0
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass):
+def program_of(request: Request, known: str | None = None) -> str | None:
+    """The agent program a request belongs to, which orders the engine's waiting work (least attained
+    service first, sched/scheduler.py): the session it continues when the route knows one, else the
+    client's `X-Session-Id` header (what agent harnesses and the cluster router send), else none."""
+    return known or request.headers.get("x-session-id") or None
+
+
+def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass,
+              program: str | None = None):
     """The engine stream of this request, through the server's admission gate as the caller's key."""
-    return st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None))
+    return st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None),
+                                 program=program_of(request, program))
 
 
 async def generate_final(st: ServerState, request: Request, prompt: list[int], params: SamplingParams,
-                         rc: RequestClass) -> RequestOutput:
+                         rc: RequestClass, program: str | None = None) -> RequestOutput:
     """Run one engine request to the end (aborted if the client disconnects); records metrics."""
     st.check_accepting()
 
     async def consume() -> RequestOutput:
         last = None
-        async with aclosing(_admitted(st, request, prompt, params, rc)) as outs:  # closed (aborted) when cancelled
+        async with aclosing(_admitted(st, request, prompt, params, rc, program)) as outs:  # closed (aborted) when cancelled
             async for out in outs:
                 last = out
         assert last is not None and last.finished
@@ -171,11 +180,11 @@ async def generate_final(st: ServerState, request: Request, prompt: list[int], p
 
 
 async def open_stream(st: ServerState, request: Request, prompt: list[int], params: SamplingParams,
-                      rc: RequestClass) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+                      rc: RequestClass, program: str | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
     """Start an engine request and wait for its first output, so that errors (429, too long, a bad
     schema) still become HTTP error statuses before the SSE stream begins."""
     st.check_accepting()
-    agen = _admitted(st, request, prompt, params, rc)
+    agen = _admitted(st, request, prompt, params, rc, program)
     try:
         first = await until_disconnect(request, agen.__anext__())
     except BaseException:

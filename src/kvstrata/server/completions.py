@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from kvstrata.core import RequestOutput
-from kvstrata.server import chat_format as cf
 from kvstrata.server.common import (
     SSE_DONE,
     SSE_HEADERS,

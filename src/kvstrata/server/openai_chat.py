@@ -76,17 +76,24 @@ def chat_choices(st: ServerState, out: RequestOutput, plan: ChatPlan) -> list[di
     return choices
 
 
+def _program(body: ChatCompletionRequest) -> str | None:
+    """OpenAI's `prompt_cache_key` names requests that share a prefix: one agent's turns (else the
+    X-Session-Id header, common.program_of)."""
+    key = getattr(body, "prompt_cache_key", None)
+    return key if isinstance(key, str) and key else None
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, _owner=Depends(owner)):
     st = get_state(request)
     plan = ChatPlan(st, body)
     cid = new_id("chatcmpl-")
     if body.stream:
-        first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.rc)
+        first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.rc, program=_program(body))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(st, plan, cid, body.model, first, agen, include_usage)
         return StreamingResponse(keepalive_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
-    out = await generate_final(st, request, plan.prompt, plan.params, plan.rc)
+    out = await generate_final(st, request, plan.prompt, plan.params, plan.rc, program=_program(body))
     return {
         "id": cid, "object": "chat.completion", "created": now(), "model": body.model,
         "choices": chat_choices(st, out, plan), "usage": usage(out), "system_fingerprint": None,

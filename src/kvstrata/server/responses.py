@@ -275,7 +275,7 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
         input_from = sess.num_messages
         if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
             plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice)
-            first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class)
+            first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class, program=sess.id)
         else:
             turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=choice,
                                                 persist=persist)

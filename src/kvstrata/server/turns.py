@@ -105,7 +105,7 @@ async def run_turn(
     Raises VersionConflict (-> 409) if another writer changed the session meanwhile.
     """
     turn = plan_turn(st, sess, new_messages, make_params, tool_choice=tool_choice)
-    out = await generate_final(st, request, turn.prompt, turn.params, turn.request_class)
+    out = await generate_final(st, request, turn.prompt, turn.params, turn.request_class, program=sess.id)
     return await finish_turn(st, sess, owner, new_messages, turn, out, persist=persist)
 
 

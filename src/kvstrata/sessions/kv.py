@@ -281,6 +281,8 @@ class SessionKV:
         async for out in self.aeng.generate(ids, SamplingParams(max_tokens=1, temperature=0.0),
                                             request_id=f"{sid}-warm-{time.time_ns()}", request_class=request_class):
             final = out
+        if final is None:
+            raise KvstrataError(f"session {sid}: warming its prefix produced no output")
         m = final.metrics
         return {"tokens": len(ids), "computed_tokens": m.computed_prompt_tokens, "cached_tokens": m.cached_prompt_tokens,
                 "seconds": round(time.perf_counter() - t0, 4)}

@@ -133,7 +133,8 @@ class JobsSql(SqlBase):
     # ------------------------------------------------------------------------------------ job tasks
 
     def get_job_tasks(self, job_id: str, *, owner: Any, state: TaskState | None = None) -> list[JobTask]:
-        sql, params = f"SELECT {TASK_COLS} FROM job_tasks WHERE job_id = ?", (job_id,)
+        sql = f"SELECT {TASK_COLS} FROM job_tasks WHERE job_id = ?"
+        params: tuple[Any, ...] = (job_id,)
         if state is not None:
             sql, params = sql + " AND state = ?", params + (self._enum(TaskState, state, "state").value,)
         with self._read() as cur:
@@ -180,7 +181,9 @@ class JobsSql(SqlBase):
             if state is not None:
                 check_transition(f"task {index} of job", job_id, TASK_TRANSITIONS, task.state, state)
             if state == TaskState.RUNNING:
-                job_state = self._one(cur, "SELECT state FROM jobs WHERE id = ?", (job_id,))[0]
+                job_row = self._one(cur, "SELECT state FROM jobs WHERE id = ?", (job_id,))
+                assert job_row is not None  # (the job's row was read above in this transaction)
+                job_state = job_row[0]
                 if job_state in (JobState.CANCELLED.value, JobState.DONE.value, JobState.FAILED.value):
                     raise InvalidTransition(f"job {job_id!r} is {job_state}: its task {index} cannot start")
             sets["updated_at"] = max(self._now(), task.updated_at)

@@ -116,7 +116,7 @@ class SqlStore(ResponsesSql, MemorySql, JobsSql, SessionStore):
         return Page(items=items, has_more=len(rows) > limit)
 
     def sessions_expired_leases(self, now: float, *, limit: int = 100) -> list[SessionInfo]:
-        now = codec.check_time(now, "now")
+        now = codec.check_time(now, "now")  # type: ignore[assignment]  # (None only for None)
         limit = codec.check_limit(limit)
         with self._read() as cur:
             rows = self._all(
@@ -252,6 +252,7 @@ class SqlStore(ResponsesSql, MemorySql, JobsSql, SessionStore):
             if new_state is not None:
                 check_transition("session", session_id, SESSION_TRANSITIONS, info["state"], new_state)
             row = self._one(cur, "SELECT token_ids, block_keys FROM sessions WHERE id = ?", (session_id,))
+            assert row is not None  # (read above in this transaction)
             tokens, keys = bytes(row[0]), bytes(row[1])
             nt = info["num_tokens"] if keep_tokens is None else codec.check_count(keep_tokens, "keep_tokens")
             nb = info["num_blocks"] if keep_blocks is None else codec.check_count(keep_blocks, "keep_blocks")

@@ -22,13 +22,16 @@ logger = logging.getLogger(__name__)
 
 # Called with (key, blob) for each block a tier evicts to make room; the tier stack uses it to write
 # victims down to the next tier. Called outside the tier's lock, on the thread whose `put` evicted.
-EvictListener = Callable[[bytes, "bytes | bytearray"], None]
+EvictListener = Callable[[bytes, "Blob"], None]
 
 
 def check_key(key: bytes) -> bytes:
     """Internal invariant: keys are exactly BLOCK_KEY_BYTES bytes."""
     assert isinstance(key, (bytes, bytearray)) and len(key) == BLOCK_KEY_BYTES, f"bad block key {key!r}"
     return bytes(key)
+
+
+Blob = bytes | bytearray | memoryview  # what a tier hands back: its bytes, a buffer, or a view of its memory
 
 
 @dataclass
@@ -112,7 +115,7 @@ class Tier(abc.ABC):
         """True if `get(key)` would (very likely) return a blob now. Counts no hit or miss."""
 
     @abc.abstractmethod
-    def get(self, key: bytes) -> bytes | bytearray | None:
+    def get(self, key: bytes) -> Blob | None:
         """The blob stored under `key`, or None (a miss, for any reason). Never raises on I/O errors."""
 
     @abc.abstractmethod
@@ -139,7 +142,7 @@ class Tier(abc.ABC):
     def _usage(self) -> tuple[int | None, int | None, int | None, int]:
         """(blocks, bytes, capacity_bytes, pinned) held now; cheap."""
 
-    def peek(self, key: bytes, nbytes: int | None = None) -> bytes | bytearray | None:
+    def peek(self, key: bytes, nbytes: int | None = None) -> Blob | None:
         """The first `nbytes` (all if None) of a block, for inspection: no hit / miss counted, no
         recency refreshed. The default goes through `get`; tiers override it where that matters."""
         blob = self.get(key)
@@ -161,7 +164,7 @@ class Tier(abc.ABC):
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
         return [self.contains(k) for k in keys]
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | bytearray | None]:
+    def get_many(self, keys: Sequence[bytes]) -> list[Blob | None]:
         return [self.get(k) for k in keys]
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> list[bool]:
@@ -171,14 +174,14 @@ class Tier(abc.ABC):
         for k in keys:
             self.remove(k)
 
-    def get_async(self, key: bytes) -> "Future[bytes | bytearray | None]":
+    def get_async(self, key: bytes) -> "Future[Blob | None]":
         """`get` on this tier's I/O thread; the Future never holds an exception for I/O errors."""
         return self._pool().submit(self.get, key)
 
     def put_async(self, key: bytes, blob: bytes) -> "Future[bool]":
         return self._pool().submit(self.put, key, blob)
 
-    def get_many_async(self, keys: Sequence[bytes]) -> "Future[list[bytes | bytearray | None]]":
+    def get_many_async(self, keys: Sequence[bytes]) -> "Future[list[Blob | None]]":
         return self._pool().submit(self.get_many, list(keys))
 
     def put_many_async(self, items: Iterable[tuple[bytes, bytes]]) -> "Future[list[bool]]":
@@ -224,7 +227,7 @@ class Tier(abc.ABC):
     def _count_put(self, nbytes: int, t0: float) -> None:
         self._count(puts=1, bytes_written=nbytes, write_s=time.perf_counter() - t0)
 
-    def _notify_evicted(self, victims: "list[tuple[bytes, bytes | bytearray | None]]") -> None:
+    def _notify_evicted(self, victims: "Sequence[tuple[bytes, Blob | None]]") -> None:
         listener = self._evict_listener
         for key, blob in victims:
             self._count(evictions=1)

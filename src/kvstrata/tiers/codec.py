@@ -103,7 +103,7 @@ class ChecksumError(CorruptBlockError):
 
 def _as_bytes_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _tensor_from(buf: memoryview, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

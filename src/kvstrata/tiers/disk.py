@@ -298,10 +298,10 @@ class DiskTier(LocalIndexTier):
         if not victims:
             return
         listener = self._evict_listener
-        out: list[tuple[bytes, bytes | None]] = []
+        out: list[tuple[bytes, bytes | bytearray | None]] = []
         for k in victims:
             p = self.path(k)
-            blob = None
+            blob: bytes | bytearray | None = None
             if listener is not None:
                 try:
                     blob = self._read(p)

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 
 from kvstrata.core import KvstrataError
-from kvstrata.tiers.base import LocalIndexTier, check_key
+from kvstrata.tiers.base import Blob, LocalIndexTier, check_key
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class HostTier(LocalIndexTier):
         with self._lock:
             return check_key(key) in self._blobs
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> Blob | None:
         t0 = time.perf_counter()
         key = check_key(key)
         with self._lock:
@@ -86,7 +86,7 @@ class HostTier(LocalIndexTier):
         self._count_hit(len(blob), t0)
         return blob
 
-    def peek(self, key: bytes, nbytes: int | None = None) -> bytes | None:
+    def peek(self, key: bytes, nbytes: int | None = None) -> Blob | None:
         with self._lock:
             stored = self._blobs.get(check_key(key))
         if stored is None:

@@ -15,10 +15,10 @@ import logging
 import re
 import threading
 import time
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from kvstrata.core import KvstrataError
-from kvstrata.tiers.base import Tier, check_key
+from kvstrata.tiers.base import Blob, Tier, check_key
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,7 +78,7 @@ class RedisTier(Tier):
         self._up()
         return ok
 
-    def _call(self, fn: Callable[[object], T], default: T) -> T:
+    def _call(self, fn: Callable[[Any], T], default: T) -> T:
         if not self.available:
             return default
         try:
@@ -127,10 +127,10 @@ class RedisTier(Tier):
         key = check_key(key)
         return bool(self._call(lambda r: r.exists(self.rkey(key)), 0))
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> Blob | None:
         return self.get_many([key])[0]
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[bytes]) -> list[Blob | None]:
         keys = [check_key(k) for k in keys]
         t0 = time.perf_counter()
 
@@ -140,7 +140,7 @@ class RedisTier(Tier):
                 self._get_cmd(pipe, k)
             return pipe.execute(raise_on_error=False)
 
-        blobs = self._call(run, [None] * len(keys))
+        blobs: list[Any] = self._call(run, [None] * len(keys))
         errors = [b for b in blobs if isinstance(b, Exception)]
         if errors and self._has_getex and "unknown command" in str(errors[0]).lower():
             self._has_getex = False  # a server older than 6.2: plain GET, TTL not refreshed on read
@@ -235,7 +235,7 @@ class RedisTier(Tier):
 
     def keys(self) -> Iterator[bytes]:
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"
-        names = self._call(lambda r: list(r.scan_iter(match=pattern, count=1000)), [])
+        names: list[bytes] = self._call(lambda r: list(r.scan_iter(match=pattern, count=1000)), [])
         out = []
         for n in names:
             h = n[len(self.prefix):].decode(errors="replace") if isinstance(n, bytes) else n[len(self.prefix):]
@@ -253,7 +253,7 @@ class RedisTier(Tier):
                 pipe.strlen(self.rkey(k))
             return pipe.execute()
 
-        sizes = self._call(run, [])
+        sizes: list[int] = self._call(run, [])
         return len(sizes), int(sum(sizes))
 
     def _usage(self) -> tuple[int | None, int | None, int | None, int]:

@@ -9,6 +9,7 @@ the write is dropped and counted, so the engine never blocks on, or grows memory
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter, deque
@@ -19,7 +20,7 @@ import torch
 
 from kvstrata.core import KvstrataError
 from kvstrata.tiers import codec as kvcodec
-from kvstrata.tiers.base import Tier
+from kvstrata.tiers.base import Blob, Tier
 from kvstrata.tiers.policy import TierPolicy, prefix_holders
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class _Job:
     nbytes: int
     payload: torch.Tensor | None = None  # offers: (2, L, T, H, D)
     token_ids: tuple[int, ...] = ()
-    blob: bytes | bytearray | None = None  # promotions / demotions: an encoded block
+    blob: Blob | None = None  # promotions / demotions: an encoded block
 
 
 @dataclass
@@ -82,7 +83,7 @@ class TierStack:
         self._closing = False
         for i, t in enumerate(self.tiers):
             if self.policy.demote_target(i, len(self.tiers)) is not None:
-                t.set_evict_listener(lambda key, blob, i=i: self._on_evict(i, key, blob))
+                t.set_evict_listener(functools.partial(self._on_evict, i))
         self._thread = threading.Thread(target=self._run, name="kv-tier-mover", daemon=True)
         self._thread.start()
 
@@ -155,6 +156,7 @@ class TierStack:
         if job.payload is not None:
             x = job.payload.clone() if job.token_ids == tuple(int(t) for t in token_ids) else None
         else:
+            assert job.blob is not None  # a write-down or demotion carries its encoded block
             try:
                 x = kvcodec.decode(bytes(job.blob), self.fingerprint, key, token_ids)
             except kvcodec.CorruptBlockError:
@@ -271,7 +273,7 @@ class TierStack:
             self._cv.notify_all()
             return True
 
-    def _on_evict(self, tier_index: int, key: bytes, blob: bytes | bytearray) -> None:
+    def _on_evict(self, tier_index: int, key: bytes, blob: Blob) -> None:
         target = self.policy.demote_target(tier_index, len(self.tiers))
         if target is not None:
             self._enqueue(_Job("demote", key, [target], len(blob), blob=blob))
