@@ -124,10 +124,13 @@ def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
 
 # -- grammar pieces shared with engine/structured.py (llguidance's JSON / Lark dialect) ------------
 def schema_with_options(schema: dict, strict: bool) -> dict:
-    """The schema as compiled: objects closed (`close_objects`), llguidance's options (x-guidance) set for
-    compact JSON, and unsupported keywords an error when `strict`, ignored (with a warning) otherwise."""
+    """The schema as compiled: objects closed (`close_objects`), numbers of bounded length
+    (`json_bounds.bound_numbers`), llguidance's options (x-guidance) set for compact JSON, and unsupported
+    keywords an error when `strict`, ignored (with a warning) otherwise."""
+    from kvstrata.tokenizer.json_bounds import bound_numbers
+
     opts = dict(JSON_OPTIONS, lenient=not strict)
-    schema = close_objects(schema)
+    schema = bound_numbers(close_objects(schema))
     user = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
     return {**schema, "x-guidance": {**user, **opts}}
 
