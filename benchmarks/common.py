@@ -73,17 +73,28 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM")), None)
+    except OSError:
+        return None
+
+
 def wait_peak_rss_mib(proc: subprocess.Popen, timeout: float | None = None) -> float:
-    """Waits for a child started with subprocess.Popen and returns its peak resident memory (MiB), from
-    wait4's rusage of that child alone (so never call proc.poll() / wait() on it first: they reap it).
-    The Popen object's returncode is set as wait() would."""
+    """Waits for a child started with subprocess.Popen and returns its peak resident memory (MiB): the
+    kernel's high-water mark of its own memory (VmHWM), polled every 10 ms while it runs (it only
+    grows). Not wait4's ru_maxrss: a child started with vfork + exec is charged its parent's high-water
+    mark. The Popen object's returncode is set as wait() would (never call poll() / wait() on it first)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    hwm = 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, 0 if deadline is None else os.WNOHANG)
+        hwm = max(hwm, _hwm_kib(proc.pid) or 0)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(proc.args, timeout)
         time.sleep(0.01)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024
+    return (hwm or usage.ru_maxrss) / 1024

@@ -7,7 +7,7 @@ machine is shared, so the figure is the ratio of the medians taken side by side,
 kvstrata's caches (converted tokenizer, int8 layout, native kernel) are warm after one untimed run,
 whose time is reported as the first run on a machine. Times are from process start: kvstrata's first
 token from its own `--log-level debug` line (the process start as /proc records it), everything else
-from just before the process is spawned. Peak RSS is each process's own (wait4).
+from just before the process is spawned. Peak RSS is each process's own (its VmHWM, polled).
 
   first token   kvstrata generate PROMPT --max-tokens 16; llama.cpp: llama-server started, then one
                 1-token completion as soon as /health answers (llama-cli, the direct analogue, is not

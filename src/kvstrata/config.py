@@ -93,35 +93,106 @@ class EngineConfig:
         return cls(**norm)
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("engine")
-    g.add_argument("--config", help="TOML or JSON file with engine settings (same keys as the flags)")
-    for f in dataclasses.fields(EngineConfig):
+@dataclass(frozen=True)
+class ServerConfig:
+    """`kvstrata serve`'s own settings (the engine's are EngineConfig's, the request limits ServerLimits')."""
+
+    host: str = _f("127.0.0.1", "address to bind (0.0.0.0 for all)")
+    port: int = _f(8000, "TCP port")
+    api_key: tuple[str, ...] = _f((), "accept this API key (repeatable); with none, the server is open", repeat=True)
+    api_key_file: str | None = _f(None, "file of API keys, one per line (# comments allowed)")
+    session_store: str | None = _f(None, "session store: a SQLite path or postgresql:// URL (default $KVSTRATA_HOME/sessions.db)")
+    max_waiting: int = _f(256, "requests allowed to wait for the engine; more get 429 with Retry-After")
+    served_model_name: tuple[str, ...] = _f((), "model name(s) clients use (repeatable; default: the --model value and the file's name)", repeat=True)
+    shutdown_timeout: float = _f(30.0, "seconds in-flight requests get to finish on SIGTERM")
+    park_on_shutdown: bool = _f(True, "park the sessions this process served at the disk tier on shutdown")
+    resume_jobs: bool = _f(True, "resume, at start, the unfinished jobs clients submitted to /v1/jobs (turn off when several servers share one session store: each would resume them)")
+    recall: bool = _f(True, "embed session messages in the background for recall (/v1/memory/search, the memory_search tool; docs/memory.md)")
+    retention_session_ttl: float | None = _f(None, "delete sessions (conversations) not updated for this many seconds, with their responses (default: keep)")
+    retention_max_sessions: int | None = _f(None, "keep at most this many sessions per API key, the most recently updated (default: no limit)")
+    retention_response_ttl: float | None = _f(None, "delete stored responses older than this many seconds; their sessions stay (default: keep)")
+    retention_max_responses: int | None = _f(None, "keep at most this many stored responses per API key, the newest (default: no limit)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_key", tuple(self.api_key))
+        object.__setattr__(self, "served_model_name", tuple(self.served_model_name))
+        if not 0 <= self.port < 65536:
+            raise KvstrataError(f"port must be 0..65535, got {self.port}")
+        if self.max_waiting < 0:
+            raise KvstrataError("max_waiting must be >= 0")
+        if self.shutdown_timeout < 0:
+            raise KvstrataError("shutdown_timeout must be >= 0 seconds")
+        for name in ("retention_max_sessions", "retention_max_responses"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise KvstrataError(f"{name} must be >= 1")
+        for name in ("retention_session_ttl", "retention_response_ttl"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise KvstrataError(f"{name} must be > 0 seconds")
+
+
+# -- flags and config files, generated from the dataclasses --------------------------------------
+def add_config_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """`--<field-name>` for every field of `cls` (help and default from the field), in a group `title`.
+    The first call also adds `--config FILE`; the classes added are remembered so that a config file's
+    keys can be checked against all of them."""
+    sections = parser.get_default("config_sections")
+    if sections is None:
+        parser.add_argument("--config", help="TOML or JSON file of settings (the flags' names, with _ or -)")
+        sections = ()
+    parser.set_defaults(config_sections=(*sections, cls))
+    g = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"]
         if f.type in ("bool", bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_} (default: {f.default})")
+        elif f.metadata.get("repeat"):
+            g.add_argument(flag, action="append", default=None, help=help_)
         else:
             base_type = str(f.type).replace(" | None", "").strip()  # annotations are strings here
-            typ = {"int": int, "float": float}.get(base_type, str)
-            if f.metadata.get("bytes"):
-                typ = str
-            g.add_argument(flag, type=typ, default=None, help=f.metadata["help"] + f" (default: {f.default})")
+            typ = str if f.metadata.get("bytes") else {"int": int, "float": float}.get(base_type, str)
+            g.add_argument(flag, type=typ, default=None, help=f"{help_} (default: {f.default})")
 
 
-def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
-    base: dict[str, Any] = {}
+def _config_file(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config file's settings ({} without one), parsed once, keys checked against every section."""
+    cached = getattr(args, "_config_values", None)
+    if cached is not None:
+        return cached
+    values: dict[str, Any] = {}
     if getattr(args, "config", None):
         p = Path(args.config)
         if not p.is_file():
             raise KvstrataError(f"config file {p} does not exist")
         try:
-            base = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+            raw = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise KvstrataError(f"{p}: cannot parse ({e})") from None
-        EngineConfig.from_dict(base, str(p))  # reject unknown keys early
-    for f in dataclasses.fields(EngineConfig):
-        v = getattr(args, f.name, None)
+        values = {k.replace("-", "_"): v for k, v in raw.items()}
+        known = {f.name for cls in getattr(args, "config_sections", None) or (EngineConfig,)
+                 for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KvstrataError(f"{p}: unknown keys {unknown}; known keys: {sorted(known)}")
+    args._config_values = values
+    return values
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """An instance of `cls` from the config file, then the flags given, then `overrides` (not None)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    base = {k: v for k, v in _config_file(args).items() if k in names}
+    for name in names:
+        v = getattr(args, name, None)
         if v is not None:
-            base[f.name] = v
+            base[name] = v
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return EngineConfig.from_dict(base)
+    return cls(**base)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, EngineConfig, "engine")
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    return config_from_args(EngineConfig, args, **overrides)

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
+
+
+def kvstrata_home() -> Path:
+    """Where kvstrata keeps what it derives and measures (the session store, converted tokenizers, cached
+    weight layouts, compiled kernels, the machine calibration): $KVSTRATA_HOME, else ~/.cache/kvstrata."""
+    return Path(os.environ.get("KVSTRATA_HOME") or Path.home() / ".cache" / "kvstrata")
 
 BLOCK_KEY_BYTES = 32  # sha256 digest
 

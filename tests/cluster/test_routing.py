@@ -8,6 +8,7 @@ import time
 
 import msgpack
 import pytest
+import torch
 
 from kvstrata.cluster.events import (AllBlocksCleared, BlockRemoved, BlockStored, KVEventPublisher, decode_batch,
                                      encode_batch)
@@ -139,7 +140,7 @@ def test_engine_reports_computed_blocks_with_their_parents_and_evictions(engine)
             if k in parents:
                 assert parents[k] == (keys[i - 1] if i else None)
         for i in range(engine.pool.num_blocks):  # fill the pool with other prompts: the old blocks get evicted
-            engine.add_request([300 + (i % 50)] * (bs + 1), SamplingParams(max_tokens=1))
+            engine.add_request([200 + (i % 100), 300 + (i // 100) % 100] + [301] * bs, SamplingParams(max_tokens=1))
         engine.run_to_completion()
         assert set(keys) & set(rec.removed)
     finally:
@@ -167,7 +168,9 @@ def test_handover_blocks_are_verified_on_import(engine, tiny_llama):
     assert out.metrics.cached_prompt_tokens == 4 * bs
     engine.add_request(ids, SamplingParams(max_tokens=4))
     assert list(engine.run_to_completion().values())[0].outputs[0].token_ids == out.outputs[0].token_ids
-    f16 = LLMEngine(model=str(tiny_llama), kv_device_bytes="1M", num_threads=1, kv_dtype="float16")
+    other_dtype = "float32" if engine.kv_dtype != torch.float32 else "float16"
+    f16 = LLMEngine(model=str(tiny_llama), kv_device_bytes="1M", num_threads=1, kv_dtype=other_dtype)
+    assert f16.fingerprint != engine.fingerprint
     assert import_blocks(f16, blocks) == 0  # another fingerprint (KV dtype): never used
 
 
@@ -192,7 +195,8 @@ def test_replicas_of_different_models_never_use_each_others_blocks(tiny_llama, r
     from kvstrata.core import SamplingParams
     from kvstrata.engine.llm_engine import LLMEngine
 
-    a = LLMEngine(model=str(tiny_llama), kv_device_bytes="1M", num_threads=1, kv_redis_url=redis_server.url)
+    a = LLMEngine(model=str(tiny_llama), kv_device_bytes="1M", num_threads=1, kv_redis_url=redis_server.url,
+                  kv_dtype="float32")
     b = LLMEngine(model=str(tiny_llama), kv_device_bytes="1M", num_threads=1, kv_redis_url=redis_server.url,
                   kv_dtype="float16")
     assert a.fingerprint != b.fingerprint
@@ -246,3 +250,8 @@ def test_ingress_tokenizes_as_the_engine_does_without_loading_weights(engine, ti
     assert cfg == engine.model_config
     text = "The quick brown fox, Grüße aus Köln."
     assert tok.encode(text) == engine.tokenizer.encode(text)
+    from kvstrata.loader import load_model
+
+    cfg, tok = load_config_and_tokenizer("default")  # a GGUF: metadata and tokenizer, no weights read
+    lm = load_model("default")
+    assert cfg == lm.config and tok.encode(text) == lm.tokenizer.encode(text)

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from kvstrata.cli import serve
-from kvstrata.config import engine_config_from_args
+from kvstrata.config import ServerConfig, config_from_args, engine_config_from_args
 from kvstrata.core import KvstrataError
 
 
@@ -21,17 +21,19 @@ def test_api_keys_from_flags_and_file(tmp_path):
     f = tmp_path / "keys"
     f.write_text("# team keys\nk-file-1\n\n  k-file-2  \n")
     a = parse(["--api-key", "k-flag", "--api-key-file", str(f)])
-    assert serve.read_api_keys(a) == ["k-flag", "k-file-1", "k-file-2"]
+    assert serve.read_api_keys(config_from_args(ServerConfig, a)) == ["k-flag", "k-file-1", "k-file-2"]
     with pytest.raises(KvstrataError, match="does not exist"):
-        serve.read_api_keys(parse(["--api-key-file", str(tmp_path / "missing")]))
+        serve.read_api_keys(config_from_args(ServerConfig, parse(["--api-key-file", str(tmp_path / "missing")])))
 
 
 def test_defaults_and_model_names(tmp_path):
     a = parse(["--model", "/models/smol.gguf"])
-    assert (a.host, a.port, a.max_waiting, a.session_store) == ("127.0.0.1", 8000, 256, None)
-    assert serve.model_names(a, engine_config_from_args(a)) == ["/models/smol.gguf", "smol"]
-    a = parse(["--served-model-name", "m1", "--served-model-name", "m2"])
-    assert serve.model_names(a, engine_config_from_args(a)) == ["m1", "m2"]
+    s = config_from_args(ServerConfig, a)
+    assert (s.host, s.port, s.max_waiting, s.session_store, s.park_on_shutdown) == ("127.0.0.1", 8000, 256, None, True)
+    assert serve.model_names(s, engine_config_from_args(a)) == ["/models/smol.gguf", "smol"]
+    a = parse(["--served-model-name", "m1", "--served-model-name", "m2", "--no-park-on-shutdown"])
+    s = config_from_args(ServerConfig, a)
+    assert serve.model_names(s, engine_config_from_args(a)) == ["m1", "m2"] and not s.park_on_shutdown
     assert serve.default_store_path().endswith("sessions.db")
 
 

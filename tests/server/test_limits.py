@@ -131,16 +131,31 @@ def test_api_keys_are_compared_in_constant_time(keyed, monkeypatch):
 def test_limit_flags(tmp_path):
     import argparse
 
+    from kvstrata.config import add_config_args, config_from_args
     from kvstrata.core import KvstrataError
-    from kvstrata.server.limits import add_limit_args, limits_from_args
 
     p = argparse.ArgumentParser()
-    add_limit_args(p)
-    lim = limits_from_args(p.parse_args(["--max-body-bytes", "2M", "--max-job-agents", "8", "--max-lease-s", "60"]))
+    add_config_args(p, ServerLimits, "limits")
+    lim = config_from_args(ServerLimits, p.parse_args(["--max-body-bytes", "2M", "--max-job-agents", "8",
+                                                       "--max-lease-s", "60"]))
     assert (lim.max_body_bytes, lim.max_job_agents, lim.max_lease_s) == (2 << 20, 8, 60.0)
-    assert limits_from_args(p.parse_args([])) == ServerLimits()
+    assert config_from_args(ServerLimits, p.parse_args([])) == ServerLimits()
     with pytest.raises(KvstrataError, match="max-job-tasks"):
-        limits_from_args(p.parse_args(["--max-job-tasks", "0"]))
+        config_from_args(ServerLimits, p.parse_args(["--max-job-tasks", "0"]))
+    conf = tmp_path / "kvstrata.toml"  # one file for every section; a key no section knows is refused
+    conf.write_text('max-job-agents = 4\nport = 9001\nmax_num_seqs = 8\n')
+    from kvstrata.config import ServerConfig, add_engine_args, engine_config_from_args
+
+    p2 = argparse.ArgumentParser()
+    add_config_args(p2, ServerConfig, "server")
+    add_config_args(p2, ServerLimits, "limits")
+    add_engine_args(p2)
+    a = p2.parse_args(["--config", str(conf), "--port", "9002"])
+    assert config_from_args(ServerLimits, a).max_job_agents == 4 and engine_config_from_args(a).max_num_seqs == 8
+    assert config_from_args(ServerConfig, a).port == 9002  # a flag wins over the file
+    conf.write_text("max_jobs = 4\n")
+    with pytest.raises(KvstrataError, match="unknown keys.*max_jobs"):
+        config_from_args(ServerLimits, p2.parse_args(["--config", str(conf)]))
 
 
 def test_a_message_far_longer_than_the_context_is_refused_before_tokenizing(keyed, monkeypatch):

@@ -57,7 +57,7 @@ def _open_store(arg: str | None):
 
     if arg:
         return open_store(arg)
-    from kvstrata.loader import kvstrata_home
+    from kvstrata.core import kvstrata_home
 
     home = kvstrata_home()
     home.mkdir(parents=True, exist_ok=True)

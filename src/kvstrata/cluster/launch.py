@@ -121,7 +121,8 @@ def options_from_args(args) -> ClusterOptions:
         router=args.cluster_router, imbalance=args.route_imbalance, pd_transport=args.pd_transport)
 
 
-def run(args, opts: ClusterOptions, cfg: EngineConfig, *, store: str, model_names: list[str], api_keys: list[str]) -> int:
+def run(args, scfg, opts: ClusterOptions, cfg: EngineConfig, *, store: str, model_names: list[str],
+        api_keys: list[str]) -> int:
     """`kvstrata serve --replicas N ...`: runs until SIGTERM / SIGINT, then stops the application, Ray
     (when it started it) and the local redis-server (when it started one)."""
     import ray
@@ -141,14 +142,14 @@ def run(args, opts: ClusterOptions, cfg: EngineConfig, *, store: str, model_name
         ray.init(address=args.ray_address or None, include_dashboard=False, runtime_env={"env_vars": worker_env()},
                  **({} if args.ray_address else {"num_cpus": max(os.cpu_count() or 1, int(n * opts.replica_cpus) + 1),
                                                 "object_store_memory": args.object_store_bytes}))
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": scfg.host, "port": scfg.port})
         app = build_app(opts, cfg, store=store, redis_url=redis_url, model_names=model_names, api_keys=api_keys,
-                        max_waiting=args.max_waiting, park_on_shutdown=not args.no_park_on_shutdown,
-                        resume_jobs=not args.no_resume_jobs)
+                        max_waiting=scfg.max_waiting, park_on_shutdown=scfg.park_on_shutdown,
+                        resume_jobs=scfg.resume_jobs)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         layout = (f"{opts.prefill_replicas} prefill + {opts.decode_replicas} decode replicas" if opts.disaggregated
                   else f"{opts.replicas} replicas")
-        print(f"kvstrata: cluster of {layout} serving {model_names[0]!r} at http://{args.host}:{args.port}/v1 "
+        print(f"kvstrata: cluster of {layout} serving {model_names[0]!r} at http://{scfg.host}:{scfg.port}/v1 "
               f"(router: {opts.router}; KV tier: {redis_url}; sessions: {store})", flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

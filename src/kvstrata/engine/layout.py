@@ -71,7 +71,7 @@ def layout_enabled(lm) -> bool:
 
 
 def layout_path(lm) -> Path:
-    from kvstrata.loader import kvstrata_home
+    from kvstrata.core import kvstrata_home
 
     name = hashlib.sha256(f"{os.path.realpath(lm.path)}|{LAYOUT_VERSION}".encode()).hexdigest()[:24]
     return kvstrata_home() / "layouts" / f"{name}.kvt"

@@ -6,9 +6,12 @@ engine thread; the TierStack's own mover thread does the queued writes.
 
 Write-behind (the default policy): each block, as soon as it is full and registered, is queued for the
 durable tiers (disk, remote); the mover writes it behind the step loop. A block is on disk once the
-mover has written it (a temp file, fsync, rename), typically milliseconds after it filled: a process
-killed inside that window loses only those blocks, which the next turn recomputes (every load is
-verified, so a partial write is never used). Only newly computed blocks are registered, so a
+mover has written it (a temp file, fsync, rename), typically milliseconds after it filled. A session
+turn is recorded (and its reply sent) only once its own blocks are written (`wait_durable`, bounded by
+sessions/turns.DURABLE_WAIT_S), so a SIGKILL after a turn completes loses none of its KV; a process
+killed before that loses only the blocks not yet written, which the next turn recomputes (every load
+is verified, so a partial write is never used). The window stays open only when the mover's queue was
+full (the block was dropped, counted in `write_behind_dropped`) or the wait timed out (logged). Only newly computed blocks are registered, so a
 session's growing prefix is written once; keys known written are remembered (a bounded LRU) so a
 later eviction does not write them again.
 """
@@ -88,6 +91,11 @@ class Offload:
                 self._durable.popitem(last=False)
         else:  # the mover's queue is full: this block is recomputed if it is ever needed after a crash
             self.counters["write_behind_dropped"] += 1
+
+    def wait_durable(self, keys: Sequence[bytes], timeout: float | None) -> bool:
+        """Wait (any thread) until the writes queued for `keys` are done (at once when none is queued);
+        False if `timeout` seconds passed first."""
+        return self.stack.wait_written(keys, timeout)
 
     def _offer(self, b: int, key: bytes, token_ids: Sequence[int]) -> None:
         if self.stack.offer(key, token_ids, self.pool.block_payload(b).cpu()):

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import KvstrataError, kvstrata_home
 from kvstrata.model.config import ModelConfig
 from kvstrata.tokenizer.tokenizer import Tokenizer
 
@@ -47,9 +47,6 @@ class LoadedModel:
         model has replaced a tensor, by fusing or quantizing it, its memory goes back)."""
         return self._weights() if callable(self._weights) else self._weights
 
-
-def kvstrata_home() -> Path:
-    return Path(os.environ.get("KVSTRATA_HOME", Path.home() / ".cache" / "kvstrata"))
 
 
 def file_identity(path: str, content_id: str) -> str:
@@ -108,12 +105,8 @@ def load_config_and_tokenizer(model: str) -> tuple[ModelConfig, Tokenizer]:
     path = resolve_model_path(model)
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
-        from kvstrata.loader.gguf_loader import _open, gguf_config, source_id
-        from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_gguf
-
-        reader = _open(path)
-        cfg = gguf_config(reader, path)
-        return cfg, tokenizer_from_gguf(path, reader, source_id(reader, path), cfg)
+        lm = load_model(path)  # a GGUF's weights are read only when asked for
+        return lm.config, lm.tokenizer
     if p.is_dir():
         from kvstrata.loader.hf_loader import hf_config
         from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir

@@ -150,7 +150,8 @@ def read_weights(g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, path: str) -
 
 
 def load_gguf(path: str, dtype: torch.dtype):
-    from kvstrata.loader import LoadedModel, file_identity, kvstrata_home
+    from kvstrata.core import kvstrata_home
+    from kvstrata.loader import LoadedModel, file_identity
     from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_gguf
 
     g = read_gguf(path)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstrata.core import KvstrataError
-from kvstrata.planner.catalog import kvstrata_home
+from kvstrata.core import kvstrata_home
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import KvstrataError, kvstrata_home
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +166,6 @@ def hardware_from_dict(name: str, d: Mapping[str, Any], classes: Mapping[str, An
         raise KvstrataError(f"hardware entry {name!r}: parallelism must be 'tensor' or 'pipeline'")
     return spec
 
-
-def kvstrata_home() -> Path:
-    return Path(os.environ.get("KVSTRATA_HOME") or Path.home() / ".cache" / "kvstrata")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

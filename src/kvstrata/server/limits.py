@@ -1,27 +1,22 @@
 """The server's limits on what one request, one job or one API key may take (docs/server.md, "Limits").
 
 One frozen dataclass, a help string per field; `kvstrata serve` gets a `--<field>` flag for each
-(`add_limit_args`, `limits_from_args`). Every limit answers a client that passes it with a clear 4xx
+(config.add_config_args, config.config_from_args, as for every configuration dataclass). Every limit answers a client that passes it with a clear 4xx
 (413 for a body, 400 for the rest, 429 for a quota) and changes nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from kvstrata.config import parse_bytes
+from kvstrata.config import _f, parse_bytes
 from kvstrata.core import KvstrataError
 from kvstrata.engine.admission import AdmissionPolicy
 from kvstrata.jobs.spec import JobLimits
 from kvstrata.server.errors import APIError
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass(frozen=True)
@@ -40,6 +35,7 @@ class ServerLimits:
     max_tool_workers: int = _f(16, "largest `tool_workers` a job may ask for (default of a job: min(CPUs, this))")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "max_body_bytes", parse_bytes(self.max_body_bytes))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if v is not None and (isinstance(v, bool) or v < 0):
@@ -71,20 +67,3 @@ class ServerLimits:
             raise APIError(400, f"lease_s {lease_s:g} is longer than this server allows ({self.max_lease_s:g} s, "
                            "--max-lease-s); park again before the lease ends to keep the KV pinned",
                            code="invalid_request", param="lease_s")
-
-
-def add_limit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("limits (docs/server.md)")
-    for f in dataclasses.fields(ServerLimits):
-        typ = str if f.metadata.get("bytes") else (float if "float" in str(f.type) else int)
-        g.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
-
-
-def limits_from_args(args: argparse.Namespace) -> ServerLimits:
-    kw: dict[str, Any] = {}
-    for f in dataclasses.fields(ServerLimits):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            kw[f.name] = parse_bytes(v) if f.metadata.get("bytes") else v
-    return ServerLimits(**kw)

@@ -11,7 +11,8 @@ instead of recomputing it.
     out = ... generate plan.prompt with plan.params ...
     info = await record_turn(store, engine, sess, owner, new_messages, plan, message, out_token_ids, state)
 
-`record_turn` appends the new messages, the assistant message, the new token ids and the chain keys of
+`record_turn` first waits (at most DURABLE_WAIT_S) until the turn's blocks are written to the durable
+tiers behind it (kv/offload.py: so a SIGKILL after the reply loses none of the turn's KV), then appends the new messages, the assistant message, the new token ids and the chain keys of
 the session's full blocks in one store write (VersionConflict if another writer changed the session
 since it was read), and updates the caller's Session to match the store.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -29,8 +31,10 @@ from kvstrata.sessions.types import Owner, Session, SessionInfo, SessionState
 from kvstrata.tokenizer.tokenizer import splice_tokens
 from kvstrata.tokenizer.tools import render_chat
 
+log = logging.getLogger(__name__)
 
 COMPACTION_ROLE = "compaction"  # a log entry: the summary of the turns before `kept_from` (memory/compaction.py)
+DURABLE_WAIT_S = 5.0  # a turn waits at most this long for its blocks' writes behind it before it is recorded
 SUMMARY_HEADER = "Summary of the earlier conversation (its older turns were compacted into this):"
 CONTINUE_NOTE = "(The conversation continues after the summary above.)"
 
@@ -100,6 +104,9 @@ async def record_turn(store: SessionStore, engine: Any, sess: Session, owner: Ow
     full = plan.prompt + list(generated)
     keys = chain_keys(full, bs, engine.fingerprint)
     keep_blocks = min(len(sess.block_keys), plan.keep // bs)
+    if engine.offload is not None and not await asyncio.to_thread(engine.offload.wait_durable, keys, DURABLE_WAIT_S):
+        log.warning("session %s: the turn's KV was not all written behind within %.0f s; a crash now costs a "
+                    "recompute of its tail", sess.id, DURABLE_WAIT_S)
     return await append(store, sess, owner, [*new_messages, message], state, token_ids=plan.new_ids + list(generated),
                         keep_tokens=plan.keep, block_keys=keys[keep_blocks:], keep_blocks=keep_blocks)
 

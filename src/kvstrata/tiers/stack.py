@@ -191,6 +191,14 @@ class TierStack:
         with self._cv:
             return self._cv.wait_for(lambda: not self._queue and self._busy == 0, timeout)
 
+    def wait_written(self, keys: Sequence[bytes], timeout: float | None = None) -> bool:
+        """Wait until none of `keys` has a write queued or in progress (each was written, or its write
+        failed or was dropped: a later load then misses and the block is recomputed); False if `timeout`
+        seconds passed first. Other blocks' writes are not waited for."""
+        keys = list(keys)
+        with self._cv:
+            return self._cv.wait_for(lambda: not any(k in self._inflight for k in keys), timeout)
+
     def close(self, timeout: float | None = 10.0, *, close_tiers: bool = True) -> None:
         """Finish queued writes (up to `timeout`), stop the mover, and close the tiers."""
         if not self.flush(timeout):
