@@ -22,8 +22,8 @@ from kvstrata.engine.admission import Admission
 from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.jobs.routes import router as jobs_router
 from kvstrata.jobs.routes import server_manager
-from kvstrata.server import completions, memory_api, openai_chat, responses, sessions
-from kvstrata.server.errors import APIError, error_body, install_error_handlers
+from kvstrata.server import anthropic, completions, memory_api, openai_chat, responses, sessions
+from kvstrata.server.errors import APIError, body_for, install_error_handlers
 from kvstrata.server.guards import BodyGuard
 from kvstrata.server.health import health_body
 from kvstrata.server.limits import ServerLimits
@@ -64,7 +64,7 @@ class AuthAndMetrics:
                     owner = self.st.owner_for_key(key)
                 except APIError as e:
                     status["code"] = e.status
-                    resp = JSONResponse(error_body(e.status, e.message, e.code), status_code=e.status,
+                    resp = JSONResponse(body_for(path, e.status, e.message, e.code), status_code=e.status,
                                         headers={"WWW-Authenticate": "Bearer"})
                     return await resp(scope, receive, send)
                 scope.setdefault("state", {})["owner"] = owner
@@ -135,6 +135,7 @@ def create_app(
     app.include_router(openai_chat.router)
     app.include_router(completions.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
     app.include_router(sessions.router)
     app.include_router(jobs_router)
     app.include_router(memory_api.router)  # conversations, compaction, recall, retention (server/memory_api.py)
