@@ -25,7 +25,7 @@ def test_messages_and_usage(ac):
                            extra_body={"temperature": 0, "ignore_eos": True})
     assert r.type == "message" and r.role == "assistant" and r.stop_reason == "max_tokens"
     assert r.content[0].type == "text" and r.content[0].text
-    assert r.usage.output_tokens == 12 and r.usage.input_tokens > 10 and r.usage.cache_read_input_tokens == 0
+    assert r.usage.output_tokens == 12 and r.usage.input_tokens > 10
     again = ac.messages.create(model="tiny", max_tokens=12, system="You are terse.",
                                messages=[{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
                                          {"role": "user", "content": "Again"}], extra_body={"temperature": 0, "ignore_eos": True})
