@@ -108,6 +108,7 @@ class ServerConfig:
     park_on_shutdown: bool = _f(True, "park the sessions this process served at the disk tier on shutdown")
     resume_jobs: bool = _f(True, "resume, at start, the unfinished jobs clients submitted to /v1/jobs (turn off when several servers share one session store: each would resume them)")
     recall: bool = _f(True, "embed session messages in the background for recall (/v1/memory/search, the memory_search tool; docs/memory.md)")
+    default_sampling: str | None = _f(None, "sampling for requests that set none of temperature, top_p, top_k, min_p: e.g. 'temperature=0.7,top_k=20' (fields not named keep the model's; default: the model's recommended sampling from generation_config.json or GGUF general.sampling.*, else llama.cpp's temperature=0.8,top_k=40,top_p=0.95,min_p=0.05)")
     retention_session_ttl: float | None = _f(None, "delete sessions (conversations) not updated for this many seconds, with their responses (default: keep)")
     retention_max_sessions: int | None = _f(None, "keep at most this many sessions per API key, the most recently updated (default: no limit)")
     retention_response_ttl: float | None = _f(None, "delete stored responses older than this many seconds; their sessions stay (default: keep)")
@@ -122,6 +123,8 @@ class ServerConfig:
             raise KvstrataError("max_waiting must be >= 0")
         if self.shutdown_timeout < 0:
             raise KvstrataError("shutdown_timeout must be >= 0 seconds")
+        if self.default_sampling is not None:
+            parse_sampling(self.default_sampling)
         for name in ("retention_max_sessions", "retention_max_responses"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise KvstrataError(f"{name} must be >= 1")
@@ -196,3 +199,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
     return config_from_args(EngineConfig, args, **overrides)
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def parse_sampling(text: str) -> dict[str, float]:
+    """`temperature=0.7,top_k=20` -> {"temperature": 0.7, "top_k": 20.0}; KvstrataError on anything else."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in SAMPLING_FIELDS:
+            raise KvstrataError(f"default_sampling: unknown field {name!r}; use {', '.join(SAMPLING_FIELDS)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise KvstrataError(f"default_sampling: {name} needs a number, got {value.strip()!r}") from None
+    return out

@@ -73,3 +73,34 @@ def test_session_round_trip_reuses_kv(default_server):
     assert g2["message"]["content"]
     # everything before the tool result (the tools section, the question, the call) came from the cache
     assert g2["usage"]["prompt_tokens_details"]["cached_tokens"] >= g1["usage"]["prompt_tokens"] - 16
+
+
+def test_parse_strict_schema_closes(default_server):
+    # chat.completions.parse raises when the output stops on the length limit; bounded numbers and the
+    # compact layout make the strict schema close well before it
+    from pydantic import BaseModel
+
+    class Measurement(BaseModel):
+        city: str
+        temperature_c: float
+        year: int
+
+    c = default_server.client()
+    r = c.chat.completions.parse(model="default", max_tokens=200, temperature=0, response_format=Measurement,
+                                 messages=[{"role": "user", "content": "Paris had 21.5 degrees C in 2023. As JSON."}])
+    m = r.choices[0].message.parsed
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 100
+    assert isinstance(m, Measurement) and m.city
+
+
+def test_streamed_tool_call_equals_non_streamed(default_server):
+    c = default_server.client()
+    kw = dict(model="default", messages=[{"role": "user", "content": "What is the weather in Paris right now?"}],
+              tools=[WEATHER], temperature=0, max_tokens=40,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = c.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    deltas = [tc for ch in c.chat.completions.create(stream=True, **kw) if ch.choices
+              for tc in (ch.choices[0].delta.tool_calls or [])]
+    frags = [d.function.arguments for d in deltas if d.function.arguments]
+    assert deltas[0].function.name == "get_weather" and len(frags) > 1
+    assert "".join(frags) == whole.function.arguments and "paris" in json.loads(whole.function.arguments)["city"].lower()

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from kvstrata.config import (ServerConfig, add_config_args, add_engine_args, config_from_args, engine_config_from_args,
-                             parse_bytes)
+                             parse_bytes, parse_sampling)
 from kvstrata.core import KvstrataError
 from kvstrata.startup import since_process_start
 
@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     park_tier = "disk" if (cfg.kv_disk_dir and scfg.park_on_shutdown) else None
     app = create_app(aengine, store, model_names=model_names(scfg, cfg), api_keys=keys,
                      close_on_shutdown=True, park_tier_on_shutdown=park_tier, resume_jobs=scfg.resume_jobs,
-                     limits=limits)
+                     limits=limits,
+                     default_sampling=parse_sampling(scfg.default_sampling) if scfg.default_sampling else None)
     from kvstrata.server.memory_api import Retention, configure
 
     recall = None

@@ -22,8 +22,9 @@ can only end the sequence; `check_output` replays a finished output through a fr
 says why it is not a complete match, so such an output is reported as a failure
 (ConstraintFailedError), never as a clean stop.
 
-JSON is generated compactly with ", " and ": " separators and no other whitespace, so a model (even a
-random one) cannot pad its output with endless blanks. The token-level view of the vocabulary
+JSON is generated compactly with ", " and ": " separators and no other whitespace, and every number has
+a bounded length (tokenizer/json_bounds.py), so a model (even a random one) cannot pad its output with
+endless blanks or run a number on until max_tokens. The token-level view of the vocabulary
 (`llguidance.LLTokenizer`, ~0.7 s to build for a 49k vocabulary) is cached per tokenizer object, and
 compiled grammars are cached per (tokenizer, spec): each sequence gets a cheap deep copy.
 """
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from kvstrata.core import KvstrataError
+from kvstrata.tokenizer.json_bounds import bounded_json_object
 from kvstrata.tokenizer.tools import check_grammar, schema_with_options, tool_call_lark
 
 log = logging.getLogger(__name__)
@@ -196,7 +198,7 @@ def grammar_text(spec: dict) -> str:
         raise KvstrataError(f"structured output type must be one of {', '.join(SPEC_TYPES)}; got {got!r}")
     t = spec["type"]
     if t == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema(schema_with_options({"type": "object"}, True))
+        return llguidance.LLMatcher.grammar_from_json_schema(schema_with_options(bounded_json_object(), True))
     if t == "json_schema":
         schema = spec.get("schema")
         if schema is None and isinstance(spec.get("json_schema"), dict):  # OpenAI's response_format layout

@@ -22,8 +22,9 @@ from kvstrata.engine.admission import Admission
 from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.jobs.routes import router as jobs_router
 from kvstrata.jobs.routes import server_manager
-from kvstrata.server import completions, memory_api, openai_chat, responses, sessions
-from kvstrata.server.errors import APIError, error_body, install_error_handlers
+from kvstrata.loader.sampling import recommended_sampling
+from kvstrata.server import anthropic, completions, memory_api, openai_chat, responses, sessions
+from kvstrata.server.errors import APIError, body_for, install_error_handlers
 from kvstrata.server.guards import BodyGuard
 from kvstrata.server.health import health_body
 from kvstrata.server.limits import ServerLimits
@@ -64,7 +65,7 @@ class AuthAndMetrics:
                     owner = self.st.owner_for_key(key)
                 except APIError as e:
                     status["code"] = e.status
-                    resp = JSONResponse(error_body(e.status, e.message, e.code), status_code=e.status,
+                    resp = JSONResponse(body_for(path, e.status, e.message, e.code), status_code=e.status,
                                         headers={"WWW-Authenticate": "Bearer"})
                     return await resp(scope, receive, send)
                 scope.setdefault("state", {})["owner"] = owner
@@ -87,6 +88,7 @@ def create_app(
     lease_sweep_s: float = 30.0,
     resume_jobs: bool = True,
     limits: ServerLimits | None = None,
+    default_sampling: dict[str, float] | None = None,
 ) -> FastAPI:
     """The server app over a running AsyncEngine and an open SessionStore.
 
@@ -96,13 +98,15 @@ def create_app(
     lease_sweep_s: how often expired session leases are swept (their KV unpinned); 0 disables.
     resume_jobs: at start, resume the unfinished jobs submitted to /v1/jobs (a restart or crash left them
     queued or running); jobs of `kvstrata jobs run` are left to that command. limits: request, job and
-    per-key limits (server/limits.py; default: its defaults).
+    per-key limits (server/limits.py; default: its defaults). default_sampling: overrides (some of)
+    the model's recommended sampling (loader/sampling.py) for requests that set none.
     """
     limits = limits or ServerLimits()
     keys = make_api_keys(api_keys or [])
     policy = limits.admission(aengine.engine.scheduler.max_num_seqs, aengine.max_waiting, keyed=bool(keys))
     st = ServerState(aengine=aengine, store=store, model_names=list(model_names), api_keys=keys,
-                     admission=Admission(aengine, policy), limits=limits)
+                     admission=Admission(aengine, policy), limits=limits,
+                     sampling_defaults={**recommended_sampling(aengine.engine.model_path), **(default_sampling or {})})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,6 +139,7 @@ def create_app(
     app.include_router(openai_chat.router)
     app.include_router(completions.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
     app.include_router(sessions.router)
     app.include_router(jobs_router)
     app.include_router(memory_api.router)  # conversations, compaction, recall, retention (server/memory_api.py)

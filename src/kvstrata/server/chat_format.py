@@ -105,12 +105,18 @@ def split_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
 
 
 def assistant_message(text: str, parse_tools: bool) -> tuple[dict[str, Any], bool]:
-    """The assistant message for a finished choice, and whether it holds tool calls."""
+    """The assistant message for a finished choice, and whether it holds tool calls. With tools active
+    the content is the text outside the tool-call tags, stripped (what a stream of it sends)."""
     if parse_tools:
-        content, calls = split_tool_calls(text)
-        if calls:
-            return {"role": "assistant", "content": content, "tool_calls": calls}, True
+        return message_of(*split_tool_calls(text))
     return {"role": "assistant", "content": text}, False
+
+
+def message_of(content: str | None, calls: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The assistant message of parsed output (content outside the tags, calls), and whether it calls tools."""
+    if calls:
+        return {"role": "assistant", "content": content, "tool_calls": calls}, True
+    return {"role": "assistant", "content": content or ""}, False
 
 
 def finish_reason(o, has_calls: bool) -> str:

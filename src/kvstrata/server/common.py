@@ -16,7 +16,7 @@ from kvstrata.server.errors import APIError, error_body, to_api_error
 from kvstrata.server.protocol import SamplingFields
 from kvstrata.server.state import ServerState, until_disconnect
 
-OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature=0 for greedy decoding
+OPENAI_DEFAULT_TEMPERATURE = 1.0  # a request that sets top_p / top_k / min_p but no temperature
 MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding (vLLM's _SAMPLING_EPS)
 
 
@@ -50,16 +50,19 @@ def build_sampling(
         stop = [stop]
     if stop and len(stop) > 16:
         raise APIError(400, f"at most 16 stop strings, got {len(stop)}", param="stop")
-    temperature = OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    d = {}  # a request that sets no sampling field gets the server's (the model's recommended, loader/sampling.py)
+    if all(getattr(req, f) is None for f in ("temperature", "top_p", "top_k", "min_p")):
+        d = st.sampling_defaults
+    temperature = d.get("temperature", OPENAI_DEFAULT_TEMPERATURE) if req.temperature is None else req.temperature
     if 0.0 < temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf: treat as greedy (as vLLM)
         temperature = 0.0
     try:
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens(st, prompt_len),
             temperature=temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
+            top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
+            top_k=int(d.get("top_k", 0)) if req.top_k is None else req.top_k,
+            min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
@@ -151,7 +154,8 @@ def program_of(request: Request, known: str | None = None) -> str | None:
     """The agent program a request belongs to, which orders the engine's waiting work (least attained
     service first, sched/scheduler.py): the session it continues when the route knows one, else the
     client's `X-Session-Id` header (what agent harnesses and the cluster router send), else none."""
-    return known or request.headers.get("x-session-id") or None
+    header = request.headers.get("x-session-id")
+    return known or (header if header and header != "new" else None)
 
 
 def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass,

@@ -54,9 +54,26 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
                       "param": param, "code": code}}
 
 
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+ANTHROPIC_PREFIX = "/v1/messages"  # routes that answer in Anthropic's error shape (server/anthropic.py)
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def body_for(path: str, status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """The error body a route speaks: Anthropic's `{"type": "error", "error": {"type", "message"}}` under
+    /v1/messages, OpenAI's everywhere else."""
+    if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+    return error_body(status, message, code, param)
+
+
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    return JSONResponse(body_for(path, status, message, code, param), status_code=status, headers=headers)
 
 
 def to_api_error(e: BaseException) -> APIError:
@@ -129,7 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = _validation_message(exc)
-        return error_response(400, msg, code="invalid_request", param=param)
+        return error_response(400, msg, code="invalid_request", param=param, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -141,18 +158,18 @@ def install_error_handlers(app: FastAPI) -> None:
             code = "request_too_large"
         elif exc.status_code == 400:
             code = "invalid_request"
-        return error_response(exc.status_code, msg, code, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, msg, code, headers=getattr(exc, "headers", None), path=request.url.path)
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+        return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers, path=request.url.path)
 
     @app.exception_handler(KvstrataError)
     async def _kvstrata(request: Request, exc: KvstrataError) -> JSONResponse:
         e = to_api_error(exc)
-        return error_response(e.status, e.message, e.code, e.param, e.headers)
+        return error_response(e.status, e.message, e.code, e.param, e.headers, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _other(request: Request, exc: Exception) -> JSONResponse:
         e = to_api_error(exc)
-        return error_response(e.status, e.message, e.code, e.param, e.headers)
+        return error_response(e.status, e.message, e.code, e.param, e.headers, path=request.url.path)

@@ -81,7 +81,7 @@ class BodyGuard:
         length = next((v for k, v in scope.get("headers", ()) if k.lower() == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             e = self.too_large()
-            return await error_response(413, e.detail, "request_too_large")(scope, receive, send)
+            return await error_response(413, e.detail, "request_too_large", path=scope.get("path", ""))(scope, receive, send)
         chunks: list[bytes] = []
         size = 0
 

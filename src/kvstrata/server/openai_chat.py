@@ -1,9 +1,10 @@
 """POST /v1/chat/completions: OpenAI's chat API, streaming (SSE) and not, with tools and JSON outputs.
 
-With tools active (tools given, tool_choice not "none"), a streamed reply is held back until it is
-complete and then sent as one content delta or one tool_calls delta: a tool call can only be told
-from text once it is whole. Meanwhile (and in any stream with nothing to send for KEEPALIVE_S) an SSE
-comment goes out every KEEPALIVE_S, so clients and proxies see a live connection.
+With tools active (tools given, tool_choice not "none"), a streamed reply is parsed as it is
+generated (tokenizer/tool_stream.py): text goes out as content deltas, and from the tool-call opening
+tag on, each call as a tool_calls delta with its id and name, then its arguments in fragments. The
+content and calls they add up to are those of the same reply non-streamed. In any stream with nothing
+to send for KEEPALIVE_S an SSE comment goes out, so clients and proxies see a live connection.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kvstrata.server.common import (
 from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import ChatCompletionRequest
 from kvstrata.server.state import ServerState, get_state, owner
+from kvstrata.tokenizer.tool_stream import ArgsDelta, CallStart, Event, TextDelta, ToolCallStream
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -108,6 +110,7 @@ async def _stream(st: ServerState, plan: ChatPlan, cid: str, model: str, first: 
     sent_tokens = [0] * n
     done = [False] * n
     want_lp = plan.params.logprobs is not None
+    parsers = [ToolCallStream() for _ in range(n)] if plan.parse_tools else None
 
     def chunk(choices: list[dict], **extra: Any) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -124,18 +127,25 @@ async def _stream(st: ServerState, plan: ChatPlan, cid: str, model: str, first: 
                 i = o.index
                 if done[i]:
                     continue
-                if plan.parse_tools:  # held back until whole (see the module docstring)
+                if parsers is not None:
+                    evs = parsers[i].feed(o.text)
+                    calls_seen = False
+                    if o.finished:
+                        last_evs, _content, calls = parsers[i].finish()
+                        evs += last_evs
+                        calls_seen = bool(calls)
+                    deltas = tool_deltas(evs)
                     if o.finished:
                         done[i] = True
-                        msg, has_calls = cf.assistant_message(o.text, True)
-                        delta: dict[str, Any] = {}
-                        if msg.get("content"):
-                            delta["content"] = msg["content"]
-                        if has_calls:
-                            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
-                        lp = chat_logprobs(st.tokenizer, o.logprobs, 0, plan.top) if want_lp else None
-                        yield chunk([{"index": i, "delta": delta, "logprobs": lp,
-                                      "finish_reason": cf.finish_reason(o, has_calls)}])
+                        deltas = deltas or [{}]
+                    if not deltas:
+                        continue  # logprobs of these tokens go with the next delta
+                    lp = chat_logprobs(st.tokenizer, o.logprobs, sent_tokens[i], plan.top) if want_lp else None
+                    sent_tokens[i] = len(o.token_ids)
+                    for k, d in enumerate(deltas):
+                        end = o.finished and k == len(deltas) - 1
+                        yield chunk([{"index": i, "delta": d, "logprobs": lp if k == 0 else None,
+                                      "finish_reason": cf.finish_reason(o, calls_seen) if end else None}])
                     continue
                 delta_text = o.text[len(sent_text[i]):] if o.text.startswith(sent_text[i]) else ""
                 lp = chat_logprobs(st.tokenizer, o.logprobs, sent_tokens[i], plan.top) if want_lp else None
@@ -156,3 +166,27 @@ async def _stream(st: ServerState, plan: ChatPlan, cid: str, model: str, first: 
     if include_usage:
         yield chunk([], usage=usage(last))
     yield SSE_DONE
+
+
+def tool_deltas(evs: list[Event]) -> list[dict[str, Any]]:
+    """Chat chunk deltas for stream events: runs of text merged into one content delta, a call's start
+    as {"tool_calls": [{index, id, type, function: {name, arguments: ""}}]}, its argument fragments
+    merged likewise."""
+    out: list[dict[str, Any]] = []
+    for e in evs:
+        prev = out[-1] if out else None
+        if isinstance(e, TextDelta):
+            if prev is not None and "content" in prev:
+                prev["content"] += e.text
+            else:
+                out.append({"content": e.text})
+        elif isinstance(e, CallStart):
+            out.append({"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
+                                        "function": {"name": e.name, "arguments": ""}}]})
+        elif isinstance(e, ArgsDelta):
+            tc = prev["tool_calls"][0] if prev is not None and "tool_calls" in prev else None
+            if tc is not None and tc["index"] == e.index and "id" not in tc:
+                tc["function"]["arguments"] += e.text
+            else:
+                out.append({"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]})
+    return out

@@ -14,30 +14,27 @@ latest turn and adds the input and output to it. `context_management: [{"type": 
 "compact_threshold": N}]` compacts the session first (memory/compaction.py) when the turn's prompt would
 pass N tokens. A `{"type": "memory_search"}` tool is run by the server itself (not streamed).
 
-`stream: true` sends the Responses event stream (response.created, output items, text deltas,
-function-call arguments, response.completed / response.incomplete). Text streams as it is generated;
-with tools active a reply is held back until whole (a tool call can only be told from text then), as
-on /v1/chat/completions. The turn is stored when the generation ends, under the id that
+`stream: true` sends the Responses event stream (responses_stream.py): text and function-call
+arguments as they are generated. The turn is stored when the generation ends, under the id that
 response.created announced; a client that disconnects first aborts it and nothing is stored.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from kvstrata.core import RequestClass, RequestOutput
+from kvstrata.core import RequestClass
 from kvstrata.server import chat_format as cf
-from kvstrata.server.common import SSE_HEADERS, build_sampling, keepalive_sse, new_id, now, open_stream, outputs
-from kvstrata.server.errors import APIError, to_api_error
+from kvstrata.server.common import SSE_HEADERS, build_sampling, keepalive_sse, new_id, now, open_stream
+from kvstrata.server.errors import APIError
 from kvstrata.server.protocol import ResponsesRequest
 from kvstrata.server.state import ServerState, get_state, owner
-from kvstrata.server.turns import HttpTurn, TurnResult, finish_turn, plan_turn, run_turn_with_builtins
+from kvstrata.server.turns import TurnResult, plan_turn, run_turn_with_builtins
 from kvstrata.memory.tools import expand_tools
 from kvstrata.sessions import Session, SessionNotFound, SessionState
 from kvstrata.sessions.types import new_response_id
@@ -280,7 +277,9 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
             turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=choice,
                                                 persist=persist)
     if body.stream:
-        events = _events(st, body, who, sess, turn_no, branched_from, new_msgs, plan, first, agen, input_from)
+        from kvstrata.server.responses_stream import events as stream_events  # it imports this module
+
+        events = stream_events(st, body, who, sess, turn_no, branched_from, new_msgs, plan, first, agen, input_from)
         return StreamingResponse(keepalive_sse(events), media_type="text/event-stream", headers=SSE_HEADERS)
     resp = _response(body, _response_id(body), status=_status(turn), output=output_items(turn.message), turn=turn,
                      session_id=sess.id, branched_from=branched_from)
@@ -308,79 +307,6 @@ async def _context_management(st: ServerState, body: ResponsesRequest, sess: Ses
     from kvstrata.server.memory_api import compact_session, policy_for
 
     await compact_session(st, sess, who, policy_for(st, threshold=threshold), "threshold")
-
-
-async def _events(st: ServerState, body: ResponsesRequest, who: Any, sess: Session, turn_no: int,
-                  branched_from: str | None, new_msgs: list[dict[str, Any]], plan: HttpTurn, first: RequestOutput,
-                  agen: AsyncIterator[RequestOutput], input_from: int) -> AsyncIterator[str]:
-    seq = itertools.count()
-
-    def ev(kind: str, **fields: Any) -> str:
-        data = json.dumps({"type": kind, "sequence_number": next(seq), **fields}, ensure_ascii=False)
-        return f"event: {kind}\ndata: {data}\n\n"
-
-    def announce(item: dict[str, Any], i: int):  # a message item, before its text
-        yield ev("response.output_item.added", output_index=i, item={**item, "status": "in_progress", "content": []})
-        yield ev("response.content_part.added", item_id=item["id"], output_index=i, content_index=0, part=_text_part(""))
-
-    rid = _response_id(body)
-    start = _response(body, rid, status="in_progress", output=[], turn=None, session_id=sess.id,
-                      branched_from=branched_from)
-    yield ev("response.created", response=start)
-    yield ev("response.in_progress", response=start)
-    msg_id, sent, last = None, "", first
-    try:
-        async for out in outputs(first, agen):
-            last = out
-            o = out.outputs[0]
-            if plan.parse_tools:  # held back until whole
-                continue
-            delta = o.text[len(sent):] if o.text.startswith(sent) else ""
-            if not delta:
-                continue
-            if msg_id is None:
-                msg_id = new_id("msg_")
-                for e in announce(_message_item("", msg_id), 0):
-                    yield e
-            sent += delta
-            yield ev("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=delta,
-                     logprobs=[])
-        st.metrics.observe_output(last)
-        async with st.session_lock(sess.id):
-            turn = await finish_turn(st, sess, who, new_msgs, plan, last,
-                                     persist=body.store or body.conversation is not None)
-        items = output_items(turn.message, msg_id)
-        for i, item in enumerate(items):
-            if item["type"] == "message":
-                text = item["content"][0]["text"]
-                if item["id"] != msg_id:  # not streamed: announced and sent whole now
-                    for e in announce(item, i):
-                        yield e
-                    if text:
-                        yield ev("response.output_text.delta", item_id=item["id"], output_index=i, content_index=0,
-                                 delta=text, logprobs=[])
-                yield ev("response.output_text.done", item_id=item["id"], output_index=i, content_index=0, text=text,
-                         logprobs=[])
-                yield ev("response.content_part.done", item_id=item["id"], output_index=i, content_index=0,
-                         part=item["content"][0])
-            else:
-                yield ev("response.output_item.added", output_index=i,
-                         item={**item, "status": "in_progress", "arguments": ""})
-                yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
-                         delta=item["arguments"])
-                yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                         name=item["name"], arguments=item["arguments"])
-            yield ev("response.output_item.done", output_index=i, item=item)
-        status = _status(turn)
-        resp = _response(body, rid, status=status, output=items, turn=turn, session_id=sess.id,
-                         branched_from=branched_from)
-        await _store(st, body, who, sess, turn_no, turn, resp, input_from)
-    except Exception as e:  # after the headers went out, an error travels as an event
-        log.warning("responses stream %s failed: %s", rid, e)
-        a = to_api_error(e)
-        yield ev("error", code=a.code or str(a.status), message=a.message, param=a.param)
-        return
-    yield ev("response.completed" if status == "completed" else "response.incomplete", response=resp)
 
 
 @router.get("/v1/responses/{response_id}")

@@ -43,6 +43,7 @@ class ServerState:
     touched_sessions: dict[str, Any] = field(default_factory=dict)  # id -> owner, for parking at shutdown
     store_health: StoreHealth = field(default_factory=StoreHealth)
     _session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # for requests that set no sampling
     memory: Any = None  # server/memory_api.py MemoryServices: recall, compaction defaults, retention
     skv: SessionKV = field(init=False)  # the one owner of every session's KV between turns
 

@@ -68,12 +68,14 @@ def plan_turn(st: ServerState, sess: Session, new_messages: list[dict[str, Any]]
 
 
 async def finish_turn(st: ServerState, sess: Session, owner: Any, new_messages: list[dict[str, Any]], turn: HttpTurn,
-                      out: RequestOutput, *, persist: bool = True) -> TurnResult:
+                      out: RequestOutput, *, persist: bool = True,
+                      parsed: tuple[dict[str, Any], bool] | None = None) -> TurnResult:
     """The assistant message of a finished generation, appended with `new_messages` in one write (a
     VersionConflict, 409, if another writer changed the session meanwhile). A reply that calls tools
-    pauses the session: SessionKV places its KV for the wait."""
+    pauses the session: SessionKV places its KV for the wait. `parsed`: the (message, has_calls) a
+    stream already parsed and sent (its call ids stand), else parsed from the output here."""
     o = out.outputs[0]
-    msg, has_calls = cf.assistant_message(o.text, turn.parse_tools)
+    msg, has_calls = parsed if parsed is not None else cf.assistant_message(o.text, turn.parse_tools)
     info = None
     if persist:
         state = SessionState.WAITING_ON_TOOL if has_calls else SessionState.ACTIVE

@@ -124,10 +124,13 @@ def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
 
 # -- grammar pieces shared with engine/structured.py (llguidance's JSON / Lark dialect) ------------
 def schema_with_options(schema: dict, strict: bool) -> dict:
-    """The schema as compiled: objects closed (`close_objects`), llguidance's options (x-guidance) set for
-    compact JSON, and unsupported keywords an error when `strict`, ignored (with a warning) otherwise."""
+    """The schema as compiled: objects closed (`close_objects`), numbers of bounded length
+    (`json_bounds.bound_numbers`), llguidance's options (x-guidance) set for compact JSON, and unsupported
+    keywords an error when `strict`, ignored (with a warning) otherwise."""
+    from kvstrata.tokenizer.json_bounds import bound_numbers
+
     opts = dict(JSON_OPTIONS, lenient=not strict)
-    schema = close_objects(schema)
+    schema = bound_numbers(close_objects(schema))
     user = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
     return {**schema, "x-guidance": {**user, **opts}}
 
@@ -326,7 +329,28 @@ def new_call_id() -> str:
     return "call_" + secrets.token_urlsafe(18)  # 18 bytes -> 24 urlsafe characters
 
 
+# `{"name": "f", "arguments": {` (or "parameters"): a call whose arguments object can stream as written
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+_DECODER = json.JSONDecoder()
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def _as_call(body: str) -> dict | None:
+    """A tool call from the text inside the tags, or None. In the usual `{"name": ..., "arguments":
+    {...}}` order the arguments are the model's own JSON text (so a stream can send them as generated,
+    tool_stream.py); other shapes are re-serialized."""
+    head = CALL_HEAD.match(body)
+    if head:
+        try:
+            name = json.loads('"' + head.group(1) + '"')
+            args, end = _DECODER.raw_decode(body, head.end())
+        except ValueError:
+            name, args, end = None, None, 0
+        if name and isinstance(args, dict) and body[end:].strip() == "}":
+            return _call(name, body[head.end():end])
     try:
         obj = json.loads(body)
     except json.JSONDecodeError:
@@ -341,8 +365,7 @@ def _as_call(body: str) -> dict | None:
             return None
     if not isinstance(args, dict):
         return None
-    return {"id": new_call_id(), "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+    return _call(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
