@@ -72,7 +72,9 @@ async def complete(client: httpx.AsyncClient, url: str, rec: RequestRecord, ids:
     t0 = time.perf_counter()
     pieces = 0
     try:
-        async with client.stream("POST", url.rstrip("/") + "/v1/completions", json=body) as r:
+        # the session as the agent program: kvstrata orders waiting work by it (others ignore the header)
+        async with client.stream("POST", url.rstrip("/") + "/v1/completions", json=body,
+                                 headers={"X-Session-Id": rec.root}) as r:
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
                 return

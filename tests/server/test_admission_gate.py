@@ -23,7 +23,7 @@ class StandInEngine:
         self.started: list[str] = []
         self.full = 0
 
-    async def generate(self, prompt, params, request_id=None, request_class="interactive"):
+    async def generate(self, prompt, params, request_id=None, request_class="interactive", program=None):
         if self.full:
             self.full -= 1
             raise QueueFullError("engine queue full")

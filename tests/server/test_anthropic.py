@@ -40,10 +40,12 @@ def test_messages_and_usage(ac):
 def test_stop_sequence(ac):
     full = ac.messages.create(model="tiny", max_tokens=20, messages=[{"role": "user", "content": "Go"}],
                               extra_body={"temperature": 0, "ignore_eos": True}).content[0].text
-    stop = next(full[i:i + 2] for i in range(2, len(full) - 1) if full[i:i + 2].isascii() and full[i:i + 2].isalpha())
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 1)  # first seen after the start, so text comes before it
+                if full[i:i + 2].isascii() and full[i:i + 2].isalpha() and full.find(full[i:i + 2]) == i)
     r = ac.messages.create(model="tiny", max_tokens=20, messages=[{"role": "user", "content": "Go"}],
                            stop_sequences=[stop], extra_body={"temperature": 0, "ignore_eos": True})
-    assert r.stop_reason == "stop_sequence" and r.stop_sequence == stop and stop not in r.content[0].text
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == stop
+    assert r.content[0].text == full[: full.index(stop)]
 
 
 def test_stream_events(ac):

@@ -1,6 +1,6 @@
 """Fuzz the API with schemathesis against the server's own OpenAPI schema (bounded): no request the
 schema allows (positive) or nearly allows (negative) may get a 5xx, and every 4xx carries an
-OpenAI-style error body. Driven through schemathesis' hypothesis strategies, one operation at a time."""
+OpenAI-style error body (Anthropic's under /v1/messages). Driven through schemathesis' hypothesis strategies, one operation at a time."""
 
 from __future__ import annotations
 
@@ -36,8 +36,12 @@ def check(case, response) -> None:
     where = f"{case.method} {case.formatted_path} body={str(case.body)[:300]}"
     assert response.status_code < 500, f"{where}: {response.status_code} {response.text[:500]}"
     if response.status_code >= 400:
-        err = response.json()["error"]
-        assert set(err) == {"message", "type", "param", "code"}, where
+        body = response.json()
+        err = body["error"]
+        if case.formatted_path.startswith("/v1/messages"):  # Anthropic's error shape
+            assert body["type"] == "error" and set(err) == {"message", "type"}, where
+        else:
+            assert set(err) == {"message", "type", "param", "code"}, where
         assert isinstance(err["message"], str) and err["message"], where
 
 
