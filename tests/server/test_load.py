@@ -39,7 +39,7 @@ def test_disconnected_stream_frees_its_blocks(tiny_server, slow_steps):
     in_use = lambda: tiny_server.engine_call(lambda e: e.pool.summary()["in_use"])  # noqa: E731
     assert in_use() == 0
     body = {"model": "tiny", "messages": [{"role": "user", "content": "tell a long story " * 20}],
-            "max_tokens": 900, "stream": True, "ignore_eos": True}
+            "max_tokens": 600, "stream": True, "ignore_eos": True}
     gen0 = tiny_server.engine_call(lambda e: e.counters["generated_tokens"])
     with httpx.Client(timeout=60) as h:
         with h.stream("POST", tiny_server.url + "/v1/chat/completions", json=body) as r:

@@ -122,7 +122,8 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         if forced and structured:
             raise APIError(400, "a forced tool call and response_format cannot be combined", param="response_format")
         return build_sampling(st, body, prompt_len, max_tokens=body.max_completion_tokens or body.max_tokens,
-                              logprobs=top, structured=forced or structured)
+                              logprobs=top, structured=forced or structured,
+                              max_tokens_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
 
     async with st.session_lock(session_id):
         sess = await st.db(st.store.get_session, session_id, owner=who)
@@ -131,7 +132,8 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         if body.expected_version is not None and sess.version != body.expected_version:
             raise VersionConflict(session_id, body.expected_version, sess.version)
         await st.skv.resume(sess, who)  # parked or paused on a tool: the KV comes back first
-        turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
+        turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice,
+                                            parallel_tool_calls=body.parallel_tool_calls)
     return {
         "id": new_id("gen-"), "object": "session.generation", "session_id": session_id,
         "message": turn.message, "finish_reason": turn.finish_reason, "usage": turn.usage,
