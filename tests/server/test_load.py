@@ -55,7 +55,7 @@ def test_disconnected_stream_frees_its_blocks(tiny_server, slow_steps):
     assert in_use() == 0
     assert tiny_server.state.aengine.num_active == 0
     assert tiny_server.engine_call(lambda e: len(e.requests)) == 0
-    assert tiny_server.engine_call(lambda e: e.counters["generated_tokens"]) - gen0 < 900  # aborted, not finished
+    assert tiny_server.engine_call(lambda e: e.counters["generated_tokens"]) - gen0 < 600  # aborted, not finished
 
 
 def test_disconnect_before_first_token_aborts(tiny_server, slow_steps):

@@ -173,11 +173,22 @@ def program_of(request: Request, known: str | None = None) -> str | None:
     return known or (header if header and header != "new" else None)
 
 
-def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass,
-              program: str | None = None):
-    """The engine stream of this request, through the server's admission gate as the caller's key."""
-    return st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None),
+async def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass,
+                    program: str | None = None) -> AsyncIterator[RequestOutput]:
+    """The engine stream of this request, through the server's admission gate as the caller's key. A
+    stream closed before its request finished (the client left: the request is aborted) has its tokens
+    counted here; the routes count finished ones (Metrics.observe_output)."""
+    agen = st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None),
                                  program=program_of(request, program))
+    last: RequestOutput | None = None
+    try:
+        async for out in agen:
+            last = out
+            yield out
+    finally:
+        await agen.aclose()
+        if last is not None and not last.finished:
+            st.metrics.observe_aborted(last)
 
 
 async def generate_final(st: ServerState, request: Request, prompt: list[int], params: SamplingParams,
