@@ -24,7 +24,7 @@ from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.jobs.routes import router as jobs_router
 from kvstrata.jobs.routes import server_manager
 from kvstrata.loader.sampling import recommended_sampling
-from kvstrata.server import anthropic, completions, memory_api, openai_chat, responses, sessions
+from kvstrata.server import anthropic, completions, memory_api, openai_chat, responses, sessions, status
 from kvstrata.server.access import AccessLog
 from kvstrata.server.errors import APIError, body_for, install_error_handlers
 from kvstrata.server.guards import BodyGuard
@@ -145,6 +145,7 @@ def create_app(
     app.include_router(anthropic.router)
     app.include_router(sessions.router)
     app.include_router(jobs_router)
+    app.include_router(status.router)  # GET /status: the status page and its JSON (server/status.py)
     app.include_router(memory_api.router)  # conversations, compaction, recall, retention (server/memory_api.py)
 
     @app.get("/health", tags=["ops"])

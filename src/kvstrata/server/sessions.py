@@ -2,7 +2,8 @@
 
     POST   /v1/sessions                      {system, tools, class, messages, metadata} -> session
     GET    /v1/sessions                      ?limit&after&state&order -> list
-    GET    /v1/sessions/{id}                 ?include_tokens&locate -> session with messages
+    GET    /v1/sessions/{id}                 ?include_tokens&locate -> session with messages, where its KV is,
+                                             what its turns computed and restored (kv_location, kv_stats)
     DELETE /v1/sessions/{id}
     POST   /v1/sessions/{id}/messages        {messages} (user turns, tool results)
     POST   /v1/sessions/{id}/generate        {sampling..., messages} -> assistant message + usage
@@ -77,12 +78,13 @@ async def list_sessions(request: Request, who=Depends(owner), limit: int = Query
 
 @router.get("/{session_id}")
 async def get_session(session_id: str, request: Request, who=Depends(owner), include_tokens: bool = False,
-                      locate: bool = Query(False, description="report where the session's KV is, per tier")):
+                      locate: bool = Query(True, description="report where the session's KV is now, per place")):
     st = get_state(request)
     s = await st.db(st.store.get_session, session_id, owner=who)
     d = session_json(s, include_tokens=include_tokens)
     if locate:
         d["kv_location"] = await st.skv.locate(s.token_ids)
+    d["kv_stats"] = st.skv.stats.get(s.id)  # since this process started (sessions/stats.py)
     return d
 
 

@@ -86,6 +86,9 @@ async def finish_turn(st: ServerState, sess: Session, owner: Any, new_messages: 
         info = await sturns.record_turn(st.store, st.engine, sess, owner, new_messages, turn.plan, msg,
                                         list(o.token_ids), state)
         st.touched_sessions[sess.id] = owner
+        u, pool = usage(out), st.engine.pool
+        st.skv.stats.turn(sess.id, out.metrics.computed_prompt_tokens,
+                          u["prompt_tokens_details"]["cached_tokens_by_tier"], pool.block_bytes // pool.block_size)
         if st.memory is not None:  # new messages: the recall thread looks now rather than at its next poll
             st.memory.notify()
         if has_calls:
