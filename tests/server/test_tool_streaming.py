@@ -32,7 +32,7 @@ def test_text_streams_before_the_reply_ends_with_tools(client, slow_steps):
 
 
 def test_tool_call_streams_arguments_in_fragments(client):
-    kw = dict(model="tiny", messages=MSGS, tools=TOOLS, temperature=0, max_tokens=200,
+    kw = dict(model="tiny", messages=MSGS, tools=TOOLS, temperature=0, max_tokens=110,
               tool_choice={"type": "function", "function": {"name": "get_weather"}})
     chunks = list(client.chat.completions.create(stream=True, **kw))
     deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]

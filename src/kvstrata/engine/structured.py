@@ -11,7 +11,7 @@ The spec dict (docs/structured.md has the full reference):
     {"type": "json_schema", "schema": {...}, "strict": bool}  JSON matching the schema
     {"type": "regex", "pattern": "..."}                       text matching the whole regex
     {"type": "grammar", "grammar": "..."}                     Lark (llguidance dialect) or GBNF text
-    {"type": "tool_call", "functions": [{"name", "parameters"}, ...], "multiple": bool}
+    {"type": "tool_call", "functions": [{"name", "parameters"}, ...], "max_calls": int}
                                                               <tool_call>{"name": ..., "arguments": ...}</tool_call>
                                                               (built by tokenizer.tools.forced_tool_call_spec)
 

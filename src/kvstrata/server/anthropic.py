@@ -72,6 +72,7 @@ class MessagesTurn:
         self.system = af.system_text(body.system)
         self.tools = af.to_chat_tools(body.tools)
         self.choice = af.to_chat_tool_choice(body.tool_choice)
+        self.parallel = af.parallel_tool_calls(body.tool_choice)
         cf.check_tools(self.tools, self.choice)
         self.msgs = af.to_chat_messages(body.messages)
         body.stop = body.stop_sequences
@@ -79,7 +80,9 @@ class MessagesTurn:
 
     def make_params(self, st: ServerState):
         def make(prompt_len: int, forced: dict | None):
-            return build_sampling(st, self.body, prompt_len, max_tokens=self.body.max_tokens, structured=forced)
+            # Anthropic clients send their model's largest output (Claude Code: 32,000) whatever the context
+            return build_sampling(st, self.body, prompt_len, max_tokens=self.body.max_tokens, structured=forced,
+                                  clamp=True)
         return make
 
 
@@ -107,7 +110,8 @@ async def create_message(body: af.MessagesRequest, request: Request, who=Depends
         if persist:
             sess = await st.db(st.store.get_session, sess.id, owner=who)
             await st.skv.resume(sess, who)  # paused on its tool calls: the KV comes back first
-        turn = plan_turn(st, sess, new_msgs, mt.make_params(st), tool_choice=mt.choice)
+        turn = plan_turn(st, sess, new_msgs, mt.make_params(st), tool_choice=mt.choice,
+                         parallel_tool_calls=mt.parallel)
         if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
             first, agen = await open_stream(st, request, turn.prompt, turn.params, turn.request_class,
                                             program=sess.id if persist else None)

@@ -135,6 +135,15 @@ def to_chat_tool_choice(tc: dict[str, Any] | None) -> Any:
     return choice
 
 
+def parallel_tool_calls(tc: dict[str, Any] | None) -> bool | None:
+    """`tool_choice.disable_parallel_tool_use: true` as OpenAI's `parallel_tool_calls: false`."""
+    if tc is None or tc.get("disable_parallel_tool_use") is None:
+        return None
+    if not isinstance(tc["disable_parallel_tool_use"], bool):
+        raise APIError(400, "tool_choice.disable_parallel_tool_use must be true or false", param="tool_choice")
+    return not tc["disable_parallel_tool_use"]
+
+
 def usage(u: dict[str, Any]) -> dict[str, Any]:
     """OpenAI-style usage (common.usage) as Anthropic's: input_tokens are those computed, not read from cache."""
     cached = u["prompt_tokens_details"]["cached_tokens"]

@@ -70,7 +70,7 @@ async def events(st: ServerState, model: str, mid: str, sess: Session, who: Any,
     yield ev("message_start", message={
         "id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
         "stop_sequence": None, "usage": {**start_usage, "output_tokens": 0}})
-    parser = ToolCallStream() if turn.parse_tools else None
+    parser = ToolCallStream(turn.max_calls) if turn.parse_tools else None
     blocks = _Blocks()
     sent, last = "", first
     try:

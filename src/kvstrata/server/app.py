@@ -1,6 +1,7 @@
 """The FastAPI app: routes, auth, per-route metrics, health; `create_app(aengine, store, ...)`.
 
-Auth and request counting are one pure-ASGI middleware (Starlette's BaseHTTPMiddleware would wrap
+Request ids and the access log are the outermost middleware (server/access.py). Auth and request
+counting are one pure-ASGI middleware (Starlette's BaseHTTPMiddleware would wrap
 streaming responses and hide client disconnects from them). Every route but /health needs a key
 when keys are configured; the key's hash is the owner of the sessions it creates. Inside it,
 `guards.BodyGuard` answers 413 for a body over `--max-body-bytes` (before or while it is read) and
@@ -23,7 +24,8 @@ from kvstrata.engine.async_engine import AsyncEngine
 from kvstrata.jobs.routes import router as jobs_router
 from kvstrata.jobs.routes import server_manager
 from kvstrata.loader.sampling import recommended_sampling
-from kvstrata.server import anthropic, completions, memory_api, openai_chat, responses, sessions
+from kvstrata.server import anthropic, completions, memory_api, openai_chat, responses, sessions, status
+from kvstrata.server.access import AccessLog
 from kvstrata.server.errors import APIError, body_for, install_error_handlers
 from kvstrata.server.guards import BodyGuard
 from kvstrata.server.health import health_body
@@ -136,12 +138,14 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes)
     app.add_middleware(AuthAndMetrics, state=st)
+    app.add_middleware(AccessLog, recent=st.recent)  # the outermost: every response gets its x-request-id
     app.include_router(openai_chat.router)
     app.include_router(completions.router)
     app.include_router(responses.router)
     app.include_router(anthropic.router)
     app.include_router(sessions.router)
     app.include_router(jobs_router)
+    app.include_router(status.router)  # GET /status: the status page and its JSON (server/status.py)
     app.include_router(memory_api.router)  # conversations, compaction, recall, retention (server/memory_api.py)
 
     @app.get("/health", tags=["ops"])
@@ -183,4 +187,4 @@ def _model_card(st: ServerState, name: str) -> dict[str, Any]:
     if st.weight_bytes is None:
         st.weight_bytes = sum(p.numel() * p.element_size() for p in e.model.parameters())
     return {"id": name, "object": "model", "created": st.created, "owned_by": "kvstrata",
-            "max_model_len": e.max_model_len, "root": str(e.model_path), "weight_bytes": st.weight_bytes}
+            "max_model_len": e.max_model_len, "root": st.model_id, "weight_bytes": st.weight_bytes}

@@ -6,6 +6,7 @@ forced_tool_call_spec, validate_tools); this module turns its errors into HTTP 4
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from typing import Any
@@ -67,12 +68,29 @@ def parses_tools(tools: list | None, tool_choice: Any) -> bool:
     return bool(tools) and tool_choice != "none"
 
 
-def forced_spec(tools: list | None, tool_choice: Any) -> dict | None:
-    """A constrained-decoding spec that forces a tool call (tool_choice required or named), else None."""
+def call_limit(parallel_tool_calls: bool | None, tool_choice: Any = None) -> int:
+    """How many tool calls one reply may make: one with `parallel_tool_calls: false` or a named
+    tool_choice, else up to MAX_PARALLEL_CALLS (OpenAI's default is parallel calls on)."""
+    if parallel_tool_calls is False or isinstance(tool_choice, dict):
+        return 1
+    return _tools.MAX_PARALLEL_CALLS
+
+
+def stop_after_call(params, forced: dict | None, parse_tools: bool, max_calls: int):
+    """An unconstrained reply that may make one call ends at its closing tag (a stop string: nothing
+    after it is generated). `params`: the request's SamplingParams; returns them, with that stop string."""
+    if parse_tools and forced is None and max_calls == 1 and _tools.TOOL_CALL_CLOSE not in params.stop:
+        return dataclasses.replace(params, stop=(*params.stop, _tools.TOOL_CALL_CLOSE))
+    return params
+
+
+def forced_spec(tools: list | None, tool_choice: Any, max_calls: int = 1) -> dict | None:
+    """A constrained-decoding spec that forces a tool call (tool_choice required: 1 to `max_calls` calls;
+    named: one), else None."""
     if not tools or tool_choice in (None, "none", "auto"):
         return None
     try:
-        return _tools.forced_tool_call_spec(tools, tool_choice)
+        return _tools.forced_tool_call_spec(tools, tool_choice, max_calls)
     except KvstrataError as e:
         raise APIError(400, str(e), param="tool_choice") from None
 
@@ -95,20 +113,21 @@ def structured_from_response_format(rf: dict | None, param: str = "response_form
     raise APIError(400, f"unsupported {param} type {kind!r}: use text, json_object or json_schema", param=param)
 
 
-def split_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, OpenAI tool_calls) from the model's text; every call gets an id."""
-    content, calls = _tools.parse_tool_calls(text)
+def split_tool_calls(text: str, max_calls: int | None = None) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, OpenAI tool_calls: at most `max_calls`) from the model's text; every call gets an id."""
+    content, calls = _tools.parse_tool_calls(text, max_calls)
     for c in calls:
         c.setdefault("id", "call_" + secrets.token_urlsafe(12))
         c.setdefault("type", "function")
     return content, calls
 
 
-def assistant_message(text: str, parse_tools: bool) -> tuple[dict[str, Any], bool]:
-    """The assistant message for a finished choice, and whether it holds tool calls. With tools active
-    the content is the text outside the tool-call tags, stripped (what a stream of it sends)."""
+def assistant_message(text: str, parse_tools: bool, max_calls: int | None = None) -> tuple[dict[str, Any], bool]:
+    """The assistant message for a finished choice, and whether it holds tool calls (at most
+    `max_calls`). With tools active the content is the text outside the tool-call tags, stripped (what a
+    stream of it sends)."""
     if parse_tools:
-        return message_of(*split_tool_calls(text))
+        return message_of(*split_tool_calls(text, max_calls))
     return {"role": "assistant", "content": text}, False
 
 

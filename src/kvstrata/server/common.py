@@ -44,7 +44,22 @@ def build_sampling(
     n: int = 1,
     logprobs: int | None = None,
     structured: dict | None = None,
+    max_tokens_param: str = "max_tokens",
+    clamp: bool = False,
 ) -> SamplingParams:
+    """The request's SamplingParams. A `max_tokens` (named `max_tokens_param` in the request) that does
+    not fit in the context after the prompt is a 400 `context_length_exceeded`, as OpenAI answers; with
+    `clamp` (Anthropic clients send their model's largest output whatever the context; a default value)
+    it is lowered to what fits instead. None: what fits (default_max_tokens)."""
+    if max_tokens is not None:
+        room = st.engine.max_model_len - prompt_len
+        if max_tokens > room >= 1:  # (room < 1: the prompt alone is too long, which the engine reports)
+            if not clamp:
+                raise APIError(
+                    400, f"{max_tokens_param} is {max_tokens}, but the prompt's {prompt_len} tokens leave room for "
+                    f"{room} in the model's {st.engine.max_model_len}-token context; lower {max_tokens_param} "
+                    "or shorten the prompt", code="context_length_exceeded", param=max_tokens_param)
+            max_tokens = room
     stop = req.stop
     if isinstance(stop, str):
         stop = [stop]
@@ -158,11 +173,22 @@ def program_of(request: Request, known: str | None = None) -> str | None:
     return known or (header if header and header != "new" else None)
 
 
-def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass,
-              program: str | None = None):
-    """The engine stream of this request, through the server's admission gate as the caller's key."""
-    return st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None),
+async def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass,
+                    program: str | None = None) -> AsyncIterator[RequestOutput]:
+    """The engine stream of this request, through the server's admission gate as the caller's key. A
+    stream closed before its request finished (the client left: the request is aborted) has its tokens
+    counted here; the routes count finished ones (Metrics.observe_output)."""
+    agen = st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None),
                                  program=program_of(request, program))
+    last: RequestOutput | None = None
+    try:
+        async for out in agen:
+            last = out
+            yield out
+    finally:
+        await agen.aclose()
+        if last is not None and not last.finished:
+            st.metrics.observe_aborted(last)
 
 
 async def generate_final(st: ServerState, request: Request, prompt: list[int], params: SamplingParams,

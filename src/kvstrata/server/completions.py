@@ -78,8 +78,9 @@ async def completions(body: CompletionRequest, request: Request, _owner=Depends(
             and not all(isinstance(x, int) for x in body.prompt):
         raise APIError(400, "streaming takes one prompt per request", param="prompt")
     prompts = _prompts(st, body.prompt)
-    params = [build_sampling(st, body, len(ids), max_tokens=body.max_tokens, n=body.n, logprobs=body.logprobs)
-              for _, ids in prompts]
+    clamp = "max_tokens" not in body.model_fields_set  # the default 16 shrinks to fit; a value sent must fit
+    params = [build_sampling(st, body, len(ids), max_tokens=body.max_tokens, n=body.n, logprobs=body.logprobs,
+                             clamp=clamp) for _, ids in prompts]
     rc = request_class(body)
     cid = new_id("cmpl-")
     if body.stream:

@@ -12,6 +12,7 @@ only that the server failed (the traceback goes to the log).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,6 +40,23 @@ _TYPES = {
 }
 
 
+# the `code` of an error raised without one: every error body names a code
+_DEFAULT_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    422: "invalid_request",
+    429: "rate_limited",
+    499: "client_closed_request",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
 class APIError(Exception):
     """Raised by route handlers: becomes an OpenAI-style error response."""
 
@@ -51,7 +69,7 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+                      "param": param, "code": code or _DEFAULT_CODES.get(status, "error")}}
 
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -126,20 +144,38 @@ def store_unavailable(e: BaseException) -> APIError:
                     code="store_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "tuple", "set"})
+
+
+def _where(loc: tuple) -> tuple[str, str | None]:
+    """pydantic's error location as (a path a client reads, `messages[0].content`; the request field it
+    is in, `messages`). pydantic's own steps (union branches such as `str` or `literal['a','b']`,
+    validator names) are left out."""
+    path, field_name = "", None
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, int):
+            path += f"[{p}]"
+        elif isinstance(p, str) and (p in _TYPE_TAGS or not re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$-]*", p)):
+            continue
+        else:
+            path += f".{p}" if path else str(p)
+            field_name = field_name or str(p)
+    return path, field_name
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request", None
     e = errs[0]
-    loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
+    where, param = _where(tuple(e.get("loc", ())))
     if e.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {e.get('msg', '')} ({e.get('ctx', {}).get('error', '')})", None
     msg = e.get("msg", "invalid value")
-    if not loc:
+    if not where:
         return f"the request body must be a JSON object (Content-Type: application/json): {msg}", None
     more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
-    return (f"{param}: {msg}" if param else msg) + more, param
+    return f"{where}: {msg}{more}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -152,6 +188,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         code = None
+        if exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"no route {request.method} {request.url.path}; see /docs for the API"
         elif exc.status_code == 413:

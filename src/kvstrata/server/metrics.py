@@ -26,7 +26,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("kvstrata_http_requests", "HTTP requests by route and status code",
                                 ["route", "method", "status"], registry=r)
-        self.prompt_tokens = Counter("kvstrata_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.prompt_tokens = Counter("kvstrata_prompt_tokens", "prompt tokens of finished and aborted requests",
+                                     registry=r)
         self.generation_tokens = Counter("kvstrata_generation_tokens", "generated tokens", registry=r)
         self.cached_prompt_tokens = Counter(
             "kvstrata_cached_prompt_tokens", "prompt tokens loaded instead of computed, by tier", ["tier"], registry=r)
@@ -76,6 +77,13 @@ class Metrics:
             self.tpot.observe(1.0 / rate)
         if m.finished_time is not None:
             self.e2e.observe(max(0.0, m.finished_time - m.arrival_time))
+
+    def observe_aborted(self, out: "RequestOutput") -> None:
+        """Record a request aborted after it started (its client left): its prompt and the tokens generated
+        so far count, with finish_reason `abort`."""
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
+        self.finished.labels("abort").inc()
 
     def _tiers(self, kv: dict) -> None:
         for name, st in (kv.get("tiers") or {}).items():

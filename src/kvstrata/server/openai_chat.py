@@ -3,7 +3,9 @@
 With tools active (tools given, tool_choice not "none"), a streamed reply is parsed as it is
 generated (tokenizer/tool_stream.py): text goes out as content deltas, and from the tool-call opening
 tag on, each call as a tool_calls delta with its id and name, then its arguments in fragments. The
-content and calls they add up to are those of the same reply non-streamed. In any stream with nothing
+content and calls they add up to are those of the same reply non-streamed. `parallel_tool_calls`
+(default true) allows up to MAX_PARALLEL_CALLS calls in a reply, also under tool_choice "required";
+false allows one (chat_format.call_limit). In any stream with nothing
 to send for KEEPALIVE_S an SSE comment goes out, so clients and proxies see a live connection.
 """
 
@@ -53,22 +55,25 @@ class ChatPlan:
         msgs = cf.messages_to_dicts(body.messages)
         text = cf.render(st.tokenizer, msgs, tools, choice, context=st.engine.max_model_len)
         self.prompt = st.tokenizer.encode(text, add_special_tokens=False)
-        forced = cf.forced_spec(tools, choice)
+        self.max_calls = cf.call_limit(body.parallel_tool_calls, choice)
+        forced = cf.forced_spec(tools, choice, self.max_calls)
         structured = cf.structured_from_response_format(body.response_format)
         if forced and structured:
             raise APIError(400, "a forced tool call and response_format cannot be combined", param="response_format")
         self.parse_tools = cf.parses_tools(tools, choice)
         self.top = (body.top_logprobs or 0) if body.logprobs else 0
-        self.params = build_sampling(
+        params = build_sampling(
             st, body, len(self.prompt), max_tokens=body.max_completion_tokens or body.max_tokens, n=body.n,
-            logprobs=self.top if body.logprobs else None, structured=forced or structured)
+            logprobs=self.top if body.logprobs else None, structured=forced or structured,
+            max_tokens_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        self.params = cf.stop_after_call(params, forced, self.parse_tools, self.max_calls)
         self.rc = request_class(body)
 
 
 def chat_choices(st: ServerState, out: RequestOutput, plan: ChatPlan) -> list[dict[str, Any]]:
     choices = []
     for o in out.outputs:
-        msg, has_calls = cf.assistant_message(o.text, plan.parse_tools)
+        msg, has_calls = cf.assistant_message(o.text, plan.parse_tools, plan.max_calls)
         choices.append({
             "index": o.index,
             "message": {**msg, "refusal": None},
@@ -110,7 +115,7 @@ async def _stream(st: ServerState, plan: ChatPlan, cid: str, model: str, first: 
     sent_tokens = [0] * n
     done = [False] * n
     want_lp = plan.params.logprobs is not None
-    parsers = [ToolCallStream() for _ in range(n)] if plan.parse_tools else None
+    parsers = [ToolCallStream(plan.max_calls) for _ in range(n)] if plan.parse_tools else None
 
     def chunk(choices: list[dict], **extra: Any) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -89,6 +89,7 @@ class ResponsesRequest(SamplingFields):
     max_output_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
     text: Optional[dict[str, Any]] = None
     stream: bool = False
     store: bool = True
@@ -125,6 +126,7 @@ class SessionGenerate(SamplingFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[dict[str, Any]] = None
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class SessionPark(_Lenient):

@@ -199,7 +199,8 @@ def _response(body: ResponsesRequest, rid: str, *, status: str, output: list[dic
         "id": rid, "object": "response", "created_at": now(), "status": status,
         "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
-        "output": output, "parallel_tool_calls": True,
+        "output": output,
+        "parallel_tool_calls": cf.call_limit(body.parallel_tool_calls, chat_tool_choice(body.tool_choice)) > 1,
         "previous_response_id": body.previous_response_id,
         "temperature": body.temperature if body.temperature is not None else 1.0,
         "top_p": body.top_p if body.top_p is not None else 1.0, "tool_choice": body.tool_choice or "auto",
@@ -256,7 +257,8 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
     def make_params(prompt_len: int, forced: dict | None):
         if forced and structured:
             raise APIError(400, "a forced tool call and text.format cannot be combined", param="text")
-        return build_sampling(st, body, prompt_len, max_tokens=body.max_output_tokens, structured=forced or structured)
+        return build_sampling(st, body, prompt_len, max_tokens=body.max_output_tokens, structured=forced or structured,
+                              max_tokens_param="max_output_tokens")
 
     sess, turn_no, branched_from = await _session_for(st, body, who, tools)
     async with st.session_lock(sess.id):
@@ -271,11 +273,12 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
             await _context_management(st, body, sess, who, new_msgs, make_params, choice)
         input_from = sess.num_messages
         if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
-            plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice)
+            plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice,
+                             parallel_tool_calls=body.parallel_tool_calls)
             first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class, program=sess.id)
         else:
             turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=choice,
-                                                persist=persist)
+                                                parallel_tool_calls=body.parallel_tool_calls, persist=persist)
     if body.stream:
         from kvstrata.server.responses_stream import events as stream_events  # it imports this module
 

@@ -115,7 +115,7 @@ async def events(st: ServerState, body: ResponsesRequest, who: Any, sess: Sessio
                       branched_from=branched_from)
     yield ev("response.created", response=start)
     yield ev("response.in_progress", response=start)
-    parser = ToolCallStream() if plan.parse_tools else PlainStream()
+    parser = ToolCallStream(plan.max_calls) if plan.parse_tools else PlainStream()
     items = _Items(ev)
     last = first
     try:

@@ -2,7 +2,8 @@
 
     POST   /v1/sessions                      {system, tools, class, messages, metadata} -> session
     GET    /v1/sessions                      ?limit&after&state&order -> list
-    GET    /v1/sessions/{id}                 ?include_tokens&locate -> session with messages
+    GET    /v1/sessions/{id}                 ?include_tokens&locate -> session with messages, where its KV is,
+                                             what its turns computed and restored (kv_location, kv_stats)
     DELETE /v1/sessions/{id}
     POST   /v1/sessions/{id}/messages        {messages} (user turns, tool results)
     POST   /v1/sessions/{id}/generate        {sampling..., messages} -> assistant message + usage
@@ -77,12 +78,13 @@ async def list_sessions(request: Request, who=Depends(owner), limit: int = Query
 
 @router.get("/{session_id}")
 async def get_session(session_id: str, request: Request, who=Depends(owner), include_tokens: bool = False,
-                      locate: bool = Query(False, description="report where the session's KV is, per tier")):
+                      locate: bool = Query(True, description="report where the session's KV is now, per place")):
     st = get_state(request)
     s = await st.db(st.store.get_session, session_id, owner=who)
     d = session_json(s, include_tokens=include_tokens)
     if locate:
         d["kv_location"] = await st.skv.locate(s.token_ids)
+    d["kv_stats"] = st.skv.stats.get(s.id)  # since this process started (sessions/stats.py)
     return d
 
 
@@ -122,7 +124,8 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         if forced and structured:
             raise APIError(400, "a forced tool call and response_format cannot be combined", param="response_format")
         return build_sampling(st, body, prompt_len, max_tokens=body.max_completion_tokens or body.max_tokens,
-                              logprobs=top, structured=forced or structured)
+                              logprobs=top, structured=forced or structured,
+                              max_tokens_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
 
     async with st.session_lock(session_id):
         sess = await st.db(st.store.get_session, session_id, owner=who)
@@ -131,7 +134,8 @@ async def generate(session_id: str, body: SessionGenerate, request: Request, who
         if body.expected_version is not None and sess.version != body.expected_version:
             raise VersionConflict(session_id, body.expected_version, sess.version)
         await st.skv.resume(sess, who)  # parked or paused on a tool: the KV comes back first
-        turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice)
+        turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=body.tool_choice,
+                                            parallel_tool_calls=body.parallel_tool_calls)
     return {
         "id": new_id("gen-"), "object": "session.generation", "session_id": session_id,
         "message": turn.message, "finish_reason": turn.finish_reason, "usage": turn.usage,

@@ -17,6 +17,7 @@ from fastapi import Request
 
 from kvstrata.engine.admission import Admission
 from kvstrata.engine.async_engine import AsyncEngine
+from kvstrata.server.access import RecentRequests
 from kvstrata.server.errors import APIError
 from kvstrata.server.health import StoreHealth
 from kvstrata.server.limits import ServerLimits
@@ -45,6 +46,7 @@ class ServerState:
     _session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # for requests that set no sampling
     memory: Any = None  # server/memory_api.py MemoryServices: recall, compaction defaults, retention
+    recent: RecentRequests = field(default_factory=RecentRequests)  # for the status page (server/access.py)
     skv: SessionKV = field(init=False)  # the one owner of every session's KV between turns
 
     def __post_init__(self) -> None:

@@ -46,6 +46,7 @@ import time
 from typing import Any
 
 from kvstrata.core import KvstrataError, SamplingParams
+from kvstrata.sessions.stats import SessionStats
 from kvstrata.sessions.store import SessionStore
 from kvstrata.sessions.turns import sync
 from kvstrata.sessions.types import ANY_OWNER, Owner, Session, SessionInfo, SessionState
@@ -63,6 +64,7 @@ class SessionKV:
         self._holds: dict[str, list[int]] = {}  # session id -> device blocks held for it (engine thread)
         self._timers: dict[str, asyncio.Task] = {}  # session id -> its TTL expiry or prefetch-ahead task
         self._moved: dict[str, str] = {}  # session id -> tier its KV went to when a keep's TTL ended
+        self.stats = SessionStats()  # per session: tokens computed / restored, bytes moved, time parked
         self.counters = {"pauses": 0, "parks": 0, "resumes": 0, "prefetched_tokens": 0, "park_failures": 0,
                          "ttl_expiries": 0, "prefetched_ahead_tokens": 0}
 
@@ -90,6 +92,7 @@ class SessionKV:
             self._holds[sid] = e.kv.hold(ids)
         elif d["action"] != "drop":  # (a drop holds nothing: freeing blocks nobody needs yet gains nothing)
             res = e.offload.park(ids, d["action"], pin=True)
+            self.stats.moved_down(sid, (res["blocks_written"] + res["blocks_already_there"]) * pool.block_bytes)
             if res["failed"]:
                 log.warning("session %s: pausing to %s wrote %d of %d blocks; the rest will be recomputed",
                             sid, d["action"], res["blocks_written"] + res["blocks_already_there"], nblocks)
@@ -114,6 +117,8 @@ class SessionKV:
                                 "or --kv-redis-url")
         self._release(e, sid)
         res = e.offload.park(ids, tier, pin=True)
+        if not res["failed"]:
+            self.stats.moved_down(sid, (res["blocks_written"] + res["blocks_already_there"]) * e.pool.block_bytes)
         if res["failed"]:  # not parked: undo the pins this park put on the blocks that did get there
             e.offload.unpin(ids[: res["tokens"]], tier)
         return res
@@ -215,6 +220,7 @@ class SessionKV:
             loaded = 0
         self.counters["resumes"] += 1
         self.counters["prefetched_tokens"] += loaded
+        self.stats.came_back(sid, tier or (placement or {}).get("action"), loaded)
         log.debug("session %s resumed: %d tokens prefetched in %.3fs", sid, loaded, time.perf_counter() - t0)
         if sess.state == SessionState.PARKED:
             info = await self._db(self.store.set_state, sid, SessionState.ACTIVE, owner=owner,

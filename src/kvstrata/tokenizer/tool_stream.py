@@ -11,6 +11,8 @@ announced:
 - a call in the usual `{"name": ..., "arguments": {...}}` order is announced once its name is whole and
   its arguments object is streamed as written (parse_tool_calls keeps that text too), up to where the
   object closes; any other shape is announced whole when its tag closes;
+- with `max_calls`, the output ends after that many calls (as parse_tool_calls(text, max_calls)):
+  nothing after the last one kept goes out, and `full` tells the caller it may stop generating;
 - a tag whose body turns out not to be a call is text, as in parse_tool_calls. A streamed call whose
   arguments then fail to parse (possible only when decoding is unconstrained) stays a call with the
   arguments sent: the stream cannot take events back.
@@ -91,7 +93,8 @@ class _Call:
 class ToolCallStream:
     """One choice's output, parsed for `<tool_call>` tags as it grows (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_calls: int | None = None) -> None:
+        self.max_calls = max_calls
         self.pos = 0  # text before it is handled
         self.call: _Call | None = None  # the open call
         self.calls: list[dict] = []  # finished calls, OpenAI shape
@@ -164,13 +167,18 @@ class ToolCallStream:
         self.pos = tag_end
 
     # -- driving -------------------------------------------------------------------------------------
+    @property
+    def full(self) -> bool:
+        """Whether the output already holds `max_calls` calls (what follows is dropped)."""
+        return self.max_calls is not None and len(self.calls) >= self.max_calls
+
     def feed(self, text: str) -> list[Event]:
         """The events the output so far newly allows; `text` extends the previous one."""
         if not text.startswith(self.text):
             raise ValueError("ToolCallStream.feed: the text must extend the previous text")
         self.text = text
         out: list[Event] = []
-        while True:
+        while not self.full:
             c = self.call
             if c is None:
                 j = text.find(TOOL_CALL_OPEN, self.pos)
@@ -188,14 +196,15 @@ class ToolCallStream:
                 self._open_progress(c, out)
                 return out
             self._close(c, k, k + len(TOOL_CALL_CLOSE), out)
+        return out
 
     def finish(self) -> tuple[list[Event], str | None, list[dict]]:
         """The last events of the finished output (a last tag left open counts as closed, and text held
         back goes out), then the final content (None when empty) and calls."""
         out: list[Event] = []
-        if self.call is not None:
+        if self.call is not None and not self.full:
             self._close(self.call, len(self.text), len(self.text), out)
-        else:
+        elif not self.full:
             self._emit_text(self.text[self.pos:], out)
             self.pos = len(self.text)
         return out, (self.content or None), self.calls

@@ -31,6 +31,7 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 _ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_PARALLEL_CALLS = 8  # calls one reply may make when parallel tool calls are allowed
 # JSON layout of every constrained output (json_object, json_schema, tool-call arguments): compact, one
 # space after ',' and ':' (what json.dumps writes by default), no free whitespace.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -90,13 +91,13 @@ def _tool_choice_name(tool_choice) -> str | None:
     return None
 
 
-def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
+def forced_tool_call_spec(tools: list[dict], tool_choice, max_calls: int = 1) -> dict | None:
     """The `SamplingParams.structured` spec that forces a tool call, or None when nothing is forced.
 
-    "required": exactly one call of any of the tools; a named function: exactly one call of it. The
-    arguments always match the function's parameters schema (see `schema_with_options`). Set the
-    returned spec's "multiple" to True to allow several newline-separated calls (small models then
-    tend to repeat calls until max_tokens, so it is off by default).
+    "required": one to `max_calls` newline-separated calls of any of the tools (parallel tool calls;
+    the bound keeps a small model that repeats calls from running to max_tokens); a named function:
+    exactly one call of it. The arguments always match the function's parameters schema (see
+    `schema_with_options`).
     """
     name = _tool_choice_name(tool_choice)
     if tool_choice != "required" and name is None:
@@ -104,6 +105,8 @@ def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
     validate_tools(tools)
     if not tools:
         raise KvstrataError(f"tool_choice {tool_choice!r} needs at least one tool in 'tools'")
+    if isinstance(max_calls, bool) or not isinstance(max_calls, int) or not 1 <= max_calls <= MAX_PARALLEL_CALLS:
+        raise KvstrataError(f"max_calls must be 1 to {MAX_PARALLEL_CALLS}; got {max_calls!r}")
     fns = [t["function"] for t in tools]
     if name is not None:
         fns = [f for f in fns if f["name"] == name]
@@ -114,7 +117,7 @@ def forced_tool_call_spec(tools: list[dict], tool_choice) -> dict | None:
         "type": "tool_call",
         "functions": [{"name": f["name"], "parameters": f.get("parameters") or {"type": "object", "properties": {}},
                        "strict": bool(f.get("strict", False))} for f in fns],
-        "multiple": False,
+        "max_calls": max_calls if name is None else 1,
     }
     import llguidance
 
@@ -172,7 +175,7 @@ def tool_call_lark(spec: dict) -> str:
     """Lark grammar for one or more `<tool_call>{"name": "f", "arguments": {...}}</tool_call>`.
 
     spec: {"type": "tool_call", "functions": [{"name": str, "parameters": schema, "strict": bool}],
-    "multiple": bool}; calls are separated by one newline when `multiple`.
+    "max_calls": int (default 1)}; several calls are separated by one newline.
     """
     fns = spec.get("functions")
     if not isinstance(fns, list) or not fns:
@@ -189,7 +192,10 @@ def tool_call_lark(spec: dict) -> str:
         args = json.dumps(schema_with_options(params, bool(f.get("strict", False))))
         rules.append(f"fn{i}: {json.dumps(head)} args{i} \"}}\"\nargs{i}: %json {args}")
         alts.append(f"fn{i}")
-    start = 'start: call ("\\n" call)*' if spec.get("multiple", False) else "start: call"
+    n = spec.get("max_calls", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise KvstrataError(f"structured output of type 'tool_call': max_calls must be a positive integer; got {n!r}")
+    start = f'start: call ("\\n" call){{0,{n - 1}}}' if n > 1 else "start: call"
     call = 'call: "<tool_call>" (' + " | ".join(alts) + ') "</tool_call>"'
     return "\n".join([start, call, *rules]) + "\n"
 
@@ -368,12 +374,13 @@ def _as_call(body: str) -> dict | None:
     return _call(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+def parse_tool_calls(text: str, max_calls: int | None = None) -> tuple[str | None, list[dict]]:
     """Model output -> (content outside the tool-call tags, stripped, or None; OpenAI tool_calls).
 
     Reads `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (whitespace inside the tags is
     fine; a last tag left unclosed at the end of the text counts). A tag whose body is not such a JSON
-    object stays in the content as written. Never raises.
+    object stays in the content as written. With `max_calls`, the output ends after that many calls:
+    what follows the last one kept is dropped. Never raises.
     """
     if not isinstance(text, str) or TOOL_CALL_OPEN not in text:
         content = text.strip() if isinstance(text, str) else ""
@@ -389,6 +396,9 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
         else:
             calls.append(call)
         pos = m.end()
-    kept.append(text[pos:])
+        if max_calls is not None and len(calls) >= max_calls:
+            break
+    else:
+        kept.append(text[pos:])
     content = "".join(kept).strip()
     return (content or None), calls
