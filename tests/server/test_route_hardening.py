@@ -102,7 +102,9 @@ def test_parking_on_an_unwritable_disk_reports_it_and_does_not_park(tiny_llama, 
         store.close()
 
 
-def test_a_tool_stream_sends_keepalives_while_it_holds_the_reply(tiny_server, slow_steps, monkeypatch):
+def test_a_tool_stream_is_never_silent_for_a_second(tiny_server, slow_steps, monkeypatch):
+    """A stream with tools (once held back whole until the reply was complete, so clients timed out under
+    load) sends text as it is generated, and a keep-alive comment whenever nothing else went out."""
     monkeypatch.setattr("kvstrata.server.common.KEEPALIVE_S", 0.1)
     body = {**LONG, "max_tokens": 300, "stream": True, "tools": TOOLS, "tool_choice": "auto"}  # tools: a longer prompt
     lines: list[tuple[float, str]] = []
@@ -114,7 +116,6 @@ def test_a_tool_stream_sends_keepalives_while_it_holds_the_reply(tiny_server, sl
                 lines.append((time.perf_counter() - t0, line))
     kinds = ["keepalive" if ln.startswith(":") else ("done" if ln == "data: [DONE]" else "data") for _, ln in lines]
     assert kinds[0] == "data" and kinds[-1] == "done"  # the role chunk first, at once
-    content = [i for i, k in enumerate(kinds) if k == "data"][1]  # the held-back reply
-    assert kinds[1:content].count("keepalive") >= 3, kinds
-    gaps = [b[0] - a[0] for a, b in zip(lines, lines[1:content + 1])]
+    assert kinds.count("data") > 5, kinds  # the reply streams as generated, not in one piece at the end
+    gaps = [b[0] - a[0] for a, b in zip(lines, lines[1:])]
     assert max(gaps) < 1.0, gaps  # never a second of silence
