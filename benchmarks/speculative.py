@@ -62,11 +62,13 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=4)
     ap.add_argument("--max-turns", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads of the native step (1 is steadier on a loaded machine)")
     a = ap.parse_args()
     if a.quick:
         a.sessions, a.max_turns, a.max_tokens = 2, 6, 64
-    torch.set_num_threads(os.cpu_count() or 1)
-    engines = {k: LLM("default", kv_device_bytes="1G", speculative=k) for k in ("off", "on")}
+    torch.set_num_threads(a.threads)
+    engines = {k: LLM("default", kv_device_bytes="1G", speculative=k, num_threads=a.threads) for k in ("off", "on")}
     tok = engines["off"].tokenizer
     prompts = [tok.encode_chat(m) for m in turns(a.sessions, a.max_turns)]
     c0 = dict(engines["on"].engine.counters)
@@ -85,7 +87,7 @@ def main() -> None:
         data[f"concurrent_{n}_identical"] = agg["off"][1] == agg["on"][1]
         rows.append([f"{n} concurrent, aggregate tok/s", f"{agg['off'][0]:.1f}", f"{agg['on'][0]:.1f}",
                      f"{agg['on'][0] / agg['off'][0]:.2f}x"])
-    md = (f"# Speculative decoding (prompt lookup) on tau-bench assistant turns\n\n{machine()}; {len(prompts)} turns, "
+    md = (f"# Speculative decoding (prompt lookup) on tau-bench assistant turns\n\n{machine()}, {a.threads} thread(s); {len(prompts)} turns, "
           f"greedy, up to {a.max_tokens} tokens; load average at the end {os.getloadavg()[0]:.1f}.\n\n"
           + table(["", "off", "on", "on / off"], rows)
           + f"\n\nAcceptance: {accepted} of {drafted} draft tokens ({accepted / max(drafted, 1):.0%}); greedy output "
