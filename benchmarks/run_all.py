@@ -28,6 +28,7 @@ BENCHES = [
     ("start-up (cold start, server ready, restart, peak RSS; beside llama.cpp when built)", ["-m", "benchmarks.startup"],
      "startup.md"),
     ("engine", ["-m", "benchmarks.engine_bench"], "engine.md"),
+    ("speculative decoding (prompt lookup) on agent turns", ["-m", "benchmarks.speculative"], "speculative.md"),
     ("tier TTFT", ["-m", "benchmarks.tier_ttft"], "tier_ttft.md"),
     ("int8 KV codec effect on output", ["-m", "benchmarks.kv_codec_effect"], "kv_codec_effect.md"),
     ("tier bandwidth", ["-m", "benchmarks.tier_bandwidth"], "tier_bandwidth.md"),
@@ -43,7 +44,7 @@ BENCHES = [
     ("memory: compaction on a long session", ["-m", "benchmarks.memory_compaction"], "memory_compaction.md"),
     ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
-QUICK = {"benchmarks.engine_bench", "benchmarks.agent_replay", "benchmarks.peers.run_peers"}  # take --quick
+QUICK = {"benchmarks.engine_bench", "benchmarks.speculative", "benchmarks.agent_replay", "benchmarks.peers.run_peers"}  # take --quick
 
 
 def present(module: str) -> bool:

@@ -59,6 +59,7 @@ class EngineConfig:
     program_priority: bool = _f(True, "order waiting work by agent program: requests of a session or job task that has had less service go first (least attained service); --no-program-priority: arrival order")
     pause_ttl: bool = _f(True, "a paused session whose KV the cost model keeps in device memory is moved down once its wait outlasts the break-even time (a TTL), instead of being held until it resumes")
     prefetch_ahead: bool = _f(True, "a paused session whose KV went to a tier is prefetched into device memory shortly before its tool is expected to return")
+    speculative: str = _f("off", "speculative decoding by prompt lookup (drafts from the sequence's own tokens, verified in one native step; greedy output identical, sampling distribution preserved; engine/speculative.py): auto (where the native step runs), on (fail without it) or off")
     native_decode: str = _f("auto", "the native C step for every CPU float32 step, prefill and decode, fp32 / int8 / int4 weights (native/, built with the host's C compiler; batch-invariant): auto (use it when it builds), on (fail if it cannot) or off (the torch path)")
 
     def __post_init__(self) -> None:
@@ -72,6 +73,8 @@ class EngineConfig:
             raise KvstrataError(f"quantization must be none, int8, int4 or auto, got {self.quantization!r}")
         if self.native_decode not in ("auto", "on", "off"):
             raise KvstrataError(f"native_decode must be auto, on or off, got {self.native_decode!r}")
+        if self.speculative not in ("auto", "on", "off"):
+            raise KvstrataError(f"speculative must be auto, on or off, got {self.speculative!r}")
         if self.kv_write_policy not in ("write-behind", "write-on-evict", "write-through"):
             raise KvstrataError("kv_write_policy must be write-behind, write-on-evict or write-through, got "
                                 f"{self.kv_write_policy!r}")

@@ -24,6 +24,7 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
+from kvstrata.engine.speculative import NgramDrafter, verify_token
 from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
                                    resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
@@ -106,11 +107,16 @@ class LLMEngine:
         phases.mark("native step")
         self.start_phases = phases
         self.sampler = Sampler()
+        self.speculative = cfg.speculative != "off" and self.runner.native is not None
+        if cfg.speculative == "on" and not self.speculative:
+            raise KvstrataError("--speculative on needs the native step (CPU, float32 compute, a C compiler); "
+                                "use auto or off")
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "cached_prompt_tokens": 0,
-                         "generated_tokens": 0, "steps": 0, "preemptions": 0}
+                         "generated_tokens": 0, "steps": 0, "preemptions": 0, "draft_tokens": 0,
+                         "accepted_draft_tokens": 0}
         log.info("engine ready in %.1fs: %s, KV pool up to %d blocks of %d tokens (%.0f MiB, committed as used), "
                  "device %s, dtype %s, quantization %s, native decode %s", phases.total, mc.name or cfg.model, nblocks,
                  cfg.block_size, nblocks * self.pool.block_bytes / 2**20, self.device,
@@ -182,6 +188,13 @@ class LLMEngine:
 
     # -- the step loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.speculative:
+            if self.runner.native is None:  # (the native step failed: the torch path is not exact)
+                self.speculative = False
+                for seq in self.scheduler.running:
+                    seq.draft_token_ids = []
+            else:
+                self._propose_drafts()
         so = self.scheduler.schedule()
         self.counters["preemptions"] += len(so.preempted)
         if so.empty:
@@ -199,17 +212,71 @@ class LLMEngine:
                 self.counters["computed_prompt_tokens"] += n
         sample_seqs, logits = self.runner.execute(so)
         for s in so.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            self.kv.commit(s.seq)
+            if not s.seq.draft_token_ids:  # (a sequence with drafts advances by what it accepts)
+                s.seq.num_computed_tokens += s.num_new_tokens
+                self.kv.commit(s.seq)
         touched: dict[str, None] = {s.seq.request_id: None for s in so.scheduled}
         if sample_seqs:
-            tokens = self.sampler(sample_seqs, logits)
-            for seq, tok in zip(sample_seqs, tokens):
-                self._append_token(seq, tok)
+            plain, rows, drafted, r = [], [], [], 0
+            for seq in sample_seqs:
+                if seq.draft_token_ids:
+                    drafted.append((seq, r))
+                    r += 1 + len(seq.draft_token_ids)
+                else:
+                    plain.append(seq)
+                    rows.append(r)
+                    r += 1
+            if plain:
+                tokens = self.sampler(plain, logits[rows] if drafted else logits)
+                for seq, tok in zip(plain, tokens):
+                    self._append_token(seq, tok)
+            for seq, r in drafted:
+                self._verify(seq, logits[r : r + 1 + len(seq.draft_token_ids)])
         self.counters["steps"] += 1
         return [self._output(rid) for rid in touched if rid in self.requests]
 
+    def _propose_drafts(self) -> None:
+        """Drafts for every running sequence about to decode (engine/speculative.py); the scheduler may cut them."""
+        for seq in self.scheduler.running:
+            seq.draft_token_ids = []
+            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.logits_processor is not None:
+                continue
+            if seq.drafter is None:
+                seq.drafter = NgramDrafter()
+            limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens)
+            seq.draft_token_ids = seq.drafter.propose(seq, limit)
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Emit the accepted drafts and one more token from the rows (1 + k, V) of seq's last token and its
+        k drafts; only the accepted tokens count as computed, so rejected rows leave nothing behind."""
+        drafts, seq.draft_token_ids = seq.draft_token_ids, []
+        accepted = 0
+        for i in range(len(drafts) + 1):
+            draft = drafts[i] if i < len(drafts) else None
+            tok = verify_token(seq, logits[i], draft)
+            self._push_token(seq, tok)
+            if tok != draft or seq.finish_reason is not None:
+                break
+            accepted += 1
+        seq.num_computed_tokens = seq.num_tokens - 1  # the last real token and the accepted drafts
+        self.kv.commit(seq)
+        seq.drafter.update(len(drafts), accepted)  # type: ignore[attr-defined]
+        self.counters["draft_tokens"] += len(drafts)
+        self.counters["accepted_draft_tokens"] += accepted
+        if seq.finish_reason is not None:
+            self._finish(seq)
+
     def _append_token(self, seq: Sequence, tok: int) -> None:
+        self._push_token(seq, tok)
+        if seq.finish_reason is not None:
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.metrics.finished_time = time.time()
+        self.scheduler.finish(seq)
+
+    def _push_token(self, seq: Sequence, tok: int) -> None:
+        """Append one generated token; sets finish_reason when it stops the sequence."""
         p = seq.params
         seq.output_token_ids.append(tok)
         self.counters["generated_tokens"] += 1
@@ -227,9 +294,6 @@ class LLMEngine:
             len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
         ):
             seq.finish_reason = FinishReason.LENGTH
-        if seq.finish_reason is not None:
-            seq.metrics.finished_time = time.time()
-            self.scheduler.finish(seq)
 
     def _check_stop_strings(self, seq: Sequence, delta_len: int) -> None:
         text = seq.detok.text

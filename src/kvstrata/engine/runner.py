@@ -48,12 +48,15 @@ class ModelRunner:
             if n == 1:
                 tokens.append(seq.token_at(start))
             else:
-                tokens.extend(seq.all_token_ids[start : start + n])
+                tokens.extend(_step_tokens(seq, start, n))
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             row_seq.extend([i] * n)
             tables.append(table)
-            if start + n == seq.num_tokens:  # caught up: the last position's logits give the next token
+            if seq.draft_token_ids:  # the last token and its drafts: every row's logits are verified
+                out_rows.extend(range(len(tokens) - n, len(tokens)))
+                seqs.append(seq)
+            elif start + n == seq.num_tokens:  # caught up: the last position's logits give the next token
                 out_rows.append(len(tokens) - 1)
                 seqs.append(seq)
         t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
@@ -62,7 +65,8 @@ class ModelRunner:
         return seqs, logits
 
     def execute(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Runs one step. Returns the sequences that get a next token this step and their logits (S, V)."""
+        """Runs one step. Returns the sequences that get a next token this step and their logits: one row
+        each, or 1 + len(seq.draft_token_ids) consecutive rows for a sequence with drafts."""
         if self.native is not None and so.scheduled:
             try:
                 return self._execute_native(so)
@@ -82,8 +86,7 @@ class ModelRunner:
         for s in so.scheduled:
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
-            toks = seq.all_token_ids[start : start + n]
-            ids.extend(toks)
+            ids.extend(_step_tokens(seq, start, n))
             pos = torch.arange(start, start + n)
             table = torch.tensor(seq.block_table, dtype=torch.long)
             positions.append(pos)
@@ -95,7 +98,10 @@ class ModelRunner:
             else:
                 nblk = self.kv.blocks_needed(start + n)
                 meta.prefills.append(PrefillSpan(offset, n, start, table[:nblk].to(dev)))
-            if start + n == seq.num_tokens:  # caught up: the last position's logits give the next token
+            if seq.draft_token_ids:
+                sample_rows.extend(range(offset, offset + n))
+                sample_seqs.append(seq)
+            elif start + n == seq.num_tokens:  # caught up: the last position's logits give the next token
                 sample_rows.append(offset + n - 1)
                 sample_seqs.append(seq)
             offset += n
@@ -128,6 +134,13 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
         return sample_seqs, logits
+
+
+def _step_tokens(seq: Sequence, start: int, n: int) -> list[int]:
+    """The tokens at positions start..start+n-1: the sequence's own, then its drafts."""
+    if seq.draft_token_ids:  # (a decode with drafts: start is the last token's position)
+        return [seq.token_at(start), *seq.draft_token_ids[: n - 1]]
+    return seq.all_token_ids[start : start + n]
 
 
 def _first_block_if_adjacent(table: list[int]) -> int | None:

@@ -116,7 +116,13 @@ class Scheduler:
             if seq not in self.running:  # preempted to make room for an older one
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if seq.request_class == RequestClass.BATCH and n > 1:
+            if seq.draft_token_ids:  # a decode with drafts: never preempt or exceed the budget for them
+                k = min(len(seq.draft_token_ids), budget - 1)
+                if k and not self.kv.can_allocate(seq, 1 + k):
+                    k = 0
+                del seq.draft_token_ids[k:]
+                n = 1 + k
+            elif seq.request_class == RequestClass.BATCH and n > 1:
                 n = min(n, max(budget - reserve, 0))  # batch prefill leaves room for waiting interactive work
                 if n == 0:
                     continue
@@ -180,6 +186,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute-preemption: its blocks go back to the pool (still cached by key), it waits again."""
         self.running.remove(seq)
+        seq.draft_token_ids.clear()
         if self.on_preempt is not None:
             self.on_preempt(seq)
         self.kv.free(seq)

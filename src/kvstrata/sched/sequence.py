@@ -46,6 +46,10 @@ class Sequence:
     # the agent program this request belongs to (a session, a job task): the scheduler orders waiting work
     # by the service its program has had so far (sched/scheduler.py); None: the request alone
     program: str | None = None
+    # speculative decoding (engine/speculative.py): tokens proposed to follow this step's last token,
+    # computed with it as one chunk and verified from its logits; never part of the sequence's tokens
+    draft_token_ids: list[int] = field(default_factory=list)
+    drafter: object = None  # NgramDrafter, set by the engine when speculation is on
 
     def __post_init__(self) -> None:
         if self.metrics is None:

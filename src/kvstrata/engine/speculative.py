@@ -1,0 +1,129 @@
+"""Speculative decoding by prompt lookup: drafts from a sequence's own tokens, verified in one step.
+
+Agents repeat themselves: tool names, JSON arguments, file contents, earlier answers. For a decoding
+sequence the drafter finds the most recent earlier occurrence of the longest suffix (MAX_NGRAM down to
+MIN_NGRAM tokens) of its tokens (prompt + output) and proposes the k tokens that followed it there. The
+scheduler then computes the sequence's last token and its k drafts as one chunk of k + 1 rows, all of whose
+logits come back; the native step's batch invariance makes row i's logits exactly those a plain decode
+of the same prefix would give (docs/batch_invariance.md), so:
+
+- greedy: drafts are accepted while they equal the argmax of the request's processed logits, and the first
+  mismatch is replaced by that argmax: the tokens are those of decoding without speculation, bit for bit;
+- sampling: draft x is accepted with probability p(x) under the request's whole sampling transform
+  (penalties, temperature, top-k / top-p / min-p); on rejection the token is drawn from p with x removed
+  and renormalised. For a deterministic draft this emits exactly p (Leviathan et al. 2023, Chen et al.
+  2023, with q a point mass at x). The draws come from the request's own generator, so a seeded request
+  reproduces alone or batched as long as its drafts are not cut by the step's token budget or memory.
+
+Rejected drafts leave no trace: the engine sets `num_computed_tokens` to the accepted tokens only, so the
+pool slots of rejected rows are overwritten before anything reads them, and only full blocks of accepted
+tokens are ever registered into the prefix cache or written down the tiers (kv/manager.py `commit`).
+
+Adaptive per sequence: the draft length grows by 2 while every draft is accepted (to MAX_DRAFT) and
+shrinks by one on a rejection; when the acceptance rate (a moving average) drops below LOW_ACCEPT the
+sequence stops drafting for a pause that doubles each time (up to MAX_PAUSE steps).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstrata.engine.sampler import apply_penalties, filter_logits, token_logprob
+from kvstrata.sched.sequence import Sequence
+
+MAX_NGRAM, MIN_NGRAM = 3, 1
+START_DRAFT, MAX_DRAFT = 4, 12
+LOW_ACCEPT, EMA = 0.3, 0.3  # acceptance below which drafting pauses; weight of the latest verification
+MAX_PAUSE = 64
+
+
+class NgramDrafter:
+    """Per-sequence prompt-lookup state: an index of every n-gram of its tokens to where it last ended."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []  # a copy of the sequence's tokens, extended as it grows
+        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in range(MAX_NGRAM + 1)]
+        self.indexed = 0  # n-grams ending before this position are in the index
+        self.k = START_DRAFT
+        self.accept_rate = 1.0
+        self.pause = 0  # steps left without drafting
+        self.next_pause = 2
+
+    def _sync(self, seq: Sequence) -> None:
+        toks, n_prompt = self.tokens, len(seq.prompt_token_ids)
+        if len(toks) < n_prompt:
+            toks.extend(seq.prompt_token_ids[len(toks):])
+        toks.extend(seq.output_token_ids[len(toks) - n_prompt:])
+        # index n-grams that end at j for j <= len - 2, mapped to j + 1 (where their continuation starts);
+        # the suffix itself (ending at len - 1) is not indexed yet, so a lookup finds an earlier occurrence
+        for j in range(self.indexed, len(toks) - 1):
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, j + 1) + 1):
+                self.index[n][tuple(toks[j - n + 1: j + 1])] = j + 1
+        self.indexed = max(self.indexed, len(toks) - 1)
+
+    def propose(self, seq: Sequence, limit: int) -> list[int]:
+        """Up to min(self.k, limit) draft tokens to follow seq's tokens ([] when none match or paused)."""
+        self._sync(seq)
+        if self.pause > 0:
+            self.pause -= 1
+            return []
+        k = min(self.k, limit)
+        if k <= 0:
+            return []
+        toks = self.tokens
+        for n in range(min(MAX_NGRAM, len(toks)), MIN_NGRAM - 1, -1):
+            start = self.index[n].get(tuple(toks[len(toks) - n:]))
+            if start is not None:
+                return toks[start: start + k]
+        return []
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """After a verification of `drafted` tokens of which the first `accepted` were kept."""
+        if drafted == 0:
+            return
+        self.k = min(self.k + 2, MAX_DRAFT) if accepted == drafted else max(1, self.k - 1)
+        self.accept_rate = (1 - EMA) * self.accept_rate + EMA * accepted / drafted
+        if self.accept_rate < LOW_ACCEPT:
+            self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, MAX_PAUSE)
+            self.accept_rate = 0.5  # start again from neutral when the pause ends
+        elif self.accept_rate > 0.6:
+            self.next_pause = 2
+
+
+def target_probs(seq: Sequence, row: torch.Tensor) -> torch.Tensor | None:
+    """The request's sampling distribution for one row of logits (V,) under its whole transform, given the
+    tokens the sequence holds now; None when it is degenerate (the sampler then takes the mode)."""
+    p = seq.params
+    row = filter_logits(apply_penalties(row, seq) / p.temperature, p.top_k, p.top_p, p.min_p)
+    probs = torch.softmax(row, -1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return None
+    return probs
+
+
+def verify_token(seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
+    """The token to emit at this row given the draft proposed for it (None: the row past the drafts).
+    Greedy: the argmax (so a draft is kept iff it is the argmax). Sampling: the draft kept with
+    probability p(draft), else a draw from p without it; without a draft, a draw from p. Logprobs of the
+    emitted token (from the raw logits, as the sampler takes them) are appended when asked."""
+    p = seq.params
+    if p.greedy:
+        tok = int((row if p.plain else apply_penalties(row, seq)).argmax())
+    else:
+        probs = target_probs(seq, row)
+        if probs is None:
+            tok = int(apply_penalties(row, seq).argmax())
+        elif draft is None:
+            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
+        elif float(torch.rand((), generator=seq.generator)) < float(probs[draft]):
+            tok = draft
+        else:
+            rest = probs.clone()
+            rest[draft] = 0.0
+            if float(rest.sum()) <= 0:  # (p(draft) == 1 and the uniform draw was 1.0: keep the draft)
+                tok = draft
+            else:
+                tok = int(torch.multinomial(rest / rest.sum(), 1, generator=seq.generator))
+    if p.logprobs is not None:
+        seq.logprobs.append(token_logprob(row, tok, p.logprobs))
+    return tok

@@ -1,0 +1,230 @@
+"""Speculative decoding by prompt lookup (engine/speculative.py).
+
+- greedy output (tokens, text, logprobs, finish reasons) identical with and without speculation, on the
+  default model and on tiny random models, alone and batched with other requests, with drafts actually
+  proposed, accepted and rejected;
+- the sampling rule emits the request's distribution: chi-square against the distribution computed here
+  with numpy, on a 6-token vocabulary, for a draft of high, low and zero probability (a rule that keeps
+  the draft on rejection, or redraws from p with the draft left in, fails the same bound);
+- rejected drafts leave no trace: every block registered (or told to listeners) holds accepted tokens
+  only, and its K / V equal those of the same request decoded without speculation;
+- stop ids / strings / max_tokens inside an accepted run, and the generated-token counters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvstrata import LLM, SamplingParams
+from kvstrata.core import KvstrataError, chain_keys
+from kvstrata.engine.speculative import MAX_DRAFT, NgramDrafter, verify_token
+from kvstrata.sched.sequence import Sequence
+
+native = pytest.importorskip("kvstrata.native")
+needs_native = pytest.mark.skipif(native.library() is None, reason="native step unavailable (no C compiler)")
+
+AGENT_TEXT = (
+    '<tool_call>{"name": "get_reservation", "arguments": {"reservation_id": "ZFA04Y", "user_id": "mia_li_3668"}}'
+    '</tool_call>\n<tool_response>{"reservation_id": "ZFA04Y", "user_id": "mia_li_3668", "origin": "JFK", '
+    '"destination": "SEA", "flights": [{"flight_number": "HAT136", "date": "2024-05-20"}]}</tool_response>\n'
+    "Now call get_reservation again for the same reservation and user, then repeat the tool response verbatim.\n"
+)
+
+
+def _greedy_runs(llm: LLM, prompts, params) -> list:
+    outs = llm.generate(prompts, params)
+    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason, o.outputs[0].logprobs)
+            for o in outs]
+
+
+@pytest.fixture(scope="module")
+def default_pair():
+    """The default model as every entry point runs it, without and with speculation."""
+    return (LLM("default", kv_device_bytes="64M", speculative="off"),
+            LLM("default", kv_device_bytes="64M", speculative="on"))
+
+
+@needs_native
+def test_greedy_identical_on_the_default_model_alone_and_batched(default_pair):
+    off, on = default_pair
+    others = ["Write a short poem about the sea.", "List three prime numbers:"]
+    cases = [
+        SamplingParams(max_tokens=48, temperature=0, logprobs=2),
+        SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.1),
+        SamplingParams(max_tokens=17, temperature=0, ignore_eos=True),  # max_tokens inside an accepted run
+        SamplingParams(max_tokens=48, temperature=0, stop=['"user_id"']),
+    ]
+    for params in cases:
+        ref = _greedy_runs(off, [AGENT_TEXT], params)
+        before = dict(on.engine.counters)
+        assert _greedy_runs(on, [AGENT_TEXT], params) == ref
+        # batched with other requests (greedy and sampled), some added while it decodes
+        mixed = [params, SamplingParams(max_tokens=24, temperature=0), SamplingParams(max_tokens=24, seed=3)]
+        got = _greedy_runs(on, [AGENT_TEXT, *others], mixed)
+        assert got[0] == ref[0]
+        assert got[1] == _greedy_runs(off, [others[0]], mixed[1])[0]
+        c = on.engine.counters
+        drafted, accepted = c["draft_tokens"] - before["draft_tokens"], c["accepted_draft_tokens"] - before["accepted_draft_tokens"]
+        assert drafted > 0 and accepted > 0, (params, drafted, accepted)
+    c = on.engine.counters
+    assert c["accepted_draft_tokens"] < c["draft_tokens"]  # rejections happened too
+    assert on.engine.runner.native_steps < c["generated_tokens"]  # fewer steps than tokens
+
+
+class _OracleDrafter(NgramDrafter):
+    """Drafts from a reference run's output, every third draft token wrong: random weights do not copy
+    their context, so this forces long accepted runs and rejections at known places."""
+
+    reference: dict[tuple[int, ...], list[int]] = {}
+
+    def propose(self, seq, limit):
+        ref = self.reference[tuple(seq.prompt_token_ids)]
+        n = len(seq.output_token_ids)
+        drafts = ref[n : n + min(self.k, limit)]
+        return [t if (n + i) % 3 else (t + 1) % 300 for i, t in enumerate(drafts)]
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
+def test_greedy_identical_on_tiny_random_models(arch, request, monkeypatch):
+    path = str(request.getfixturevalue(arch))
+    kw = dict(kv_device_bytes="64M", quantization="none", max_num_batched_tokens=64)
+    off, on = LLM(path, speculative="off", **kw), LLM(path, speculative="on", **kw)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(3, 200, (12,), generator=g).tolist()
+    prompts = [base * 4 + base[:5], base[3:] * 3, torch.randint(3, 200, (40,), generator=g).tolist()]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=1),
+              SamplingParams(max_tokens=33, temperature=0, ignore_eos=True, presence_penalty=0.5),
+              SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)]
+    ref = [_greedy_runs(off, [p], sp)[0] for p, sp in zip(prompts, params)]
+    monkeypatch.setattr("kvstrata.engine.llm_engine.NgramDrafter", _OracleDrafter)
+    _OracleDrafter.reference = {tuple(p): r[0] for p, r in zip(prompts, ref)}
+    for p, sp, r in zip(prompts, params, ref):
+        assert _greedy_runs(on, [p], sp)[0] == r
+    assert _greedy_runs(on, prompts, params) == ref  # batched under a small token budget
+    c = on.engine.counters
+    assert c["accepted_draft_tokens"] > c["draft_tokens"] / 2 and c["accepted_draft_tokens"] < c["draft_tokens"]
+    assert c["generated_tokens"] == 2 * sum(sp.max_tokens for sp in params)
+
+
+def _ref_probs(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
+    x = logits / temperature
+    x = np.where(x >= np.sort(x)[-top_k], x, -np.inf)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _emitted(logits: torch.Tensor, draft: int, params: SamplingParams, n: int, rule=verify_token) -> np.ndarray:
+    seq = Sequence("r", 0, [0], params)  # its own seeded generator
+    counts = np.zeros(logits.shape[0])
+    for _ in range(n):
+        counts[rule(seq, logits, draft)] += 1
+    return counts
+
+
+CHI2_DF5_P001 = 20.52  # chi-square critical value, 5 degrees of freedom, p = 0.001
+
+
+@pytest.mark.parametrize("draft", [0, 3, 5])  # likely, unlikely, removed by top-k
+def test_sampling_rule_preserves_the_distribution(draft):
+    logits = torch.tensor([2.0, 1.5, 0.3, -0.5, 0.9, -3.0])
+    params = SamplingParams(temperature=0.8, top_k=5, seed=1234)
+    p = _ref_probs(logits.double().numpy(), 0.8, 5)
+    n = 20000
+    counts = _emitted(logits, draft, params, n)
+    keep = p > 0
+    assert counts[~keep].sum() == 0
+    chi2 = (((counts - n * p) ** 2)[keep] / (n * p[keep])).sum()
+    assert chi2 < CHI2_DF5_P001, (counts, n * p)
+
+    def broken(seq, row, d):  # on rejection, redraws from p with the draft left in
+        probs = torch.tensor(p)
+        if float(torch.rand((), generator=seq.generator)) < p[d]:
+            return d
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    if 0 < p[draft] < 1:
+        bad = _emitted(logits, draft, params, n, broken)
+        assert (((bad - n * p) ** 2)[keep] / (n * p[keep])).sum() > CHI2_DF5_P001
+
+
+def test_sampling_rule_applies_penalties():
+    """A repetition penalty on the draft lowers its acceptance to the penalised probability."""
+    logits = torch.tensor([1.0, 1.2, 0.2, 0.0, -1.0, 0.5])
+    params = SamplingParams(temperature=1.0, repetition_penalty=2.0, seed=7)
+    pen = logits.double().numpy().copy()
+    pen[0] = pen[0] / 2.0  # token 0 is the prompt's: CTRL penalty on a positive logit
+    p = _ref_probs(pen, 1.0, 6)
+    n = 20000
+    counts = _emitted(logits, 0, params, n)
+    chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
+    assert chi2 < CHI2_DF5_P001, (counts, n * p)
+
+
+def test_drafter_finds_the_latest_longest_match_and_adapts():
+    seq = Sequence("r", 0, [1, 2, 3, 9, 9, 7, 2, 3, 4, 5, 6, 8, 2, 3], SamplingParams(temperature=0))
+    d = NgramDrafter()
+    # suffix (2, 3): its latest earlier occurrence is followed by 4 5 6 8 (not by 9 9)
+    assert d.propose(seq, 4) == [4, 5, 6, 8]
+    assert d.propose(seq, 2) == [4, 5]
+    seq.output_token_ids += [4, 5, 6]
+    assert d.propose(seq, 3) == [8, 2, 3]  # the index follows the sequence as it grows
+    d.update(4, 4)
+    assert d.k == 6
+    for _ in range(10):
+        d.update(4, 4)
+    assert d.k == MAX_DRAFT
+    for _ in range(4):  # acceptance 1 -> 0.7 -> 0.49 -> 0.34 -> 0.24 (< LOW_ACCEPT)
+        d.update(4, 0)
+    assert d.k == MAX_DRAFT - 4 and d.pause > 0 and d.propose(seq, 8) == []  # low acceptance: drafting pauses
+    assert Sequence("r", 0, [5, 6, 7], SamplingParams()).draft_token_ids == []
+    assert NgramDrafter().propose(Sequence("r", 0, [5, 6, 7], SamplingParams()), 4) == []  # no match
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+
+    def stored(self, keys, parent, token_ids) -> None:
+        self.runs.append(list(token_ids))
+
+    def removed(self, keys) -> None:
+        pass
+
+
+@needs_native
+def test_rejected_drafts_leave_no_trace(tiny_llama, monkeypatch):
+    kw = dict(kv_device_bytes="64M", quantization="none", block_size=4)
+    off, on = LLM(str(tiny_llama), speculative="off", **kw), LLM(str(tiny_llama), speculative="on", **kw)
+    rec = _Recorder()
+    on.engine.kv.listeners.append(rec)
+    base = list(range(10, 22))
+    prompt = base * 3 + [10, 11, 99]
+    params = SamplingParams(max_tokens=37, temperature=0, ignore_eos=True)
+    out_off = off.generate([prompt], params)[0].outputs[0].token_ids
+    monkeypatch.setattr("kvstrata.engine.llm_engine.NgramDrafter", _OracleDrafter)
+    _OracleDrafter.reference = {tuple(prompt): out_off}
+    out_on = on.generate([prompt], params)[0].outputs[0].token_ids
+    assert out_on == out_off
+    c = on.engine.counters
+    assert 0 < c["accepted_draft_tokens"] < c["draft_tokens"], "the test needs accepted and rejected drafts"
+    tokens = prompt + out_on
+    stream = [t for run in rec.runs for t in run]
+    assert stream == tokens[: len(stream)]  # listeners (and write-behind) saw accepted tokens only
+    keys = chain_keys(tokens, 4, on.engine.fingerprint)
+    pool_on, pool_off = on.engine.pool, off.engine.pool
+    registered = set(pool_on.key_to_block)
+    assert registered <= set(keys)  # every cached block is a block of the true tokens
+    assert len(registered) == (len(tokens) - 1) // 4
+    for key in registered:  # and holds the K / V of decoding without speculation
+        a, b = pool_on.key_to_block[key], pool_off.key_to_block[key]
+        assert torch.equal(pool_on.k[:, a], pool_off.k[:, b]) and torch.equal(pool_on.v[:, a], pool_off.v[:, b])
+
+
+def test_speculative_on_needs_the_native_step(tiny_llama):
+    with pytest.raises(KvstrataError, match="native step"):
+        LLM(str(tiny_llama), kv_device_bytes="64M", native_decode="off", speculative="on")
+    llm = LLM(str(tiny_llama), kv_device_bytes="64M", native_decode="off", speculative="auto")
+    assert not llm.engine.speculative  # auto: off on the torch path, which is not batch-invariant
