@@ -32,7 +32,7 @@ serve: install
 	  --kv-host-bytes 1G --kv-disk-dir $(KVHOME)/kv --kv-disk-bytes 10G
 
 test: install lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 # ruff over the whole tree, mypy over the core packages ([tool.ruff] / [tool.mypy] in pyproject.toml)
 lint: install
