@@ -17,7 +17,7 @@ own bounds keeps them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 SAFE_INT = 2**53 - 1  # the largest integer every JSON reader keeps exactly (JavaScript's Number.MAX_SAFE_INTEGER)
 NUMBER_LIMIT = 10**15  # |x| < this for a number without bounds: 15 digits before the point
@@ -42,6 +42,23 @@ def _has_bounds(schema: dict) -> bool:
     return any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const"))
 
 
+def map_subschemas(schema: dict, fn: Callable[[Any], Any], maps: tuple = _MAPS, lists: tuple = _LISTS,
+                   one: tuple = _ONE) -> dict:
+    """A shallow copy of `schema` with `fn` applied to each direct subschema under the keywords named
+    (maps: name -> schema; lists: [schema]; one: a schema). The one walk every schema rewrite here uses."""
+    out = dict(schema)
+    for k in maps:
+        if isinstance(out.get(k), dict):
+            out[k] = {name: fn(s) for name, s in out[k].items()}
+    for k in lists:
+        if isinstance(out.get(k), list):
+            out[k] = [fn(s) for s in out[k]]
+    for k in one:
+        if isinstance(out.get(k), dict):
+            out[k] = fn(out[k])
+    return out
+
+
 def bound_numbers(schema: Any) -> Any:
     """A copy of `schema` in which every integer and number subschema has the bounds above (where it
     has none of its own)."""
@@ -49,16 +66,7 @@ def bound_numbers(schema: Any) -> Any:
         return [bound_numbers(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    for k in _MAPS:
-        if isinstance(out.get(k), dict):
-            out[k] = {name: bound_numbers(s) for name, s in out[k].items()}
-    for k in _LISTS:
-        if isinstance(out.get(k), list):
-            out[k] = [bound_numbers(s) for s in out[k]]
-    for k in _ONE:
-        if isinstance(out.get(k), dict):
-            out[k] = bound_numbers(out[k])
+    out = map_subschemas(schema, bound_numbers)
     types = _types(out)
     if types & {"integer", "number"} and not _has_bounds(out):
         if "number" in types:  # (a type list with both: the number's bounds cover the integer)

@@ -24,6 +24,7 @@ import secrets
 from typing import Any
 
 from kvstrata.core import KvstrataError
+from kvstrata.tokenizer.json_bounds import map_subschemas
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,7 @@ def close_objects(schema, closable: bool = True):
         return [close_objects(s, closable) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    for k in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(k), dict):
-            out[k] = {name: close_objects(s) for name, s in out[k].items()}
-    for k in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(k), list):
-            out[k] = [close_objects(s) for s in out[k]]
-    for k in _SUBSCHEMA_ONE:
-        if isinstance(out.get(k), dict):
-            out[k] = close_objects(out[k])
+    out = map_subschemas(schema, close_objects, _SUBSCHEMA_MAPS, _SUBSCHEMA_LISTS, _SUBSCHEMA_ONE)
     if isinstance(out.get("allOf"), list):
         out["allOf"] = [close_objects(s, closable=False) for s in out["allOf"]]
     open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
