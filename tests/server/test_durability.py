@@ -50,7 +50,9 @@ def post(url: str, body: dict) -> dict:
     return r.json()
 
 
-def two_turns(srv: ServerProcess, kill_between: bool, tmp: Path) -> tuple[dict, dict, ServerProcess]:
+def two_turns(srv: ServerProcess, kill_between: bool, tmp: Path, started: list) -> tuple[dict, dict]:
+    """Two turns of one session; with kill_between, SIGKILL and a restart between them (the restarted
+    server is appended to `started`, which the caller closes)."""
     sid = post(srv.url + "/v1/sessions", {"system": "You are a careful coding agent. Answer in one line."})["id"]
     first = post(srv.url + f"/v1/sessions/{sid}/generate", {
         "messages": [{"role": "user", "content": CONTEXT + "\nWhich step touches module 3 first?"}],
@@ -59,11 +61,13 @@ def two_turns(srv: ServerProcess, kill_between: bool, tmp: Path) -> tuple[dict, 
         srv.kill(signal.SIGKILL)
         srv.close()
         assert srv.proc.returncode == -signal.SIGKILL
-        srv = ServerProcess(srv.args, tmp / "restarted.log", env=srv.env).wait_ready(300)
+        srv = ServerProcess(srv.args, tmp / "restarted.log", env=srv.env)
+        started.append(srv)
+        srv.wait_ready(300)
     second = post(srv.url + f"/v1/sessions/{sid}/generate", {
         "messages": [{"role": "user", "content": "And which step checks a timeout branch last?"}],
         "max_tokens": 24, "temperature": 0})
-    return first, second, srv
+    return first, second
 
 
 def test_make_serve_flags_survive_sigkill_between_turns(tmp_path):
@@ -72,11 +76,12 @@ def test_make_serve_flags_survive_sigkill_between_turns(tmp_path):
         home = tmp_path / name
         home.mkdir()
         env = {"KVSTRATA_HOME": str(home)}
-        srv = ServerProcess(make_serve_flags(home), tmp_path / f"{name}.log", env=env).wait_ready(300)
+        started = [ServerProcess(make_serve_flags(home), tmp_path / f"{name}.log", env=env)]
         try:
-            runs[name] = two_turns(srv, kill, tmp_path)[:2]
+            runs[name] = two_turns(started[0].wait_ready(300), kill, tmp_path, started)
         finally:
-            srv.close()
+            for srv in started:  # the restarted server too (it used to outlive the test)
+                srv.close()
     (ref1, ref2), (k1, k2) = runs["reference"], runs["killed"]
     assert k1["message"] == ref1["message"]
     usage = k2["usage"]
