@@ -125,7 +125,7 @@ def test_long_bfcl_task_compacts_past_the_8k_window(data_dir, store):
 
     task = dict(max_steps=80, max_tokens=96, max_total_tokens=30000, tool_choice="required",
                 sampling={"temperature": 0})
-    on = long_task(data_dir, 10, **task)
+    on = long_task(data_dir, 8, **task)
     aeng = AsyncEngine(LLMEngine(model="default", quantization="auto", kv_device_bytes="512M"))
     try:
         window, tok = aeng.engine.max_model_len, aeng.engine.tokenizer
@@ -139,7 +139,8 @@ def test_long_bfcl_task_compacts_past_the_8k_window(data_dir, store):
     msgs = r_on["transcript"]
     whole = [{k: v for k, v in m.items() if k != "kvstrata"} for m in msgs if m["role"] != "compaction"]
     tools = store.get_session(r_on["session_id"], owner=ANY_OWNER).tools or None  # as every step renders them
-    assert len(tok.encode(render_chat(tok, whole, tools=tools))) > window
+    whole_tokens = len(tok.encode(render_chat(tok, whole, tools=tools)))
+    assert whole_tokens > window, whole_tokens  # measured 9,819-10,527 over two runs
     assert sum(m["role"] == "user" for m in msgs) == 1 + len(on["tasks"][0]["followups"])  # the log keeps every turn
     for i, m in enumerate(msgs):
         if m["role"] == "compaction":
