@@ -31,6 +31,19 @@ def tiny_server(tiny_engine, tmp_path_factory):
     store.close()
 
 
+@pytest.fixture(scope="package")
+def default_server(tmp_path_factory):
+    """A server on the default model (SmolLM2-135M), for behaviour that needs real text; one per package."""
+    from kvstrata.sessions import open_store
+
+    ae = make_engine("default", kv_device_bytes="256M")
+    store = open_store(tmp_path_factory.mktemp("default-store") / "s.db")
+    with serve(ae, store, names=("default",)) as srv:
+        yield srv
+    ae.shutdown()
+    store.close()
+
+
 @pytest.fixture
 def client(tiny_server):
     return tiny_server.client()

@@ -201,19 +201,6 @@ def test_litellm_tools(tiny_server):
 # ------------------------------------------------------------------------- json_mode: the default model
 
 
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
-    from kvstrata.sessions import open_store
-    from tests.server.harness import make_engine, serve
-
-    ae = make_engine("default", kv_device_bytes="64M")
-    store = open_store(tmp_path_factory.mktemp("libs-default-store") / "s.db")
-    with serve(ae, store, names=("default",)) as srv:
-        yield srv
-    ae.shutdown()
-    store.close()
-
-
 @pytest.mark.slow
 def test_langchain_json_mode_default_model(default_server):
     # json_mode asks only for a JSON object (the keys come from the prompt), so this needs a model that reads

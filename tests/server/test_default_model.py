@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from tests.server.harness import make_engine, serve
 
 pytestmark = pytest.mark.slow
 
@@ -16,18 +15,6 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather for a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city name"}},
                    "required": ["city"], "additionalProperties": False}}}
-
-
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
-    from kvstrata.sessions import open_store
-
-    ae = make_engine("default", kv_device_bytes="256M")
-    store = open_store(tmp_path_factory.mktemp("default-store") / "s.db")
-    with serve(ae, store, names=("default",)) as srv:
-        yield srv
-    ae.shutdown()
-    store.close()
 
 
 def test_tool_call_round_trip(default_server):
