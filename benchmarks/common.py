@@ -15,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-RESULTS = Path(os.environ.get("KVSTRATA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("KVSTRATA_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
 
 
 def trace_dir() -> Path:
@@ -40,11 +41,23 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
 
 
+def portable(text: str) -> str:
+    """A result as any checkout reads it: this machine's paths (the traces, $KVSTRATA_HOME, the repository,
+    the home directory) named by what they are, not where they were."""
+    from kvstrata.core import kvstrata_home
+
+    subs = {str(trace_dir().resolve()): "$KVSTRATA_TRACE_DIR", str(kvstrata_home().resolve()): "$KVSTRATA_HOME",
+            str(ROOT): ".", str(Path.home()): "~"}
+    for path in sorted(subs, key=len, reverse=True):  # the most specific first (the venv inside the repository)
+        text = text.replace(path, subs[path])
+    return text
+
+
 def write_results(name: str, markdown: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = RESULTS / f"{name}.md"
-    md.write_text(markdown)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+    md.write_text(portable(markdown))
+    (RESULTS / f"{name}.json").write_text(portable(json.dumps(data, indent=1, default=str)))
     return md
 
 

@@ -145,6 +145,33 @@ def test_the_module_map_shows_the_real_import_graph():
     assert _doc_block(DOC.read_text()) == graph_block(), "run `python -m tests.test_code_health --write`"
 
 
+def test_no_tracked_file_names_this_machines_paths():
+    """The repository works from any checkout: no tracked file holds this checkout's absolute path or the
+    home directory's (result files name them $KVSTRATA_HOME, ., ~ through benchmarks.common.portable)."""
+    import subprocess
+
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    needles = [str(REPO) + "/", str(Path.home()) + "/"]
+    bad = []
+    for name in files:
+        try:
+            text = (REPO / name).read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        bad += [f"{name}: {n}" for n in needles if n in text]
+    assert not bad, bad
+
+
+def test_results_are_written_without_machine_paths():
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks.common import portable
+    finally:
+        sys.path.remove(str(REPO))
+    raw = f"{REPO}/.venv/bin/python -m x --home {Path.home()}/cache"
+    assert portable(raw) == "./.venv/bin/python -m x --home ~/cache"
+
+
 def test_a_cycle_is_reported():
     with pytest.raises(AssertionError, match="import cycle: a -> b -> a"):
         layered({"a": {"b"}, "b": {"a"}})

@@ -31,8 +31,9 @@ class PeerMissingError(KvstrataError):
 
 def cache_dir() -> Path:
     """``$KVSTRATA_HOME/peers``; KVSTRATA_HOME defaults to ~/.cache/kvstrata. Outside the repo."""
-    home = os.environ.get("KVSTRATA_HOME") or str(Path.home() / ".cache" / "kvstrata")
-    return Path(home).expanduser() / "peers"
+    from kvstrata.core import kvstrata_home
+
+    return kvstrata_home().expanduser() / "peers"
 
 
 def stamp_path(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import portable
 from benchmarks.peers import kvstrata_side, llamacpp
 from benchmarks.peers.common import (BANDWIDTH_SAMPLE, PeerMissingError, bandwidth_sample, cache_dir, cpu_pressure,
                                     default_gguf, interleaved, load_stamp, wait_for_quiet)
@@ -216,10 +217,10 @@ def run(*, quick: bool = False, parts: tuple[str, ...] = DEFAULT_PARTS, out_dir:
                 _add_bandwidth(res["ceilings"], r.get("ceilings_GBps") or [])
         if single and name == single[-1]:
             _add_bandwidth(res["ceilings"], [bandwidth_sample()])
-        out_json.write_text(json.dumps(res, indent=2))
+        out_json.write_text(portable(json.dumps(res, indent=2)))
     res["plots"] = [str(p) for p in plots(res, out_dir)]
-    out_json.write_text(json.dumps(res, indent=2))
-    (out_dir / RESULTS_MD).write_text(markdown(res))
+    out_json.write_text(portable(json.dumps(res, indent=2)))
+    (out_dir / RESULTS_MD).write_text(portable(markdown(res)))
     return res
 
 
