@@ -142,6 +142,34 @@ def redis_server():
     server.close()
 
 
+# A real PostgreSQL server (Debian's binaries, started by the test user on a loopback port), one for the
+# whole run; each store_url test gets a database of its own.
+@pytest.fixture(scope="session")
+def pg_server():
+    from tests.support.postgres_server import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except Exception:
+        server.cleanup()
+        raise
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A URL (or path) of a fresh, empty store of each backend."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "sessions.db")
+        return
+    pg = request.getfixturevalue("pg_server")
+    url = pg.create_database()
+    yield url
+    pg.drop_database(url)
+
+
 @pytest.fixture
 def own_redis():
     """A server this test may stop and start again (same port)."""

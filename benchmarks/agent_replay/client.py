@@ -28,6 +28,7 @@ import httpx
 
 from benchmarks.agent_replay.prompts import PromptBuilder, common_prefix
 from benchmarks.agent_replay.traces import Session
+from benchmarks.peers.http_load import sse_events
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,7 @@ async def complete(client: httpx.AsyncClient, url: str, rec: RequestRecord, ids:
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
                 return
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
+            async for msg in sse_events(r):
                 if "error" in msg:
                     rec.error = f"stream error: {str(msg['error'])[:300]}"
                     return

@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.peers.common import default_gguf
-from benchmarks.peers.kvstrata_side import KvstrataServer, engine_settings, full_config, kv_pool_bytes
+from benchmarks.peers.kvstrata_side import KvstrataServer, engine_settings, full_config, kv_pool_bytes, parse_metrics
 from benchmarks.peers.llamacpp import DEFAULT_THREADS, LlamaServer
 
 logger = logging.getLogger(__name__)
@@ -99,15 +99,7 @@ def server_metrics(url: str) -> dict:
         text = httpx.get(url + "/metrics", timeout=10.0).text
     except httpx.HTTPError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(_KEEP):
-            key, _, val = line.rpartition(" ")
-            try:
-                out[key] = float(val)
-            except ValueError:
-                pass
-    return out
+    return parse_metrics(text, _KEEP)
 
 
 @dataclass

@@ -57,6 +57,17 @@ class RequestResult:
     error: str = ""
 
 
+async def sse_events(r: httpx.Response):
+    """The JSON messages of an OpenAI-style server-sent event stream, up to `data: [DONE]`."""
+    async for line in r.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], *, max_tokens: int,
                       model: str = "default", ignore_eos: bool = True, temperature: float = 0.0,
                       extra: dict | None = None, timeout: float = 600.0) -> RequestResult:
@@ -75,13 +86,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict],
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
+            async for msg in sse_events(r):
                 now = time.perf_counter()
                 choices = msg.get("choices") or []
                 delta = choices[0].get("delta", {}) if choices else {}

@@ -339,11 +339,11 @@ class KvstrataServer:
 _KEEP = ("kvstrata_engine_counter{", "kvstrata_http_requests_total{", "kvstrata_kv_tier{", "kvstrata_kv_blocks{")
 
 
-def parse_metrics(text: str) -> dict:
-    """Prometheus text -> {'name{labels}': value} for the series the results keep."""
+def parse_metrics(text: str, keep: tuple[str, ...] = _KEEP) -> dict:
+    """Prometheus text -> {'name{labels}': value} for the series whose names start with `keep`."""
     out = {}
     for line in text.splitlines():
-        if line.startswith(_KEEP):
+        if line.startswith(keep):
             key, _, val = line.rpartition(" ")
             try:
                 out[key] = float(val)

@@ -15,33 +15,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.server.harness import make_engine, serve  # noqa: E402
-from tests.support.postgres_server import PostgresServer  # noqa: E402
 
 KEY_A, KEY_B = "sk-memory-a", "sk-memory-b"
 WINDOW = 512  # the tiny engine's max_model_len
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    server = PostgresServer()
-    try:
-        server.start()
-    except Exception:
-        server.cleanup()
-        raise
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield str(tmp_path / "sessions.db")
-        return
-    pg = request.getfixturevalue("pg_server")
-    url = pg.create_database()
-    yield url
-    pg.drop_database(url)
 
 
 @pytest.fixture(scope="package")

@@ -13,21 +13,11 @@ import time
 import httpx
 import pytest
 
+from benchmarks.memory_embed import FACTS as EMBED_FACTS
 from tests.memory.conftest import KEY_A, KEY_B, memory_server
 from tests.server.harness import ServerProcess
 
-FACTS = [  # (planted early, asked later in other words)
-    ("My sister Ingrid lives in Trondheim, up in Norway.", "Which city does my sister live in?"),
-    ("The wifi password at the cabin is blue-heron-42.", "What is the cabin's wifi password?"),
-    ("I am allergic to peanuts, so no satay for me.", "What food allergy do I have?"),
-    ("My flight to Nairobi leaves on March 3rd at 06:40.", "When does my plane to Nairobi depart?"),
-    ("The project deadline was moved to the 14th of November.", "When is the project due now?"),
-    ("Our dog is called Biscuit and he is a beagle.", "What is our dog's name?"),
-    ("I parked the car on level 4, spot C17.", "Where did I leave the car in the garage?"),
-    ("My favourite composer is Sibelius.", "Which composer do I like best?"),
-    ("The budget for the team offsite is 12,000 euros.", "How much money can we spend on the offsite?"),
-    ("My manager's name is Priya Raman.", "Who is my boss?"),
-]
+FACTS = EMBED_FACTS[:10]  # (planted early, asked later in other words): the embedding benchmark's first ten
 
 
 def filler(rng: random.Random, n: int) -> list[str]:

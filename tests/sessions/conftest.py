@@ -19,33 +19,7 @@ if str(ROOT) not in sys.path:  # so `tests.support` imports however pytest was s
     sys.path.insert(0, str(ROOT))
 
 from kvstrata.sessions import open_store  # noqa: E402
-from tests.support.postgres_server import PostgresServer  # noqa: E402
 
-BACKENDS = ["sqlite", "postgresql"]
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    server = PostgresServer()
-    try:
-        server.start()
-    except Exception:
-        server.cleanup()
-        raise
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(params=BACKENDS)
-def store_url(request, tmp_path):
-    """A URL (or path) of a fresh, empty store of each backend."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "sessions.db")
-        return
-    pg = request.getfixturevalue("pg_server")
-    url = pg.create_database()
-    yield url
-    pg.drop_database(url)
 
 
 @pytest.fixture

@@ -18,20 +18,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from benchmarks.agent_replay.prompts import common_prefix
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _lcp(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class FakeServer:
@@ -67,7 +60,7 @@ class FakeServer:
             body = await req.json()
             t0 = time.perf_counter()
             ids = body["prompt"]
-            cached = max((_lcp(ids, b["prompt"]) for _, _, b in self.spans), default=0)
+            cached = max((common_prefix(ids, b["prompt"]) for _, _, b in self.spans), default=0)
             span = [t0, t0, body]
             self.spans.append(span)
 

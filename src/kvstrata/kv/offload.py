@@ -140,18 +140,9 @@ class Offload:
         return blocks
 
     def load_block(self, key: bytes, token_ids: Sequence[int]) -> int | None:
-        """Loads a verified block into a fresh pool block (ref_count 1, registered); None on a miss."""
-        if self.pool.num_available == 0:
-            return None
-        payload = self.stack.load(key, token_ids)
-        if payload is None:
-            self.counters["blocks_load_failed"] += 1
-            return None
-        b = self.pool.allocate()
-        self.pool.load_payload(b, payload)
-        self.pool.register(b, key, token_ids)
-        self.counters["blocks_loaded"] += 1
-        return b
+        """load_blocks of one block: its pool block, or None on a miss."""
+        blocks = self.load_blocks([(key, token_ids)])
+        return blocks[0] if blocks else None
 
     # -- sessions ---------------------------------------------------------------------------------
     def _chain(self, token_ids: Sequence[int]) -> list[tuple[bytes, list[int]]]:

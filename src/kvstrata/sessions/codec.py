@@ -8,7 +8,7 @@ import json
 import math
 import sys
 from array import array
-from typing import Any, Sequence
+from typing import Any, Sequence, overload
 
 from kvstrata.core import BLOCK_KEY_BYTES, KvstrataError
 
@@ -82,6 +82,10 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+@overload
+def check_time(value: float, what: str) -> float: ...
+@overload
+def check_time(value: None, what: str) -> None: ...
 def check_time(value: float | None, what: str) -> float | None:
     if value is None:
         return None

@@ -73,7 +73,7 @@ class MemorySql(SqlBase):
         response_ttl_s: float | None = None,
         max_responses_per_owner: int | None = None,
     ) -> dict[str, int]:
-        now = codec.check_time(now, "now")  # type: ignore[assignment]  # (None only for None)
+        now = codec.check_time(now, "now")
         session_ttl_s = _positive(session_ttl_s, "session_ttl_s")
         response_ttl_s = _positive(response_ttl_s, "response_ttl_s")
         for v, what in ((max_sessions_per_owner, "max_sessions_per_owner"),

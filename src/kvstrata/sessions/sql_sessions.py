@@ -116,7 +116,7 @@ class SqlStore(ResponsesSql, MemorySql, JobsSql, SessionStore):
         return Page(items=items, has_more=len(rows) > limit)
 
     def sessions_expired_leases(self, now: float, *, limit: int = 100) -> list[SessionInfo]:
-        now = codec.check_time(now, "now")  # type: ignore[assignment]  # (None only for None)
+        now = codec.check_time(now, "now")
         limit = codec.check_limit(limit)
         with self._read() as cur:
             rows = self._all(
