@@ -90,11 +90,12 @@ def peak_rss_bytes(pid: int) -> int | None:
 
 
 _KEEP = ("kvstrata_engine_counter{", "kvstrata_kv_tier{", "kvstrata_kv_blocks{", "kvstrata_placement_decisions{",
-         "kvstrata_http_requests_total{", "llamacpp:")
+         "kvstrata_session_kv{", "kvstrata_http_requests_total{", "llamacpp:")
 
 
 def server_metrics(url: str) -> dict:
-    """The Prometheus series the results keep (engine counters, tiers, placement; llama.cpp's own)."""
+    """The Prometheus series the results keep (engine counters, tiers, placement, program pauses; llama.cpp's
+    own)."""
     try:
         text = httpx.get(url + "/metrics", timeout=10.0).text
     except httpx.HTTPError as exc:

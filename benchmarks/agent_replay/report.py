@@ -126,6 +126,7 @@ def _labels(key: str) -> dict:
 
 
 _COUNTERS = ("preemptions", "blocks_written_down", "blocks_loaded", "blocks_load_failed")
+_PAUSES = ("program_pauses", "program_resumes", "ttl_expiries", "prefetched_tokens", "prefetched_ahead_tokens")
 
 
 def server_notes(metrics: dict) -> str:
@@ -140,6 +141,8 @@ def server_notes(metrics: dict) -> str:
             placement[lab.get("action", "?")] = int(v)
         elif key.startswith("kvstrata_engine_counter{") and lab.get("name") in _COUNTERS:
             counters[lab["name"]] = int(v)
+        elif key.startswith("kvstrata_session_kv{") and lab.get("what") in _PAUSES:
+            counters[lab["what"]] = int(v)
     parts = [f"{t}: {d.get('bytes_written', 0) / 2**20:,.0f} MiB written, {d.get('bytes_read', 0) / 2**20:,.0f} MiB "
              f"read, {int(d.get('hits', 0)):,} hits" for t, d in sorted(tiers.items())]
     parts.append("placement decisions " + (", ".join(f"{a} {n}" for a, n in sorted(placement.items())) or "none"))

@@ -59,6 +59,7 @@ class EngineConfig:
     program_priority: bool = _f(True, "order waiting work by agent program: requests of a session or job task that has had less service go first (least attained service); --no-program-priority: arrival order")
     pause_ttl: bool = _f(True, "a paused session whose KV the cost model keeps in device memory is moved down once its wait outlasts the break-even time (a TTL), instead of being held until it resumes")
     prefetch_ahead: bool = _f(True, "a paused session whose KV went to a tier is prefetched into device memory shortly before its tool is expected to return")
+    program_pause: bool = _f(True, "requests that name an agent program but no stored session (X-Session-Id or prompt_cache_key on completions and chat) pause like a session's turns when they finish: the cost model keeps, moves down or drops the program's KV until its next request, with the two timers above")
     speculative: str = _f("off", "speculative decoding by prompt lookup (drafts from the sequence's own tokens, verified in one native step; greedy output identical, sampling distribution preserved; engine/speculative.py): auto (where the native step runs), on (fail without it) or off")
     native_decode: str = _f("auto", "the native C step for every CPU float32 step, prefill and decode, fp32 / int8 / int4 weights (native/, built with the host's C compiler; batch-invariant): auto (use it when it builds), on (fail if it cannot) or off (the torch path)")
 

@@ -301,3 +301,26 @@ def test_requests_are_scheduled_by_the_program_they_belong_to(tiny_server, http)
     ok(http.post("/v1/chat/completions", json={**chat, "prompt_cache_key": "agent-key-8"}))
     for program in (sid, "agent-header-7", "agent-key-8"):
         assert attained.get(program, 0) > 0, (program, list(attained)[-5:])
+
+
+def test_completions_of_a_program_pause_between_requests_and_keep_their_output(tiny_server, http):
+    """Plain completions naming a program (X-Session-Id) pause like session turns: the finished request's
+    sequence is paused as a branch of the program, the program's next request resumes it; greedy output
+    is the same as without the header, and a request without one pauses nothing."""
+    skv = tiny_server.state.skv
+    prompt = list(range(200, 280))
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    before = dict(skv.counters)
+    plain = ok(http.post("/v1/completions", json=body))
+    assert skv.counters["program_pauses"] == before["program_pauses"]
+    first = ok(http.post("/v1/completions", json=body, headers={"X-Session-Id": "agent-completions-1"}))
+    deadline = time.monotonic() + 10
+    while skv.counters["program_pauses"] == before["program_pauses"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # paused off the reply's path
+    assert skv.counters["program_pauses"] == before["program_pauses"] + 1
+    turn2 = {**body, "prompt": prompt + list(range(300, 320))}
+    second = ok(http.post("/v1/completions", json=turn2, headers={"X-Session-Id": "agent-completions-1"}))
+    assert skv.counters["program_resumes"] == before["program_resumes"] + 1
+    assert first["choices"][0]["text"] == plain["choices"][0]["text"]
+    again = ok(http.post("/v1/completions", json=turn2))
+    assert second["choices"][0]["text"] == again["choices"][0]["text"]

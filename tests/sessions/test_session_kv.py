@@ -209,3 +209,58 @@ def test_a_session_moved_down_is_prefetched_before_its_tool_returns(setup):
         assert (await skv.locate(sess.token_ids)).get("device", 0) == 0  # switched off: nothing comes back early
 
     run(main())
+
+
+def _generated(ae, prompt):
+    out = ae.engine.add_request(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    return prompt + list(ae.call(lambda e: e.run_to_completion()).result(60)[out].outputs[0].token_ids)
+
+
+def test_a_program_pauses_between_requests_and_resumes_the_branch_its_prompt_continues(setup):
+    """A program without a stored session (X-Session-Id on /v1/completions): each finished request pauses
+    its sequence as a branch; the next request resumes the branch it continues, not a sub-agent's."""
+    from kvstrata.sessions.kv import PROGRAM_TOOL
+
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"])
+    ae.engine.placement.waits.observe(PROGRAM_TOOL, 0.0)  # programs come straight back: keep
+    parent = _generated(ae, ae.tokenizer.encode(TEXT))
+    child = _generated(ae, ae.tokenizer.encode("A sub-agent reads the repository and reports back. " * 4))
+    n_parent, n_child = len(parent) // 16, len(child) // 16
+
+    async def main():
+        skv.pause_program_later("agent-1", parent)
+        skv.pause_program_later("agent-1", child)
+        assert await skv.resume_program("agent-1", [7, 8, 9] * 20) == 0  # continues neither branch
+        assert skv.paused_programs() == 2 and skv.counters["program_pauses"] == 2
+        assert ae.engine.pool.num_in_use == n_parent + n_child  # both kept (held) through the wait
+        await skv.resume_program("agent-1", parent + [5, 6, 7])
+        assert skv.paused_programs() == 1 and ae.engine.pool.num_in_use == n_child  # the parent's hold ended
+        assert skv.counters["program_resumes"] == 1 and ae.engine.placement.waits.count[PROGRAM_TOOL] == 2
+        await skv.resume_program("agent-1", child[: len(child) // 2 + 1])  # shares over half of the branch
+        assert skv.paused_programs() == 0 and ae.engine.pool.num_in_use == 0
+
+    run(main())
+
+
+def test_a_program_with_long_waits_moves_down_unpinned_and_comes_back(setup):
+    from kvstrata.sessions.kv import PROGRAM_TOOL
+
+    ae, store, skv = setup()
+    ae.engine.placement = fixed_model(["disk"])
+    ae.engine.placement.waits.observe(PROGRAM_TOOL, 600.0)  # this server's programs come back after minutes
+    ids = _generated(ae, ae.tokenizer.encode(TEXT))
+    full = len(ids) // 16 * 16
+
+    async def main():
+        skv.pause_program_later("agent-2", ids)
+        await asyncio.gather(*skv._pending["agent-2"])
+        assert (await skv.locate(ids)) == {"disk": full} and ae.engine.pool.num_in_use == 0
+        assert ae.engine.offload.stack.tiers[0]._usage()[3] == 0  # no pins: a program may never return
+        assert await skv.resume_program("agent-2", ids + [1, 2]) == full  # prefetched back
+        assert (await skv.locate(ids)) == {"device": full}
+        ae.engine.config = dataclasses.replace(ae.engine.config, program_pause=False)
+        skv.pause_program_later("agent-2", ids)  # switched off: no pause
+        assert skv.paused_programs() == 0 and "agent-2" not in skv._pending
+
+    run(main())

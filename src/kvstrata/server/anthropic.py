@@ -114,10 +114,10 @@ async def create_message(body: af.MessagesRequest, request: Request, who=Depends
                          parallel_tool_calls=mt.parallel)
         if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
             first, agen = await open_stream(st, request, turn.prompt, turn.params, turn.request_class,
-                                            program=sess.id if persist else None)
+                                            program=sess.id if persist else None, session=persist)
         else:
             out = await generate_final(st, request, turn.prompt, turn.params, turn.request_class,
-                                       program=sess.id if persist else None)
+                                       program=sess.id if persist else None, session=persist)
             res = await finish_turn(st, sess, who, new_msgs, turn, out, persist=persist)
     if body.stream:
         evs = events(st, body.model, mid, sess, who, new_msgs, turn, first, agen, persist)

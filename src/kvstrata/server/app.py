@@ -166,7 +166,7 @@ def create_app(
     @app.get("/metrics", tags=["ops"])
     async def metrics(request: Request):
         s = get_state(request)
-        return Response(await s.metrics.render(s.aengine, s.admission), media_type="text/plain; version=0.0.4")
+        return Response(await s.metrics.render(s.aengine, s.admission, s.skv), media_type="text/plain; version=0.0.4")
 
     return app
 

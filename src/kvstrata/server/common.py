@@ -174,12 +174,18 @@ def program_of(request: Request, known: str | None = None) -> str | None:
 
 
 async def _admitted(st: ServerState, request: Request, prompt: list[int], params: SamplingParams, rc: RequestClass,
-                    program: str | None = None) -> AsyncIterator[RequestOutput]:
+                    program: str | None = None, session: bool = False) -> AsyncIterator[RequestOutput]:
     """The engine stream of this request, through the server's admission gate as the caller's key. A
     stream closed before its request finished (the client left: the request is aborted) has its tokens
-    counted here; the routes count finished ones (Metrics.observe_output)."""
+    counted here; the routes count finished ones (Metrics.observe_output). A request of an agent program
+    that is not a stored `session` (whose route pauses it) resumes the program's paused KV before it is
+    admitted and pauses it when it finishes (SessionKV.resume_program / pause_program_later)."""
+    pid = program_of(request, program)
+    stateless = pid is not None and not session
+    if stateless:
+        await st.skv.resume_program(pid, prompt)
     agen = st.admission.generate(prompt, params, request_class=rc, owner=getattr(request.state, "owner", None),
-                                 program=program_of(request, program))
+                                 program=pid)
     last: RequestOutput | None = None
     try:
         async for out in agen:
@@ -189,16 +195,18 @@ async def _admitted(st: ServerState, request: Request, prompt: list[int], params
         await agen.aclose()
         if last is not None and not last.finished:
             st.metrics.observe_aborted(last)
+        elif last is not None and stateless:
+            st.skv.pause_program_later(pid, prompt + list(last.outputs[0].token_ids))
 
 
 async def generate_final(st: ServerState, request: Request, prompt: list[int], params: SamplingParams,
-                         rc: RequestClass, program: str | None = None) -> RequestOutput:
+                         rc: RequestClass, program: str | None = None, session: bool = False) -> RequestOutput:
     """Run one engine request to the end (aborted if the client disconnects); records metrics."""
     st.check_accepting()
 
     async def consume() -> RequestOutput:
         last = None
-        async with aclosing(_admitted(st, request, prompt, params, rc, program)) as outs:  # closed (aborted) when cancelled
+        async with aclosing(_admitted(st, request, prompt, params, rc, program, session)) as outs:  # closed (aborted) when cancelled
             async for out in outs:
                 last = out
         assert last is not None and last.finished
@@ -210,11 +218,12 @@ async def generate_final(st: ServerState, request: Request, prompt: list[int], p
 
 
 async def open_stream(st: ServerState, request: Request, prompt: list[int], params: SamplingParams,
-                      rc: RequestClass, program: str | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+                      rc: RequestClass, program: str | None = None,
+                      session: bool = False) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
     """Start an engine request and wait for its first output, so that errors (429, too long, a bad
     schema) still become HTTP error statuses before the SSE stream begins."""
     st.check_accepting()
-    agen = _admitted(st, request, prompt, params, rc, program)
+    agen = _admitted(st, request, prompt, params, rc, program, session)
     try:
         first = await until_disconnect(request, agen.__anext__())
     except BaseException:

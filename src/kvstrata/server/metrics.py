@@ -56,6 +56,9 @@ class Metrics:
         self.admission = Gauge("kvstrata_admission", "the admission gate: requests in progress by class "
                                "(interactive, batch), waiting, and counts since start (admitted, rejected_full, "
                                "rejected_quota, waited, engine_full_retries)", ["what"], registry=r)
+        self.session_kv = Gauge("kvstrata_session_kv", "session and agent-program KV between requests, counts since "
+                                "start (pauses, parks, resumes, ttl_expiries, prefetched_tokens, prefetched_ahead_tokens, "
+                                "program_pauses, program_resumes, ...)", ["what"], registry=r)
 
     def observe_output(self, out: "RequestOutput") -> None:
         """Record a finished engine request."""
@@ -97,7 +100,7 @@ class Metrics:
         for action, n in (kv.get("placement", {}).get("decisions") or {}).items():
             self.placement.labels(action).set(n)
 
-    async def render(self, aengine, admission=None) -> bytes:
+    async def render(self, aengine, admission=None, skv=None) -> bytes:
         try:
             summary, waiting, counters, kv = await asyncio.shield(aengine.call_async(  # a scraper that leaves
                 lambda e: (e.pool.summary(), len(e.scheduler.waiting), dict(e.counters), e.kv_stats())))  # cancels nothing there
@@ -115,4 +118,7 @@ class Metrics:
         if admission is not None:
             for what, v in admission.snapshot().items():
                 self.admission.labels(what).set(v)
+        if skv is not None:
+            for what, v in skv.counters.items():
+                self.session_kv.labels(what).set(v)
         return generate_latest(self.registry)

@@ -275,7 +275,8 @@ async def create_response(body: ResponsesRequest, request: Request, who=Depends(
         if body.stream:  # started under the lock, so errors (429, too long) are still HTTP statuses
             plan = plan_turn(st, sess, new_msgs, make_params, tool_choice=choice,
                              parallel_tool_calls=body.parallel_tool_calls)
-            first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class, program=sess.id)
+            first, agen = await open_stream(st, request, plan.prompt, plan.params, plan.request_class, program=sess.id,
+                                            session=True)
         else:
             turn = await run_turn_with_builtins(st, request, sess, who, new_msgs, make_params, tool_choice=choice,
                                                 parallel_tool_calls=body.parallel_tool_calls, persist=persist)

@@ -116,7 +116,8 @@ async def run_turn(
     """
     turn = plan_turn(st, sess, new_messages, make_params, tool_choice=tool_choice,
                      parallel_tool_calls=parallel_tool_calls)
-    out = await generate_final(st, request, turn.prompt, turn.params, turn.request_class, program=sess.id)
+    out = await generate_final(st, request, turn.prompt, turn.params, turn.request_class, program=sess.id,
+                               session=True)
     return await finish_turn(st, sess, owner, new_messages, turn, out, persist=persist)
 
 
