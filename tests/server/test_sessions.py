@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -306,8 +307,19 @@ def test_requests_are_scheduled_by_the_program_they_belong_to(tiny_server, http)
 def test_completions_of_a_program_pause_between_requests_and_keep_their_output(tiny_server, http):
     """Plain completions naming a program (X-Session-Id) pause like session turns: the finished request's
     sequence is paused as a branch of the program, the program's next request resumes it; greedy output
-    is the same as without the header, and a request without one pauses nothing."""
+    is the same as without the header, and a request without one pauses nothing (--program-pause; off
+    by default)."""
     skv = tiny_server.state.skv
+    eng = tiny_server.state.aengine.engine
+    cfg = eng.config
+    eng.config = dataclasses.replace(cfg, program_pause=True)
+    try:
+        _program_pauses(skv, http)
+    finally:
+        eng.config = cfg
+
+
+def _program_pauses(skv, http) -> None:
     prompt = list(range(200, 280))
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     before = dict(skv.counters)

@@ -221,7 +221,7 @@ def test_a_program_pauses_between_requests_and_resumes_the_branch_its_prompt_con
     its sequence as a branch; the next request resumes the branch it continues, not a sub-agent's."""
     from kvstrata.sessions.kv import PROGRAM_TOOL
 
-    ae, store, skv = setup()
+    ae, store, skv = setup(program_pause=True)
     ae.engine.placement = fixed_model(["disk"])
     ae.engine.placement.waits.observe(PROGRAM_TOOL, 0.0)  # programs come straight back: keep
     parent = _generated(ae, ae.tokenizer.encode(TEXT))
@@ -246,7 +246,7 @@ def test_a_program_pauses_between_requests_and_resumes_the_branch_its_prompt_con
 def test_a_program_with_long_waits_moves_down_unpinned_and_comes_back(setup):
     from kvstrata.sessions.kv import PROGRAM_TOOL
 
-    ae, store, skv = setup()
+    ae, store, skv = setup(program_pause=True)
     ae.engine.placement = fixed_model(["disk"])
     ae.engine.placement.waits.observe(PROGRAM_TOOL, 600.0)  # this server's programs come back after minutes
     ids = _generated(ae, ae.tokenizer.encode(TEXT))
