@@ -19,7 +19,7 @@ import torch
 
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
-from kvstrata.engine.speculative import MAX_DRAFT, NgramDrafter, verify_token
+from kvstrata.engine.speculative import MAX_DRAFT, STEP_ROWS, NgramDrafter, draft_budget, verify_token
 from kvstrata.sched.sequence import Sequence
 
 native = pytest.importorskip("kvstrata.native")
@@ -71,6 +71,35 @@ def test_greedy_identical_on_the_default_model_alone_and_batched(default_pair):
     c = on.engine.counters
     assert c["accepted_draft_tokens"] < c["draft_tokens"]  # rejections happened too
     assert on.engine.runner.native_steps < c["generated_tokens"]  # fewer steps than tokens
+
+
+@needs_native
+def test_a_full_batch_does_not_draft_and_a_small_one_shares_the_budget(default_pair):
+    """The step's draft budget (STEP_ROWS rows of decodes and drafts): STEP_ROWS sequences decoding
+    together draft nothing (the step is compute-bound: rejected rows would be lost work); fewer share the
+    rest; greedy output is unchanged either way."""
+    off, on = default_pair
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    full = [AGENT_TEXT + f" Step {i}." for i in range(STEP_ROWS)]
+    before = on.engine.counters["draft_tokens"]
+    assert _greedy_runs(on, full, params) == _greedy_runs(off, full, params)
+    assert on.engine.counters["draft_tokens"] == before  # every step had STEP_ROWS decodes
+    assert draft_budget(STEP_ROWS) == 0 and draft_budget(1) == STEP_ROWS - 1
+    pair = full[:2]
+    ref = _greedy_runs(off, pair, params)
+    seen = []
+    orig = on.engine._verify
+
+    def spy(seq, logits):
+        seen.append(len(seq.draft_token_ids))
+        return orig(seq, logits)
+
+    on.engine._verify = spy
+    try:
+        assert _greedy_runs(on, pair, params) == ref
+    finally:
+        del on.engine._verify
+    assert seen and max(seen) <= draft_budget(2)
 
 
 class _OracleDrafter(NgramDrafter):

@@ -24,7 +24,7 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.speculative import NgramDrafter, verify_token
+from kvstrata.engine.speculative import NgramDrafter, draft_budget, verify_token
 from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
                                    resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
@@ -236,15 +236,27 @@ class LLMEngine:
         return [self._output(rid) for rid in touched if rid in self.requests]
 
     def _propose_drafts(self) -> None:
-        """Drafts for every running sequence about to decode (engine/speculative.py); the scheduler may cut them."""
+        """Drafts for running sequences about to decode (engine/speculative.py), within the step's draft
+        budget, those that accept most first; the scheduler may cut them."""
+        decoding = []
         for seq in self.scheduler.running:
             seq.draft_token_ids = []
-            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.logits_processor is not None:
+            if seq.num_computed_tokens == seq.num_tokens - 1:
+                decoding.append(seq)
+        budget = draft_budget(len(decoding))
+        if budget <= 0:
+            return
+        for seq in sorted(decoding, key=lambda s: -(s.drafter.accept_rate if s.drafter is not None else 1.0)):
+            if seq.logits_processor is not None:
                 continue
             if seq.drafter is None:
                 seq.drafter = NgramDrafter()
-            limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens)
+            limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens,
+                        budget)
             seq.draft_token_ids = seq.drafter.propose(seq, limit)
+            budget -= len(seq.draft_token_ids)
+            if budget <= 0:
+                break
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Emit the accepted drafts and one more token from the rows (1 + k, V) of seq's last token and its

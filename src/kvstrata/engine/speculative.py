@@ -13,7 +13,8 @@ of the same prefix would give (docs/batch_invariance.md), so:
   (penalties, temperature, top-k / top-p / min-p); on rejection the token is drawn from p with x removed
   and renormalised. For a deterministic draft this emits exactly p (Leviathan et al. 2023, Chen et al.
   2023, with q a point mass at x). The draws come from the request's own generator, so a seeded request
-  reproduces alone or batched as long as its drafts are not cut by the step's token budget or memory.
+  reproduces alone or batched as long as its drafts are not cut by the step's draft budget (which depends
+  on how many sequences decode beside it), its token budget or memory.
 
 Rejected drafts leave no trace: the engine sets `num_computed_tokens` to the accepted tokens only, so the
 pool slots of rejected rows are overwritten before anything reads them, and only full blocks of accepted
@@ -22,6 +23,12 @@ tokens are ever registered into the prefix cache or written down the tiers (kv/m
 Adaptive per sequence: the draft length grows by 2 while every draft is accepted (to MAX_DRAFT) and
 shrinks by one on a rejection; when the acceptance rate (a moving average) drops below LOW_ACCEPT the
 sequence stops drafting for a pause that doubles each time (up to MAX_PAUSE steps).
+
+Batch-aware: a step verifies at most STEP_ROWS rows of decodes and drafts together (`draft_budget`). A
+decode step on a CPU reads every weight once whatever its rows, so a few draft rows ride almost free at
+batch 1; with many sequences the step is compute-bound and every rejected row is lost work (at 8 and 32
+sequences drafting without a budget lost 30 % and 23 % of aggregate throughput). The budget goes to the
+sequences that accept most; from STEP_ROWS decoding sequences on, nobody drafts.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ MAX_NGRAM, MIN_NGRAM = 3, 1
 START_DRAFT, MAX_DRAFT = 4, 12
 LOW_ACCEPT, EMA = 0.3, 0.3  # acceptance below which drafting pauses; weight of the latest verification
 MAX_PAUSE = 64
+STEP_ROWS = 8  # decode rows + draft rows one step may verify
+
+
+def draft_budget(decoding: int) -> int:
+    """Draft tokens a step with `decoding` sequences decoding may add."""
+    return max(0, STEP_ROWS - decoding)
 
 
 class NgramDrafter:
