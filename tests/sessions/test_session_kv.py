@@ -219,7 +219,7 @@ def _generated(ae, prompt):
 def test_a_program_pauses_between_requests_and_resumes_the_branch_its_prompt_continues(setup):
     """A program without a stored session (X-Session-Id on /v1/completions): each finished request pauses
     its sequence as a branch; the next request resumes the branch it continues, not a sub-agent's."""
-    from kvstrata.sessions.kv import PROGRAM_TOOL
+    from kvstrata.sessions.programs import PROGRAM_TOOL
 
     ae, store, skv = setup(program_pause=True)
     ae.engine.placement = fixed_model(["disk"])
@@ -244,7 +244,7 @@ def test_a_program_pauses_between_requests_and_resumes_the_branch_its_prompt_con
 
 
 def test_a_program_with_long_waits_moves_down_unpinned_and_comes_back(setup):
-    from kvstrata.sessions.kv import PROGRAM_TOOL
+    from kvstrata.sessions.programs import PROGRAM_TOOL
 
     ae, store, skv = setup(program_pause=True)
     ae.engine.placement = fixed_model(["disk"])
