@@ -80,7 +80,7 @@ def hf_numbers(path: str, quick: bool) -> dict:
 def measure(llm: LLM, ceil: dict, quick: bool) -> dict:
     mc = llm.engine.model_config
     w_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
-    w_bytes += sum(m.dyn.weight().numel() for m in llm.engine.model.modules() if hasattr(m, "dyn"))  # int8 weights
+    w_bytes += sum(m.int8_weight()[0].numel() for m in llm.engine.model.modules() if hasattr(m, "int8_weight"))  # int8 weights
     if llm.engine.config.quantization != "none":  # the fp32 embedding table is only gathered from, not streamed
         w_bytes -= llm.engine.model.embed_tokens.weight.numel() * 4
     kv_tok = mc.kv_bytes_per_token

@@ -204,8 +204,8 @@ def decode_bytes_per_token(eng, depth: int) -> int:
     m, total = eng.model, 0
     for mod in m.modules():
         if isinstance(mod, PerTokenInt8Linear):
-            qw = mod.dyn.weight()
-            total += qw.numel() * qw.element_size() + 4 * qw.shape[0]
+            w8, _ = mod.int8_weight()
+            total += w8.numel() * w8.element_size() + 4 * w8.shape[0]
         elif isinstance(mod, nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
     if m.lm_head_q is None and m.lm_head is None:  # tied fp32 head: the whole embedding table

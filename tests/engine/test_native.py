@@ -41,8 +41,8 @@ def _q8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _lin(mod, x: torch.Tensor) -> torch.Tensor:
-    qw = mod.dyn.weight()
-    w = qw.int_repr().double() * qw.q_per_channel_scales().double()[:, None]
+    w8, scale = mod.int8_weight()
+    w = w8.double() * scale.double()[:, None]
     y = _q8(x) @ w.T
     return y if mod.bias is None else y + mod.bias.double()
 

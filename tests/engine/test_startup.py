@@ -20,6 +20,7 @@ from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError
 from kvstrata.loader import load_model
 from kvstrata.loader.gguf_reader import GGUFStrings, read_gguf
+from kvstrata.model.quant import PerTokenInt8Linear
 from tests.engine.gguf_writer import write_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +159,14 @@ def _prefill_logits(llm: LLM) -> torch.Tensor:
     return _our_prefill_logits(llm, llm.tokenizer.encode("The quick brown fox jumps over the lazy dog"))
 
 
+def _torch_path_logits(llm: LLM) -> torch.Tensor:
+    native, llm.engine.runner.native = llm.engine.runner.native, None
+    try:
+        return _prefill_logits(llm)
+    finally:
+        llm.engine.runner.native = native
+
+
 def test_the_int8_layout_cache_is_used_and_rebuilt_when_the_file_changes(tiny_ggufs, tiny_llama, tmp_path,
                                                                          private_home, monkeypatch):
     from kvstrata.engine import setup
@@ -178,6 +187,11 @@ def test_the_int8_layout_cache_is_used_and_rebuilt_when_the_file_changes(tiny_gg
     cached = engine()
     assert builds == ["int8"]  # nothing quantized: the layout was mapped
     assert torch.equal(_prefill_logits(cached), _prefill_logits(fresh))
+    # fbgemm's copy for the torch path is packed on first use, from the map whose pages were dropped
+    int8 = [m for m in cached.engine.model.modules() if isinstance(m, PerTokenInt8Linear)]
+    assert int8 and all(m.dyn is None and m.mapped for m in int8)
+    assert torch.equal(_torch_path_logits(cached), _torch_path_logits(fresh))
+    assert all(m.dyn is not None for m in int8)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     assert cached.generate([[5, 6, 7]], params)[0].outputs[0].token_ids == fresh.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
 

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -121,12 +120,10 @@ def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
 
     def build(name: str) -> PerTokenInt8Linear:
         bias = state.get(name + ".bias")  # (copied, as the float weights below)
-        return int8_linear_from_int8(state[name + _INT8_W], state[name + _INT8_S], None if bias is None else bias.clone())
+        return int8_linear_from_int8(state[name + _INT8_W], state[name + _INT8_S], None if bias is None else bias.clone(),
+                                     mapped=True)
 
-    # fbgemm's weight packing is most of a cached start (~0.7 CPU-s for the default model) and runs
-    # without the GIL: one thread per core
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        modules = list(pool.map(build, names))
+    modules = [build(name) for name in names]  # (fbgemm packs on the torch path's first use: quant.py)
     placed, assigned = set(), set()
     for name, mod in zip(names, modules):
         parent, _, attr = name.rpartition(".")
@@ -139,9 +136,9 @@ def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
             mod = model.get_submodule(parent)
             if not isinstance(getattr(mod, attr, None), nn.Parameter) or getattr(mod, attr).shape != t.shape:
                 raise ValueError(f"{key} {tuple(t.shape)} has no place in this model")
-            # copied out of the map (whose pages go back at once): when the int8 copies are released the
-            # map closes, rather than the whole file staying resident for the embeddings' sake
-            setattr(mod, attr, nn.Parameter(t.clone(), requires_grad=False))
+            # left in the map (never written), its pages given back: the embedding table is read a row
+            # per token, so only the rows in use come back from the page cache
+            setattr(mod, attr, nn.Parameter(t, requires_grad=False))
             drop_pages(t)
             assigned.add(key)
     if "lm_head.weight" not in state and model.lm_head is not None:  # its int8 copy replaced it

@@ -82,11 +82,17 @@ def build_model(lm, dtype: torch.dtype, device: torch.device, quantization: str 
 
 
 def release_int8_copies(model: LlamaModel) -> None:
-    """Drops the plain int8 weights the layout cache and the native step were built from (the torch path
-    multiplies fbgemm's packed copy; the native step keeps its own)."""
+    """After the native step copied the int8 weights: the copies the layout cache mapped give their pages
+    back to the page cache (fbgemm's packed copy for the torch path is made from them if that path ever
+    runs); copies built in memory are packed for the torch path and dropped."""
+    from kvstrata.loader.tensor_file import drop_pages
+
     for mod in model.modules():
         if isinstance(mod, PerTokenInt8Linear):
-            mod.int8 = None
+            if mod.mapped and mod.int8 is not None:
+                drop_pages(mod.int8[0])
+            else:
+                mod.release_int8()
 
 
 def resolve_kv_dtype(cfg: EngineConfig, dtype: torch.dtype, quantization: str) -> torch.dtype:

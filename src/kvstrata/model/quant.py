@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import nn
 from kvstrata.core import KvstrataError
 
 log = logging.getLogger(__name__)
+_PACK_LOCK = threading.Lock()
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # after DecoderLayer.fuse_projections
 
 
@@ -37,22 +39,48 @@ class PerTokenInt8Linear(nn.Module):
     extra row [-1, 1, 0, ...] pins the matrix's range to exactly [-1, 1], so every row is quantized with
     the same fixed grid whatever the other rows hold, and the int8 x int8 sums are exact: a row's result
     is the same alone or in any batch.
+
+    The int8 weight (out, in) and its fp32 per-channel scales (out,) are what the layout cache stores and
+    the native step copies; fbgemm's packed copy, which only this torch path multiplies, is made on the
+    first forward (~0.7 CPU-s for the default model, most of a cached start, so an engine whose native
+    step runs every step never pays it). `release_int8` lets the plain copy go once it is not needed.
     """
 
-    def __init__(self, dyn: nn.Module, bias: torch.Tensor | None,
-                 int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(self, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, mapped: bool = False) -> None:
         super().__init__()
-        self.dyn = dyn
-        self.packed = dyn._packed_params._packed_params  # the op's own handle: no module call per matmul
+        self.out_features, self.in_features = w8.shape
         self.reduce_range = not _has_vnni()
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        # the plain int8 weight (out, in) and fp32 per-channel scales (out,) it was built from, for the
-        # layout cache and the native step to read without unpacking fbgemm's copy; the engine drops them
-        # (int8 = None) once those have them, so the weights are not held once more
-        self.int8 = int8
-        pin = torch.zeros(1, dyn.in_features)
-        pin[0, 0], pin[0, min(1, dyn.in_features - 1)] = -1.0, 1.0
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = (w8, scale.float())
+        self.mapped = mapped  # int8 views of a file map (the layout cache): dropping their pages frees them
+        self.dyn: nn.Module | None = None  # fbgemm's packed copy, once made
+        pin = torch.zeros(1, self.in_features)
+        pin[0, 0], pin[0, min(1, self.in_features - 1)] = -1.0, 1.0
         self.register_buffer("range_row", pin, persistent=False)
+
+    @property
+    def packed(self):
+        """fbgemm's packed weight (the op's own handle: no module call per matmul), made on first use."""
+        if self.dyn is None:
+            with _PACK_LOCK:
+                if self.dyn is None:
+                    self.dyn = _pack(*self.int8)
+        return self.dyn._packed_params._packed_params
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weight (out, in) and fp32 per-channel scales (out,), from whichever copy is held."""
+        if self.int8 is not None:
+            return self.int8
+        qw = self.dyn.weight()
+        return qw.int_repr(), qw.q_per_channel_scales().float()
+
+    def release_int8(self) -> None:
+        """Lets the plain int8 copy go (packed for the torch path first) once the native step has its own.
+        A copy that views a file map (`mapped`) is kept instead, its pages returned to the page cache by
+        the caller (engine/setup.py), so a later torch-path pack reads it from the file again."""
+        if self.int8 is not None and not self.mapped:
+            _ = self.packed
+            self.int8 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, in)
         s = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-6)  # (T, 1)
@@ -85,19 +113,25 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     return int8_linear_from_int8(qw.int_repr(), scale, bias)
 
 
-def int8_linear_from_int8(w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> PerTokenInt8Linear:
-    """The same module from int8 weights (out, in) and their fp32 per-channel scales (out,), as int8_linear
-    makes them (or a layout cache stored them): the identical packed weight, without quantizing again."""
+def _pack(w8: torch.Tensor, scale: torch.Tensor) -> nn.Module:
+    """fbgemm's dynamic int8 Linear holding w8 (out, in) with per-channel scales."""
     from torch.ao.nn.quantized.dynamic import Linear as DynLinear
 
     out_f, in_f = w8.shape
-    qw = torch._make_per_channel_quantized_tensor(w8, scale.double(), torch.zeros(out_f, dtype=torch.long), 0)
+    qw = torch._make_per_channel_quantized_tensor(w8.contiguous(), scale.double(), torch.zeros(out_f, dtype=torch.long), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = DynLinear(1, 1, bias_=False, dtype=torch.qint8)  # (its constructor packs a zero weight of the size it is given)
     m.set_weight_bias(qw, None)
     m.in_features, m.out_features = in_f, out_f
-    return PerTokenInt8Linear(m, bias, int8=(w8, scale.float()))
+    return m
+
+
+def int8_linear_from_int8(w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                          mapped: bool = False) -> PerTokenInt8Linear:
+    """The same module from int8 weights (out, in) and their fp32 per-channel scales (out,), as int8_linear
+    makes them (or a layout cache stored them: `mapped`), without quantizing again."""
+    return PerTokenInt8Linear(w8, scale, bias, mapped=mapped)
 
 
 def quantize_model_int8(model: nn.Module) -> nn.Module:

@@ -58,11 +58,7 @@ def unsupported_reason(model: LlamaModel, kv_dtype: torch.dtype) -> str | None:
 
 
 def _int8_parts(mod: PerTokenInt8Linear) -> list[torch.Tensor | None]:
-    if mod.int8 is not None:  # the same int8 values and per-channel scales the torch path multiplies with
-        w, scale = mod.int8
-    else:  # (released already: unpack fbgemm's copy)
-        qw = mod.dyn.weight()
-        w, scale = qw.int_repr(), qw.q_per_channel_scales()
+    w, scale = mod.int8_weight()  # the same int8 values and per-channel scales the torch path multiplies with
     return [w.contiguous(), scale.float().contiguous(), None,
             None if mod.bias is None else mod.bias.detach().float().contiguous()]
 

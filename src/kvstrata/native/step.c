@@ -70,8 +70,18 @@ static char *pack_mat(Mat *w, const int64_t *ptr, char *p) {
         const int8_t *src = (const int8_t *)ptr[0];
         int8_t *wp = (int8_t *)p;
         memset(wp, 0, up(n, 64) * w->kp);
-        for (size_t r = 0; r < n; r++)
-            for (size_t c = 0; c < k; c++) wp[i8_off(w->kp, (int)r, (int)c)] = src[r * k + c];
+        int32_t *rs = (int32_t *)(p + up(up(n, 64) * w->kp, 64) + up(4 * n16, 64));
+        memset(rs, 0, 4 * n16);
+        /* rows on every core: a start is mostly this copy (the rows write disjoint panel bytes) */
+        #pragma omp parallel for schedule(static)
+        for (size_t r = 0; r < n; r++) {
+            int32_t sum = 0;
+            for (size_t c = 0; c < k; c++) {
+                wp[i8_off(w->kp, (int)r, (int)c)] = src[r * k + c];
+                sum += src[r * k + c];
+            }
+            rs[r] = sum;
+        }
         w->wp = wp;
         p += up(up(n, 64) * w->kp, 64);
         float *s = (float *)p;
@@ -79,13 +89,6 @@ static char *pack_mat(Mat *w, const int64_t *ptr, char *p) {
         memcpy(s, (const float *)ptr[1], 4 * n);
         w->s = s;
         p += up(4 * n16, 64);
-        int32_t *rs = (int32_t *)p;
-        memset(rs, 0, 4 * n16);
-        for (size_t r = 0; r < n; r++) {
-            int32_t sum = 0;
-            for (size_t c = 0; c < k; c++) sum += src[r * k + c];
-            rs[r] = sum;
-        }
         w->rs = rs;
         p += up(4 * n16, 64);
         float *bb = (float *)p;
