@@ -14,14 +14,17 @@ _IMPORTED_AT = time.time()
 
 
 def _process_start_wall() -> float:
+    """The process's start as a time.time() value: its start in clock ticks after boot (/proc/self/stat)
+    against the clock since boot now. (Not /proc/stat's btime: whole seconds, so up to 1 s off.)"""
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         start_ticks = int(fields[19])  # field 22 of stat(5): starttime, in clock ticks after boot
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+        if not 0 <= age < 3600:  # (a kernel counting otherwise: fall back)
+            return _IMPORTED_AT
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
         return _IMPORTED_AT
 
 

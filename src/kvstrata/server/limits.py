@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstrata.config import _f, parse_bytes
 from kvstrata.core import KvstrataError
-from kvstrata.engine.admission import AdmissionPolicy
-from kvstrata.jobs.spec import JobLimits
-from kvstrata.server.errors import APIError
+
+if TYPE_CHECKING:  # (imported where used: the CLI's parser reads this file without torch or FastAPI)
+    from kvstrata.engine.admission import AdmissionPolicy
+    from kvstrata.jobs.spec import JobLimits
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,16 @@ class ServerLimits:
 
     def admission(self, max_num_seqs: int, max_waiting: int, keyed: bool) -> AdmissionPolicy:
         """Per-key quotas apply only where API keys are configured (an open server has one tenant)."""
+        from kvstrata.engine.admission import AdmissionPolicy
+
         return AdmissionPolicy.for_engine(
             max_num_seqs, max_waiting, interactive_reserve=self.interactive_reserve,
             per_key_concurrency=self.max_concurrent_per_key if keyed else 0,
             per_key_queue=self.max_queued_per_key if keyed else 0)
 
     def jobs(self) -> JobLimits:
+        from kvstrata.jobs.spec import JobLimits
+
         return JobLimits(self.max_job_tasks, self.max_job_agents, self.max_tool_workers)
 
     # -- checks the routes call --------------------------------------------------------------------
@@ -59,11 +64,15 @@ class ServerLimits:
             return
         n = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
         if n > self.max_metadata_bytes:
+            from kvstrata.server.errors import APIError
+
             raise APIError(400, f"{param} is {n} bytes as JSON; this server keeps at most {self.max_metadata_bytes} "
                            "(--max-metadata-bytes)", code="invalid_request", param=param)
 
     def check_lease(self, lease_s: float | None) -> None:
         if lease_s is not None and lease_s > self.max_lease_s:
+            from kvstrata.server.errors import APIError
+
             raise APIError(400, f"lease_s {lease_s:g} is longer than this server allows ({self.max_lease_s:g} s, "
                            "--max-lease-s); park again before the lease ends to keep the KV pinned",
                            code="invalid_request", param="lease_s")
