@@ -98,12 +98,17 @@ def model_names(scfg: ServerConfig, cfg) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from kvstrata.engine.async_engine import AsyncEngine
     from kvstrata.engine.llm_engine import LLMEngine
+    from kvstrata.server import create_app
+    from kvstrata.server.limits import ServerLimits
     from kvstrata.sessions import open_store
 
     scfg = config_from_args(ServerConfig, args)
     keys = read_api_keys(scfg)
+    limits = config_from_args(ServerLimits, args)
     cfg = engine_config_from_args(args)
     store_url = scfg.session_store or default_store_path()
     if wants_cluster(args):  # the one place the CLI reaches into kvstrata.cluster, lazily
@@ -112,16 +117,8 @@ def run(args: argparse.Namespace) -> int:
         return run_cluster(args, scfg, options_from_args(args), cfg, store=store_url,
                            model_names=model_names(scfg, cfg), api_keys=keys)
     store = open_store(store_url)
-    try:  # built on the thread that will step it (engine/async_engine.py says why), while this thread
-        # imports the HTTP stack: the engine's weight reading and packing run mostly outside the GIL
-        aengine = AsyncEngine(lambda: LLMEngine(cfg), max_waiting=scfg.max_waiting, wait=False)
-        import uvicorn
-
-        from kvstrata.server import create_app
-        from kvstrata.server.limits import ServerLimits
-
-        limits = config_from_args(ServerLimits, args)
-        aengine.wait_built()
+    try:  # built on the thread that will step it (engine/async_engine.py says why)
+        aengine = AsyncEngine(lambda: LLMEngine(cfg), max_waiting=scfg.max_waiting)
     except BaseException:
         store.close()
         raise

@@ -62,9 +62,7 @@ class AsyncEngine:
     after it runs). Nothing a caller does reaches the engine loop as an error. When the engine stops (an
     internal error, or `shutdown()`), every queued command and every open stream gets EngineDeadError."""
 
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], max_waiting: int = 256, wait: bool = True) -> None:
-        """`engine` or a factory run on the engine thread; with `wait=False` the constructor returns while
-        the factory runs (the caller does other start-up work meanwhile) and `wait_built()` joins it."""
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], max_waiting: int = 256) -> None:
         factory = None if isinstance(engine, LLMEngine) else engine
         self.engine: LLMEngine = None if factory else engine  # type: ignore[assignment]
         self.max_waiting = max_waiting
@@ -77,8 +75,6 @@ class AsyncEngine:
         self._lock = threading.Lock()  # orders _submit against the loop's final drain
         self._ids = 0
         built = threading.Event()
-        if factory is None:
-            built.set()
         build_error: list[BaseException] = []
 
         def main() -> None:
@@ -92,18 +88,13 @@ class AsyncEngine:
                     built.set()
             self._loop()
 
-        self._built, self._build_error = built, build_error
         self._thread = threading.Thread(target=main, name="kvstrata-engine", daemon=True)
         self._thread.start()
-        if factory is not None and wait:
-            self.wait_built()
-
-    def wait_built(self) -> None:
-        """Returns once the engine is built; raises what its factory raised."""
-        self._built.wait()
-        if self._build_error:
-            self._thread.join()
-            raise self._build_error[0]
+        if factory is not None:
+            built.wait()
+            if build_error:
+                self._thread.join()
+                raise build_error[0]
 
     @property
     def tokenizer(self):
