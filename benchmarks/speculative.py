@@ -1,9 +1,11 @@
 """Speculative decoding by prompt lookup on real agent turns: decode tokens/s with and without, acceptance,
 identical greedy output; aggregate tokens/s at 8 and 32 concurrent sequences.
 
-Agent turns: every assistant turn of tau-bench airline trajectories ($KVSTRATA_TRACE_DIR or
-../shared/data/traces/tau-bench; the history up to the turn, rendered with the model's chat template, as
-benchmarks/peers/tau_replay.py builds it). Default model on the path every entry point runs
+Agent turns, two workloads ($KVSTRATA_TRACE_DIR or ../shared/data/traces): every assistant turn of
+tau-bench airline trajectories (the history up to the turn, rendered with the model's chat template, as
+benchmarks/peers/tau_replay.py builds it), and the assistant tool-call turns of a BFCL multi-turn session
+(GorillaFileSystem entries chained with their ground-truth calls and results, benchmarks/bfcl; the
+history rendered with its tools). Default model on the path every entry point runs
 (`--quantization auto`), greedy, stopping at EOS or max_tokens. Two engines, speculation off and on, run
 the same turns alternately in one process, so load swings on the machine hit both. Batch 1: decode tokens/s
 from the first token to the last (prefill excluded; each prompt's prefix is cached by a one-token warm-up
@@ -22,6 +24,7 @@ import torch
 
 from benchmarks.common import machine, table, trace_dir, write_results
 from kvstrata import LLM, SamplingParams
+from kvstrata.tokenizer.tools import render_chat
 
 
 def turns(n_sessions: int, max_turns: int) -> list[list[dict]]:
@@ -30,6 +33,17 @@ def turns(n_sessions: int, max_turns: int) -> list[list[dict]]:
     sessions = load_sessions(trace_dir() / "tau-bench" / "gpt-4o-airline.json", n_sessions=n_sessions,
                              max_chars=24000, max_turns=max_turns)
     return [t.messages for s in sessions for t in s.turns]
+
+
+def bfcl_turns(n_turns: int) -> list[tuple[list[dict], list[dict]]]:
+    """(history, tools) at each assistant tool-call turn of a BFCL multi-turn session (GorillaFileSystem
+    entries chained: the ground-truth calls and our API implementations' results, benchmarks/bfcl)."""
+    from benchmarks.bfcl.long_session import replay_session
+
+    system, tools, msgs = replay_session(trace_dir() / "bfcl", n_entries=8)
+    msgs = [{"role": "system", "content": system}, *msgs]
+    at = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("tool_calls") and i > 2]
+    return [(msgs[:i], tools) for i in at[:n_turns]]
 
 
 def batch1(engines: dict[str, LLM], prompts: list[list[int]], max_tokens: int) -> dict[str, dict]:
@@ -58,41 +72,50 @@ def concurrent(llm: LLM, prompts: list[list[int]], n: int, max_tokens: int) -> t
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="2 sessions, 6 turns each, 64 tokens")
+    ap.add_argument("--quick", action="store_true", help="2 sessions, 6 turns each, 12 BFCL turns, 64 tokens")
     ap.add_argument("--sessions", type=int, default=4)
     ap.add_argument("--max-turns", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--bfcl-turns", type=int, default=16, help="BFCL assistant tool-call turns")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads of the native step (1 is steadier on a loaded machine)")
     a = ap.parse_args()
     if a.quick:
-        a.sessions, a.max_turns, a.max_tokens = 2, 6, 64
+        a.sessions, a.max_turns, a.max_tokens, a.bfcl_turns = 2, 6, 64, 12
     torch.set_num_threads(a.threads)
     engines = {k: LLM("default", kv_device_bytes="1G", speculative=k, num_threads=a.threads) for k in ("off", "on")}
     tok = engines["off"].tokenizer
-    prompts = [tok.encode_chat(m) for m in turns(a.sessions, a.max_turns)]
-    c0 = dict(engines["on"].engine.counters)
-    r = batch1(engines, prompts, a.max_tokens)
-    c = engines["on"].engine.counters
-    drafted, accepted = c["draft_tokens"] - c0["draft_tokens"], c["accepted_draft_tokens"] - c0["accepted_draft_tokens"]
-    tps = {k: v["tokens"] / v["decode_s"] for k, v in r.items()}
-    same = r["off"]["outputs"] == r["on"]["outputs"]
-    rows = [["batch 1 decode tok/s", f"{tps['off']:.1f}", f"{tps['on']:.1f}", f"{tps['on'] / tps['off']:.2f}x"]]
-    data: dict = {"machine": machine(), "turns": len(prompts), "max_tokens": a.max_tokens, "tok_s": tps,
-                  "identical_greedy": same, "draft_tokens": drafted, "accepted_draft_tokens": accepted,
-                  "load_avg": os.getloadavg()}
-    for n in (8, 32):
-        agg = {k: concurrent(llm, prompts, n, a.max_tokens) for k, llm in engines.items()}
-        data[f"concurrent_{n}"] = {k: v[0] for k, v in agg.items()}
-        data[f"concurrent_{n}_identical"] = agg["off"][1] == agg["on"][1]
-        rows.append([f"{n} concurrent, aggregate tok/s", f"{agg['off'][0]:.1f}", f"{agg['on'][0]:.1f}",
-                     f"{agg['on'][0] / agg['off'][0]:.2f}x"])
-    md = (f"# Speculative decoding (prompt lookup) on tau-bench assistant turns\n\n{machine()}, {a.threads} thread(s); {len(prompts)} turns, "
+    workloads = {"tau-bench assistant turns": [tok.encode_chat(m) for m in turns(a.sessions, a.max_turns)],
+                 "BFCL tool-call turns": [tok.encode(render_chat(tok, m, t), add_special_tokens=False)
+                                          for m, t in bfcl_turns(a.bfcl_turns)]}
+    rows, data = [], {"machine": machine(), "max_tokens": a.max_tokens, "workloads": {}}
+    notes = []
+    for wname, prompts in workloads.items():
+        c0 = dict(engines["on"].engine.counters)
+        r = batch1(engines, prompts, a.max_tokens)
+        c = engines["on"].engine.counters
+        drafted, accepted = c["draft_tokens"] - c0["draft_tokens"], c["accepted_draft_tokens"] - c0["accepted_draft_tokens"]
+        tps = {k: v["tokens"] / v["decode_s"] for k, v in r.items()}
+        same = r["off"]["outputs"] == r["on"]["outputs"]
+        w = {"turns": len(prompts), "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "tok_s": tps,
+             "identical_greedy": same, "draft_tokens": drafted, "accepted_draft_tokens": accepted}
+        rows.append([f"{wname}: batch 1 decode tok/s", f"{tps['off']:.1f}", f"{tps['on']:.1f}",
+                     f"{tps['on'] / tps['off']:.2f}x"])
+        for n in (8, 32):
+            agg = {k: concurrent(llm, prompts, n, a.max_tokens) for k, llm in engines.items()}
+            w[f"concurrent_{n}"] = {k: v[0] for k, v in agg.items()}
+            w[f"concurrent_{n}_identical"] = agg["off"][1] == agg["on"][1]
+            rows.append([f"{wname}: {n} concurrent, aggregate tok/s", f"{agg['off'][0]:.1f}", f"{agg['on'][0]:.1f}",
+                         f"{agg['on'][0] / agg['off'][0]:.2f}x"])
+        data["workloads"][wname] = w
+        notes.append(f"{wname}: {len(prompts)} turns, prompts of {w['prompt_tokens_mean']:.0f} tokens on average; "
+                     f"{accepted} of {drafted} draft tokens accepted ({accepted / max(drafted, 1):.0%}); greedy output "
+                     f"identical with and without: {same} (batch 1), {w['concurrent_8_identical']} (8), "
+                     f"{w['concurrent_32_identical']} (32).")
+    data["load_avg"] = os.getloadavg()
+    md = (f"# Speculative decoding (prompt lookup) on agent turns\n\n{machine()}, {a.threads} thread(s); "
           f"greedy, up to {a.max_tokens} tokens; load average at the end {os.getloadavg()[0]:.1f}.\n\n"
-          + table(["", "off", "on", "on / off"], rows)
-          + f"\n\nAcceptance: {accepted} of {drafted} draft tokens ({accepted / max(drafted, 1):.0%}); greedy output "
-          f"identical with and without: {same} (batch 1), {data['concurrent_8_identical']} (8), "
-          f"{data['concurrent_32_identical']} (32).\n")
+          + table(["", "off", "on", "on / off"], rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     print(md)
     write_results("speculative", md, data)
 

@@ -19,7 +19,7 @@ import torch
 
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
-from kvstrata.engine.speculative import MAX_DRAFT, STEP_ROWS, NgramDrafter, draft_budget, verify_token
+from kvstrata.engine.speculative import MAX_DRAFT, STEP_ROWS, NgramDrafter, draft_budget, draft_length, verify_token
 from kvstrata.sched.sequence import Sequence
 
 native = pytest.importorskip("kvstrata.native")
@@ -210,6 +210,17 @@ def test_drafter_finds_the_latest_longest_match_and_adapts():
     assert d.k == MAX_DRAFT - 4 and d.pause > 0 and d.propose(seq, 8) == []  # low acceptance: drafting pauses
     assert Sequence("r", 0, [5, 6, 7], SamplingParams()).draft_token_ids == []
     assert NgramDrafter().propose(Sequence("r", 0, [5, 6, 7], SamplingParams()), 4) == []  # no match
+
+
+def test_the_draft_length_shrinks_with_the_context_and_the_acceptance():
+    # a draft row's attention grows with the context, so the same acceptance buys shorter drafts there
+    assert draft_length(8, 1.0, 100) == 8  # everything accepted so far, short context: the whole limit
+    lengths = [draft_length(12, 0.8, ctx) for ctx in (100, 1000, 4000, 16000)]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1] >= 1
+    assert [draft_length(12, p, 4000) for p in (0.9, 0.6, 0.2)] == sorted(
+        [draft_length(12, p, 4000) for p in (0.9, 0.6, 0.2)], reverse=True)
+    assert draft_length(12, 0.2, 16000) == 0  # no length beats a plain decode: no draft
+    assert draft_length(0, 1.0, 100) == 0
 
 
 class _Recorder:
