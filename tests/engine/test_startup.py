@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,13 @@ def test_generate_on_the_default_model_stays_under_one_gib_and_imports_nothing_i
     assert "start phases" in err and "first token" in err
     peak_mib = int(re.search(r"^HWM (\d+)$", out, re.M).group(1)) / 1024
     assert peak_mib < 1024, (peak_mib, err[-3000:])
+
+
+def test_the_time_since_process_start_is_read_to_the_clock_tick():
+    # the process start from /proc in clock ticks against the clock since boot: never later than the
+    # parent saw the child start (/proc/stat's btime is whole seconds and made it up to 1 s late)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", "from kvstrata.startup import since_process_start as s; print(s())"],
+                         capture_output=True, text=True, check=True).stdout
+    elapsed = time.time() - t0
+    assert 0.0 <= float(out) <= elapsed + 0.011
