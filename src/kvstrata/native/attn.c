@@ -143,6 +143,43 @@ static void attn_item_##NV##SUF(const AttnShape *m, const float *q, const void *
     softmax_rows(sc, pml, m->H, n);                                                                            \
     pv_##NV##SUF(m, vc, rows, n, sc, po);                                                                      \
 }                                                                                                              \
+/* Several consecutive queries of one sequence (a decode row and its drafts) over one chunk: the loop of     \
+ * attn_item with each position's K row loaded once for all of them, each query's scores, softmax and     \
+ * values computed exactly as attn_item computes them alone (the same bits). */                            \
+static void attn_multi_##NV##SUF(const AttnShape *m, const float *q, size_t qstride, int nq, const int *nj,    \
+                                 const void *kcv, const void *vcv, const int64_t *rows, float *po,             \
+                                 size_t postride, float *pml, size_t pmlstride, float *sc) {                   \
+    const T *kc = kcv, *vc = vcv;                                                                              \
+    const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV, row = KVH * D * (int)sizeof(T);                \
+    const float scale = m->scale;                                                                              \
+    int n = 0;                                                                                                 \
+    for (int j = 0; j < nq; j++) n = nj[j] > n ? nj[j] : n;                                                    \
+    for (int t = 0; t < n && t < PF_AHEAD; t++) prefetch_row(kc + rows[t], row);                               \
+    for (int t = 0; t < n; t++) {                                                                              \
+        const T *kr = kc + rows[t];                                                                            \
+        if (t + PF_AHEAD < n) prefetch_row(kc + rows[t + PF_AHEAD], row);                                      \
+        prefetch_row(vc + rows[t], row);                                                                       \
+        for (int h = 0; h < KVH; h++) {                                                                        \
+            __m512 k[NV];                                                                                      \
+            for (int j = 0; j < NV; j++) k[j] = ld16##SUF(kr + h * D + 16 * j);                                \
+            for (int qi = 0; qi < nq; qi++) {                                                                  \
+                if (t >= nj[qi]) continue;                                                                     \
+                for (int g = 0; g < G; g++) {                                                                  \
+                    const float *qh = q + qi * qstride + (size_t)(h * G + g) * D;                              \
+                    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);                                     \
+                    for (int j = 1; j < NV; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), k[j], acc); \
+                    sc[((size_t)qi * H + h * G + g) * CHUNK + t] = _mm512_reduce_add_ps(acc) * scale;          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int qi = 0; qi < nq; qi++) {                                                                          \
+        if (nj[qi] <= 0) continue;                                                                             \
+        float *scq = sc + (size_t)qi * H * CHUNK;                                                              \
+        softmax_rows(scq, pml + qi * pmlstride, H, nj[qi]);                                                    \
+        pv_##NV##SUF(m, vc, rows, nj[qi], scq, po + qi * postride);                                            \
+    }                                                                                                          \
+}                                                                                                              \
 /* Scores of one query head over up to 16 positions: the same products as above (q * k, then FMAs, in  \
  * lanes), the 16 lane vectors reduced together (hsum16: the bits of 16 separate reductions). */          \
 static inline __attribute__((always_inline)) void scores16_##NV##SUF(const T *kc, const int64_t *rows,        \
@@ -212,6 +249,14 @@ attn_block_fn pick_attn_block(int D, int kvt) {
 #if defined(__AVX512F__)
     if (D == 64) return kvt == KV_F16 ? attn_block_4_f16 : kvt == KV_BF16 ? attn_block_4_bf16 : attn_block_4_f32;
     if (D == 128) return kvt == KV_F16 ? attn_block_8_f16 : kvt == KV_BF16 ? attn_block_8_bf16 : attn_block_8_f32;
+#endif
+    return attn_block_each;
+}
+
+attn_block_fn pick_attn_multi(int D, int kvt) {
+#if defined(__AVX512F__)
+    if (D == 64) return kvt == KV_F16 ? attn_multi_4_f16 : kvt == KV_BF16 ? attn_multi_4_bf16 : attn_multi_4_f32;
+    if (D == 128) return kvt == KV_F16 ? attn_multi_8_f16 : kvt == KV_BF16 ? attn_multi_8_bf16 : attn_multi_8_f32;
 #endif
     return attn_block_each;
 }

@@ -82,6 +82,8 @@ typedef void (*attn_block_fn)(const AttnShape *s, const float *q, size_t qstride
                               const void *vc, const int64_t *rows, float *po, size_t postride, float *pml,
                               size_t pmlstride, float *sc);
 KV_HIDDEN attn_block_fn pick_attn_block(int D, int kvt);
+/* The same contract for a few queries in decode's loop (K rows loaded once per position for all). */
+KV_HIDDEN attn_block_fn pick_attn_multi(int D, int kvt);
 /* Merges nc partials (chunk order, po (nc, H, D), pml (nc, H, 2)) into out (H, D). */
 KV_HIDDEN void merge_partials(const AttnShape *s, int nc, const float *po, const float *pml, float *out);
 

@@ -318,35 +318,33 @@ int kv_step(void *mp, int T, const int64_t *tok, const int64_t *pos, const int64
     Model *m = mp;
     const int Hd = m->hidden, H = m->H, D = m->D, I = m->inter, nq = m->nq;
     const int small = T <= SMALL_T;
-    int items = 0, maxch = 1;
+    int maxch = 1;
     for (int r = 0; r < T; r++) {
         if (pos[r] < 0 || pos[r] >= m->max_pos) return -2;
         if (tok[r] < 0 || tok[r] >= m->vocab) return -3;
         int nc = (int)((pos[r] + CHUNK) / CHUNK);
-        items += nc;
         maxch = nc > maxch ? nc : maxch;
     }
     for (int j = 0; j < n_out; j++)
         if (out_rows[j] < 0 || out_rows[j] >= T) return -3;
     if (nthreads < 1) nthreads = 1;
     Work w;
-    if (workspace(m, T, small ? items : 0, maxch, small, nthreads, &w)) return -1;
-    int nblocks = 0;
-    if (small) {
-        for (int r = 0, i = 0; r < T; r++)
-            for (int c = 0; c * CHUNK <= pos[r]; c++, i++) {
-                if (c == 0) w.first[r] = i;
-                w.it_r[i] = r; w.it_c[i] = c;
+    if (workspace(m, T, small ? T * maxch : 0, maxch, small, nthreads, &w)) return -1;
+    /* blocks of up to NQB consecutive positions of one sequence (first[b] = the block's first row): a
+     * prefill chunk's rows, or a decode row and its drafts, which read each K row once for all of them */
+    int nblocks = 0, items = 0;
+    for (int r = 0; r < T; r++)
+        if (r == 0 || rseq[r] != rseq[r - 1] || pos[r] != pos[r - 1] + 1 || r - w.first[nblocks - 1] == NQB)
+            w.first[nblocks++] = r;
+    w.first[nblocks] = T;
+    if (small) /* work items: (block, chunk of its last row's context); a row's partials at [row][chunk] */
+        for (int b = 0; b < nblocks; b++)
+            for (int c = 0; c * CHUNK <= pos[w.first[b + 1] - 1]; c++, items++) {
+                w.it_r[items] = b; w.it_c[items] = c;
             }
-    } else { /* blocks of up to NQB consecutive positions of one sequence; first[b] = the block's first row */
-        for (int r = 0; r < T; r++)
-            if (r == 0 || rseq[r] != rseq[r - 1] || pos[r] != pos[r - 1] + 1 || r - w.first[nblocks - 1] == NQB)
-                w.first[nblocks++] = r;
-        w.first[nblocks] = T;
-    }
     for (int r = 0; r < T; r++) memcpy(w.x + (size_t)r * Hd, m->embed + (size_t)tok[r] * Hd, sizeof(float) * Hd);
     const attn_fn attn = pick_attn(D, m->kvt);
-    const attn_block_fn attn_block = pick_attn_block(D, m->kvt);
+    const attn_block_fn attn_block = pick_attn_block(D, m->kvt), attn_multi = pick_attn_multi(D, m->kvt);
     const size_t esz = m->kvt == KV_F32 ? 4 : 2;
 
     #pragma omp parallel num_threads(nthreads)
@@ -381,18 +379,28 @@ int kv_step(void *mp, int T, const int64_t *tok, const int64_t *pos, const int64
                 mm(&m->qkv[l], &A, T, w.qkvb, nq, 0, hh * D, (hh + 1) * D);
                 rope_write(m, hh, T, w.qkvb, pos, slot, kc, vc);
             }
-            if (small) { /* few rows: spread their chunks over the team, then every thread merges all */
+            if (small) { /* few rows: spread their blocks' chunks over the team, then every thread merges all */
                 #pragma omp for schedule(dynamic, 1)
                 for (int i = 0; i < items; i++) {
-                    const int r = w.it_r[i], t0 = w.it_c[i] * CHUNK, t1 = t0 + CHUNK < pos[r] + 1 ? t0 + CHUNK : (int)pos[r] + 1;
-                    pool_rows(m, bt + (size_t)rseq[r] * max_blocks, t0, t1, prow);
-                    attn(&m->as, w.qkvb + (size_t)r * nq, kc, vc, prow, t1 - t0, w.po + (size_t)i * H * D,
-                         w.pml + (size_t)i * H * 2, sc);
+                    const int b = w.it_r[i], c = w.it_c[i], r0 = w.first[b], nqr = w.first[b + 1] - r0;
+                    const int last = (int)pos[r0 + nqr - 1], t0 = c * CHUNK, t1 = t0 + CHUNK < last + 1 ? t0 + CHUNK : last + 1;
+                    float *po = w.po + ((size_t)r0 * maxch + c) * H * D, *pml = w.pml + ((size_t)r0 * maxch + c) * H * 2;
+                    pool_rows(m, bt + (size_t)rseq[r0] * max_blocks, t0, t1, prow);
+                    if (nqr == 1) {
+                        attn(&m->as, w.qkvb + (size_t)r0 * nq, kc, vc, prow, t1 - t0, po, pml, sc);
+                    } else {
+                        int nj[NQB];
+                        for (int j = 0; j < nqr; j++) {
+                            const int v = (int)pos[r0 + j] + 1 - t0;
+                            nj[j] = v < 0 ? 0 : (v > CHUNK ? CHUNK : v);
+                        }
+                        attn_multi(&m->as, w.qkvb + (size_t)r0 * nq, nq, nqr, nj, kc, vc, prow, po, pstride, pml,
+                                   mlstride, sc);
+                    }
                 }
                 for (int r = 0; r < T; r++) {
-                    const int f = w.first[r];
-                    merge_partials(&m->as, (int)(pos[r] / CHUNK) + 1, w.po + (size_t)f * H * D, w.pml + (size_t)f * H * 2,
-                                   a.h + (size_t)r * m->ldf);
+                    merge_partials(&m->as, (int)(pos[r] / CHUNK) + 1, w.po + (size_t)r * pstride,
+                                   w.pml + (size_t)r * mlstride, a.h + (size_t)r * m->ldf);
                     prep(m, &a, r, H * D, m->o[l].fmt);
                 }
             } else { /* many rows: a block of one sequence's consecutive queries each, chunk by chunk */
