@@ -96,6 +96,15 @@ def test_the_native_step_gives_a_row_the_same_bits_in_any_step(quantization, kv_
     for a, b in zip(_pool_rows(eng, one, n), _pool_rows(eng, mixed, n)):
         assert torch.equal(a, b)
 
+    # small steps (at most 8 rows) of consecutive positions, as a decode row and its drafts are verified:
+    # their K rows are read once for all of them (attn_multi), each row's bits those of its decode
+    small, got, p, k = _Seq(eng, ids), [], 0, 0
+    while p < n:
+        size = min((5, 3, 8, 2, 7, 1, 6)[k % 7], n - p)
+        got.append(_call(nat, [(small, q) for q in range(p, p + size)], list(range(size))))
+        p, k = p + size, k + 1
+    assert torch.equal(torch.cat(got), decoded)
+
     threads = torch.get_num_threads()  # another team size splits rows and columns differently
     try:
         torch.set_num_threads(2 if threads != 2 else 3)
