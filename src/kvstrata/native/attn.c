@@ -119,36 +119,12 @@ static inline __attribute__((always_inline)) void pv_##NV##SUF(const AttnShape *
 #define PF_AHEAD 8
 #define ATTN_ITEM_AVX512(NV, SUF, T)                                                                           \
 PV_AVX512(NV, SUF, T)                                                                                          \
-static void attn_item_##NV##SUF(const AttnShape *m, const float *q, const void *kcv, const void *vcv,          \
-                                const int64_t *rows, int n, float *po, float *pml, float *sc) {                \
-    const T *kc = kcv, *vc = vcv;                                                                              \
-    const int KVH = m->KVH, G = m->H / KVH, D = 16 * NV, row = KVH * D * (int)sizeof(T);                       \
-    const float scale = m->scale;                                                                              \
-    for (int t = 0; t < n && t < PF_AHEAD; t++) prefetch_row(kc + rows[t], row);                               \
-    for (int t = 0; t < n; t++) {                                                                              \
-        const T *kr = kc + rows[t];                                                                            \
-        if (t + PF_AHEAD < n) prefetch_row(kc + rows[t + PF_AHEAD], row);                                      \
-        prefetch_row(vc + rows[t], row);                                                                       \
-        for (int h = 0; h < KVH; h++) {                                                                        \
-            __m512 k[NV];                                                                                      \
-            for (int j = 0; j < NV; j++) k[j] = ld16##SUF(kr + h * D + 16 * j);                                \
-            for (int g = 0; g < G; g++) {                                                                      \
-                const float *qh = q + (size_t)(h * G + g) * D;                                                 \
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);                                         \
-                for (int j = 1; j < NV; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * j), k[j], acc);   \
-                sc[(h * G + g) * CHUNK + t] = _mm512_reduce_add_ps(acc) * scale;                               \
-            }                                                                                                  \
-        }                                                                                                      \
-    }                                                                                                          \
-    softmax_rows(sc, pml, m->H, n);                                                                            \
-    pv_##NV##SUF(m, vc, rows, n, sc, po);                                                                      \
-}                                                                                                              \
-/* Several consecutive queries of one sequence (a decode row and its drafts) over one chunk: the loop of     \
- * attn_item with each position's K row loaded once for all of them, each query's scores, softmax and     \
- * values computed exactly as attn_item computes them alone (the same bits). */                            \
-static void attn_multi_##NV##SUF(const AttnShape *m, const float *q, size_t qstride, int nq, const int *nj,    \
-                                 const void *kcv, const void *vcv, const int64_t *rows, float *po,             \
-                                 size_t postride, float *pml, size_t pmlstride, float *sc) {                   \
+/* nq consecutive queries of one sequence over one chunk (nq = 1: a decode; more: a decode row and its     \
+ * drafts), each position's K row loaded once for all of them; each query's scores, softmax and values are \
+ * computed as they would be alone, so a query gets the same bits in either. */                           \
+static inline __attribute__((always_inline)) void attn_rows_##NV##SUF(const AttnShape *m, const float *q,     \
+        size_t qstride, int nq, const int *nj, const void *kcv, const void *vcv, const int64_t *rows,          \
+        float *po, size_t postride, float *pml, size_t pmlstride, float *sc) {                                 \
     const T *kc = kcv, *vc = vcv;                                                                              \
     const int H = m->H, KVH = m->KVH, G = H / KVH, D = 16 * NV, row = KVH * D * (int)sizeof(T);                \
     const float scale = m->scale;                                                                              \
@@ -179,6 +155,15 @@ static void attn_multi_##NV##SUF(const AttnShape *m, const float *q, size_t qstr
         softmax_rows(scq, pml + qi * pmlstride, H, nj[qi]);                                                    \
         pv_##NV##SUF(m, vc, rows, nj[qi], scq, po + qi * postride);                                            \
     }                                                                                                          \
+}                                                                                                              \
+static void attn_item_##NV##SUF(const AttnShape *m, const float *q, const void *kcv, const void *vcv,          \
+                                const int64_t *rows, int n, float *po, float *pml, float *sc) {                \
+    attn_rows_##NV##SUF(m, q, 0, 1, &n, kcv, vcv, rows, po, 0, pml, 0, sc);                                    \
+}                                                                                                              \
+static void attn_multi_##NV##SUF(const AttnShape *m, const float *q, size_t qstride, int nq, const int *nj,    \
+                                 const void *kcv, const void *vcv, const int64_t *rows, float *po,             \
+                                 size_t postride, float *pml, size_t pmlstride, float *sc) {                   \
+    attn_rows_##NV##SUF(m, q, qstride, nq, nj, kcv, vcv, rows, po, postride, pml, pmlstride, sc);              \
 }                                                                                                              \
 /* Scores of one query head over up to 16 positions: the same products as above (q * k, then FMAs, in  \
  * lanes), the 16 lane vectors reduced together (hsum16: the bits of 16 separate reductions). */          \
