@@ -119,6 +119,17 @@ static inline __attribute__((always_inline)) void pv_##NV##SUF(const AttnShape *
 #define PF_AHEAD 8
 #define ATTN_ITEM_AVX512(NV, SUF, T)                                                                           \
 PV_AVX512(NV, SUF, T)                                                                                          \
+/* Each query's softmax over its scores (sc: (nq, H, CHUNK)) and its values, as one query alone. */          \
+static inline __attribute__((always_inline)) void values_##NV##SUF(const AttnShape *m, const T *vc,           \
+        const int64_t *rows, int nq, const int *nj, float *sc, float *po, size_t postride, float *pml,         \
+        size_t pmlstride) {                                                                                    \
+    for (int j = 0; j < nq; j++) {                                                                             \
+        if (nj[j] <= 0) continue;                                                                              \
+        float *scj = sc + (size_t)j * m->H * CHUNK;                                                            \
+        softmax_rows(scj, pml + j * pmlstride, m->H, nj[j]);                                                   \
+        pv_##NV##SUF(m, vc, rows, nj[j], scj, po + j * postride);                                              \
+    }                                                                                                          \
+}                                                                                                              \
 /* nq consecutive queries of one sequence over one chunk (nq = 1: a decode; more: a decode row and its     \
  * drafts), each position's K row loaded once for all of them; each query's scores, softmax and values are \
  * computed as they would be alone, so a query gets the same bits in either. */                           \
@@ -149,12 +160,7 @@ static inline __attribute__((always_inline)) void attn_rows_##NV##SUF(const Attn
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
-    for (int qi = 0; qi < nq; qi++) {                                                                          \
-        if (nj[qi] <= 0) continue;                                                                             \
-        float *scq = sc + (size_t)qi * H * CHUNK;                                                              \
-        softmax_rows(scq, pml + qi * pmlstride, H, nj[qi]);                                                    \
-        pv_##NV##SUF(m, vc, rows, nj[qi], scq, po + qi * postride);                                            \
-    }                                                                                                          \
+    values_##NV##SUF(m, vc, rows, nq, nj, sc, po, postride, pml, pmlstride);                                 \
 }                                                                                                              \
 static void attn_item_##NV##SUF(const AttnShape *m, const float *q, const void *kcv, const void *vcv,          \
                                 const int64_t *rows, int n, float *po, float *pml, float *sc) {                \
@@ -206,12 +212,7 @@ static void attn_block_##NV##SUF(const AttnShape *m, const float *q, size_t qstr
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
-    for (int j = 0; j < nq; j++) {                                                                             \
-        if (nj[j] <= 0) continue;                                                                              \
-        float *scj = sc + (size_t)j * H * CHUNK;                                                               \
-        softmax_rows(scj, pml + j * pmlstride, H, nj[j]);                                                      \
-        pv_##NV##SUF(m, vc, rows, nj[j], scj, po + j * postride);                                              \
-    }                                                                                                          \
+    values_##NV##SUF(m, vc, rows, nq, nj, sc, po, postride, pml, pmlstride);                                 \
 }
 ATTN_ITEM_AVX512(4, _f32, float)
 ATTN_ITEM_AVX512(8, _f32, float)
