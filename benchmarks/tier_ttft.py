@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import ceilings, machine, table, write_results
 from kvstrata import LLM, SamplingParams
+from kvstrata.core import chain_keys
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
                 llm.generate([p], one)  # computes and caches the prefix
                 # its write-behind (to disk and Redis) finishes first: timed is the restore, not the restore
                 # racing the background writer for the two cores
-                eng.offload.wait_durable([k for k, _ in eng.offload._chain(p)], 60.0)
+                eng.offload.wait_durable(chain_keys(p, eng.pool.block_size, eng.offload.fingerprint), 60.0)
                 if tier != "device":
                     eng.offload.park(p, tier, pin=False)
                     if tier == "disk":  # a cold read from disk, not the page cache, as far as we can without root

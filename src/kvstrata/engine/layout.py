@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kvstrata.model.llama import LlamaModel
-from kvstrata.model.quant import PerTokenInt8Linear, int8_linear_from_int8
+from kvstrata.model.quant import PerTokenInt8Linear
 
 log = logging.getLogger(__name__)
 LAYOUT_VERSION = "int8-v1"  # bump when what is stored, or how it is built, changes
@@ -120,8 +120,8 @@ def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
 
     def build(name: str) -> PerTokenInt8Linear:
         bias = state.get(name + ".bias")  # (copied, as the float weights below)
-        return int8_linear_from_int8(state[name + _INT8_W], state[name + _INT8_S], None if bias is None else bias.clone(),
-                                     mapped=True)
+        return PerTokenInt8Linear(state[name + _INT8_W], state[name + _INT8_S], None if bias is None else bias.clone(),
+                                  mapped=True)
 
     modules = [build(name) for name in names]  # (fbgemm packs on the torch path's first use: quant.py)
     placed, assigned = set(), set()

@@ -110,7 +110,7 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     with warnings.catch_warnings():  # torch.ao warns that it is moving to torchao; the kernels stay
         warnings.simplefilter("ignore")
         qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-    return int8_linear_from_int8(qw.int_repr(), scale, bias)
+    return PerTokenInt8Linear(qw.int_repr(), scale, bias)
 
 
 def _pack(w8: torch.Tensor, scale: torch.Tensor) -> nn.Module:
@@ -125,13 +125,6 @@ def _pack(w8: torch.Tensor, scale: torch.Tensor) -> nn.Module:
     m.set_weight_bias(qw, None)
     m.in_features, m.out_features = in_f, out_f
     return m
-
-
-def int8_linear_from_int8(w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                          mapped: bool = False) -> PerTokenInt8Linear:
-    """The same module from int8 weights (out, in) and their fp32 per-channel scales (out,), as int8_linear
-    makes them (or a layout cache stored them: `mapped`), without quantizing again."""
-    return PerTokenInt8Linear(w8, scale, bias, mapped=mapped)
 
 
 def quantize_model_int8(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ __all__ = ["create_app"]
 
 def __getattr__(name: str):
     # create_app (the HTTP stack, FastAPI) is imported on first use, so the CLI's parser can read
-    # server/limits.py without it: `kvstrata serve` imports FastAPI while its engine is being built
+    # server/limits.py without importing FastAPI and torch
     if name == "create_app":
         from kvstrata.server.app import create_app
 
