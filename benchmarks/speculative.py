@@ -1,6 +1,10 @@
 """Speculative decoding by prompt lookup on real agent turns: decode tokens/s with and without, acceptance,
 identical greedy output; aggregate tokens/s at 8 and 32 concurrent sequences.
 
+Drafts come from each sequence's own tokens and from the outputs of the turns run before it on the same
+engine (`--speculative-shared`); the history is emptied at the start of each workload and of each
+concurrent run, so no turn is drafted from an earlier run of its own prompt.
+
 Agent turns, two workloads ($KVSTRATA_TRACE_DIR or ../shared/data/traces): every assistant turn of
 tau-bench airline trajectories (the history up to the turn, rendered with the model's chat template, as
 benchmarks/peers/tau_replay.py builds it), and the assistant tool-call turns of a BFCL multi-turn session
@@ -61,8 +65,16 @@ def batch1(engines: dict[str, LLM], prompts: list[list[int]], max_tokens: int) -
     return res
 
 
+def forget_outputs(llm: LLM) -> None:
+    """Empties the engine's history of earlier outputs (drafts may come from it): each measurement starts
+    without the outputs of the same prompts run before it."""
+    if llm.engine.shared_outputs is not None:
+        llm.engine.shared_outputs.clear()
+
+
 def concurrent(llm: LLM, prompts: list[list[int]], n: int, max_tokens: int) -> tuple[float, list]:
     batch = [prompts[i % len(prompts)] for i in range(n)]
+    forget_outputs(llm)
     llm.generate(batch, SamplingParams(max_tokens=1, temperature=0))
     t = time.perf_counter()
     outs = llm.generate(batch, SamplingParams(max_tokens=max_tokens, temperature=0))
@@ -91,6 +103,7 @@ def main() -> None:
     rows, data = [], {"machine": machine(), "max_tokens": a.max_tokens, "workloads": {}}
     notes = []
     for wname, prompts in workloads.items():
+        forget_outputs(engines["on"])
         c0 = dict(engines["on"].engine.counters)
         r = batch1(engines, prompts, a.max_tokens)
         c = engines["on"].engine.counters

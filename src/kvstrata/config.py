@@ -60,7 +60,8 @@ class EngineConfig:
     pause_ttl: bool = _f(True, "a paused session whose KV the cost model keeps in device memory is moved down once its wait outlasts the break-even time (a TTL), instead of being held until it resumes")
     prefetch_ahead: bool = _f(True, "a paused session whose KV went to a tier is prefetched into device memory shortly before its tool is expected to return")
     program_pause: bool = _f(False, "requests that name an agent program but no stored session (X-Session-Id or prompt_cache_key on completions and chat) pause like a session's turns when they finish: the cost model keeps, moves down or drops the program's KV until its next request, with the two timers above. Off by default: on the Claude Code replay it moved most paused KV to the host tier and back (3.5x the host reads) and finished 8 % fewer sessions per hour than leaving it to the LRU (docs/agent_replay.md)")
-    speculative: str = _f("off", "speculative decoding by prompt lookup (drafts from the sequence's own tokens, verified in one native step; greedy output identical, sampling distribution preserved; engine/speculative.py): auto (where the native step runs), on (fail without it) or off")
+    speculative: str = _f("off", "speculative decoding by prompt lookup (drafts from the sequence's own tokens and from earlier outputs, verified in one native step; greedy output identical, sampling distribution preserved; engine/speculative.py): auto (where the native step runs), on (fail without it) or off")
+    speculative_shared: int = _f(32768, "output tokens of finished requests that speculative drafts may also come from, the most recent first (engine/speculative.py OutputHistory; shared by all requests, like the prefix cache); 0: drafts from each sequence's own tokens only")
     native_decode: str = _f("auto", "the native C step for every CPU float32 step, prefill and decode, fp32 / int8 / int4 weights (native/, built with the host's C compiler; batch-invariant): auto (use it when it builds), on (fail if it cannot) or off (the torch path)")
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class EngineConfig:
             raise KvstrataError(f"native_decode must be auto, on or off, got {self.native_decode!r}")
         if self.speculative not in ("auto", "on", "off"):
             raise KvstrataError(f"speculative must be auto, on or off, got {self.speculative!r}")
+        if self.speculative_shared < 0:
+            raise KvstrataError(f"speculative_shared must be >= 0, got {self.speculative_shared}")
         if self.kv_write_policy not in ("write-behind", "write-on-evict", "write-through"):
             raise KvstrataError("kv_write_policy must be write-behind, write-on-evict or write-through, got "
                                 f"{self.kv_write_policy!r}")

@@ -19,7 +19,8 @@ import torch
 
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
-from kvstrata.engine.speculative import MAX_DRAFT, STEP_ROWS, NgramDrafter, draft_budget, draft_length, verify_token
+from kvstrata.engine.speculative import (MAX_DRAFT, STEP_ROWS, NgramDrafter, OutputHistory, draft_budget, draft_length,
+                                         verify_token)
 from kvstrata.sched.sequence import Sequence
 
 native = pytest.importorskip("kvstrata.native")
@@ -108,7 +109,7 @@ class _OracleDrafter(NgramDrafter):
 
     reference: dict[tuple[int, ...], list[int]] = {}
 
-    def propose(self, seq, limit):
+    def propose(self, seq, limit, shared=None):
         ref = self.reference[tuple(seq.prompt_token_ids)]
         n = len(seq.output_token_ids)
         drafts = ref[n : n + min(self.k, limit)]
@@ -210,6 +211,45 @@ def test_drafter_finds_the_latest_longest_match_and_adapts():
     assert d.k == MAX_DRAFT - 4 and d.pause > 0 and d.propose(seq, 8) == []  # low acceptance: drafting pauses
     assert Sequence("r", 0, [5, 6, 7], SamplingParams()).draft_token_ids == []
     assert NgramDrafter().propose(Sequence("r", 0, [5, 6, 7], SamplingParams()), 4) == []  # no match
+
+
+def test_drafts_come_from_earlier_outputs_only_without_a_long_own_match():
+    hist = OutputHistory(max_tokens=20)
+    hist.add([40, 41, 42, 43, 44, 45, 46])
+    hist.add([50, 51, 52, 53, 54, 55])
+    assert hist.lookup([7, 41, 42, 43], 3) == [44, 45, 46]  # the longest suffix (4 tokens would need 40)
+    assert hist.lookup([40, 41, 42, 43], 9) == [44, 45, 46]  # at most what the output holds
+    assert hist.lookup([7, 8, 43], 3) == []  # shorter than MIN_SHARED_NGRAM: no draft from others
+    # own tokens hold only a 2-token match of the suffix (..., 41, 42): the earlier output's 3-token one wins
+    seq = Sequence("r", 0, [41, 42, 9, 9, 40, 41, 42], SamplingParams(temperature=0))
+    assert NgramDrafter().propose(seq, 4, hist) == [43, 44, 45, 46]
+    assert NgramDrafter().propose(seq, 4) == [9, 9, 40, 41]  # without the history: its own match
+    # an own match of MIN_SHARED_NGRAM tokens or more wins over the history
+    seq = Sequence("r", 0, [40, 41, 42, 8, 8, 40, 41, 42], SamplingParams(temperature=0))
+    assert NgramDrafter().propose(seq, 4, hist) == [8, 8, 40, 41]
+    # the oldest outputs go once the history holds more than max_tokens, their n-grams with them
+    hist.add([60, 61, 62, 63, 64, 65, 66, 67])
+    assert hist.tokens == 14 and list(hist.outputs) == [1, 2]
+    assert hist.lookup([41, 42, 43], 3) == [] and hist.lookup([51, 52, 53], 2) == [54, 55]
+    assert all(oid in hist.outputs for oid, _ in hist.index.values())
+    hist.add([1, 2, 3])  # too short to hold a continuation: not kept
+    hist.add(list(range(100, 130)))  # longer than the whole history: not kept
+    assert list(hist.outputs) == [1, 2]
+
+
+@needs_native
+def test_a_repeated_answer_is_drafted_from_the_earlier_output(default_pair):
+    off, on = default_pair
+    prompt = off.tokenizer.encode_chat([{"role": "user", "content": "Write a short poem about the sea."}])
+    sp = SamplingParams(max_tokens=48, temperature=0)
+    ref = _greedy_runs(off, [prompt], sp)[0]
+    assert _greedy_runs(on, [prompt], sp)[0] == ref
+    c0 = dict(on.engine.counters)
+    assert _greedy_runs(on, [prompt], sp)[0] == ref  # the same answer again: its drafts from the first one
+    c = on.engine.counters
+    drafted, accepted = c["draft_tokens"] - c0["draft_tokens"], c["accepted_draft_tokens"] - c0["accepted_draft_tokens"]
+    assert accepted >= 0.8 * (len(ref[0]) - 1) and accepted >= 0.9 * drafted
+    assert c["steps"] - c0["steps"] < len(ref[0]) / 2  # far fewer steps than tokens
 
 
 def test_the_draft_length_shrinks_with_the_context_and_the_acceptance():

@@ -24,7 +24,7 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.speculative import NgramDrafter, draft_budget, verify_token
+from kvstrata.engine.speculative import NgramDrafter, OutputHistory, draft_budget, verify_token
 from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
                                    resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
@@ -111,6 +111,9 @@ class LLMEngine:
         if cfg.speculative == "on" and not self.speculative:
             raise KvstrataError("--speculative on needs the native step (CPU, float32 compute, a C compiler); "
                                 "use auto or off")
+        # earlier outputs drafts may come from (engine/speculative.py)
+        self.shared_outputs = (OutputHistory(cfg.speculative_shared) if self.speculative and cfg.speculative_shared
+                               else None)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
@@ -190,7 +193,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.speculative:
             if self.runner.native is None:  # (the native step failed: the torch path is not exact)
-                self.speculative = False
+                self.speculative, self.shared_outputs = False, None
                 for seq in self.scheduler.running:
                     seq.draft_token_ids = []
             else:
@@ -253,7 +256,7 @@ class LLMEngine:
                 seq.drafter = NgramDrafter()
             limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens,
                         budget)
-            seq.draft_token_ids = seq.drafter.propose(seq, limit)
+            seq.draft_token_ids = seq.drafter.propose(seq, limit, self.shared_outputs)
             budget -= len(seq.draft_token_ids)
             if budget <= 0:
                 break
@@ -285,6 +288,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         seq.metrics.finished_time = time.time()
+        if self.shared_outputs is not None:
+            self.shared_outputs.add(seq.output_token_ids)
         self.scheduler.finish(seq)
 
     def _push_token(self, seq: Sequence, tok: int) -> None:

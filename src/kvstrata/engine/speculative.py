@@ -1,8 +1,13 @@
-"""Speculative decoding by prompt lookup: drafts from a sequence's own tokens, verified in one step.
+"""Speculative decoding by prompt lookup: drafts from a sequence's own tokens and from earlier outputs,
+verified in one step.
 
 Agents repeat themselves: tool names, JSON arguments, file contents, earlier answers. For a decoding
 sequence the drafter finds the most recent earlier occurrence of the longest suffix (MAX_NGRAM down to
-MIN_NGRAM tokens) of its tokens (prompt + output) and proposes the k tokens that followed it there. The
+MIN_NGRAM tokens) of its tokens (prompt + output) and proposes the k tokens that followed it there. When
+its own tokens hold no match of MIN_SHARED_NGRAM or more tokens, the drafts come from the outputs of
+earlier requests (`OutputHistory`, the engine's last `--speculative-shared` output tokens) where they hold
+one: agents doing the same kind of task phrase their answers alike across turns and sessions (suffix
+decoding, Oliaro et al. 2024, draws from the same well). The
 scheduler then computes the sequence's last token and its k drafts as one chunk of k + 1 rows, all of whose
 logits come back; the native step's batch invariance makes row i's logits exactly those a plain decode
 of the same prefix would give (docs/batch_invariance.md), so:
@@ -35,12 +40,15 @@ sequences that accept most; from STEP_ROWS decoding sequences on, nobody drafts.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from kvstrata.engine.sampler import apply_penalties, filter_logits, token_logprob
 from kvstrata.sched.sequence import Sequence
 
-MAX_NGRAM, MIN_NGRAM = 3, 1
+MAX_NGRAM, MIN_NGRAM = 4, 1
+MIN_SHARED_NGRAM = 3  # shortest suffix matched against earlier outputs (and own matches that win over them)
 START_DRAFT, MAX_DRAFT = 4, 12
 LOW_ACCEPT, EMA = 0.3, 0.3  # acceptance below which drafting pauses; weight of the latest verification
 MAX_PAUSE = 64
@@ -98,8 +106,10 @@ class NgramDrafter:
                 self.index[n][tuple(toks[j - n + 1: j + 1])] = j + 1
         self.indexed = max(self.indexed, len(toks) - 1)
 
-    def propose(self, seq: Sequence, limit: int) -> list[int]:
-        """Up to min(self.k, limit) draft tokens to follow seq's tokens ([] when none match or paused)."""
+    def propose(self, seq: Sequence, limit: int, shared: OutputHistory | None = None) -> list[int]:
+        """Up to min(self.k, limit) draft tokens to follow seq's tokens ([] when none match or paused): from
+        the longest match in its own tokens, or from `shared` when that holds a match of MIN_SHARED_NGRAM
+        or more tokens and its own tokens do not."""
         self._sync(seq)
         if self.pause > 0:
             self.pause -= 1
@@ -111,8 +121,14 @@ class NgramDrafter:
         for n in range(min(MAX_NGRAM, len(toks)), MIN_NGRAM - 1, -1):
             start = self.index[n].get(tuple(toks[len(toks) - n:]))
             if start is not None:
-                return toks[start: start + k]
-        return []
+                break
+        else:
+            n = 0
+        if n < MIN_SHARED_NGRAM and shared is not None:
+            drafts = shared.lookup(toks, k)
+            if drafts:
+                return drafts
+        return toks[start: start + k] if n else []
 
     def update(self, drafted: int, accepted: int) -> None:
         """After a verification of `drafted` tokens of which the first `accepted` were kept."""
@@ -125,6 +141,54 @@ class NgramDrafter:
             self.accept_rate = 0.5  # start again from neutral when the pause ends
         elif self.accept_rate > 0.6:
             self.next_pause = 2
+
+
+class OutputHistory:
+    """The last `max_tokens` tokens of finished outputs, every n-gram of MIN_SHARED_NGRAM to MAX_NGRAM
+    tokens indexed to where its continuation starts (the latest occurrence wins). Shared by every request
+    of one engine, like the prefix cache; a draft from it changes how fast a request gets its tokens, never
+    which tokens (verification decides)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.clear()
+
+    def clear(self) -> None:
+        self.tokens = 0
+        self.outputs: OrderedDict[int, list[int]] = OrderedDict()
+        self.index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (output id, continuation start)
+        self._next = 0
+
+    @staticmethod
+    def _ngrams(toks: list[int]):
+        for j in range(MIN_SHARED_NGRAM - 1, len(toks) - 1):  # n-grams with at least one token after them
+            for n in range(MIN_SHARED_NGRAM, min(MAX_NGRAM, j + 1) + 1):
+                yield tuple(toks[j - n + 1: j + 1]), j + 1
+
+    def add(self, output: list[int]) -> None:
+        if len(output) <= MIN_SHARED_NGRAM or len(output) > self.max_tokens:
+            return
+        oid, toks = self._next, list(output)
+        self._next += 1
+        self.outputs[oid] = toks
+        self.tokens += len(toks)
+        for key, start in self._ngrams(toks):
+            self.index[key] = (oid, start)
+        while self.tokens > self.max_tokens:
+            old_id, old = self.outputs.popitem(last=False)
+            self.tokens -= len(old)
+            for key, _ in self._ngrams(old):
+                if self.index.get(key, (None,))[0] == old_id:
+                    del self.index[key]
+
+    def lookup(self, toks: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the longest suffix of toks (MAX_NGRAM down to MIN_SHARED_NGRAM
+        tokens) in an earlier output; [] without one."""
+        for n in range(min(MAX_NGRAM, len(toks)), MIN_SHARED_NGRAM - 1, -1):
+            hit = self.index.get(tuple(toks[len(toks) - n:]))
+            if hit is not None:
+                return self.outputs[hit[0]][hit[1]: hit[1] + k]
+        return []
 
 
 def target_probs(seq: Sequence, row: torch.Tensor) -> torch.Tensor | None:
