@@ -18,8 +18,9 @@ of the same prefix would give (docs/batch_invariance.md), so:
   (penalties, temperature, top-k / top-p / min-p); on rejection the token is drawn from p with x removed
   and renormalised. For a deterministic draft this emits exactly p (Leviathan et al. 2023, Chen et al.
   2023, with q a point mass at x). The draws come from the request's own generator, so a seeded request
-  reproduces alone or batched as long as its drafts are not cut by the step's draft budget (which depends
-  on how many sequences decode beside it), its token budget or memory.
+  reproduces as long as it gets the same drafts: they are cut by the step's draft budget (which depends
+  on how many sequences decode beside it), its token budget or memory, and they may come from earlier
+  requests' outputs (`--speculative-shared 0` keeps them to the request's own tokens).
 
 Rejected drafts leave no trace: the engine sets `num_computed_tokens` to the accepted tokens only, so the
 pool slots of rejected rows are overwritten before anything reads them, and only full blocks of accepted
