@@ -141,6 +141,9 @@ def tiny_models(tmp_path_factory):
     mk = lambda name, **kw: make_tiny_checkpoint(root / name, initializer_range=0.05, **kw)  # noqa: E731
     return {
         "d16-llama": mk("d16"),
+        # an intermediate size that is not a multiple of 4: the down projection's inputs end in a partial
+        # group of the VNNI panels (packed byte by byte)
+        "d16-odd-k": mk("d16odd", intermediate_size=90),
         "d16-qwen2-bias": mk("q16", arch="qwen2"),
         "d64-gqa2": mk("d64", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=320),
         # more query heads per KV head than one pass over V holds in registers (4 at head_dim 64, 2 at
@@ -150,7 +153,8 @@ def tiny_models(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("name,kv_dtype", [("d16-llama", "float32"), ("d16-qwen2-bias", "float32"), ("d64-gqa2", "float32"),
+@pytest.mark.parametrize("name,kv_dtype", [("d16-llama", "float32"), ("d16-qwen2-bias", "float32"), ("d16-odd-k", "float32"),
+                                           ("d64-gqa2", "float32"),
                                            ("d128-gqa3", "float32"), ("d16-llama", "float16"), ("d64-gqa2", "float16"),
                                            ("d64-gqa6", "float16"), ("d128-gqa3", "float16")])
 def test_native_decode_matches_a_float64_emulation_of_its_arithmetic(name, kv_dtype, tiny_models):
