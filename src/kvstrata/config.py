@@ -153,7 +153,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, title: str) -> N
     g = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata["help"]
+        help_ = f.metadata["help"].replace("%", "%%")  # argparse formats help with %: "8 %" is not a field
         if f.type in ("bool", bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help_} (default: {f.default})")
         elif f.metadata.get("repeat"):

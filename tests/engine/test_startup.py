@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kvstrata import LLM, SamplingParams
+from kvstrata.cli.main import COMMANDS, main
 from kvstrata.core import KvstrataError
 from kvstrata.loader import load_model
 from kvstrata.loader.gguf_reader import GGUFStrings, read_gguf
@@ -297,6 +298,18 @@ def test_every_entry_point_shares_the_fast_path_default(tiny_llama):
     assert eng.config.quantization == "int8" and eng.kv_dtype == torch.float16 and eng.runner.native is not None
     exact = LLM(str(tiny_llama), kv_device_bytes="4M", quantization="none").engine
     assert exact.kv_dtype == torch.float32 and exact.runner.native.formats == ["fp32"]  # fp32 weights and KV
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_prints_its_help(command, capsys):
+    # argparse formats help strings with %: a help text that says "8 % fewer" crashed `serve --help`
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: kvstrata {command}") and "--help" in out
+    if command in ("serve", "generate", "chat"):
+        assert "--speculative-shared" in out and "8 % fewer" in out  # engine flags, "%" printed as written
 
 
 def test_the_tokenizer_does_not_import_the_loader():
