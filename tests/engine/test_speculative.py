@@ -19,8 +19,8 @@ import torch
 
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
-from kvstrata.engine.speculative import (MAX_DRAFT, STEP_ROWS, NgramDrafter, OutputHistory, draft_budget, draft_length,
-                                         verify_token)
+from kvstrata.engine.speculative import (MAX_DRAFT, MAX_NGRAM, MIN_NGRAM, STEP_ROWS, NgramDrafter, OutputHistory,
+                                         draft_budget, draft_length, verify_token)
 from kvstrata.sched.sequence import Sequence
 
 native = pytest.importorskip("kvstrata.native")
@@ -211,6 +211,29 @@ def test_drafter_finds_the_latest_longest_match_and_adapts():
     assert d.k == MAX_DRAFT - 4 and d.pause > 0 and d.propose(seq, 8) == []  # low acceptance: drafting pauses
     assert Sequence("r", 0, [5, 6, 7], SamplingParams()).draft_token_ids == []
     assert NgramDrafter().propose(Sequence("r", 0, [5, 6, 7], SamplingParams()), 4) == []  # no match
+
+
+def test_the_drafters_index_holds_every_ngrams_latest_continuation_however_it_grew():
+    # the definition, one position at a time: n-grams ending at j (j <= len - 2) -> j + 1, the latest wins
+    def reference(toks):
+        idx = [{} for _ in range(MAX_NGRAM + 1)]
+        for j in range(len(toks) - 1):
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, j + 1) + 1):
+                idx[n][tuple(toks[j - n + 1: j + 1])] = j + 1
+        return idx
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        vocab = (3, 5, 50)[trial % 3]  # small vocabularies: many repeated n-grams
+        prompt = torch.randint(0, vocab, (1 + trial % 40,), generator=g).tolist()
+        seq, d = Sequence("r", 0, prompt, SamplingParams(temperature=0)), NgramDrafter()
+        d._sync(seq)
+        for i, tok in enumerate(torch.randint(0, vocab, (trial % 17,), generator=g).tolist()):
+            seq.output_token_ids.append(tok)
+            if i % 3 != 1:  # synced after one token, or after two
+                d._sync(seq)
+        d._sync(seq)
+        assert d.index == reference(prompt + seq.output_token_ids), trial
 
 
 def test_drafts_come_from_earlier_outputs_only_without_a_long_own_match():

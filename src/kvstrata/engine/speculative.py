@@ -100,12 +100,16 @@ class NgramDrafter:
         if len(toks) < n_prompt:
             toks.extend(seq.prompt_token_ids[len(toks):])
         toks.extend(seq.output_token_ids[len(toks) - n_prompt:])
-        # index n-grams that end at j for j <= len - 2, mapped to j + 1 (where their continuation starts);
-        # the suffix itself (ending at len - 1) is not indexed yet, so a lookup finds an earlier occurrence
-        for j in range(self.indexed, len(toks) - 1):
-            for n in range(MIN_NGRAM, min(MAX_NGRAM, j + 1) + 1):
-                self.index[n][tuple(toks[j - n + 1: j + 1])] = j + 1
-        self.indexed = max(self.indexed, len(toks) - 1)
+        # index n-grams that end at j for indexed <= j <= len - 2, mapped to j + 1 (where their continuation
+        # starts); the suffix itself (ending at len - 1) is not indexed yet, so a lookup finds an earlier
+        # occurrence. Built with zip in C (a whole 32k-token prompt: 0.8 s as a Python loop), in position
+        # order, so the latest occurrence wins.
+        end = len(toks) - 1
+        for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+            s0, s1 = max(self.indexed, n - 1) - n + 1, end - n + 1  # n-gram starts
+            if s1 > s0:
+                self.index[n].update(zip(zip(*(toks[s0 + i: s1 + i] for i in range(n))), range(s0 + n, s1 + n)))
+        self.indexed = max(self.indexed, end)
 
     def propose(self, seq: Sequence, limit: int, shared: OutputHistory | None = None) -> list[int]:
         """Up to min(self.k, limit) draft tokens to follow seq's tokens ([] when none match or paused): from
