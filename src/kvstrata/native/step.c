@@ -239,6 +239,14 @@ static void rope_write(const Model *m, int hh, int T, float *qkvb, const int64_t
     }
 }
 
+/* How many of the chunk starting at t0 each of the nqr queries at rows r0.. sees (0 .. CHUNK). */
+static inline void chunk_lengths(const int64_t *pos, int r0, int nqr, int t0, int *nj) {
+    for (int j = 0; j < nqr; j++) {
+        const int v = (int)pos[r0 + j] + 1 - t0;
+        nj[j] = v < 0 ? 0 : (v > CHUNK ? CHUNK : v);
+    }
+}
+
 /* pool rows (element offsets) of positions [t0, t1) of the sequence whose block table is tab */
 static void pool_rows(const Model *m, const int64_t *tab, int t0, int t1, int64_t *rows) {
     const int64_t re = (int64_t)m->KVH * m->D;
@@ -393,10 +401,7 @@ int kv_step(void *mp, int T, const int64_t *tok, const int64_t *pos, const int64
                         attn(&m->as, w.qkvb + (size_t)r0 * nq, kc, vc, prow, t1 - t0, po, pml, sc);
                     } else {
                         int nj[NQB];
-                        for (int j = 0; j < nqr; j++) {
-                            const int v = (int)pos[r0 + j] + 1 - t0;
-                            nj[j] = v < 0 ? 0 : (v > CHUNK ? CHUNK : v);
-                        }
+                        chunk_lengths(pos, r0, nqr, t0, nj);
                         attn_multi(&m->as, w.qkvb + (size_t)r0 * nq, nq, nqr, nj, kc, vc, prow, po, pstride, pml,
                                    mlstride, sc);
                     }
@@ -415,10 +420,7 @@ int kv_step(void *mp, int T, const int64_t *tok, const int64_t *pos, const int64
                     for (int c = 0; c * CHUNK <= last; c++) {
                         const int t0 = c * CHUNK, t1 = t0 + CHUNK < last + 1 ? t0 + CHUNK : last + 1;
                         pool_rows(m, tab, t0, t1, prow);
-                        for (int j = 0; j < nqr; j++) {
-                            const int v = (int)pos[r0 + j] + 1 - t0;
-                            nj[j] = v < 0 ? 0 : (v > CHUNK ? CHUNK : v);
-                        }
+                        chunk_lengths(pos, r0, nqr, t0, nj);
                         attn_block(&m->as, w.qkvb + (size_t)r0 * nq, nq, nqr, nj, kc, vc, prow, part + (size_t)c * H * D,
                                    pstride, part_ml + (size_t)c * H * 2, mlstride, sc);
                     }
