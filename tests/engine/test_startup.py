@@ -330,7 +330,8 @@ def test_generate_on_the_default_model_stays_under_one_gib_and_imports_nothing_i
     probe = ("import sys, runpy; sys.argv = ['kvstrata', '--log-level', 'debug', 'generate', "
              "'The capital of France is', '--max-tokens', '16']; from kvstrata.cli.main import main; rc = main(); "
              "heavy = [m for m in ('transformers', 'jinja2', 'llguidance', 'matplotlib', 'redis', 'psycopg', "
-             "'fastapi', 'uvicorn', 'sympy') if m in sys.modules]; print('HEAVY', heavy); "
+             "'fastapi', 'uvicorn', 'sympy', 'gguf') if m in sys.modules]; print('HEAVY', heavy); "
+             "import gc; print('GC', gc.isenabled(), gc.get_freeze_count() > 0); "
              "print('HWM', next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))); "
              "sys.exit(rc)")
     for run in range(2):
@@ -338,9 +339,58 @@ def test_generate_on_the_default_model_stays_under_one_gib_and_imports_nothing_i
         assert r.returncode == 0, r.stderr[-2000:]
     out, err = r.stdout, r.stderr
     assert "Paris" in out and "HEAVY []" in out, out
+    assert "GC True True" in out, out  # the collector paused for the start, then back, start-up's objects frozen
     assert "start phases" in err and "first token" in err
     peak_mib = int(re.search(r"^HWM (\d+)$", out, re.M).group(1)) / 1024
     assert peak_mib < 1024, (peak_mib, err[-3000:])
+
+
+def test_the_collector_is_paused_for_a_start_and_back_afterwards(tiny_llama):
+    import gc
+
+    from kvstrata.startup import hold_gc, release_gc
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    seen = []
+    from kvstrata.engine import llm_engine
+
+    real = llm_engine.LLMEngine._build
+    try:  # an engine built inside any program: paused during the build, as it was afterwards, nothing frozen
+        llm_engine.LLMEngine._build = lambda self, *a: (seen.append(gc.isenabled()), real(self, *a))[1]
+        LLM(str(tiny_llama), kv_device_bytes="4M")
+    finally:
+        llm_engine.LLMEngine._build = real
+    assert seen == [False] and gc.isenabled() and gc.get_freeze_count() == frozen
+    # a command run in-process (argv given) leaves the collector on and the caller's objects unfrozen,
+    # also when it fails
+    assert main(["generate", "--model", str(tmp := tiny_llama.parent / "missing.gguf")]) == 2 and not tmp.exists()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    hold_gc(freeze=False)
+    assert not gc.isenabled()
+    release_gc()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    release_gc()  # (a second release, or one without a hold, changes nothing)
+    assert gc.isenabled()
+
+
+def test_the_ggml_type_table_agrees_with_the_gguf_package():
+    import gguf
+    import numpy as np
+
+    from kvstrata.loader.gguf_loader import DEQUANTIZABLE
+    from kvstrata.loader.gguf_reader import GGML_TYPES
+
+    for type_id, (name, block, size) in GGML_TYPES.items():
+        qtype = gguf.GGMLQuantizationType(type_id)
+        assert (qtype.name, block, size) == (name, *gguf.GGML_QUANT_SIZES[qtype])
+    for name in DEQUANTIZABLE:  # each type said to be dequantizable is, for a row of any length of blocks
+        qtype = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        row = np.zeros((2, size * (256 // block if block < 256 else 1)), np.uint8)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+            row = row.view({1: np.uint8, 2: np.float16, 4: np.float32}[size]) if name != "BF16" else row
+        assert gguf.quants.dequantize(row, qtype).size == 2 * 256
 
 
 def test_the_time_since_process_start_is_read_to_the_clock_tick():

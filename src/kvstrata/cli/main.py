@@ -12,6 +12,7 @@ import logging
 import sys
 
 from kvstrata.core import KvstrataError
+from kvstrata.startup import hold_gc, release_gc
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,7 +46,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_given_by_process = argv is None  # (a call from a program keeps its own collector's generations)
     argv = list(sys.argv[1:] if argv is None else argv)
+    hold_gc(freeze=argv_given_by_process)  # until the engine is built (or the command ends): see startup.py
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        release_gc()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from kvstrata.loader import load_model
 from kvstrata.sched.placement import PlacementModel, model_spec
 from kvstrata.sched.scheduler import Scheduler
 from kvstrata.sched.sequence import Sequence
-from kvstrata.startup import Phases
+from kvstrata.startup import Phases, gc_paused, release_gc
 from kvstrata.tokenizer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded=None, **overrides) -> None:
         """`loaded`: an already-built LoadedModel (e.g. random weights made on the GPU by a benchmark)
         used instead of reading `config.model`."""
-        cfg = config or EngineConfig(**overrides)
+        with gc_paused():  # (long-lived objects only: see startup.py)
+            self._build(config or EngineConfig(**overrides), loaded)
+        release_gc()
+
+    def _build(self, cfg: EngineConfig, loaded) -> None:
         self.device, self.dtype = resolve_device_dtype(cfg)
         if cfg.quantization == "auto":  # resolved once, so the fingerprint and the config name the real mode
             cfg = dataclasses.replace(cfg, quantization=auto_quantization(self.device, self.dtype))

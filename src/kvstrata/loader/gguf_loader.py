@@ -87,7 +87,17 @@ def _dequantize(g: GGUFFile, t, path: str) -> torch.Tensor:
     return torch.from_numpy(deq if deq.flags.writeable and deq.flags.c_contiguous else np.array(deq))
 
 
+# tensor types `gguf.quants.dequantize` handles (a test dequantizes each): a file holding only these needs
+# no trial dequantization, and so no import of the gguf package, when it is opened
+DEQUANTIZABLE = frozenset({
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4",
+})
+
+
 def _dequantize_array(arr: np.ndarray, t, path: str) -> np.ndarray:
+    if t.type_name == "F32":
+        return arr  # (already a float32 view)
     import gguf
 
     try:
@@ -101,10 +111,12 @@ def _dequantize_array(arr: np.ndarray, t, path: str) -> np.ndarray:
 
 def _check_dequantizable(g: GGUFFile, path: str) -> None:
     """Fails now, with the clear error, on a tensor type the gguf package cannot dequantize: one row of the
-    first tensor of each type is dequantized (the weights themselves are read later, or never)."""
+    first tensor of each type not known to be dequantizable is tried (the weights themselves are read
+    later, or never)."""
     firsts: dict[int, Any] = {}
     for t in g.tensors:
-        firsts.setdefault(t.ggml_type, t)
+        if t.type_name not in DEQUANTIZABLE:
+            firsts.setdefault(t.ggml_type, t)
     for t in firsts.values():
         arr = g.tensor_array(t)
         _dequantize_array(arr.reshape(-1, arr.shape[-1])[:1], t, path)

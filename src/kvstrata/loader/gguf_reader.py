@@ -28,6 +28,33 @@ _STRING, _ARRAY = 8, 9
 _Q = struct.Struct("<Q")
 # ggml types the gguf package hands out as typed arrays rather than bytes (its ReaderTensor.data)
 _TYPED = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
+# ggml tensor types: id -> (name, values per block, bytes per block), as ggml.h and the gguf package's
+# GGML_QUANT_SIZES define them (a test compares the two). Kept here so that reading a file's header does
+# not import the gguf package (~0.1 s, most of it its YAML and metadata helpers); a newer type that is
+# not listed is looked up there.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+
+
+def _ggml_type(type_id: int) -> tuple[str, int, int] | None:
+    """(name, values per block, bytes per block) of a ggml tensor type, or None where it is unknown."""
+    if type_id in GGML_TYPES:
+        return GGML_TYPES[type_id]
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # a type newer than the table
+
+    try:
+        qtype = GGMLQuantizationType(type_id)
+    except ValueError:
+        return None
+    return (qtype.name, *GGML_QUANT_SIZES[qtype])
 
 
 class _Corrupt(Exception):
@@ -140,8 +167,6 @@ def _parse(path: str, mm: mmap.mmap) -> GGUFFile:
         key = r.string()
         metadata[key] = r.value(r.u32())
     span = (24, r.pos)
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # small modules: no reader built
-
     infos = []
     for _ in range(n_tensors):
         name = r.string()
@@ -149,14 +174,13 @@ def _parse(path: str, mm: mmap.mmap) -> GGUFFile:
         if n_dims > 8:
             raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
         dims = struct.unpack_from(f"<{n_dims}Q", mm, r.take(8 * n_dims))
-        ggml_type, rel = r.u32(), r.u64()
-        try:
-            qtype = GGMLQuantizationType(ggml_type)
-        except ValueError:
-            raise _Corrupt(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
-        block, type_size = GGML_QUANT_SIZES[qtype]
+        type_id, rel = r.u32(), r.u64()
+        known = _ggml_type(type_id)
+        if known is None:
+            raise _Corrupt(f"tensor {name!r} has unknown ggml type {type_id}")
+        type_name, block, type_size = known
         n = int(np.prod(dims, dtype=np.int64)) if dims else 1
-        infos.append((name, tuple(int(d) for d in dims), ggml_type, qtype.name, rel, n * type_size // block))
+        infos.append((name, tuple(int(d) for d in dims), type_id, type_name, rel, n * type_size // block))
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise _Corrupt(f"general.alignment {alignment!r} is not a power of two")

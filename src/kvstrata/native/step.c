@@ -69,21 +69,27 @@ static char *pack_mat(Mat *w, const int64_t *ptr, char *p) {
     if (w->fmt == W_I8) {
         const int8_t *src = (const int8_t *)ptr[0];
         int8_t *wp = (int8_t *)p;
-        memset(wp, 0, up(n, 64) * w->kp);
         int32_t *rs = (int32_t *)(p + up(up(n, 64) * w->kp, 64) + up(4 * n16, 64));
         memset(rs, 0, 4 * n16);
-        /* rows on every core (they write disjoint panel bytes); each group of 4 inputs is 4 adjacent bytes
-         * of a panel (i8_off), moved as one word: byte by byte, this copy was most of a start */
+        /* panels of 64 rows (kp * 64 contiguous bytes, i8_off) on every core, each zeroed (its padding) and
+         * filled while in cache: the arena's first touch, which on a VM can cost more than the copy, is
+         * shared by the cores too. Each group of 4 inputs is 4 adjacent bytes of a panel, moved as one
+         * word: byte by byte, this copy was most of a start. */
+        const size_t panels = up(n, 64) / 64, panel_bytes = (size_t)w->kp * 64;
         #pragma omp parallel for schedule(static)
-        for (size_t r = 0; r < n; r++) {
-            const int8_t *sr = src + r * k;
-            int8_t *dr = wp + i8_off(w->kp, (int)r, 0);
-            int32_t sum = 0;
-            for (size_t c = 0; c < k; c++) sum += sr[c];
-            rs[r] = sum;
-            size_t c = 0;
-            for (; c + 4 <= k; c += 4) memcpy(dr + (c / 4) * 256, sr + c, 4);
-            for (; c < k; c++) dr[(c / 4) * 256 + c % 4] = sr[c];
+        for (size_t pn = 0; pn < panels; pn++) {
+            memset(wp + pn * panel_bytes, 0, panel_bytes);
+            const size_t r_end = (pn + 1) * 64 < n ? (pn + 1) * 64 : n;
+            for (size_t r = pn * 64; r < r_end; r++) {
+                const int8_t *sr = src + r * k;
+                int8_t *dr = wp + i8_off(w->kp, (int)r, 0);
+                int32_t sum = 0;
+                for (size_t c = 0; c < k; c++) sum += sr[c];
+                rs[r] = sum;
+                size_t c = 0;
+                for (; c + 4 <= k; c += 4) memcpy(dr + (c / 4) * 256, sr + c, 4);
+                for (; c < k; c++) dr[(c / 4) * 256 + c % 4] = sr[c];
+            }
         }
         w->wp = wp;
         p += up(up(n, 64) * w->kp, 64);
