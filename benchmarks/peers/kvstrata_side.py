@@ -39,8 +39,11 @@ from kvstrata.core import KvstrataError
 logger = logging.getLogger(__name__)
 
 # The engine settings every kvstrata part uses (EngineConfig field names). Threads as the peers'.
-# int8 weights with the native decode step; fp16 KV, as llama.cpp keeps its KV by default (-ctk/-ctv f16)
-KVSTRATA_ENGINE: dict = {"quantization": "int8", "kv_dtype": "float16", "num_threads": DEFAULT_THREADS}
+# int8 weights with the native decode step; fp16 KV, as llama.cpp keeps its KV by default (-ctk/-ctv f16);
+# no speculative decoding, as llama.cpp by default (on random-token prompts the greedy output repeats and
+# prompt lookup would more than double the decode figure: a comparison of drafts, not of steps)
+KVSTRATA_ENGINE: dict = {"quantization": "int8", "kv_dtype": "float16", "num_threads": DEFAULT_THREADS,
+                         "speculative": "off"}
 
 
 class EngineServerError(KvstrataError):

@@ -63,7 +63,7 @@ def new_session(url: str, system: str = SYSTEM) -> str:
 def chat(c, content: str, **kw):
     return c.chat.completions.with_raw_response.create(
         model="default", messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}],
-        max_tokens=kw.pop("max_tokens", 24), temperature=0, **kw)
+        max_tokens=kw.pop("max_tokens", 24), temperature=kw.pop("temperature", 0), **kw)
 
 
 def test_openai_routes_match_a_single_server(cluster, single):
@@ -159,10 +159,13 @@ def test_in_flight_request_on_a_killed_replica_is_retried_or_ends_retryable(clus
     pin = {"X-Session-Id": "retry-test"}  # affinity: the long request goes where the first one went
     owner = served_by(chat(c, "Warm the prefix up.", max_tokens=2, extra_headers=pin))
     long_q = "Write a long story about a train crossing Europe."
+    # seeded and sampled: such a request gets no speculative drafts, so it decodes at the plain pace (greedy
+    # text this long is drafted to ~2x and can end before the kill) and reproduces on any replica
+    long_kw = dict(max_tokens=500, temperature=0.8, extra_body={"ignore_eos": True, "seed": 7})
     result: dict = {}
 
     def call() -> None:  # not streamed: nothing reaches the client before the end, so a death is retried
-        result["resp"] = chat(c, long_q, max_tokens=500, extra_body={"ignore_eos": True}, extra_headers=pin)
+        result["resp"] = chat(c, long_q, extra_headers=pin, **long_kw)
 
     t = threading.Thread(target=call)
     t.start()
@@ -171,7 +174,7 @@ def test_in_flight_request_on_a_killed_replica_is_retried_or_ends_retryable(clus
     t.join(300)
     resp = result["resp"]
     assert served_by(resp) != owner
-    want = chat(single.client(), long_q, max_tokens=500, extra_body={"ignore_eos": True}).parse()
+    want = chat(single.client(), long_q, **long_kw).parse()
     assert resp.parse().choices[0].message.content == want.choices[0].message.content
     retries = [line for line in cluster.metrics().splitlines() if line.startswith("kvstrata_cluster_retries_total{")]
     assert retries and float(retries[0].split()[-1]) >= 1

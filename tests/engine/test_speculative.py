@@ -42,9 +42,12 @@ def _greedy_runs(llm: LLM, prompts, params) -> list:
 
 @pytest.fixture(scope="module")
 def default_pair():
-    """The default model as every entry point runs it, without and with speculation."""
-    return (LLM("default", kv_device_bytes="64M", speculative="off"),
-            LLM("default", kv_device_bytes="64M", speculative="on"))
+    """The default model without speculation, and as every entry point runs it (speculation on by
+    default where the native step runs)."""
+    on = LLM("default", kv_device_bytes="64M")
+    assert on.engine.config.speculative == "auto"
+    assert on.engine.speculative or native.library() is None
+    return LLM("default", kv_device_bytes="64M", speculative="off"), on
 
 
 @needs_native
@@ -72,6 +75,30 @@ def test_greedy_identical_on_the_default_model_alone_and_batched(default_pair):
     c = on.engine.counters
     assert c["accepted_draft_tokens"] < c["draft_tokens"]  # rejections happened too
     assert on.engine.runner.native_steps < c["generated_tokens"]  # fewer steps than tokens
+
+
+@needs_native
+def test_a_seeded_sampled_request_gets_no_drafts_and_reproduces(default_pair):
+    """Its draws depend on the drafts, and those on what runs beside it: so it gets none, and its tokens
+    are those of the engine without speculation, alone or beside a greedy request that drafts."""
+    off, on = default_pair
+    seeded = SamplingParams(max_tokens=32, temperature=0.9, seed=11)
+    ref = off.generate([AGENT_TEXT], seeded)[0].outputs[0].token_ids
+    seen = []
+    orig = on.engine._verify
+
+    def spy(seq, logits):
+        seen.append(seq.params.seed)
+        return orig(seq, logits)
+
+    on.engine._verify = spy
+    try:
+        assert on.generate([AGENT_TEXT], seeded)[0].outputs[0].token_ids == ref
+        outs = on.generate([AGENT_TEXT, AGENT_TEXT + " Again."], [seeded, SamplingParams(max_tokens=32, temperature=0)])
+    finally:
+        del on.engine._verify
+    assert outs[0].outputs[0].token_ids == ref
+    assert seen and set(seen) == {None}  # the greedy one drafted, the seeded one never
 
 
 @needs_native

@@ -254,8 +254,8 @@ class LLMEngine:
         if budget <= 0:
             return
         for seq in sorted(decoding, key=lambda s: -(s.drafter.accept_rate if s.drafter is not None else 1.0)):
-            if seq.logits_processor is not None:
-                continue
+            if seq.logits_processor is not None or (seq.params.seed is not None and seq.params.temperature > 0):
+                continue  # (a seeded sampled request gets no drafts, so it reproduces whatever runs beside it)
             if seq.drafter is None:
                 seq.drafter = NgramDrafter()
             limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens,

@@ -17,10 +17,17 @@ of the same prefix would give (docs/batch_invariance.md), so:
 - sampling: draft x is accepted with probability p(x) under the request's whole sampling transform
   (penalties, temperature, top-k / top-p / min-p); on rejection the token is drawn from p with x removed
   and renormalised. For a deterministic draft this emits exactly p (Leviathan et al. 2023, Chen et al.
-  2023, with q a point mass at x). The draws come from the request's own generator, so a seeded request
-  reproduces as long as it gets the same drafts: they are cut by the step's draft budget (which depends
-  on how many sequences decode beside it), its token budget or memory, and they may come from earlier
-  requests' outputs (`--speculative-shared 0` keeps them to the request's own tokens).
+  2023, with q a point mass at x). The draws come from the request's own generator, but how many it
+  takes depends on the drafts, which are cut by the step's draft budget (so by how many sequences decode
+  beside it), its token budget or memory, and may come from earlier requests' outputs. So a seeded
+  sampled request gets no drafts at all (llm_engine.py `_propose_drafts`): it reproduces whatever runs
+  beside it, as without speculation.
+
+On by default (`--speculative auto`) wherever the native step runs: greedy requests get the same tokens
+faster, unseeded sampled ones the same distribution; drafting pauses itself where it is not accepted
+(below). Like the prefix cache, drafts from earlier outputs are shared by every request of an engine: a
+draft changes how fast tokens come, never which, but its timing could tell one client that its answer
+resembles an earlier one; `--speculative-shared 0` keeps drafts to each request's own tokens.
 
 Rejected drafts leave no trace: the engine sets `num_computed_tokens` to the accepted tokens only, so the
 pool slots of rejected rows are overwritten before anything reads them, and only full blocks of accepted
