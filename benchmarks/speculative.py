@@ -5,11 +5,13 @@ Drafts come from each sequence's own tokens and from the outputs of the turns ru
 engine (`--speculative-shared`); the history is emptied at the start of each workload and of each
 concurrent run, so no turn is drafted from an earlier run of its own prompt.
 
-Agent turns, two workloads ($KVSTRATA_TRACE_DIR or ../shared/data/traces): every assistant turn of
+Agent turns, three workloads ($KVSTRATA_TRACE_DIR or ../shared/data/traces): every assistant turn of
 tau-bench airline trajectories (the history up to the turn, rendered with the model's chat template, as
 benchmarks/peers/tau_replay.py builds it), and the assistant tool-call turns of a BFCL multi-turn session
 (GorillaFileSystem entries chained with their ground-truth calls and results, benchmarks/bfcl; the
-history rendered with its tools). Default model on the path every entry point runs
+history rendered with its tools), free and with the call forced (`tool_choice: "required"`: the grammar
+of a call of one of its tools, engine/structured.py; drafts are then what the grammar forces, else the
+n-gram drafts it allows). Default model on the path every entry point runs
 (`--quantization auto`), greedy, stopping at EOS or max_tokens. Two engines, speculation off and on, run
 the same turns alternately in one process, so load swings on the machine hit both. Batch 1: decode tokens/s
 from the first token to the last (prefill excluded; each prompt's prefix is cached by a one-token warm-up
@@ -28,7 +30,7 @@ import torch
 
 from benchmarks.common import machine, table, trace_dir, write_results
 from kvstrata import LLM, SamplingParams
-from kvstrata.tokenizer.tools import render_chat
+from kvstrata.tokenizer.tools import forced_tool_call_spec, render_chat
 
 
 def turns(n_sessions: int, max_turns: int) -> list[list[dict]]:
@@ -50,10 +52,10 @@ def bfcl_turns(n_turns: int) -> list[tuple[list[dict], list[dict]]]:
     return [(msgs[:i], tools) for i in at[:n_turns]]
 
 
-def batch1(engines: dict[str, LLM], prompts: list[list[int]], max_tokens: int) -> dict[str, dict]:
+def batch1(engines: dict[str, LLM], prompts: list[tuple[list[int], dict | None]], max_tokens: int) -> dict[str, dict]:
     res = {k: {"tokens": 0, "decode_s": 0.0, "outputs": []} for k in engines}
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
-    for ids in prompts:
+    for ids, structured in prompts:
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, structured=structured)
         for name, llm in engines.items():
             llm.generate([ids], SamplingParams(max_tokens=1, temperature=0))  # the prefix cached
             out = llm.generate([ids], sp)[0]
@@ -72,12 +74,14 @@ def forget_outputs(llm: LLM) -> None:
         llm.engine.shared_outputs.clear()
 
 
-def concurrent(llm: LLM, prompts: list[list[int]], n: int, max_tokens: int) -> tuple[float, list]:
-    batch = [prompts[i % len(prompts)] for i in range(n)]
+def concurrent(llm: LLM, prompts: list[tuple[list[int], dict | None]], n: int, max_tokens: int) -> tuple[float, list]:
+    batch = [prompts[i % len(prompts)][0] for i in range(n)]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0, structured=prompts[i % len(prompts)][1])
+              for i in range(n)]
     forget_outputs(llm)
     llm.generate(batch, SamplingParams(max_tokens=1, temperature=0))
     t = time.perf_counter()
-    outs = llm.generate(batch, SamplingParams(max_tokens=max_tokens, temperature=0))
+    outs = llm.generate(batch, params)
     dt = time.perf_counter() - t
     return sum(len(o.outputs[0].token_ids) for o in outs) / dt, [o.outputs[0].token_ids for o in outs]
 
@@ -97,9 +101,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     engines = {k: LLM("default", kv_device_bytes="1G", speculative=k, num_threads=a.threads) for k in ("off", "on")}
     tok = engines["off"].tokenizer
-    workloads = {"tau-bench assistant turns": [tok.encode_chat(m) for m in turns(a.sessions, a.max_turns)],
-                 "BFCL tool-call turns": [tok.encode(render_chat(tok, m, t), add_special_tokens=False)
-                                          for m, t in bfcl_turns(a.bfcl_turns)]}
+    bfcl = [(tok.encode(render_chat(tok, m, t), add_special_tokens=False), t) for m, t in bfcl_turns(a.bfcl_turns)]
+    workloads = {"tau-bench assistant turns": [(tok.encode_chat(m), None) for m in turns(a.sessions, a.max_turns)],
+                 "BFCL tool-call turns": [(ids, None) for ids, _ in bfcl],
+                 "BFCL tool-call turns, call forced": [(ids, forced_tool_call_spec(t, "required")) for ids, t in bfcl]}
     rows, data = [], {"machine": machine(), "max_tokens": a.max_tokens, "workloads": {}}
     notes = []
     for wname, prompts in workloads.items():
@@ -110,7 +115,7 @@ def main() -> None:
         drafted, accepted = c["draft_tokens"] - c0["draft_tokens"], c["accepted_draft_tokens"] - c0["accepted_draft_tokens"]
         tps = {k: v["tokens"] / v["decode_s"] for k, v in r.items()}
         same = r["off"]["outputs"] == r["on"]["outputs"]
-        w = {"turns": len(prompts), "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "tok_s": tps,
+        w = {"turns": len(prompts), "prompt_tokens_mean": sum(len(ids) for ids, _ in prompts) / len(prompts), "tok_s": tps,
              "identical_greedy": same, "draft_tokens": drafted, "accepted_draft_tokens": accepted}
         rows.append([f"{wname}: batch 1 decode tok/s", f"{tps['off']:.1f}", f"{tps['on']:.1f}",
                      f"{tps['on'] / tps['off']:.2f}x"])

@@ -102,6 +102,31 @@ def test_a_seeded_sampled_request_gets_no_drafts_and_reproduces(default_pair):
 
 
 @needs_native
+def test_structured_output_is_drafted_and_stays_identical(default_pair):
+    """Under a grammar (a forced tool call, a JSON schema) the drafts are the tokens it forces, else the
+    n-gram drafts it allows; each verified row is masked in the grammar's state after the rows before it,
+    so the tokens are those of decoding without speculation, alone and batched."""
+    from kvstrata.tokenizer.tools import forced_tool_call_spec
+
+    off, on = default_pair
+    args = {"type": "object", "properties": {"reservation_id": {"type": "string"}, "user_id": {"type": "string"}},
+            "required": ["reservation_id", "user_id"]}
+    tools = [{"type": "function", "function": {"name": "get_reservation", "parameters": args}},
+             {"type": "function", "function": {"name": "cancel_reservation", "parameters": args}}]
+    specs = [forced_tool_call_spec(tools, "required"), {"type": "json_schema", "schema": args}]
+    for spec in specs:
+        params = SamplingParams(max_tokens=64, temperature=0, structured=spec)
+        before = dict(on.engine.counters)
+        ref = _greedy_runs(off, [AGENT_TEXT], params)
+        assert _greedy_runs(on, [AGENT_TEXT], params) == ref
+        assert _greedy_runs(on, [AGENT_TEXT, "Say hello."], [params, SamplingParams(max_tokens=16, temperature=0)])[0] \
+            == ref[0]
+        c = on.engine.counters
+        assert c["accepted_draft_tokens"] - before["accepted_draft_tokens"] >= 8, (spec["type"], c, before)
+        assert on.engine.runner.native_steps  # (drafted rows ran in the native step)
+
+
+@needs_native
 def test_a_full_batch_does_not_draft_and_a_small_one_shares_the_budget(default_pair):
     """The step's draft budget (STEP_ROWS rows of decodes and drafts): STEP_ROWS sequences decoding
     together draft nothing (the step is compute-bound: rejected rows would be lost work); fewer share the

@@ -254,13 +254,18 @@ class LLMEngine:
         if budget <= 0:
             return
         for seq in sorted(decoding, key=lambda s: -(s.drafter.accept_rate if s.drafter is not None else 1.0)):
-            if seq.logits_processor is not None or (seq.params.seed is not None and seq.params.temperature > 0):
+            if seq.params.seed is not None and seq.params.temperature > 0:
                 continue  # (a seeded sampled request gets no drafts, so it reproduces whatever runs beside it)
             if seq.drafter is None:
                 seq.drafter = NgramDrafter()
             limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens,
                         budget)
-            seq.draft_token_ids = seq.drafter.propose(seq, limit, self.shared_outputs)
+            drafts = seq.drafter.propose(seq, limit, self.shared_outputs)
+            g = seq.logits_processor
+            if g is not None:  # structured output: what the grammar forces, else the drafts it allows
+                forced = g.forced_tokens()[:limit] if limit > 0 else []
+                drafts = forced if forced else drafts[: g.valid_prefix(drafts)]
+            seq.draft_token_ids = drafts
             budget -= len(seq.draft_token_ids)
             if budget <= 0:
                 break

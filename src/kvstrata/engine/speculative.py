@@ -29,6 +29,12 @@ faster, unseeded sampled ones the same distribution; drafting pauses itself wher
 draft changes how fast tokens come, never which, but its timing could tell one client that its answer
 resembles an earlier one; `--speculative-shared 0` keeps drafts to each request's own tokens.
 
+Structured output (a grammar: JSON schema, forced tool call; engine/structured.py) drafts too: the drafts
+are the tokens the grammar forces from its state (a forced call's `<tool_call>{"name": "`), else the
+n-gram drafts cut where the grammar stops allowing them; verification masks row i in the grammar's state
+after rows 0 .. i-1 (each emitted token advances it), which is the state plain decoding would mask that
+row in, so greedy tokens stay identical there too.
+
 Rejected drafts leave no trace: the engine sets `num_computed_tokens` to the accepted tokens only, so the
 pool slots of rejected rows are overwritten before anything reads them, and only full blocks of accepted
 tokens are ever registered into the prefix cache or written down the tiers (kv/manager.py `commit`).
@@ -206,11 +212,20 @@ class OutputHistory:
         return []
 
 
+def processed(seq: Sequence, row: torch.Tensor) -> torch.Tensor:
+    """One row of logits (V,) as the sampler takes it before the temperature: penalties, then the
+    request's grammar mask in the state the sequence's tokens so far left it in."""
+    if seq.params.plain:
+        return row
+    row = apply_penalties(row, seq)
+    return seq.logits_processor.mask(row) if seq.logits_processor is not None else row
+
+
 def target_probs(seq: Sequence, row: torch.Tensor) -> torch.Tensor | None:
     """The request's sampling distribution for one row of logits (V,) under its whole transform, given the
     tokens the sequence holds now; None when it is degenerate (the sampler then takes the mode)."""
     p = seq.params
-    row = filter_logits(apply_penalties(row, seq) / p.temperature, p.top_k, p.top_p, p.min_p)
+    row = filter_logits(processed(seq, row) / p.temperature, p.top_k, p.top_p, p.min_p)
     probs = torch.softmax(row, -1)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         return None
@@ -221,14 +236,16 @@ def verify_token(seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
     """The token to emit at this row given the draft proposed for it (None: the row past the drafts).
     Greedy: the argmax (so a draft is kept iff it is the argmax). Sampling: the draft kept with
     probability p(draft), else a draw from p without it; without a draft, a draw from p. Logprobs of the
-    emitted token (from the raw logits, as the sampler takes them) are appended when asked."""
+    emitted token (from the raw logits, as the sampler takes them) are appended when asked. A grammar
+    (structured output) masks the row in its current state and then takes the emitted token, so row i
+    is masked as if drafts 0 .. i-1 were emitted: they were, or verification stopped before row i."""
     p = seq.params
     if p.greedy:
-        tok = int((row if p.plain else apply_penalties(row, seq)).argmax())
+        tok = int(processed(seq, row).argmax())
     else:
         probs = target_probs(seq, row)
         if probs is None:
-            tok = int(apply_penalties(row, seq).argmax())
+            tok = int(processed(seq, row).argmax())
         elif draft is None:
             tok = int(torch.multinomial(probs, 1, generator=seq.generator))
         elif float(torch.rand((), generator=seq.generator)) < float(probs[draft]):
@@ -240,6 +257,8 @@ def verify_token(seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
                 tok = draft
             else:
                 tok = int(torch.multinomial(rest / rest.sum(), 1, generator=seq.generator))
+    if seq.logits_processor is not None:
+        seq.logits_processor.accept(tok)
     if p.logprobs is not None:
         seq.logprobs.append(token_logprob(row, tok, p.logprobs))
     return tok

@@ -66,8 +66,9 @@ def _limits():
 class LogitsProcessor(abc.ABC):
     """Per-sequence constraint on the next token. One object per sequence; not shared, not thread-safe.
 
-    Call order per step: `mask(logits)` (at most once), then `accept(token)` with the token drawn, then
-    `is_terminated()`. The engine never calls `mask` after `is_terminated()` returned True.
+    Call order: `mask(logits)`, then `accept(token)` with the token chosen, then `is_terminated()`; once
+    a step, or once for each row a step verifies with speculative drafts (engine/speculative.py). The
+    engine never calls `mask` after `is_terminated()` returned True.
     """
 
     @abc.abstractmethod
@@ -83,6 +84,15 @@ class LogitsProcessor(abc.ABC):
     @abc.abstractmethod
     def is_terminated(self) -> bool:
         """True once nothing but EOS can follow (or EOS was accepted): the sequence is complete."""
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order from the current state, may come (speculative drafts are cut
+        there); 0 where a processor cannot tell without moving, so it gets no drafts."""
+        return 0
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens that must come next whatever the model says; none where a processor cannot tell."""
+        return []
 
 
 class GrammarProcessor(LogitsProcessor):
@@ -129,6 +139,16 @@ class GrammarProcessor(LogitsProcessor):
 
     def is_terminated(self) -> bool:
         return bool(self.matcher.is_stopped())  # also True in the error state
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, taken in order from the current state, the grammar allows (the state
+        does not move): speculative drafts are cut there."""
+        return int(self.matcher.validate_tokens([int(t) for t in tokens])) if tokens else 0
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar forces from the current state (a forced tool call's `{"name": "`), as
+        llguidance tokenizes the forced bytes; the best drafts there are."""
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
 
     @property
     def is_complete(self) -> bool:
