@@ -232,6 +232,44 @@ def test_sampling_rule_preserves_the_distribution(draft):
         assert (((bad - n * p) ** 2)[keep] / (n * p[keep])).sum() > CHI2_DF5_P001
 
 
+class _NoOne:
+    """A grammar that never allows token 1 (and records what it was given to take)."""
+
+    def __init__(self) -> None:
+        self.taken: list[int] = []
+
+    def mask(self, row):
+        return row.masked_fill(torch.arange(row.shape[0]) == 1, float("-inf"))
+
+    def accept(self, tok):
+        self.taken.append(tok)
+
+    def is_terminated(self):
+        return False
+
+
+@pytest.mark.parametrize("draft", [0, 1])  # allowed, disallowed by the grammar
+def test_sampling_rule_preserves_the_masked_distribution(draft):
+    """Under a grammar the draft is accepted, or the token drawn, from the masked distribution (mask after
+    penalties, before temperature and top-k, as the sampler takes it); the grammar takes each token."""
+    logits = torch.tensor([2.0, 1.5, 0.3, -0.5, 0.9, -3.0])
+    params = SamplingParams(temperature=0.8, top_k=4, seed=99)
+    masked = logits.double().numpy().copy()
+    masked[1] = -np.inf
+    p = _ref_probs(masked, 0.8, 4)
+    seq = Sequence("r", 0, [0], params)
+    seq.logits_processor = g = _NoOne()
+    n = 20000
+    counts = np.zeros(6)
+    for _ in range(n):
+        counts[verify_token(seq, logits, draft)] += 1
+    keep = p > 0
+    assert counts[~keep].sum() == 0 and counts[1] == 0
+    chi2 = (((counts - n * p) ** 2)[keep] / (n * p[keep])).sum()
+    assert chi2 < 16.27, (counts, n * p)  # chi-square, 3 degrees of freedom, p = 0.001
+    assert len(g.taken) == n and sorted(set(g.taken)) == [i for i in range(6) if keep[i]]
+
+
 def test_sampling_rule_applies_penalties():
     """A repetition penalty on the draft lowers its acceptance to the penalised probability."""
     logits = torch.tensor([1.0, 1.2, 0.2, 0.0, -1.0, 0.5])
