@@ -20,7 +20,8 @@ import torch
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
 from kvstrata.engine.speculative import (MAX_DRAFT, MAX_NGRAM, MIN_NGRAM, STEP_ROWS, NgramDrafter, OutputHistory,
-                                         draft_budget, draft_length, verify_token)
+                                         draft_budget, draft_length, expected_accepted, row_attention,
+                                         verify_token)
 from kvstrata.sched.sequence import Sequence
 
 native = pytest.importorskip("kvstrata.native")
@@ -161,7 +162,7 @@ class _OracleDrafter(NgramDrafter):
 
     reference: dict[tuple[int, ...], list[int]] = {}
 
-    def propose(self, seq, limit, shared=None):
+    def propose(self, seq, limit, shared=None, step=(1.0, 0.0)):
         ref = self.reference[tuple(seq.prompt_token_ids)]
         n = len(seq.output_token_ids)
         drafts = ref[n : n + min(self.k, limit)]
@@ -374,6 +375,27 @@ def test_the_draft_length_shrinks_with_the_context_and_the_acceptance():
         [draft_length(12, p, 4000) for p in (0.9, 0.6, 0.2)], reverse=True)
     assert draft_length(12, 0.2, 16000) == 0  # no length beats a plain decode: no draft
     assert draft_length(0, 1.0, 100) == 0
+
+
+def test_beside_other_decoding_sequences_a_draft_must_beat_the_steps_own_rate():
+    """A draft row slows every sequence of the step for the one that drafts: at batch 1 a 70 % draft over
+    a ~4.7k-token context pays, beside three more such sequences it does not; over short contexts, or
+    with drafts nearly always accepted, it still does. The batch-1 default is the step of this sequence
+    alone, and the rule there is the plain-decode one: (1 + p + ... + p^k) / (1 + k c), c the row's share
+    of its one-row step."""
+    a = row_attention(4700)
+    alone = draft_length(12, 0.7, 4700)
+    assert alone >= 1 and draft_length(12, 0.7, 4700, tokens=1, cost=1 + a) == alone
+    assert draft_length(12, 0.7, 4700, tokens=4, cost=1 + 4 * a) == 0
+    assert draft_length(12, 0.95, 4700, tokens=4, cost=1 + 4 * a) >= 1
+    assert draft_length(12, 0.7, 300, tokens=4, cost=1 + 4 * row_attention(300)) >= 1
+    for ctx in (100, 1000, 4000, 16000):  # the batch-1 rule, written with the one-row step's share c
+        c = row_attention(ctx) / (1 + row_attention(ctx))
+        for p in (0.3, 0.6, 0.9):
+            gains = [(1 + expected_accepted(k, p)) / (1 + k * c) for k in range(13)]
+            best = max(range(13), key=lambda k: (round(gains[k], 12), -k))
+            assert draft_length(12, p, ctx) == (best if gains[best] > 1 else 0), (ctx, p)
+    assert expected_accepted(3, 0.5) == 0.5 + 0.25 + 0.125 and expected_accepted(0, 0.9) == 0
 
 
 class _Recorder:

@@ -24,7 +24,8 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.speculative import NgramDrafter, OutputHistory, draft_budget, verify_token
+from kvstrata.engine.speculative import (NgramDrafter, OutputHistory, draft_budget, expected_accepted, row_attention,
+                                         verify_token)
 from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
                                    resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
@@ -253,6 +254,8 @@ class LLMEngine:
         budget = draft_budget(len(decoding))
         if budget <= 0:
             return
+        # the step's expected tokens and cost (in weight passes) as drafts are added: each must raise its rate
+        tokens, cost = float(len(decoding)), 1.0 + sum(row_attention(s.num_tokens) for s in decoding)
         for seq in sorted(decoding, key=lambda s: -(s.drafter.accept_rate if s.drafter is not None else 1.0)):
             if seq.params.seed is not None and seq.params.temperature > 0:
                 continue  # (a seeded sampled request gets no drafts, so it reproduces whatever runs beside it)
@@ -260,12 +263,14 @@ class LLMEngine:
                 seq.drafter = NgramDrafter()
             limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens,
                         budget)
-            drafts = seq.drafter.propose(seq, limit, self.shared_outputs)
+            drafts = seq.drafter.propose(seq, limit, self.shared_outputs, (tokens, cost))
             g = seq.logits_processor
             if g is not None:  # structured output: what the grammar forces, else the drafts it allows
                 forced = g.forced_tokens()[:limit] if limit > 0 else []
                 drafts = forced if forced else drafts[: g.valid_prefix(drafts)]
             seq.draft_token_ids = drafts
+            tokens += expected_accepted(len(drafts), seq.drafter.accept_rate)
+            cost += len(drafts) * row_attention(seq.num_tokens)
             budget -= len(seq.draft_token_ids)
             if budget <= 0:
                 break

@@ -42,8 +42,11 @@ tokens are ever registered into the prefix cache or written down the tiers (kv/m
 Adaptive per sequence: the draft length grows by 2 while every draft is accepted (to MAX_DRAFT) and
 shrinks by one on a rejection; when the acceptance rate (a moving average) drops below LOW_ACCEPT the
 sequence stops drafting for a pause that doubles each time (up to MAX_PAUSE steps). Within that limit a
-draft is cut to the length with the most expected tokens per unit of step time (`draft_length`): each
-draft row's attention costs more the longer the context.
+draft is cut to the length that gives the step the most expected tokens per unit of its time
+(`draft_length`): each draft row's attention costs more the longer the context, and beside other
+decoding sequences a draft row slows all of them for the one that drafts, so it must beat the step's
+own rate (at 4-7 sequences over ~4.7k-token contexts drafting by the batch-1 rule lost 6 % of aggregate
+throughput).
 
 Batch-aware: a step verifies at most STEP_ROWS rows of decodes and drafts together (`draft_budget`). A
 decode step on a CPU reads every weight once whatever its rows, so a few draft rows ride almost free at
@@ -68,27 +71,41 @@ START_DRAFT, MAX_DRAFT = 4, 12
 LOW_ACCEPT, EMA = 0.3, 0.3  # acceptance below which drafting pauses; weight of the latest verification
 MAX_PAUSE = 64
 STEP_ROWS = 8  # decode rows + draft rows one step may verify
-ROW_COST_CTX = 8000  # context (tokens) at which one more verified row costs half a decode step
+ROW_COST_CTX = 8000  # context (tokens) whose attention costs one row as much as the step's weight pass
+ROW_FLOOR = 0.087  # the least a row adds, in weight passes: its share of the weight products
 
 
-def row_cost(context: int) -> float:
-    """What one draft row adds to a decode step, as a fraction of the step: its weight products ride along
-    almost free, its attention over the whole context does not (on this CPU's native step, ~1 ms of a
-    5 ms decode at 512 context, ~3.2 of 9.5 ms at 4,096: attention is bound by its FMAs, not by memory)."""
-    return max(0.08, context / (context + ROW_COST_CTX))
+def row_attention(context: int) -> float:
+    """What one row over `context` tokens adds to a step, in units of the step's weight pass: its weight
+    products ride along almost free, its attention over the whole context does not (on this CPU's native
+    step, ~1 ms of a 5 ms decode at 512 context, ~3.2 of 9.5 ms at 4,096: attention is bound by its FMAs,
+    not by memory). A step of rows over contexts c_j then costs 1 + sum of row_attention(c_j)."""
+    return max(ROW_FLOOR, context / ROW_COST_CTX)
 
 
-def draft_length(k_max: int, accept: float, context: int) -> int:
-    """The draft length of at most k_max with the most expected tokens per unit of step time, 0 when no
-    length beats a plain decode: (1 + p + ... + p^k) / (1 + k * row_cost), p the acceptance rate."""
-    p, c = min(accept, 0.95), row_cost(context)
-    best, best_k, expected, pk = 1.0, 0, 1.0, 1.0
+def expected_accepted(k: int, accept: float) -> float:
+    """Draft tokens expected to be accepted of k, each accepted with probability `accept` while all before
+    it were: p + p^2 + ... + p^k."""
+    p = min(accept, 0.95)
+    return sum(p ** i for i in range(1, k + 1))
+
+
+def draft_length(k_max: int, accept: float, context: int, tokens: float = 1.0, cost: float | None = None) -> int:
+    """The draft length of at most k_max that gives the step the most expected tokens per unit of its
+    time, 0 when none beats the step without it: (tokens + p + ... + p^k) / (cost + k * row_attention),
+    p the acceptance rate, `tokens` and `cost` the step's expected tokens and cost (in weight passes)
+    before this draft; by default a step of this sequence alone (1 token, 1 + its row). So at batch 1 a
+    draft must beat one plain decode, and beside other decoding sequences it must beat the step's own
+    rate: a draft row slows every sequence of the step, for the one that drafts."""
+    p, a = min(accept, 0.95), row_attention(context)
+    cost = 1.0 + a if cost is None else cost
+    best, best_k, expected, pk = tokens / cost, 0, tokens, 1.0
     for k in range(1, k_max + 1):
         pk *= p
         expected += pk
-        gain = expected / (1 + k * c)
-        if gain > best:
-            best, best_k = gain, k
+        rate = expected / (cost + k * a)
+        if rate > best:
+            best, best_k = rate, k
     return best_k
 
 
@@ -131,16 +148,18 @@ class NgramDrafter:
                 self.index[n].update(zip(ngram_keys(toks, n, s0, s1), range(s0 + n, s1 + n)))
         self.indexed = max(self.indexed, end)
 
-    def propose(self, seq: Sequence, limit: int, shared: OutputHistory | None = None) -> list[int]:
+    def propose(self, seq: Sequence, limit: int, shared: OutputHistory | None = None,
+                step: tuple[float, float] = (1.0, 0.0)) -> list[int]:
         """Up to min(self.k, limit) draft tokens to follow seq's tokens ([] when none match or paused): from
         the longest match in its own tokens, or from `shared` when that holds a match of MIN_SHARED_NGRAM
-        or more tokens and its own tokens do not."""
+        or more tokens and its own tokens do not. `step`: the step's expected tokens and cost so far
+        (`draft_length`; a cost of 0 means this sequence alone)."""
         self._sync(seq)
         if self.pause > 0:
             self.pause -= 1
             return []
         toks = self.tokens
-        k = draft_length(min(self.k, limit), self.accept_rate, len(toks))
+        k = draft_length(min(self.k, limit), self.accept_rate, len(toks), step[0], step[1] or None)
         if k <= 0:
             return []
         for n in range(min(MAX_NGRAM, len(toks)), MIN_NGRAM - 1, -1):
