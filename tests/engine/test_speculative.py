@@ -327,6 +327,29 @@ def test_the_drafters_index_holds_every_ngrams_latest_continuation_however_it_gr
         assert d.index == reference(prompt + seq.output_token_ids), trial
 
 
+def test_the_drafters_index_covers_only_the_last_index_window_tokens():
+    """A long context is indexed over its last INDEX_WINDOW tokens only (bounded memory and time on the
+    engine thread), and what it generates after joins them."""
+    from kvstrata.engine.speculative import INDEX_WINDOW
+
+    n = INDEX_WINDOW + 5000
+    toks = [1000 + (i % 7919) for i in range(n)]  # (no n-gram repeats inside the window)
+    toks[10:14] = [5, 6, 7, 8]  # an n-gram only before the window
+    toks[-3000:-2996] = [9, 10, 11, 12]  # and one inside it
+    seq = Sequence("r", 0, toks, SamplingParams(temperature=0))
+    d = NgramDrafter()
+    d._sync(seq)
+    first = min(min(ix.values()) for ix in d.index[MIN_NGRAM:])
+    assert first >= n - INDEX_WINDOW
+    assert sum(map(len, d.index[MIN_NGRAM:])) <= (MAX_NGRAM - MIN_NGRAM + 1) * INDEX_WINDOW
+    assert (5, 6, 7, 8) not in d.index[4] and (9, 10, 11, 12) in d.index[4]
+    seq.output_token_ids += [9, 10, 11]
+    drafts = d.propose(seq, 4)
+    assert drafts and drafts == toks[-2997:-2997 + len(drafts)]  # drafted from inside the window: 12, ...
+    seq.output_token_ids += [77, 5, 6, 7]
+    assert d.propose(seq, 4) == []  # 5 6 7 -> 8 only before it: no draft
+
+
 def test_drafts_come_from_earlier_outputs_only_without_a_long_own_match():
     hist = OutputHistory(max_tokens=20)
     hist.add([40, 41, 42, 43, 44, 45, 46])

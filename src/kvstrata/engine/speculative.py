@@ -70,6 +70,9 @@ MIN_SHARED_NGRAM = 3  # shortest suffix matched against earlier outputs (and own
 START_DRAFT, MAX_DRAFT = 4, 12
 LOW_ACCEPT, EMA = 0.3, 0.3  # acceptance below which drafting pauses; weight of the latest verification
 MAX_PAUSE = 64
+# tokens of a sequence's own history the drafter indexes when it first drafts (its last ones; what it
+# generates after is added): ~8 MiB of index, built in ~12 ms on the engine thread, however long the context
+INDEX_WINDOW = 16384
 STEP_ROWS = 8  # decode rows + draft rows one step may verify
 ROW_COST_CTX = 8000  # context (tokens) whose attention costs one row as much as the step's weight pass
 ROW_FLOOR = 0.087  # the least a row adds, in weight passes: its share of the weight products
@@ -138,6 +141,7 @@ class NgramDrafter:
         if len(toks) < n_prompt:
             toks.extend(seq.prompt_token_ids[len(toks):])
         toks.extend(seq.output_token_ids[len(toks) - n_prompt:])
+        self.indexed = max(self.indexed, len(toks) - INDEX_WINDOW)  # (older tokens are never indexed)
         # index n-grams that end at j for indexed <= j <= len - 2, mapped to j + 1 (where their continuation
         # starts); the suffix itself (ending at len - 1) is not indexed yet, so a lookup finds an earlier
         # occurrence. In position order, so the latest occurrence wins.
