@@ -81,7 +81,9 @@ def hold_gc(freeze: bool = True) -> None:
 
 def release_gc() -> None:
     """Ends `hold_gc`: with `freeze`, what start-up built moves to the permanent generation (`gc.freeze`,
-    so later collections skip it); the collector runs again. Nothing where `hold_gc` did not pause it."""
+    so later collections skip it); the collector runs again. Nothing where `hold_gc` did not pause it.
+    The cycles start-up left unreachable are frozen with the rest, never collected: ~8k objects, well
+    under 1 MiB, for the default model's `generate` (collecting them first would cost ~0.1 s)."""
     global _gc_held
     if _gc_held is not None:
         if _gc_held:
