@@ -39,16 +39,21 @@ def short_replies(tiny_server):
     """The random-weight model ends a reply (EOS) once it has written SHORT tokens, wherever the grammar, if any,
     allows an end: free text stops after SHORT tokens; a forced tool call still runs to its closing tag. So a
     turn answered in text ends as `completed`, not on max_tokens (the Responses model of the Agents SDK raises
-    on `response.incomplete`)."""
+    on `response.incomplete`). A sequence with speculative drafts has a row per draft after its own (row j
+    stands at output position len + j), so each row at or past SHORT gets the push."""
     def install(e):
         orig, eos = e.runner.execute, list(e.eos_ids)[0]
 
         def execute(so):
             seqs, logits = orig(so)
-            if seqs and logits is not None and logits.shape[0] == len(seqs):
-                for i, s in enumerate(seqs):
-                    if len(s.output_token_ids) >= SHORT:
-                        logits[i, eos] = logits[i].max() + 10
+            if seqs and logits is not None:
+                r = 0
+                for s in seqs:
+                    rows = 1 + len(s.draft_token_ids)
+                    for j in range(rows):
+                        if len(s.output_token_ids) + j >= SHORT:
+                            logits[r + j, eos] = logits[r + j].max() + 10
+                    r += rows
             return seqs, logits
         e.runner.execute = execute
 
