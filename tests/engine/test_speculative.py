@@ -162,7 +162,7 @@ class _OracleDrafter(NgramDrafter):
 
     reference: dict[tuple[int, ...], list[int]] = {}
 
-    def propose(self, seq, limit, shared=None, step=(1.0, 0.0)):
+    def propose(self, seq, limit, shared=None, step=None):
         ref = self.reference[tuple(seq.prompt_token_ids)]
         n = len(seq.output_token_ids)
         drafts = ref[n : n + min(self.k, limit)]

@@ -51,6 +51,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def processed(seq: Sequence, row: torch.Tensor) -> torch.Tensor:
+    """One row of logits (V,) as a request samples from it before the temperature: penalties, then its
+    grammar's mask (structured output) in the state the sequence's tokens so far left it in."""
+    if seq.params.plain:
+        return row
+    row = apply_penalties(row, seq)
+    return seq.logits_processor.mask(row) if seq.logits_processor is not None else row
+
+
 class Sampler:
     def __call__(self, seqs: Seq[Sequence], logits: torch.Tensor) -> list[int]:
         """logits (S, V) fp32 for S sequences -> one token id each; appends logprobs when asked."""
@@ -66,9 +75,7 @@ class Sampler:
         for i, seq in enumerate(seqs):
             p = seq.params
             if not p.plain:
-                row = apply_penalties(logits[i], seq)
-                if seq.logits_processor is not None:
-                    row = seq.logits_processor.mask(row)
+                row = processed(seq, logits[i])
                 if p.greedy:
                     out[i] = int(row.argmax())
                 else:

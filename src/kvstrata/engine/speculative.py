@@ -62,7 +62,7 @@ from collections import OrderedDict
 
 import torch
 
-from kvstrata.engine.sampler import apply_penalties, filter_logits, token_logprob
+from kvstrata.engine.sampler import filter_logits, processed, token_logprob
 from kvstrata.sched.sequence import Sequence
 
 MAX_NGRAM, MIN_NGRAM = 4, 1
@@ -153,17 +153,17 @@ class NgramDrafter:
         self.indexed = max(self.indexed, end)
 
     def propose(self, seq: Sequence, limit: int, shared: OutputHistory | None = None,
-                step: tuple[float, float] = (1.0, 0.0)) -> list[int]:
+                step: tuple[float, float] | None = None) -> list[int]:
         """Up to min(self.k, limit) draft tokens to follow seq's tokens ([] when none match or paused): from
         the longest match in its own tokens, or from `shared` when that holds a match of MIN_SHARED_NGRAM
         or more tokens and its own tokens do not. `step`: the step's expected tokens and cost so far
-        (`draft_length`; a cost of 0 means this sequence alone)."""
+        (`draft_length`; None: a step of this sequence alone)."""
         self._sync(seq)
         if self.pause > 0:
             self.pause -= 1
             return []
         toks = self.tokens
-        k = draft_length(min(self.k, limit), self.accept_rate, len(toks), step[0], step[1] or None)
+        k = draft_length(min(self.k, limit), self.accept_rate, len(toks), *(step or ()))
         if k <= 0:
             return []
         for n in range(min(MAX_NGRAM, len(toks)), MIN_NGRAM - 1, -1):
@@ -233,15 +233,6 @@ class OutputHistory:
             if hit is not None:
                 return self.outputs[hit[0]][hit[1]: hit[1] + k]
         return []
-
-
-def processed(seq: Sequence, row: torch.Tensor) -> torch.Tensor:
-    """One row of logits (V,) as the sampler takes it before the temperature: penalties, then the
-    request's grammar mask in the state the sequence's tokens so far left it in."""
-    if seq.params.plain:
-        return row
-    row = apply_penalties(row, seq)
-    return seq.logits_processor.mask(row) if seq.logits_processor is not None else row
 
 
 def target_probs(seq: Sequence, row: torch.Tensor) -> torch.Tensor | None:
