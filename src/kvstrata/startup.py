@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,3 +103,141 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+# ---- the native step's weight arena, backed by memory while torch imports ------------------------------
+#
+# The native step copies its int8 weights into one huge-page arena (~130 MiB for the default model). The
+# kernel backs fresh huge pages on first touch, and on this kind of VM that costs 0.01-0.3 s (zeroing,
+# sometimes compaction to find free 2 MiB pages): on the path to the first token. A command that builds an
+# engine asks, before torch is imported, for an arena of the size the last start of the same model needed
+# (a hint under $KVSTRATA_HOME/native) and a thread backs it (mmap, MADV_HUGEPAGE, MADV_POPULATE_WRITE:
+# all in the kernel, the GIL released) while the main thread imports torch (~0.9 s, one core). The native
+# step takes the map if it is large enough and otherwise unmaps it and allocates its own; the engine
+# releases one nobody took. Linux only; anywhere else nothing happens.
+
+_HUGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_POPULATE_WRITE = 14, 23
+_arena: dict | None = None  # {"thread", "key", "bytes", "map": (base, length) once backed}
+
+
+def arena_key(model: str, quantization: str, device: str, dtype: str) -> str:
+    """What an arena size is remembered under: the engine settings that decide it (a path as its real path)."""
+    path = os.path.realpath(model) if os.path.exists(model) else model
+    return f"{path}|{quantization}|{device}|{dtype}"
+
+
+def _hints_path():
+    from kvstrata.core import kvstrata_home
+
+    return kvstrata_home() / "native" / "arena-hints.json"
+
+
+def _read_hints() -> dict:
+    import json
+
+    try:
+        hints = json.loads(_hints_path().read_text())
+        return hints if isinstance(hints, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember_arena(key: str, nbytes: int) -> None:
+    """Records the arena size an engine of these settings needed (at most 16 settings kept). A damaged or
+    unwritable hints file only costs the next start its head start."""
+    import json
+
+    hints = _read_hints()
+    if hints.get(key) == nbytes:
+        return
+    hints.pop(key, None)
+    hints[key] = int(nbytes)
+    hints = dict(list(hints.items())[-16:])
+    path = _hints_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(hints))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def _back(state: dict, libc, memset, prot: int, flags: int, failed: int) -> None:
+    """(The thread.) Maps state["bytes"] at a 2 MiB boundary (over-mapped by one huge page, the ends cut
+    off) and commits it: MADV_POPULATE_WRITE (Linux 5.14), else one write per huge page. It imports
+    nothing: an import in a thread racing torch's own import breaks torch's (a partially initialized
+    module), so everything it uses comes from the caller."""
+    n = state["bytes"]
+    base = libc.mmap(None, n + _HUGE, prot, flags, -1, 0)
+    if base is None or base == failed:
+        return
+    start = (base + _HUGE - 1) // _HUGE * _HUGE
+    if start > base:
+        libc.munmap(base, start - base)
+    if base + _HUGE > start:
+        libc.munmap(start + n, base + _HUGE - start)
+    libc.madvise(start, n, _MADV_HUGEPAGE)
+    if libc.madvise(start, n, _MADV_POPULATE_WRITE) != 0:
+        for off in range(0, n, _HUGE):  # (one memset per huge page: the GIL is released in each)
+            memset(start + off, 0, min(_HUGE, n - off))
+    state["map"] = (start, n)
+
+
+def prefault_arena(key: str) -> bool:
+    """Starts backing an arena of the size remembered for `key` in a thread; False when there is no hint
+    (a first start), the platform has no such calls, or the native step is turned off."""
+    global _arena
+    if _arena is not None or not sys.platform.startswith("linux") or os.environ.get("KVSTRATA_NATIVE", "1") == "0":
+        return False
+    nbytes = _read_hints().get(key)
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        return False
+    import ctypes
+    import mmap
+    import threading
+
+    state = {"key": key, "bytes": nbytes, "map": None}
+    args = (state, _libc(), ctypes.memset, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            ctypes.c_void_p(-1).value)
+    state["thread"] = threading.Thread(target=_back, args=args, name="kvstrata-arena", daemon=True)
+    state["thread"].start()
+    _arena = state
+    return True
+
+
+def take_arena() -> tuple[int, int, float]:
+    """The backed map (base, length) for the native step to own, and the seconds spent waiting for the
+    thread; (0, 0, wait) when there is none. It is handed out once."""
+    global _arena
+    state, _arena = _arena, None
+    if state is None:
+        return 0, 0, 0.0
+    t0 = time.perf_counter()
+    state["thread"].join()
+    waited = time.perf_counter() - t0
+    base, length = state["map"] or (0, 0)
+    return base, length, waited
+
+
+def unmap(base: int, length: int) -> None:
+    _libc().munmap(base, length)
+
+
+def discard_arena() -> None:
+    """Unmaps a backed arena nobody took (the native step did not run)."""
+    base, length, _ = take_arena()
+    if base:
+        unmap(base, length)

@@ -209,7 +209,7 @@ def test_the_int8_layout_cache_is_used_and_rebuilt_when_the_file_changes(tiny_gg
     assert builds == ["int8"] * 4
 
     data = bytearray(layouts[0].read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: the CRC catches it
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: the checksum catches it
     layouts[0].write_bytes(bytes(data))
     repaired = engine()
     assert builds == ["int8"] * 5 and torch.equal(_prefill_logits(repaired), _prefill_logits(changed))
@@ -218,6 +218,59 @@ def test_the_int8_layout_cache_is_used_and_rebuilt_when_the_file_changes(tiny_gg
     assert builds == ["int8"] * 6
     engine()
     assert builds == ["int8"] * 6  # and trusted again once rewritten
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no /proc/self/status")
+
+
+def test_a_tensor_file_is_checked_without_making_its_map_resident_and_old_crc_files_still_load(tmp_path):
+    """Every byte is checked (XXH3 now; files that name no checksum carry CRC-32s and are checked with
+    them), by reading, so loading leaves the map's pages untouched: the caller makes resident only what
+    it reads."""
+    import json
+    import struct
+    import zlib
+
+    from kvstrata.loader import tensor_file as tf
+
+    tensors = {"w": torch.randn(4096, 4096), "b": torch.arange(7, dtype=torch.int8)}  # 64 MiB
+    path = tmp_path / "t.kvt"
+    assert tf.save_tensors(path, "id", tensors)
+    assert json.loads(path.read_bytes()[16:16 + struct.unpack("<Q", path.read_bytes()[8:16])[0]])["checksum"] == "xxh3_64"
+    before = _rss_file_kib()
+    got = tf.load_tensors(path, "id")
+    assert _rss_file_kib() - before < 8 << 10  # (64 MiB checked; under 8 MiB of it mapped in)
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+    # a file as the first version wrote it: no checksum named, CRC-32 per tensor
+    entries, blobs, off = [], [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+        off = -(-off // 64) * 64
+        entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), off, len(raw), zlib.crc32(raw)])
+        blobs.append((off, raw))
+        off += len(raw)
+    header = json.dumps({"identity": "id", "data_bytes": off, "tensors": entries}).encode()
+    start = -(-(16 + len(header)) // 64) * 64
+    data = bytearray(start + off)
+    data[:16 + len(header)] = tf.MAGIC + struct.pack("<Q", len(header)) + header
+    for o, raw in blobs:
+        data[start + o:start + o + len(raw)] = raw
+    old = tmp_path / "old.kvt"
+    old.write_bytes(bytes(data))
+    got = tf.load_tensors(old, "id")
+    assert got is not None and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    data[start + 12345] ^= 1
+    old.write_bytes(bytes(data))
+    assert tf.load_tensors(old, "id") is None
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1  # the last tensor's bytes, in an XXH3 file
+    path.write_bytes(bytes(data))
+    assert tf.load_tensors(path, "id") is None
 
 
 def _rss_anon_kib() -> int:
@@ -286,6 +339,61 @@ def test_the_native_step_reads_blocks_committed_late_exactly_as_early_ones(tiny_
     assert torch.equal(a, b)
 
 
+def _mapped(addr: int) -> bool:
+    """Whether addr lies in one of this process's mappings (/proc/self/maps)."""
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the arena is backed ahead on Linux only")
+def test_a_weight_arena_backed_ahead_is_used_when_large_enough_and_never_leaked(tiny_llama, private_home):
+    """The size an engine's native step needed is remembered per settings; the next start backs a map of
+    that size early and the native step builds its arena in it (same tokens as an arena of its own). A map
+    too small is unmapped and replaced; one nobody takes is unmapped; a damaged hints file is only a miss."""
+    from kvstrata import startup
+
+    settings = dict(kv_device_bytes="4M", quantization="int8", native_decode="on")
+    key = startup.arena_key(str(tiny_llama), "int8", "auto", "auto")
+    assert not startup.prefault_arena(key)  # nothing remembered yet: nothing backed
+    prompt = list(range(5, 40))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = LLM(str(tiny_llama), **settings)
+    want = plain.generate([prompt], params)[0].outputs[0].token_ids
+    need = plain.engine.runner.native.weight_bytes
+    assert not plain.engine.runner.native.arena_mapped and need > 0
+    del plain
+
+    assert startup.prefault_arena(key)
+    ahead = LLM(str(tiny_llama), **settings)
+    assert ahead.engine.runner.native.arena_mapped
+    assert ahead.generate([prompt], params)[0].outputs[0].token_ids == want
+    del ahead
+
+    startup.remember_arena(key, 64 << 10)  # (as if the model had shrunk since)
+    assert startup.prefault_arena(key)
+    base = startup._arena["thread"].join() or startup._arena["map"][0]
+    small = LLM(str(tiny_llama), **settings)
+    assert not small.engine.runner.native.arena_mapped and not _mapped(base)
+    assert small.generate([prompt], params)[0].outputs[0].token_ids == want
+    del small
+
+    assert startup.prefault_arena(key)  # nobody takes it
+    startup._arena["thread"].join()
+    base = startup._arena["map"][0]
+    assert _mapped(base)
+    startup.discard_arena()
+    assert not _mapped(base) and startup.take_arena() == (0, 0, 0.0)
+
+    (private_home / "native" / "arena-hints.json").write_text("{not json")
+    assert not startup.prefault_arena(key)
+    startup.remember_arena(key, need)
+    assert startup.prefault_arena(key)
+    startup.discard_arena()
+
+
 def test_every_entry_point_shares_the_fast_path_default(tiny_llama):
     from kvstrata.cli.main import build_parser
     from kvstrata.config import EngineConfig, engine_config_from_args
@@ -341,6 +449,8 @@ def test_generate_on_the_default_model_stays_under_one_gib_and_imports_nothing_i
     assert "Paris" in out and "HEAVY []" in out, out
     assert "GC True True" in out, out  # the collector paused for the start, then back, start-up's objects frozen
     assert "start phases" in err and "first token" in err
+    if sys.platform.startswith("linux"):  # the second start backed the weight arena while torch imported
+        assert "weight arena: in the map backed during start-up" in err, err[-3000:]
     peak_mib = int(re.search(r"^HWM (\d+)$", out, re.M).group(1)) / 1024
     assert peak_mib < 1024, (peak_mib, err[-3000:])
 

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from kvstrata.core import KvstrataError
-from kvstrata.startup import hold_gc, release_gc
+from kvstrata.startup import arena_key, discard_arena, hold_gc, prefault_arena, release_gc
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +23,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("kvstrata.cli.plan", "predict where bytes live, speed and cost across hardware"),
     "jobs": ("kvstrata.cli.jobs", "run files of agent tasks without a person in the loop"),
 }
+
+
+# commands that build an engine: their weight arena is backed while torch imports (startup.py)
+ENGINE_COMMANDS = ("generate", "chat", "serve", "jobs")
+
+
+def _back_the_arena_early(args: argparse.Namespace) -> None:
+    from kvstrata.config import engine_config_from_args
+
+    try:
+        cfg = engine_config_from_args(args)
+    except (KvstrataError, AttributeError, TypeError, ValueError):  # (the command reports a bad setting itself)
+        return
+    prefault_arena(arena_key(cfg.model, cfg.quantization, cfg.device, cfg.dtype))
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -56,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
+        if argv_given_by_process and args.command in ENGINE_COMMANDS:
+            _back_the_arena_early(args)
         return int(args._run(args) or 0)
     except KvstrataError as e:
         print(f"kvstrata: error: {e}", file=sys.stderr)
@@ -64,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         release_gc()
+        discard_arena()  # (one the command never took)
 
 
 if __name__ == "__main__":

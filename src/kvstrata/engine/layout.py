@@ -30,7 +30,7 @@ from kvstrata.model.llama import LlamaModel
 from kvstrata.model.quant import PerTokenInt8Linear
 
 log = logging.getLogger(__name__)
-LAYOUT_VERSION = "int8-v1"  # bump when what is stored, or how it is built, changes
+LAYOUT_VERSION = "int8-v2"  # bump when what is stored, or how it is built, changes (v2: XXH3 checksums)
 _INT8_W, _INT8_S = ".int8_weight", ".int8_scale"
 _NO_INIT_LOCK = threading.Lock()
 

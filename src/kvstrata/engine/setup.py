@@ -133,7 +133,10 @@ def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, d
 
     `auto` uses it on CPU in float32 (fp32, int8 or int4 weights) when it builds and says why when it
     does not; `on` makes any reason an error."""
+    from kvstrata.startup import discard_arena, take_arena
+
     if cfg.native_decode == "off" or (cfg.native_decode == "auto" and device.type != "cpu"):
+        discard_arena()
         return None
     from kvstrata.native import library, native_status
     from kvstrata.native.decode import NativeDecoder, unsupported_reason
@@ -144,11 +147,17 @@ def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, d
         lib = library()
         reason = None if lib is not None else native_status()["reason"]
     if reason is not None:
+        discard_arena()
         if cfg.native_decode == "on":
             raise KvstrataError(f"--native-decode on: {reason}")
         log.warning("native step off (the torch path is not batch-invariant): %s", reason)
         return None
-    return NativeDecoder(model, pool, lib)
+    base, length, waited = take_arena()  # (backed while the command started, startup.py)
+    nat = NativeDecoder(model, pool, lib, (base, length))
+    if base:
+        log.debug("weight arena: %s map backed during start-up (%.0f MiB; waited %.3f s for it)",
+                  "in the" if nat.arena_mapped else "too small to use, replaced by its own:", length / 2**20, waited)
+    return nat
 
 
 def pool_blocks(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,

@@ -121,11 +121,13 @@ def load(march: str = "native") -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.kv_model_new.restype = P
-    lib.kv_model_new.argtypes = [P, P, P, P]
+    lib.kv_model_new.argtypes = [P, P, P, P, P, ctypes.c_size_t]
     lib.kv_model_free.argtypes = [P]
     lib.kv_has_vnni.restype = I
     lib.kv_model_weight_bytes.restype = ctypes.c_size_t
     lib.kv_model_weight_bytes.argtypes = [P]
+    lib.kv_model_arena_mapped.restype = I
+    lib.kv_model_arena_mapped.argtypes = [P]
     lib.kv_step.restype = I
     lib.kv_step.argtypes = [P, I, P, P, P, P, P, I, P, P, I64, I, P, P, I]
     return lib

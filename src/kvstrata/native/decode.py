@@ -64,9 +64,15 @@ def _int8_parts(mod: PerTokenInt8Linear) -> list[torch.Tensor | None]:
 
 
 class NativeDecoder:
-    def __init__(self, model: LlamaModel, pool, lib: ctypes.CDLL) -> None:
+    def __init__(self, model: LlamaModel, pool, lib: ctypes.CDLL, arena: tuple[int, int] = (0, 0)) -> None:
+        """`arena`: (base, length) of a map backed for the weight arena while the process started
+        (startup.take_arena), owned by the native step from here, or (0, 0) for an arena of its own."""
         reason = unsupported_reason(model, pool.k.dtype)
         if reason:
+            if arena[0]:
+                from kvstrata.startup import unmap
+
+                unmap(*arena)
             raise KvstrataError(reason)
         self.lib, self.pool = lib, pool
         cfg = model.cfg
@@ -111,11 +117,13 @@ class NativeDecoder:
         fm = torch.tensor(fmts, dtype=torch.int64)
         pv = torch.tensor(ptrs, dtype=torch.int64)
         self._keep = keep
-        self.handle = lib.kv_model_new(ints.data_ptr(), floats.data_ptr(), fm.data_ptr(), pv.data_ptr())
+        self.handle = lib.kv_model_new(ints.data_ptr(), floats.data_ptr(), fm.data_ptr(), pv.data_ptr(), arena[0] or None,
+                                       arena[1])
         copied.clear()  # the C arena holds its own copies
         if not self.handle:
             raise KvstrataError("the native step could not allocate its weights")
         self.weight_bytes = int(lib.kv_model_weight_bytes(self.handle))  # its own int8 copy, beside fbgemm's
+        self.arena_mapped = bool(lib.kv_model_arena_mapped(self.handle))  # in the map given, backed ahead
 
     def __del__(self) -> None:
         h, self.handle = getattr(self, "handle", None), None

@@ -37,6 +37,8 @@ typedef struct {
     const float *norm, *embed, *cos_t, *sin_t;
     void *arena; /* the int8 / int4 weights, packed in the order a step reads them */
     size_t arena_bytes;
+    void *map;   /* the caller's map the arena lies in (unmapped on free), or NULL: the arena is malloc'd */
+    size_t map_len;
     int ldf, ldq; /* strides of activation rows: the widest matmul input, in floats (x16) and bytes (x64) */
     char *ws;     /* workspace, grown on demand */
     size_t ws_cap;
@@ -44,6 +46,8 @@ typedef struct {
 
 int kv_has_vnni(void) { return KV_VNNI; }
 size_t kv_model_weight_bytes(void *mp) { return ((Model *)mp)->arena_bytes; }
+/* whether the arena lies in the map given to kv_model_new */
+int kv_model_arena_mapped(void *mp) { return ((Model *)mp)->map != NULL; }
 void kv_model_free(void *mp);
 
 static size_t up(size_t v, size_t a) { return (v + a - 1) / a * a; }
@@ -118,10 +122,17 @@ static void mat_shape(Mat *w, int fmt, int n, int k) {
 
 /* iv: L H KVH D hidden inter vocab bs max_pos kvt; fv: eps scale; fm: formats of the head then of each
  * layer's qkv, o, gate_up, down; pv: embed norm cos sin, the head's 4 pointers, then per layer ln1 ln2 and
- * 4 pointers per matrix (fp32: w, -, -, b; int8: w, scales, -, b; int4: q, d, m, b). */
-void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *fm, const int64_t *pv) {
+ * 4 pointers per matrix (fp32: w, -, -, b; int8: w, scales, -, b; int4: q, d, m, b). map, map_len: an
+ * anonymous map the caller backed for the arena (startup.py), or NULL; the model owns it either way (it
+ * holds the arena at its first 2 MiB boundary when large enough, else it is unmapped at once). */
+void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *fm, const int64_t *pv, void *map,
+                   size_t map_len) {
     Model *m = calloc(1, sizeof(Model));
-    if (!m) return NULL;
+    if (!m) {
+        if (map) munmap(map, map_len);
+        return NULL;
+    }
+    m->map = map; m->map_len = map_len; /* owned from here: unmapped by kv_model_free if not used */
     m->L = (int)iv[0]; m->H = (int)iv[1]; m->KVH = (int)iv[2]; m->D = (int)iv[3];
     m->hidden = (int)iv[4]; m->inter = (int)iv[5]; m->vocab = (int)iv[6]; m->bs = (int)iv[7];
     m->max_pos = (int)iv[8]; m->kvt = (int)iv[9];
@@ -151,10 +162,17 @@ void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *fm, const
     }
     const size_t huge = (size_t)2 << 20;
     total = up(total ? total : 1, huge);
-    if (posix_memalign(&m->arena, huge, total)) { m->arena = NULL; kv_model_free(m); return NULL; }
+    char *in_map = m->map ? (char *)up((size_t)m->map, huge) : NULL;
+    if (in_map && in_map + total <= (char *)m->map + m->map_len) {
+        m->arena = in_map; /* backed (and advised huge) by the caller while the process started */
+    } else {
+        if (m->map) munmap(m->map, m->map_len); /* too small (the model changed since it was sized): our own */
+        m->map = NULL;
+        if (posix_memalign(&m->arena, huge, total)) { m->arena = NULL; kv_model_free(m); return NULL; }
 #ifdef MADV_HUGEPAGE
-    madvise(m->arena, total, MADV_HUGEPAGE); /* advice only: without THP the copy still works */
+        madvise(m->arena, total, MADV_HUGEPAGE); /* advice only: without THP the copy still works */
 #endif
+    }
     m->arena_bytes = total;
     int p = 0;
     m->embed = (const float *)pv[p++]; m->norm = (const float *)pv[p++];
@@ -174,7 +192,8 @@ void *kv_model_new(const int64_t *iv, const double *fv, const int64_t *fm, const
 void kv_model_free(void *mp) {
     Model *m = mp;
     if (!m) return;
-    free(m->arena);
+    if (m->map) munmap(m->map, m->map_len);
+    else free(m->arena);
     free(m->qkv); free(m->o); free(m->gu); free(m->dn); free(m->ln1); free(m->ln2);
     free(m->ws);
     free(m);
