@@ -27,12 +27,12 @@ def trace_dir() -> Path:
 
 def ceilings(quick: bool = False, redis_url: str | None = None) -> dict:
     """This machine's ceilings, measured now (planner calibration): memory read and copy, fp32 and int8
-    matmul, CRC-32, disk (and Redis GET with a URL). The planner's engine check reads them from the
+    matmul, the block checksum (XXH3), disk (and Redis GET with a URL). The planner's engine check reads them from the
     result files (kvstrata.planner.this_engine), so every field of the profile is recorded."""
     from kvstrata.planner.calibration import calibrate
 
     p = calibrate(quick=quick, redis_url=redis_url)
-    keys = ("memory_bw_GBps", "matmul_fp32_GFLOPs", "matmul_int8_GOPs", "host_copy_GBps", "crc32_GBps",
+    keys = ("memory_bw_GBps", "matmul_fp32_GFLOPs", "matmul_int8_GOPs", "host_copy_GBps", "checksum_GBps",
             "disk_read_GBps", "disk_write_GBps", "redis_rtt_ms", "redis_read_GBps")
     return {**{k: getattr(p, k) for k in keys}, "profile": p}
 

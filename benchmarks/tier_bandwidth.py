@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import xxhash
 
 from kvstrata.core import block_key
 from kvstrata.tiers import codec
@@ -97,7 +98,8 @@ def codec_rows(blocks) -> list[tuple[str, float]]:
     nbytes = x.numel() * x.element_size()
     rows = []
     big = os.urandom(64 << 20)
-    rows.append(("CRC-32 (zlib)", len(big) / timed(lambda: zlib.crc32(big), 3) / GB))
+    rows.append(("CRC-32 (zlib; version-1 blocks)", len(big) / timed(lambda: zlib.crc32(big), 3) / GB))
+    rows.append(("XXH3-64 (the block checksum)", len(big) / timed(lambda: xxhash.xxh3_64_intdigest(big), 3) / GB))
     for name in ("raw", "int8"):
         blob = codec.encode(x, key=key, token_ids=ids, fingerprint=FP, codec=name)
         rows.append((f"encode {name}", nbytes / timed(lambda: codec.encode(x, key=key, token_ids=ids,

@@ -68,6 +68,12 @@ def main() -> None:
                 eng.offload.wait_durable(chain_keys(p, eng.pool.block_size, eng.offload.fingerprint), 60.0)
                 if tier != "device":
                     eng.offload.park(p, tier, pin=False)
+                    # and nowhere faster: write-behind also put the blocks on disk, which a restore reads
+                    # before Redis (the remote row read the disk tier until this)
+                    keys = chain_keys(p, eng.pool.block_size, eng.offload.fingerprint)
+                    for faster in eng.offload.stack.tiers[:eng.offload.tier_names.index(tier)]:
+                        for key in keys:
+                            faster.remove(key)
                     if tier == "disk":  # a cold read from disk, not the page cache, as far as we can without root
                         os.sync()
                 q = p[:-a.new] + torch.randint(100, 49000, (a.new,), generator=g).tolist()

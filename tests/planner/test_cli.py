@@ -88,7 +88,7 @@ def test_calibrate_then_plan_this_machine(capsys, tmp_path):
     res = _json(capsys, ["plan", "--hardware", "this", "--profile", str(out), "--json"])
     assert res[0]["model"] == "smollm2-135m" and res[0]["fits"] and res[0]["weight_dtype"] == "int8"
     prof = MachineProfile.from_dict(json.loads(out.read_text()))
-    assert prof.crc32_GBps > 0
+    assert prof.checksum_GBps > 0
     # decode of the int8 default path is bounded by the measured memory bandwidth over the int8 weights
     for d in res[0]["deployments"]:
         weights = 134_515_008 * (1 if d["weight_dtype"] == "int8" else 4)

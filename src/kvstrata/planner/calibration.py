@@ -19,7 +19,8 @@ What is measured, and how:
 - disk_read_GBps / disk_write_GBps: a file written with fsync, evicted from the page cache with
   posix_fadvise(DONTNEED), then read back;
 - redis_rtt_ms: median PING round trip, only when a Redis URL is given;
-- crc32_GBps: zlib.crc32 over the memory buffer: every block restored from a tier is checksummed;
+- checksum_GBps: XXH3-64 (xxhash) over the memory buffer: every block restored from a tier is
+  checksummed with it (tiers/codec.py); crc32_GBps, zlib's CRC-32 it replaced, is read from older profiles;
 - matmul_int8_GOPs: torch's x86 dynamic-quantized int8 linear (the engine's int8 prefill kernels),
   n x n, 2 n^3 operations each; None when torch's quantized engines are missing;
 - redis_read_GBps: GET of 1 MB values on the given Redis (the remote tier's read path).
@@ -68,9 +69,10 @@ class MachineProfile:
     disk_dir: str = ""
     quick: bool = False
     version: int = PROFILE_VERSION
-    crc32_GBps: float | None = None
+    crc32_GBps: float | None = None  # (profiles from before checksum_GBps)
     matmul_int8_GOPs: float | None = None
     redis_read_GBps: float | None = None
+    checksum_GBps: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,12 +160,12 @@ def measure_matmul(n: int, seconds: float) -> tuple[float, str]:
     return 2 * n**3 / best / 1e9, backend
 
 
-def measure_crc32(nbytes: int, reps: int) -> float:
-    """GB/s of zlib.crc32, the checksum every restored KV block is verified with (tiers/codec.py)."""
-    import zlib
+def measure_checksum(nbytes: int, reps: int) -> float:
+    """GB/s of XXH3-64, the checksum every restored KV block is verified with (tiers/codec.py)."""
+    import xxhash
 
     buf = os.urandom(nbytes)
-    return nbytes / _best_time(lambda: zlib.crc32(buf), reps) / 1e9
+    return nbytes / _best_time(lambda: xxhash.xxh3_64_intdigest(buf), reps) / 1e9
 
 
 def measure_matmul_int8(n: int, seconds: float) -> float | None:
@@ -254,7 +256,7 @@ def calibrate(quick: bool = False, disk_dir: str | os.PathLike | None = None,
     log.info("calibrating matmul")
     gflops, backend = measure_matmul(512 if quick else 1024, 0.4 if quick else 3.0)
     int8 = measure_matmul_int8(512 if quick else 1024, 0.4 if quick else 2.0)
-    crc = measure_crc32(mem_bytes // 4, reps=2 if quick else 5)
+    check = measure_checksum(mem_bytes // 4, reps=2 if quick else 5)
     log.info("calibrating disk in %s", ddir)
     rd, wr = measure_disk(ddir, (16 if quick else 256) << 20)
     rtt, redis_bw = measure_redis(redis_url, 20 if quick else 200) if redis_url else (None, None)
@@ -267,6 +269,6 @@ def calibrate(quick: bool = False, disk_dir: str | os.PathLike | None = None,
         memory_bw_GBps=bw, host_copy_GBps=copy, matmul_fp32_GFLOPs=gflops, disk_read_GBps=rd, disk_write_GBps=wr,
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), hostname=socket.gethostname(),
         redis_rtt_ms=rtt, matmul_backend=backend, cpu_count=os.cpu_count() or 0, total_memory_bytes=_total_memory(),
-        disk_free_bytes=free, disk_dir=str(ddir), quick=quick, crc32_GBps=crc, matmul_int8_GOPs=int8,
-        redis_read_GBps=redis_bw,
+        disk_free_bytes=free, disk_dir=str(ddir), quick=quick, checksum_GBps=check,
+        matmul_int8_GOPs=int8, redis_read_GBps=redis_bw,
     )

@@ -233,7 +233,7 @@ CPU_PREFILL_EFFICIENCY = 0.73
 
 def restore_GBps(read_GBps: float | None, copy_GBps: float, crc_GBps: float | None) -> float:
     """Bytes/s of bringing KV back from a tier the way the engine does: read (None: the host tier keeps a
-    reference, no read), verify every block's CRC-32, copy into the device pool; the three in sequence."""
+    reference, no read), verify every block's checksum, copy into the device pool; the three in sequence."""
     t = 1.0 / copy_GBps + (1.0 / crc_GBps if crc_GBps else 0.0) + (1.0 / read_GBps if read_GBps else 0.0)
     return 1.0 / t
 
@@ -244,18 +244,18 @@ def this_machine(profile: Any) -> HardwareSpec:
     Device memory = the DRAM the engine's CPU device pool lives in. Weights default to int8, the
     engine's CPU fast path (`--quantization auto`, what `make serve` runs); fp32 is the other path.
     Compute = the measured fp32 and int8 matmul rates at CPU_PREFILL_EFFICIENCY. Spill tiers = the
-    measured disk (and Redis when calibrated with one), each at its restore rate (read + CRC + copy).
+    measured disk (and Redis when calibrated with one), each at its restore rate (read + checksum + copy).
     """
     mem_GB = (profile.total_memory_bytes or 8e9) / 1e9
     disk_free_GB = (profile.disk_free_bytes or 100e9) / 1e9
-    crc = profile.crc32_GBps
+    crc = profile.checksum_GBps or profile.crc32_GBps  # (the block checksum: XXH3 now, CRC-32 before)
     compute = {"fp32": profile.matmul_fp32_GFLOPs / 1000.0}
     if profile.matmul_int8_GOPs:
         compute["int8"] = profile.matmul_int8_GOPs / 1000.0
-    tiers = [SpillTier("disk", "local disk (read + CRC + copy)", disk_free_GB,
+    tiers = [SpillTier("disk", "local disk (read + checksum + copy)", disk_free_GB,
                        restore_GBps(profile.disk_read_GBps, profile.host_copy_GBps, crc))]
     if profile.redis_read_GBps:
-        tiers.append(SpillTier("remote", "Redis (GET + CRC + copy)", 1e6,
+        tiers.append(SpillTier("remote", "Redis (GET + checksum + copy)", 1e6,
                                restore_GBps(profile.redis_read_GBps, profile.host_copy_GBps, crc)))
     return HardwareSpec(
         name=THIS_MACHINE, title=f"this machine ({profile.hostname}, calibrated {profile.measured_at})", kind="cpu",

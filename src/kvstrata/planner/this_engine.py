@@ -12,7 +12,7 @@ and the planner's equations, the same ones `kvstrata plan --hardware this` runs:
 - prefill of N tokens: matmul FLOPs at the measured fp32 (or int8) matmul rate, attention FLOPs at
   the fp32 rate, both at catalog.CPU_PREFILL_EFFICIENCY;
 - restore from a tier: TTFT with the prefix in that tier minus TTFT with it in device memory,
-  predicted as KV bytes x (1 / tier read + 1 / CRC-32 + 1 / host copy) (catalog.restore_GBps).
+  predicted as KV bytes x (1 / tier read + 1 / block checksum + 1 / host copy) (catalog.restore_GBps).
 
 A figure whose inputs are missing from the files is skipped with the reason, never guessed.
 """
@@ -95,9 +95,9 @@ def _engine_checks(res: Mapping[str, Any], model: ModelSpec, out: list[Check], s
 
 def _restore_checks(res: Mapping[str, Any], model: ModelSpec, out: list[Check], skipped: list[str]) -> None:
     ceil = res.get("ceilings") or {}
-    copy, crc = ceil.get("host_copy_GBps"), ceil.get("crc32_GBps")
+    copy, crc = ceil.get("host_copy_GBps"), ceil.get("checksum_GBps") or ceil.get("crc32_GBps")  # (older runs: CRC-32)
     if not (copy and crc and "device_s" in res):
-        skipped.append("tier_ttft.json: no ceilings of its own run (host_copy_GBps, crc32_GBps) or no device_s; "
+        skipped.append("tier_ttft.json: no ceilings of its own run (host_copy_GBps, checksum_GBps) or no device_s; "
                        "restores need the rates measured beside them")
         return
     cached = int(res.get("tokens", 4096)) - int(res.get("new_tokens", 32))
@@ -110,7 +110,7 @@ def _restore_checks(res: Mapping[str, Any], model: ModelSpec, out: list[Check], 
             continue
         rate = restore_GBps(read, copy, crc)
         out.append(Check(f"restore of {cached:,} tokens from {tier} (tier_ttft.json)", nbytes / (rate * 1e9),
-                         res[key] - res["device_s"], "s", f"{nbytes / 1e6:.0f} MB at {rate:.2f} GB/s (read + CRC + copy)"))
+                         res[key] - res["device_s"], "s", f"{nbytes / 1e6:.0f} MB at {rate:.2f} GB/s (read + checksum + copy)"))
 
 
 def checks(results: Mapping[str, Any], model: ModelSpec) -> tuple[list[Check], list[str]]:

@@ -132,9 +132,11 @@ class DiskTier(LocalIndexTier):
             logger.warning("disk tier: cannot remove %s %s: %s", what, path, e)
             return 0
 
-    def _read(self, path: Path, nbytes: int | None = None, touch: bool = False) -> bytearray:
+    def _read(self, path: Path, nbytes: int | None = None, touch: bool = False) -> bytes:
         """The file's bytes (at most nbytes). OversizedBlob, unread, when it is larger than a block can be;
-        a symlink is not followed (OSError)."""
+        a symlink is not followed (OSError). Read straight into an immutable bytes object: no zero-filled
+        buffer first, and a restored block's tensor and its promotion to a faster tier share it (a
+        bytearray had to be copied for the promotion: two fresh allocations per block on a restore)."""
         with open(path, "rb", buffering=0, opener=_open_nofollow) as f:
             st = os.fstat(f.fileno())
             if not statmod.S_ISREG(st.st_mode):
@@ -142,10 +144,9 @@ class DiskTier(LocalIndexTier):
             if nbytes is None and self._oversized(st.st_size):
                 raise OversizedBlob(st.st_size)
             size = st.st_size if nbytes is None else min(st.st_size, nbytes)
-            buf = bytearray(size)
-            n = f.readinto(buf)
-            if n != size:
-                raise OSError(f"short read {n} of {size}")
+            buf = f.read(size)
+            if len(buf) != size:
+                raise OSError(f"short read {len(buf)} of {size}")
             if touch and time.time() - st.st_mtime > TOUCH_AFTER_S:
                 try:  # recency for the index rebuilt at the next start; coarse, to spare metadata writes
                     os.utime(f.fileno())
@@ -180,7 +181,7 @@ class DiskTier(LocalIndexTier):
         with self._lock:
             return check_key(key) in self._index
 
-    def get(self, key: bytes) -> bytearray | None:
+    def get(self, key: bytes) -> bytes | None:
         t0 = time.perf_counter()
         key = check_key(key)
         with self._lock:
@@ -210,7 +211,7 @@ class DiskTier(LocalIndexTier):
         self._count_hit(len(blob), t0)
         return blob
 
-    def peek(self, key: bytes, nbytes: int | None = None) -> bytearray | None:
+    def peek(self, key: bytes, nbytes: int | None = None) -> bytes | None:
         try:
             return self._read(self.path(check_key(key)), nbytes)
         except OSError:
