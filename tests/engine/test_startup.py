@@ -394,6 +394,18 @@ def test_a_weight_arena_backed_ahead_is_used_when_large_enough_and_never_leaked(
     startup.discard_arena()
 
 
+def test_only_commands_that_build_an_engine_here_get_an_arena_backed_early():
+    from kvstrata.cli.main import build_parser, builds_engine
+
+    def parsed(*argv):
+        return build_parser(list(argv)).parse_args(list(argv))
+
+    assert builds_engine(parsed("generate", "hi")) and builds_engine(parsed("chat"))
+    assert builds_engine(parsed("serve")) and builds_engine(parsed("jobs", "run", "tasks.jsonl"))
+    assert not builds_engine(parsed("serve", "--replicas", "2"))  # (the replicas build theirs, elsewhere)
+    assert not builds_engine(parsed("jobs", "status")) and not builds_engine(parsed("plan"))
+
+
 def test_every_entry_point_shares_the_fast_path_default(tiny_llama):
     from kvstrata.cli.main import build_parser
     from kvstrata.config import EngineConfig, engine_config_from_args

@@ -25,8 +25,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# commands that build an engine: their weight arena is backed while torch imports (startup.py)
-ENGINE_COMMANDS = ("generate", "chat", "serve", "jobs")
+def builds_engine(args: argparse.Namespace) -> bool:
+    """Whether this command builds an engine in this process (then its weight arena is backed while torch
+    imports, startup.py): not `serve` as a cluster (the replicas build theirs) nor `jobs status|results`.
+    A map nobody takes stays until the command ends, so a long-running command must not get one."""
+    if args.command == "serve":
+        from kvstrata.cli.serve import wants_cluster
+
+        return not wants_cluster(args)
+    if args.command == "jobs":
+        return getattr(args, "jobs_command", None) == "run"
+    return args.command in ("generate", "chat")
 
 
 def _back_the_arena_early(args: argparse.Namespace) -> None:
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
-        if argv_given_by_process and args.command in ENGINE_COMMANDS:
+        if argv_given_by_process and builds_engine(args):
             _back_the_arena_early(args)
         return int(args._run(args) or 0)
     except KvstrataError as e:
