@@ -177,9 +177,9 @@ def _libc():
 
 def _back(state: dict, libc, memset, prot: int, flags: int, failed: int) -> None:
     """(The thread.) Maps state["bytes"] at a 2 MiB boundary (over-mapped by one huge page, the ends cut
-    off) and commits it: MADV_POPULATE_WRITE (Linux 5.14), else one write per huge page. It imports
-    nothing: an import in a thread racing torch's own import breaks torch's (a partially initialized
-    module), so everything it uses comes from the caller."""
+    off) and commits it: MADV_POPULATE_WRITE (Linux 5.14), else one write per huge page. Everything it
+    uses is set up by the caller, so it runs nothing but foreign calls, each with the GIL released, beside
+    the main thread's import of torch."""
     n = state["bytes"]
     base = libc.mmap(None, n + _HUGE, prot, flags, -1, 0)
     if base is None or base == failed:
@@ -208,6 +208,8 @@ def prefault_arena(key: str) -> bool:
     import ctypes
     import mmap
     import threading
+
+    nbytes = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE  # (whole pages, whatever the file says)
 
     state = {"key": key, "bytes": nbytes, "map": None}
     args = (state, _libc(), ctypes.memset, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
