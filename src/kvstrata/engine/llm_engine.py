@@ -35,8 +35,7 @@ from kvstrata.loader import load_model
 from kvstrata.sched.placement import PlacementModel, model_spec
 from kvstrata.sched.scheduler import Scheduler
 from kvstrata.sched.sequence import Sequence
-from kvstrata import startup
-from kvstrata.startup import Phases, gc_paused, release_gc
+from kvstrata.startup import Phases, arena_key, gc_paused, release_gc, remember_arena
 from kvstrata.tokenizer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class LLMEngine:
 
     def _build(self, cfg: EngineConfig, loaded) -> None:
         # the settings as given (the command line names them so before the engine resolves `auto`)
-        arena_key = startup.arena_key(cfg.model, cfg.quantization, cfg.device, cfg.dtype)
+        hint_key = arena_key(cfg.model, cfg.quantization, cfg.device, cfg.dtype)
         self.device, self.dtype = resolve_device_dtype(cfg)
         if cfg.quantization == "auto":  # resolved once, so the fingerprint and the config name the real mode
             cfg = dataclasses.replace(cfg, quantization=auto_quantization(self.device, self.dtype))
@@ -110,7 +109,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.runner.native = setup_native_decode(cfg, self.model, self.pool, self.device)
         if self.runner.native is not None and loaded is None:  # the next start of these settings backs it early
-            startup.remember_arena(arena_key, self.runner.native.weight_bytes)
+            remember_arena(hint_key, self.runner.native.weight_bytes)
         release_int8_copies(self.model)
         if self.device.type == "cpu":
             trim_freed_host_memory()

@@ -36,14 +36,11 @@ _ALIGN = 64
 _CHECK_CHUNK = 4 << 20  # bytes read at a time while checking
 
 
-def _xxh3(data) -> int:
-    import xxhash
-
-    return xxhash.xxh3_64_intdigest(data)
+CHECKSUM = "xxh3_64"  # what files are written with
 
 
 def _checker(name: str):
-    """A fresh (update, digest) pair for the checksum `name`."""
+    """A fresh (update, digest) pair for the checksum `name` (CHECKSUM, or "crc32" in older files)."""
     if name == "crc32":
         state = [0]
         return (lambda b: state.__setitem__(0, zlib.crc32(b, state[0]))), (lambda: state[0])
@@ -82,8 +79,10 @@ def save_tensors(path: Path, identity: str, tensors: dict[str, torch.Tensor]) ->
             log.warning("not caching %s: the disk has less than twice its %d bytes free", path, offset)
             return False
         for e, t in zip(entries, tensors.values()):
-            e[5] = _xxh3(_bytes_of(t))
-        header = json.dumps({"identity": identity, "data_bytes": offset, "checksum": "xxh3_64",
+            update, digest = _checker(CHECKSUM)
+            update(_bytes_of(t))
+            e[5] = digest()
+        header = json.dumps({"identity": identity, "data_bytes": offset, "checksum": CHECKSUM,
                              "tensors": entries}).encode()
         start = _data_start(len(header))
         with open(tmp, "wb") as f:

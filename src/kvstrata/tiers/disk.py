@@ -299,10 +299,10 @@ class DiskTier(LocalIndexTier):
         if not victims:
             return
         listener = self._evict_listener
-        out: list[tuple[bytes, bytes | bytearray | None]] = []
+        out: list[tuple[bytes, bytes | None]] = []
         for k in victims:
             p = self.path(k)
-            blob: bytes | bytearray | None = None
+            blob: bytes | None = None
             if listener is not None:
                 try:
                     blob = self._read(p)
