@@ -19,9 +19,9 @@ import torch
 
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
-from kvstrata.engine.speculative import (MAX_DRAFT, MAX_NGRAM, MIN_NGRAM, STEP_ROWS, NgramDrafter, OutputHistory,
-                                         draft_budget, draft_length, expected_accepted, row_attention,
-                                         verify_token)
+from kvstrata.engine.speculative import (LOW_ACCEPT, NGRAMS, PRIOR_FIRST, PROBE_EVERY, STEP_COST, STEP_ROWS, DraftStats,
+                                         NgramDrafter, OutputHistory, StepCost, draft_budget, draft_length,
+                                         expected_accepted, verify_token)
 from kvstrata.sched.sequence import Sequence
 
 native = pytest.importorskip("kvstrata.native")
@@ -157,16 +157,17 @@ def test_a_full_batch_does_not_draft_and_a_small_one_shares_the_budget(default_p
 
 
 class _OracleDrafter(NgramDrafter):
-    """Drafts from a reference run's output, every third draft token wrong: random weights do not copy
-    their context, so this forces long accepted runs and rejections at known places."""
+    """Drafts from a reference run's output, five at a time, every fifth token of the output drafted wrong:
+    random weights do not copy their context, so this forces long accepted runs and rejections at known
+    places."""
 
     reference: dict[tuple[int, ...], list[int]] = {}
 
-    def propose(self, seq, limit, shared=None, step=None):
+    def propose(self, seq, limit, shared=None, step=None, stats=None, model=None):
         ref = self.reference[tuple(seq.prompt_token_ids)]
         n = len(seq.output_token_ids)
-        drafts = ref[n : n + min(self.k, limit)]
-        return [t if (n + i) % 3 else (t + 1) % 300 for i, t in enumerate(drafts)]
+        drafts = ref[n : n + min(5, limit)]
+        return [t if (n + i) % 5 else (t + 1) % 300 for i, t in enumerate(drafts)]
 
 
 @needs_native
@@ -284,33 +285,79 @@ def test_sampling_rule_applies_penalties():
     assert chi2 < CHI2_DF5_P001, (counts, n * p)
 
 
-def test_drafter_finds_the_latest_longest_match_and_adapts():
+def test_drafter_finds_the_latest_longest_match_and_pauses_where_it_is_not_accepted():
     seq = Sequence("r", 0, [1, 2, 3, 9, 9, 7, 2, 3, 4, 5, 6, 8, 2, 3], SamplingParams(temperature=0))
-    d = NgramDrafter()
+    d, stats = NgramDrafter(), DraftStats()
+    sure = DraftStats()
+    sure.kinds[("own", 2, False)] = [1.0, 1.0, 1.0, 1.0]  # (every draft of this kind accepted: the whole limit)
     # suffix (2, 3): its latest earlier occurrence is followed by 4 5 6 8 (not by 9 9)
-    assert d.propose(seq, 4) == [4, 5, 6, 8]
-    assert d.propose(seq, 2) == [4, 5]
+    assert d.propose(seq, 4, stats=sure) == [4, 5, 6, 8] and d.kind == ("own", 2, False)
+    assert d.propose(seq, 2, stats=sure) == [4, 5]
     seq.output_token_ids += [4, 5, 6]
-    assert d.propose(seq, 3) == [8, 2, 3]  # the index follows the sequence as it grows
-    d.update(4, 4)
-    assert d.k == 6
-    for _ in range(10):
-        d.update(4, 4)
-    assert d.k == MAX_DRAFT
+    assert d.propose(seq, 3, stats=sure) == [8, 2, 3]  # the index follows the sequence as it grows
+    assert d.kind == ("own", 4, False)  # (3, 4, 5, 6) came before
+    sampled, d2 = Sequence("s", 0, seq.prompt_token_ids + seq.output_token_ids, SamplingParams(temperature=0.7)), NgramDrafter()
+    d2._sync(sampled)
+    assert d2.match(3, None, DraftStats(), True) == (("own", 4, True), [8, 2, 3])  # a sampled request: its own kinds
     for _ in range(4):  # acceptance 1 -> 0.7 -> 0.49 -> 0.34 -> 0.24 (< LOW_ACCEPT)
-        d.update(4, 0)
-    assert d.k == MAX_DRAFT - 4 and d.pause > 0 and d.propose(seq, 8) == []  # low acceptance: drafting pauses
+        d.update(4, 0, stats)
+    assert d.accept_rate == 0.5 and d.pause > 0 and d.propose(seq, 8, stats=sure) == [] and d.kind is None
+    assert 0.7**4 < LOW_ACCEPT < 0.7**3
     assert Sequence("r", 0, [5, 6, 7], SamplingParams()).draft_token_ids == []
     assert NgramDrafter().propose(Sequence("r", 0, [5, 6, 7], SamplingParams()), 4) == []  # no match
+
+
+def test_draft_stats_learn_each_kinds_acceptance_and_drafts_follow_them():
+    """A kind's first-draft and later-draft rates start at the prior and follow what verification finds;
+    a kind whose drafts do not pay gets no drafts but one token every PROBE_EVERY-th time it is passed
+    over, so its rate can recover."""
+    stats, kind = DraftStats(), ("own", 1, False)
+    assert stats.rates(kind) == pytest.approx((PRIOR_FIRST, 0.85))
+    for _ in range(400):
+        stats.record(kind, 4, 0)  # first drafts always rejected: later ones never verified
+    p0, p1 = stats.rates(kind)
+    assert p0 < 0.02 and p1 == pytest.approx(0.85)
+    for _ in range(400):
+        stats.record(kind, 4, 2)  # first accepted, second accepted, third rejected: later 1 of 2
+    p0, p1 = stats.rates(kind)
+    assert 0.5 < p1 < 0.55
+    # past STATS_WINDOW the counts are halved: the first-draft rate leans to the latest 400, not to all 800
+    assert 0.62 < p0 < 0.7
+    # drafts are cut by their kind's rates: the same match, a long draft where they pay, none where not
+    seq = Sequence("r", 0, [1, 2, 3, 4, 5, 6, 7, 8, 9, 1], SamplingParams(temperature=0))
+    good, bad = DraftStats(), DraftStats()
+    good.kinds[kind] = [0.95 * 64, 64, 0.95 * 64, 64]
+    bad.kinds[kind] = [0.05 * 64, 64, 0.5 * 64, 64]
+    assert NgramDrafter().propose(seq, 6, stats=good) == [2, 3, 4, 5, 6, 7]
+    d = NgramDrafter()
+    got = [d.propose(seq, 6, stats=bad) for _ in range(2 * PROBE_EVERY)]
+    assert got.count([2]) == 2 and got.count([]) == 2 * PROBE_EVERY - 2  # probed with one token, twice
+
+
+def test_drafts_of_the_kind_accepted_more_win():
+    hist = OutputHistory(max_tokens=20)
+    hist.add([41, 42, 43, 44, 45])
+    seq = Sequence("r", 0, [41, 42, 9, 9, 8, 41, 42, 43], SamplingParams(temperature=0))
+    stats = DraftStats()
+    # (43) never came before in its own tokens: the history's (41, 42, 43) match drafts
+    assert NgramDrafter().propose(seq, 2, hist, stats=stats) == [44, 45]
+    seq = Sequence("r", 0, [42, 43, 7, 7, 41, 42, 43], SamplingParams(temperature=0))  # own (42, 43) -> 7 7
+    stats.kinds[("shared", 3, False)] = [0.1 * 64, 64, 0.5 * 64, 64]
+    stats.kinds[("own", 2, False)] = [0.9 * 64, 64, 0.9 * 64, 64]
+    assert NgramDrafter().propose(seq, 2, hist, stats=stats) == [7, 7]  # the own kind is accepted more
+    stats.kinds[("own", 2, False)] = [0.05 * 64, 64, 0.5 * 64, 64]
+    stats.kinds[("shared", 3, False)] = [0.95 * 64, 64, 0.95 * 64, 64]
+    assert NgramDrafter().propose(seq, 2, hist, stats=stats) == [44, 45]  # now the history's
 
 
 def test_the_drafters_index_holds_every_ngrams_latest_continuation_however_it_grew():
     # the definition, one position at a time: n-grams ending at j (j <= len - 2) -> j + 1, the latest wins
     def reference(toks):
-        idx = [{} for _ in range(MAX_NGRAM + 1)]
+        idx = {n: {} for n in NGRAMS}
         for j in range(len(toks) - 1):
-            for n in range(MIN_NGRAM, min(MAX_NGRAM, j + 1) + 1):
-                idx[n][tuple(toks[j - n + 1: j + 1])] = j + 1
+            for n in NGRAMS:
+                if n <= j + 1:
+                    idx[n][tuple(toks[j - n + 1: j + 1])] = j + 1
         return idx
 
     g = torch.Generator().manual_seed(0)
@@ -339,9 +386,9 @@ def test_the_drafters_index_covers_only_the_last_index_window_tokens():
     seq = Sequence("r", 0, toks, SamplingParams(temperature=0))
     d = NgramDrafter()
     d._sync(seq)
-    first = min(min(ix.values()) for ix in d.index[MIN_NGRAM:])
+    first = min(min(ix.values()) for ix in d.index.values())
     assert first >= n - INDEX_WINDOW
-    assert sum(map(len, d.index[MIN_NGRAM:])) <= (MAX_NGRAM - MIN_NGRAM + 1) * INDEX_WINDOW
+    assert sum(map(len, d.index.values())) <= len(NGRAMS) * INDEX_WINDOW
     assert (5, 6, 7, 8) not in d.index[4] and (9, 10, 11, 12) in d.index[4]
     seq.output_token_ids += [9, 10, 11]
     drafts = d.propose(seq, 4)
@@ -354,20 +401,24 @@ def test_drafts_come_from_earlier_outputs_only_without_a_long_own_match():
     hist = OutputHistory(max_tokens=20)
     hist.add([40, 41, 42, 43, 44, 45, 46])
     hist.add([50, 51, 52, 53, 54, 55])
-    assert hist.lookup([7, 41, 42, 43], 3) == [44, 45, 46]  # the longest suffix (4 tokens would need 40)
-    assert hist.lookup([40, 41, 42, 43], 9) == [44, 45, 46]  # at most what the output holds
-    assert hist.lookup([7, 8, 43], 3) == []  # shorter than MIN_SHARED_NGRAM: no draft from others
-    # own tokens hold only a 2-token match of the suffix (..., 41, 42): the earlier output's 3-token one wins
+    assert hist.lookup([7, 41, 42, 43], 3) == (3, [44, 45, 46])  # the longest suffix (4 tokens would need 40)
+    assert hist.lookup([40, 41, 42, 43], 9) == (4, [44, 45, 46])  # at most what the output holds
+    assert hist.lookup([7, 8, 43], 3) == (0, [])  # shorter than MIN_SHARED_NGRAM: no draft from others
+    # own tokens hold only a 2-token match of the suffix (..., 41, 42): before anything is learned (equal
+    # rates) the earlier output's 3-token one wins
+    sure = DraftStats()
+    for kind in (("own", 2, False), ("own", 3, False), ("shared", 3, False), ("shared", 4, False)):
+        sure.kinds[kind] = [1.0, 1.0, 1.0, 1.0]
     seq = Sequence("r", 0, [41, 42, 9, 9, 40, 41, 42], SamplingParams(temperature=0))
-    assert NgramDrafter().propose(seq, 4, hist) == [43, 44, 45, 46]
-    assert NgramDrafter().propose(seq, 4) == [9, 9, 40, 41]  # without the history: its own match
-    # an own match of MIN_SHARED_NGRAM tokens or more wins over the history
+    assert NgramDrafter().propose(seq, 4, hist, stats=sure) == [43, 44, 45, 46]
+    assert NgramDrafter().propose(seq, 4, stats=sure) == [9, 9, 40, 41]  # without the history: its own match
+    # an own match as long as the history's wins on equal rates
     seq = Sequence("r", 0, [40, 41, 42, 8, 8, 40, 41, 42], SamplingParams(temperature=0))
-    assert NgramDrafter().propose(seq, 4, hist) == [8, 8, 40, 41]
+    assert NgramDrafter().propose(seq, 4, hist, stats=sure) == [8, 8, 40, 41]
     # the oldest outputs go once the history holds more than max_tokens, their n-grams with them
     hist.add([60, 61, 62, 63, 64, 65, 66, 67])
     assert hist.tokens == 14 and list(hist.outputs) == [1, 2]
-    assert hist.lookup([41, 42, 43], 3) == [] and hist.lookup([51, 52, 53], 2) == [54, 55]
+    assert hist.lookup([41, 42, 43], 3) == (0, []) and hist.lookup([51, 52, 53], 2) == (3, [54, 55])
     assert all(oid in hist.outputs for oid, _ in hist.index.values())
     hist.add([1, 2, 3])  # too short to hold a continuation: not kept
     hist.add(list(range(100, 130)))  # longer than the whole history: not kept
@@ -392,33 +443,50 @@ def test_a_repeated_answer_is_drafted_from_the_earlier_output(default_pair):
 def test_the_draft_length_shrinks_with_the_context_and_the_acceptance():
     # a draft row's attention grows with the context, so the same acceptance buys shorter drafts there
     assert draft_length(8, 1.0, 100) == 8  # everything accepted so far, short context: the whole limit
-    lengths = [draft_length(12, 0.8, ctx) for ctx in (100, 1000, 4000, 16000)]
+    lengths = [draft_length(12, 0.85, ctx) for ctx in (100, 1000, 4000, 16000)]
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1] >= 1
     assert [draft_length(12, p, 4000) for p in (0.9, 0.6, 0.2)] == sorted(
         [draft_length(12, p, 4000) for p in (0.9, 0.6, 0.2)], reverse=True)
     assert draft_length(12, 0.2, 16000) == 0  # no length beats a plain decode: no draft
     assert draft_length(0, 1.0, 100) == 0
+    # a likely first token and unlikely later ones: one draft; the reverse: none or many
+    assert draft_length(12, (0.9, 0.1), 1000) == 1
+    assert draft_length(12, (0.15, 0.95), 4000) == 0 < draft_length(12, (0.5, 0.95), 4000)
 
 
 def test_beside_other_decoding_sequences_a_draft_must_beat_the_steps_own_rate():
-    """A draft row slows every sequence of the step for the one that drafts: at batch 1 a 70 % draft over
+    """A draft row slows every sequence of the step for the one that drafts: at batch 1 a 50 % draft over
     a ~4.7k-token context pays, beside three more such sequences it does not; over short contexts, or
     with drafts nearly always accepted, it still does. The batch-1 default is the step of this sequence
-    alone, and the rule there is the plain-decode one: (1 + p + ... + p^k) / (1 + k c), c the row's share
-    of its one-row step."""
-    a = row_attention(4700)
-    alone = draft_length(12, 0.7, 4700)
-    assert alone >= 1 and draft_length(12, 0.7, 4700, tokens=1, cost=1 + a) == alone
-    assert draft_length(12, 0.7, 4700, tokens=4, cost=1 + 4 * a) == 0
-    assert draft_length(12, 0.95, 4700, tokens=4, cost=1 + 4 * a) >= 1
-    assert draft_length(12, 0.7, 300, tokens=4, cost=1 + 4 * row_attention(300)) >= 1
+    alone, and the rule there is the plain-decode one: (1 + p0 + p0 p1 + ... ) / (1 + k c), c a draft
+    row's cost over the one-row step's."""
+    m = STEP_COST
+    alone = draft_length(12, 0.5, 4700)
+    assert alone >= 1 and draft_length(12, 0.5, 4700, tokens=1, cost=m.plain([4700])) == alone
+    assert draft_length(12, 0.5, 4700, tokens=4, cost=m.plain([4700] * 4)) == 0
+    assert draft_length(12, 0.97, 4700, tokens=4, cost=m.plain([4700] * 4)) >= 1
+    assert draft_length(12, 0.5, 300, tokens=4, cost=m.plain([300] * 4)) >= 1
     for ctx in (100, 1000, 4000, 16000):  # the batch-1 rule, written with the one-row step's share c
-        c = row_attention(ctx) / (1 + row_attention(ctx))
-        for p in (0.3, 0.6, 0.9):
+        c = m.draft_row(ctx) / m.plain([ctx])
+        for p in ((0.3, 0.3), (0.6, 0.85), (0.9, 0.9)):
             gains = [(1 + expected_accepted(k, p)) / (1 + k * c) for k in range(13)]
             best = max(range(13), key=lambda k: (round(gains[k], 12), -k))
             assert draft_length(12, p, ctx) == (best if gains[best] > 1 else 0), (ctx, p)
     assert expected_accepted(3, 0.5) == 0.5 + 0.25 + 0.125 and expected_accepted(0, 0.9) == 0
+    assert expected_accepted(3, (0.5, 0.8)) == pytest.approx(0.5 + 0.4 + 0.32)
+
+
+def test_the_step_cost_scales_with_the_model():
+    """The fitted rates are per K / V byte and per attention FMA against the weights: the default model's
+    shape gives back the fit, a model with 4x the weights and the same attention a quarter of the
+    per-token costs, and a float32 pool twice the read."""
+    ref = StepCost.of(30, 9, 3, 64, 2, int(138.4e6))
+    assert (ref.row, ref.read, ref.attend) == pytest.approx((STEP_COST.row, STEP_COST.read, STEP_COST.attend))
+    big = StepCost.of(30, 9, 3, 64, 2, int(4 * 138.4e6))
+    assert big.read == pytest.approx(ref.read / 4) and big.attend == pytest.approx(ref.attend / 4)
+    assert StepCost.of(30, 9, 3, 64, 4, int(138.4e6)).read == pytest.approx(2 * ref.read)
+    assert ref.plain([1000, 2000]) == pytest.approx(1 + 3000 * (ref.read + ref.attend) + ref.row)
+    assert ref.draft_row(1000) == pytest.approx(ref.row + 1000 * ref.attend)
 
 
 class _Recorder:

@@ -24,8 +24,8 @@ from kvstrata.core import (
 )
 from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler
-from kvstrata.engine.speculative import (NgramDrafter, OutputHistory, draft_budget, expected_accepted, row_attention,
-                                         verify_token)
+from kvstrata.engine.speculative import (MAX_DRAFT, DraftStats, NgramDrafter, OutputHistory, StepCost, draft_budget,
+                                         expected_accepted, verify_token)
 from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
                                    resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
@@ -123,6 +123,9 @@ class LLMEngine:
         # earlier outputs drafts may come from (engine/speculative.py)
         self.shared_outputs = (OutputHistory(cfg.speculative_shared) if self.speculative and cfg.speculative_shared
                                else None)
+        self.draft_stats = DraftStats()  # acceptance per kind of draft, learned over this engine's requests
+        self.step_cost = (StepCost.of(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, self.pool.k.element_size(),
+                                      self.runner.native.weight_bytes) if self.speculative else None)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
@@ -259,23 +262,30 @@ class LLMEngine:
         if budget <= 0:
             return
         # the step's expected tokens and cost (in weight passes) as drafts are added: each must raise its rate
-        tokens, cost = float(len(decoding)), 1.0 + sum(row_attention(s.num_tokens) for s in decoding)
+        model = self.step_cost
+        tokens, cost = float(len(decoding)), model.plain([s.num_tokens for s in decoding])
         for seq in sorted(decoding, key=lambda s: -(s.drafter.accept_rate if s.drafter is not None else 1.0)):
             if seq.params.seed is not None and seq.params.temperature > 0:
                 continue  # (a seeded sampled request gets no drafts, so it reproduces whatever runs beside it)
             if seq.drafter is None:
                 seq.drafter = NgramDrafter()
             limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens,
-                        budget)
-            drafts = seq.drafter.propose(seq, limit, self.shared_outputs, (tokens, cost))
+                        budget, MAX_DRAFT)
+            drafter: NgramDrafter = seq.drafter  # type: ignore[assignment]
+            drafts = drafter.propose(seq, limit, self.shared_outputs, (tokens, cost), self.draft_stats, model)
             g = seq.logits_processor
             if g is not None:  # structured output: what the grammar forces, else the drafts it allows
                 forced = g.forced_tokens()[:limit] if limit > 0 else []
-                drafts = forced if forced else drafts[: g.valid_prefix(drafts)]
+                if forced:
+                    drafts, drafter.kind = forced, None  # (certain: not counted against n-gram drafts)
+                else:
+                    drafts = drafts[: g.valid_prefix(drafts)]
             seq.draft_token_ids = drafts
-            tokens += expected_accepted(len(drafts), seq.drafter.accept_rate)
-            cost += len(drafts) * row_attention(seq.num_tokens)
-            budget -= len(seq.draft_token_ids)
+            if drafts:
+                tokens += (len(drafts) if drafter.kind is None
+                           else expected_accepted(len(drafts), self.draft_stats.rates(drafter.kind)))
+                cost += len(drafts) * model.draft_row(seq.num_tokens)
+            budget -= len(drafts)
             if budget <= 0:
                 break
 
@@ -293,7 +303,7 @@ class LLMEngine:
             accepted += 1
         seq.num_computed_tokens = seq.num_tokens - 1  # the last real token and the accepted drafts
         self.kv.commit(seq)
-        seq.drafter.update(len(drafts), accepted)  # type: ignore[attr-defined]
+        seq.drafter.update(len(drafts), accepted, self.draft_stats)  # type: ignore[attr-defined]
         self.counters["draft_tokens"] += len(drafts)
         self.counters["accepted_draft_tokens"] += accepted
         if seq.finish_reason is not None:

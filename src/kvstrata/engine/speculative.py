@@ -39,14 +39,21 @@ Rejected drafts leave no trace: the engine sets `num_computed_tokens` to the acc
 pool slots of rejected rows are overwritten before anything reads them, and only full blocks of accepted
 tokens are ever registered into the prefix cache or written down the tiers (kv/manager.py `commit`).
 
-Adaptive per sequence: the draft length grows by 2 while every draft is accepted (to MAX_DRAFT) and
-shrinks by one on a rejection; when the acceptance rate (a moving average) drops below LOW_ACCEPT the
-sequence stops drafting for a pause that doubles each time (up to MAX_PAUSE steps). Within that limit a
-draft is cut to the length that gives the step the most expected tokens per unit of its time
-(`draft_length`): each draft row's attention costs more the longer the context, and beside other
-decoding sequences a draft row slows all of them for the one that drafts, so it must beat the step's
-own rate (at 4-7 sequences over ~4.7k-token contexts drafting by the batch-1 rule lost 6 % of aggregate
-throughput).
+How long a draft is depends on how likely its tokens are to be accepted, learned per kind of match
+(`DraftStats`, one per engine): where it came from (own tokens / earlier outputs), how long the suffix it
+matched (NGRAMS: 1-4 or 8+ tokens) and whether the request samples. On tau-bench's assistant turns a
+first draft token after a 1-token match of the sequence's own tokens was accepted 23 % of the time, after a
+4-token one 90 % (and ~94 % after an 8-token one); each later token, given the ones before it, 70-93 %. So a
+kind keeps counts of its first drafts and of its later drafts (a prior of 0.6 / 0.85, halved past
+STATS_WINDOW so they follow the workload), and a draft is cut to the length that gives the step the most
+expected tokens per unit of its time (`draft_length`, with `StepCost`, the native step's time model:
+each draft row's attention over the whole context costs more the longer the context, ~1/3 of a decode
+step at 2.8k tokens on this CPU's native step). A kind whose drafts do not pay is still tried with one
+token every PROBE_EVERY-th time it is passed over, so its rate can recover. Per sequence, drafting pauses
+where acceptance (a moving average) drops below LOW_ACCEPT, for a pause that doubles each time (up to
+MAX_PAUSE steps). Beside other decoding sequences a draft row slows all of them for the one that drafts,
+so a draft must beat the step's own rate (at 4-7 sequences over ~4.7k-token contexts drafting by the
+batch-1 rule lost 6 % of aggregate throughput).
 
 Batch-aware: a step verifies at most STEP_ROWS rows of decodes and drafts together (`draft_budget`). A
 decode step on a CPU reads every weight once whatever its rows, so a few draft rows ride almost free at
@@ -59,52 +66,85 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from kvstrata.engine.sampler import filter_logits, processed, token_logprob
 from kvstrata.sched.sequence import Sequence
 
-MAX_NGRAM, MIN_NGRAM = 4, 1
-MIN_SHARED_NGRAM = 3  # shortest suffix matched against earlier outputs (and own matches that win over them)
-START_DRAFT, MAX_DRAFT = 4, 12
-LOW_ACCEPT, EMA = 0.3, 0.3  # acceptance below which drafting pauses; weight of the latest verification
+NGRAMS = (8, 4, 3, 2, 1)  # suffix lengths matched, longest first (5-7 add nothing measurable over 4 and 8)
+MAX_NGRAM, MIN_NGRAM = max(NGRAMS), min(NGRAMS)
+MIN_SHARED_NGRAM = 3  # shortest suffix matched against earlier outputs
+SHARED_NGRAMS = tuple(n for n in NGRAMS if n >= MIN_SHARED_NGRAM)
+MAX_DRAFT = 12
+LOW_ACCEPT, EMA = 0.3, 0.3  # acceptance below which a sequence pauses drafting; weight of the latest verification
 MAX_PAUSE = 64
 # tokens of a sequence's own history the drafter indexes when it first drafts (its last ones; what it
-# generates after is added): ~8 MiB of index, built in ~12 ms on the engine thread, however long the context
+# generates after is added): ~10 MiB of index, built in ~15 ms on the engine thread, however long the context
 INDEX_WINDOW = 16384
 STEP_ROWS = 8  # decode rows + draft rows one step may verify
-ROW_COST_CTX = 8000  # context (tokens) whose attention costs one row as much as the step's weight pass
-ROW_FLOOR = 0.087  # the least a row adds, in weight passes: its share of the weight products
+PRIOR_FIRST, PRIOR_NEXT, PRIOR_WEIGHT = 0.6, 0.85, 4.0  # a kind's acceptance before it has been seen
+STATS_WINDOW = 512  # a kind's counts are halved past this many drafts
+PROBE_EVERY = 32  # a kind passed over this many times is drafted one token
 
 
-def row_attention(context: int) -> float:
-    """What one row over `context` tokens adds to a step, in units of the step's weight pass: its weight
-    products ride along almost free, its attention over the whole context does not (on this CPU's native
-    step, ~1 ms of a 5 ms decode at 512 context, ~3.2 of 9.5 ms at 4,096: attention is bound by its FMAs,
-    not by memory). A step of rows over contexts c_j then costs 1 + sum of row_attention(c_j)."""
-    return max(ROW_FLOOR, context / ROW_COST_CTX)
+@dataclass(frozen=True)
+class StepCost:
+    """A native decode step's time in units of its weight pass (reading and multiplying every weight once).
+    A plain step of sequences over contexts c_j costs 1 + sum((read + attend) * c_j) + (n - 1) * row: each
+    decoding sequence's K / V read once (memory) and attended (FMAs), each row beyond the first paying its
+    share of the weight products; a draft row adds row + attend * c (its sequence's K / V are read once for
+    all its rows). `read` and `attend` scale with the model: K / V bytes and attention FMAs per context
+    token, per byte of weights. Fitted on the default model (SmolLM2-135M, int8, fp16 KV, 2 threads) from
+    the native step's own times over 40 tau-bench turns at 1-8 rows and 1-4.5k context: a weight pass of
+    3.85 ms, a row 0.59 ms + 0.63 us per context token, a context token's K / V read 0.44 us."""
+
+    row: float = 0.153
+    read: float = 1.14e-4  # per context token
+    attend: float = 1.64e-4  # per context token, per row
+
+    @classmethod
+    def of(cls, layers: int, heads: int, kv_heads: int, head_dim: int, kv_bytes: int, weight_bytes: int) -> StepCost:
+        """Scaled to a model: the fitted rates per K / V byte and per attention FMA, against its weights."""
+        ref = cls()
+        ref_w, ref_kv, ref_fma = 138.4e6, 2 * 30 * 3 * 64 * 2, 2 * 30 * 9 * 64
+        return cls(ref.row, ref.read * ref_w / ref_kv * (2 * layers * kv_heads * head_dim * kv_bytes) / weight_bytes,
+                   ref.attend * ref_w / ref_fma * (2 * layers * heads * head_dim) / weight_bytes)
+
+    def plain(self, contexts: list[int]) -> float:
+        return 1.0 + sum((self.read + self.attend) * c for c in contexts) + max(len(contexts) - 1, 0) * self.row
+
+    def draft_row(self, context: int) -> float:
+        return self.row + self.attend * context
 
 
-def expected_accepted(k: int, accept: float) -> float:
-    """Draft tokens expected to be accepted of k, each accepted with probability `accept` while all before
-    it were: p + p^2 + ... + p^k."""
-    p = min(accept, 0.95)
-    return sum(p ** i for i in range(1, k + 1))
+STEP_COST = StepCost()
 
 
-def draft_length(k_max: int, accept: float, context: int, tokens: float = 1.0, cost: float | None = None) -> int:
+def expected_accepted(k: int, accept: float | tuple[float, float]) -> float:
+    """Draft tokens expected to be accepted of k: the first with probability p0, each later one with p1
+    while all before it were (p0 + p0 p1 + ... + p0 p1^(k-1)); one float: p0 = p1."""
+    p0, p1 = (accept, accept) if isinstance(accept, (int, float)) else accept
+    p0, p1 = min(p0, 0.97), min(p1, 0.97)
+    return sum(p0 * p1 ** i for i in range(k))
+
+
+def draft_length(k_max: int, accept: float | tuple[float, float], context: int, tokens: float = 1.0,
+                 cost: float | None = None, model: StepCost = STEP_COST) -> int:
     """The draft length of at most k_max that gives the step the most expected tokens per unit of its
-    time, 0 when none beats the step without it: (tokens + p + ... + p^k) / (cost + k * row_attention),
-    p the acceptance rate, `tokens` and `cost` the step's expected tokens and cost (in weight passes)
-    before this draft; by default a step of this sequence alone (1 token, 1 + its row). So at batch 1 a
-    draft must beat one plain decode, and beside other decoding sequences it must beat the step's own
-    rate: a draft row slows every sequence of the step, for the one that drafts."""
-    p, a = min(accept, 0.95), row_attention(context)
-    cost = 1.0 + a if cost is None else cost
+    time, 0 when none beats the step without it: (tokens + expected_accepted(k)) / (cost + k * draft row),
+    `tokens` and `cost` the step's expected tokens and cost before this draft; by default a step of this
+    sequence alone (1 token, a plain step over its context). So at batch 1 a draft must beat one plain
+    decode, and beside other decoding sequences it must beat the step's own rate: a draft row slows every
+    sequence of the step, for the one that drafts."""
+    p0, p1 = (accept, accept) if isinstance(accept, (int, float)) else accept
+    p0, p1 = min(p0, 0.97), min(p1, 0.97)
+    a = model.draft_row(context)
+    cost = model.plain([context]) if cost is None else cost
     best, best_k, expected, pk = tokens / cost, 0, tokens, 1.0
     for k in range(1, k_max + 1):
-        pk *= p
+        pk *= p0 if k == 1 else p1
         expected += pk
         rate = expected / (cost + k * a)
         if rate > best:
@@ -117,6 +157,45 @@ def draft_budget(decoding: int) -> int:
     return max(0, STEP_ROWS - decoding)
 
 
+class DraftStats:
+    """Acceptance of drafts per kind (source, suffix length matched, sampled), shared by an engine's
+    sequences: counts of first drafts accepted / verified and of later drafts accepted / verified (given
+    the ones before them were), on top of a prior; halved past STATS_WINDOW so they follow the workload."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[tuple, list[float]] = {}
+        self.passed: dict[tuple, int] = {}
+
+    def _counts(self, kind: tuple) -> list[float]:
+        c = self.kinds.get(kind)
+        if c is None:
+            w = PRIOR_WEIGHT
+            c = self.kinds[kind] = [PRIOR_FIRST * w, w, PRIOR_NEXT * w, w]
+        return c
+
+    def rates(self, kind: tuple) -> tuple[float, float]:
+        """(first draft's acceptance, each later draft's given the ones before it)."""
+        c = self._counts(kind)
+        return c[0] / c[1], c[2] / c[3]
+
+    def record(self, kind: tuple, drafted: int, accepted: int) -> None:
+        c = self._counts(kind)
+        c[0] += accepted >= 1
+        c[1] += 1
+        later = min(drafted, accepted + 1) - 1  # later drafts verified: up to the first rejection
+        c[2] += max(min(accepted, drafted) - 1, 0)
+        c[3] += max(later, 0)
+        for i in (0, 2):
+            if c[i + 1] > STATS_WINDOW:
+                c[i], c[i + 1] = c[i] / 2, c[i + 1] / 2
+
+    def probe(self, kind: tuple) -> bool:
+        """A draft of this kind was passed over; True every PROBE_EVERY-th time (draft one token anyway)."""
+        n = self.passed.get(kind, 0) + 1
+        self.passed[kind] = n % PROBE_EVERY
+        return n == PROBE_EVERY
+
+
 def ngram_keys(toks: list[int], n: int, first: int, last: int):
     """The n-grams of toks that start at first .. last - 1, in order, as tuples (built by zip, in C: a
     Python loop slicing each one cost 0.8 s on a 32k-token prompt). The one that starts at s is followed
@@ -125,13 +204,14 @@ def ngram_keys(toks: list[int], n: int, first: int, last: int):
 
 
 class NgramDrafter:
-    """Per-sequence prompt-lookup state: an index of every n-gram of its tokens to where it last ended."""
+    """Per-sequence prompt-lookup state: an index of every n-gram (n in NGRAMS) of its tokens to where it
+    last ended."""
 
     def __init__(self) -> None:
         self.tokens: list[int] = []  # a copy of the sequence's tokens, extended as it grows
-        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in range(MAX_NGRAM + 1)]
+        self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAMS}
         self.indexed = 0  # n-grams ending before this position are in the index
-        self.k = START_DRAFT
+        self.kind: tuple | None = None  # the kind of the drafts proposed last (None: none, or not n-gram ones)
         self.accept_rate = 1.0
         self.pause = 0  # steps left without drafting
         self.next_pause = 2
@@ -146,43 +226,59 @@ class NgramDrafter:
         # starts); the suffix itself (ending at len - 1) is not indexed yet, so a lookup finds an earlier
         # occurrence. In position order, so the latest occurrence wins.
         end = len(toks) - 1
-        for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+        for n, index in self.index.items():
             s0, s1 = max(self.indexed, n - 1) - n + 1, end - n + 1  # n-gram starts
             if s1 > s0:
-                self.index[n].update(zip(ngram_keys(toks, n, s0, s1), range(s0 + n, s1 + n)))
+                index.update(zip(ngram_keys(toks, n, s0, s1), range(s0 + n, s1 + n)))
         self.indexed = max(self.indexed, end)
 
+    def match(self, limit: int, shared: OutputHistory | None, stats: DraftStats, sampled: bool) -> tuple[tuple | None, list[int]]:
+        """(kind, up to `limit` tokens) of the drafts to follow the tokens synced: the longest suffix match in
+        its own tokens or in `shared` (MIN_SHARED_NGRAM tokens or more), whichever kind's first drafts are
+        accepted more, on a tie the longer match, then the own one; (None, []) without a match."""
+        toks, cands = self.tokens, []
+        for n, index in self.index.items():
+            start = index.get(tuple(toks[len(toks) - n:])) if n <= len(toks) else None
+            if start is not None:
+                cands.append((("own", n, sampled), toks[start: start + limit]))
+                break
+        if shared is not None:
+            n, drafts = shared.lookup(toks, limit)
+            if drafts:
+                cands.append((("shared", n, sampled), drafts))
+        if not cands:
+            return None, []
+        return max(cands, key=lambda c: (stats.rates(c[0])[0], c[0][1]))  # (max keeps the first of equals)
+
     def propose(self, seq: Sequence, limit: int, shared: OutputHistory | None = None,
-                step: tuple[float, float] | None = None) -> list[int]:
-        """Up to min(self.k, limit) draft tokens to follow seq's tokens ([] when none match or paused): from
-        the longest match in its own tokens, or from `shared` when that holds a match of MIN_SHARED_NGRAM
-        or more tokens and its own tokens do not. `step`: the step's expected tokens and cost so far
-        (`draft_length`; None: a step of this sequence alone)."""
+                step: tuple[float, float] | None = None, stats: DraftStats | None = None,
+                model: StepCost = STEP_COST) -> list[int]:
+        """Up to `limit` draft tokens to follow seq's tokens ([] when none match, none pay, or paused), cut
+        to the length `draft_length` gives with its kind's acceptance in `stats` (None: the prior).
+        `step`: the step's expected tokens and cost so far (None: a step of this sequence alone)."""
         self._sync(seq)
+        self.kind = None
         if self.pause > 0:
             self.pause -= 1
             return []
-        toks = self.tokens
-        k = draft_length(min(self.k, limit), self.accept_rate, len(toks), *(step or ()))
-        if k <= 0:
+        if limit <= 0:
             return []
-        for n in range(min(MAX_NGRAM, len(toks)), MIN_NGRAM - 1, -1):
-            start = self.index[n].get(tuple(toks[len(toks) - n:]))
-            if start is not None:
-                break
-        else:
-            n = 0
-        if n < MIN_SHARED_NGRAM and shared is not None:
-            drafts = shared.lookup(toks, k)
-            if drafts:
-                return drafts
-        return toks[start: start + k] if n else []
+        stats = stats if stats is not None else DraftStats()
+        kind, drafts = self.match(limit, shared, stats, seq.params.temperature > 0)
+        if kind is None:
+            return []
+        k = draft_length(len(drafts), stats.rates(kind), len(self.tokens), *(step or ()), model=model)
+        if k == 0 and stats.probe(kind):
+            k = 1
+        self.kind = kind if k else None
+        return drafts[:k]
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, drafted: int, accepted: int, stats: DraftStats | None = None) -> None:
         """After a verification of `drafted` tokens of which the first `accepted` were kept."""
         if drafted == 0:
             return
-        self.k = min(self.k + 2, MAX_DRAFT) if accepted == drafted else max(1, self.k - 1)
+        if stats is not None and self.kind is not None:
+            stats.record(self.kind, drafted, accepted)
         self.accept_rate = (1 - EMA) * self.accept_rate + EMA * accepted / drafted
         if self.accept_rate < LOW_ACCEPT:
             self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, MAX_PAUSE)
@@ -214,25 +310,26 @@ class OutputHistory:
         self._next += 1
         self.outputs[oid] = toks
         self.tokens += len(toks)
-        for n in range(MIN_SHARED_NGRAM, MAX_NGRAM + 1):  # n-grams with at least one token after them
+        for n in SHARED_NGRAMS:  # n-grams with at least one token after them
             self.index.update(zip(ngram_keys(toks, n, 0, len(toks) - n),
                                   zip(itertools.repeat(oid), range(n, len(toks)))))
         while self.tokens > self.max_tokens:
             old_id, old = self.outputs.popitem(last=False)
             self.tokens -= len(old)
-            for n in range(MIN_SHARED_NGRAM, MAX_NGRAM + 1):
+            for n in SHARED_NGRAMS:
                 for key in ngram_keys(old, n, 0, len(old) - n):
                     if self.index.get(key, (None,))[0] == old_id:
                         del self.index[key]
 
-    def lookup(self, toks: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the longest suffix of toks (MAX_NGRAM down to MIN_SHARED_NGRAM
-        tokens) in an earlier output; [] without one."""
-        for n in range(min(MAX_NGRAM, len(toks)), MIN_SHARED_NGRAM - 1, -1):
-            hit = self.index.get(tuple(toks[len(toks) - n:]))
-            if hit is not None:
-                return self.outputs[hit[0]][hit[1]: hit[1] + k]
-        return []
+    def lookup(self, toks: list[int], k: int) -> tuple[int, list[int]]:
+        """(n, up to k tokens) that followed the longest suffix of toks (n in NGRAMS, MIN_SHARED_NGRAM or
+        more tokens) in an earlier output; (0, []) without one."""
+        for n in NGRAMS:
+            if MIN_SHARED_NGRAM <= n <= len(toks):
+                hit = self.index.get(tuple(toks[len(toks) - n:]))
+                if hit is not None:
+                    return n, self.outputs[hit[0]][hit[1]: hit[1] + k]
+        return 0, []
 
 
 def target_probs(seq: Sequence, row: torch.Tensor) -> torch.Tensor | None:
