@@ -14,7 +14,16 @@
 static void softmax_rows(float *sc, float *pml, int H, int n) {
     for (int hh = 0; hh < H; hh++) {
         float *s = sc + hh * CHUNK, mx = -INFINITY, sum = 0.0f;
+#if defined(__AVX512F__)
+        /* the maximum in 16 lanes (a max is exact in any order: the same value as one scalar chain) */
+        __m512 m16 = _mm512_set1_ps(-INFINITY);
+        int t = 0;
+        for (; t + 16 <= n; t += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(s + t));
+        if (t < n) m16 = _mm512_mask_max_ps(m16, (__mmask16)((1u << (n - t)) - 1), m16, _mm512_loadu_ps(s + t));
+        mx = _mm512_reduce_max_ps(m16);
+#else
         for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+#endif
         #pragma omp simd reduction(+ : sum)
         for (int t = 0; t < n; t++) { s[t] = exp_neg(s[t] - mx); sum += s[t]; }
         pml[2 * hh] = mx; pml[2 * hh + 1] = sum;
