@@ -456,16 +456,18 @@ def test_the_draft_length_shrinks_with_the_context_and_the_acceptance():
 
 def test_beside_other_decoding_sequences_a_draft_must_beat_the_steps_own_rate():
     """A draft row slows every sequence of the step for the one that drafts: at batch 1 a 50 % draft over
-    a ~4.7k-token context pays, beside three more such sequences it does not; over short contexts, or
-    with drafts nearly always accepted, it still does. The batch-1 default is the step of this sequence
+    a ~4.7k-token context pays, beside three more such sequences it does not; over short contexts (75 %),
+    or with drafts nearly always accepted, it still does. The batch-1 default is the step of this sequence
     alone, and the rule there is the plain-decode one: (1 + p0 + p0 p1 + ... ) / (1 + k c), c a draft
     row's cost over the one-row step's."""
     m = STEP_COST
     alone = draft_length(12, 0.5, 4700)
     assert alone >= 1 and draft_length(12, 0.5, 4700, tokens=1, cost=m.plain([4700])) == alone
-    assert draft_length(12, 0.5, 4700, tokens=4, cost=m.plain([4700] * 4)) == 0
-    assert draft_length(12, 0.97, 4700, tokens=4, cost=m.plain([4700] * 4)) >= 1
-    assert draft_length(12, 0.5, 300, tokens=4, cost=m.plain([300] * 4)) >= 1
+    assert draft_length(12, 0.5, 4700, tokens=4, cost=m.plain([4700] * 4), decoding=4) == 0
+    assert draft_length(12, 0.97, 4700, tokens=4, cost=m.plain([4700] * 4), decoding=4) >= 1
+    assert draft_length(12, 0.75, 300, tokens=4, cost=m.plain([300] * 4), decoding=4) >= 1
+    # a draft row costs more beside other decoding sequences (the step is compute-bound there)
+    assert m.draft_row(2800, 4) == pytest.approx(m.draft_row(2800) * (1 + 3 * m.busy)) and m.busy > 0
     for ctx in (100, 1000, 4000, 16000):  # the batch-1 rule, written with the one-row step's share c
         c = m.draft_row(ctx) / m.plain([ctx])
         for p in ((0.3, 0.3), (0.6, 0.85), (0.9, 0.9)):

@@ -272,7 +272,8 @@ class LLMEngine:
             limit = min(seq.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens,
                         budget, MAX_DRAFT)
             drafter: NgramDrafter = seq.drafter  # type: ignore[assignment]
-            drafts = drafter.propose(seq, limit, self.shared_outputs, (tokens, cost), self.draft_stats, model)
+            drafts = drafter.propose(seq, limit, self.shared_outputs, (tokens, cost, len(decoding)), self.draft_stats,
+                                     model)
             g = seq.logits_processor
             if g is not None:  # structured output: what the grammar forces, else the drafts it allows
                 forced = g.forced_tokens()[:limit] if limit > 0 else []
@@ -284,7 +285,7 @@ class LLMEngine:
             if drafts:
                 tokens += (len(drafts) if drafter.kind is None
                            else expected_accepted(len(drafts), self.draft_stats.rates(drafter.kind)))
-                cost += len(drafts) * model.draft_row(seq.num_tokens)
+                cost += len(drafts) * model.draft_row(seq.num_tokens, len(decoding))
             budget -= len(drafts)
             if budget <= 0:
                 break

@@ -98,11 +98,15 @@ class StepCost:
     all its rows). `read` and `attend` scale with the model: K / V bytes and attention FMAs per context
     token, per byte of weights. Fitted on the default model (SmolLM2-135M, int8, fp16 KV, 2 threads) from
     the native step's own times over 40 tau-bench turns at 1-8 rows and 1-4.5k context: a weight pass of
-    3.85 ms, a row 0.59 ms + 0.63 us per context token, a context token's K / V read 0.44 us."""
+    3.85 ms, a row 0.59 ms + 0.63 us per context token, a context token's K / V read 0.44 us. Beside other
+    decoding sequences a draft row costs more (`busy` per other sequence): with 4 sequences at 2,800
+    tokens, 2 or 4 draft rows of one of them added 0.45-0.51 of a one-sequence step each, not 0.35 (the
+    step is compute-bound by then, and nothing hides under its loads)."""
 
     row: float = 0.153
     read: float = 1.14e-4  # per context token
     attend: float = 1.64e-4  # per context token, per row
+    busy: float = 0.1  # a draft row's extra cost per other decoding sequence of the step
 
     @classmethod
     def of(cls, layers: int, heads: int, kv_heads: int, head_dim: int, kv_bytes: int, weight_bytes: int) -> StepCost:
@@ -110,13 +114,14 @@ class StepCost:
         ref = cls()
         ref_w, ref_kv, ref_fma = 138.4e6, 2 * 30 * 3 * 64 * 2, 2 * 30 * 9 * 64
         return cls(ref.row, ref.read * ref_w / ref_kv * (2 * layers * kv_heads * head_dim * kv_bytes) / weight_bytes,
-                   ref.attend * ref_w / ref_fma * (2 * layers * heads * head_dim) / weight_bytes)
+                   ref.attend * ref_w / ref_fma * (2 * layers * heads * head_dim) / weight_bytes, ref.busy)
 
     def plain(self, contexts: list[int]) -> float:
         return 1.0 + sum((self.read + self.attend) * c for c in contexts) + max(len(contexts) - 1, 0) * self.row
 
-    def draft_row(self, context: int) -> float:
-        return self.row + self.attend * context
+    def draft_row(self, context: int, decoding: int = 1) -> float:
+        """One draft row over `context` tokens, in a step where `decoding` sequences decode."""
+        return (self.row + self.attend * context) * (1.0 + self.busy * max(decoding - 1, 0))
 
 
 STEP_COST = StepCost()
@@ -131,16 +136,16 @@ def expected_accepted(k: int, accept: float | tuple[float, float]) -> float:
 
 
 def draft_length(k_max: int, accept: float | tuple[float, float], context: int, tokens: float = 1.0,
-                 cost: float | None = None, model: StepCost = STEP_COST) -> int:
+                 cost: float | None = None, model: StepCost = STEP_COST, decoding: int = 1) -> int:
     """The draft length of at most k_max that gives the step the most expected tokens per unit of its
     time, 0 when none beats the step without it: (tokens + expected_accepted(k)) / (cost + k * draft row),
     `tokens` and `cost` the step's expected tokens and cost before this draft; by default a step of this
     sequence alone (1 token, a plain step over its context). So at batch 1 a draft must beat one plain
     decode, and beside other decoding sequences it must beat the step's own rate: a draft row slows every
-    sequence of the step, for the one that drafts."""
+    sequence of the step, for the one that drafts (and costs more there: `decoding` sequences decode)."""
     p0, p1 = (accept, accept) if isinstance(accept, (int, float)) else accept
     p0, p1 = min(p0, 0.97), min(p1, 0.97)
-    a = model.draft_row(context)
+    a = model.draft_row(context, decoding)
     cost = model.plain([context]) if cost is None else cost
     best, best_k, expected, pk = tokens / cost, 0, tokens, 1.0
     for k in range(1, k_max + 1):
@@ -251,11 +256,11 @@ class NgramDrafter:
         return max(cands, key=lambda c: (stats.rates(c[0])[0], c[0][1]))  # (max keeps the first of equals)
 
     def propose(self, seq: Sequence, limit: int, shared: OutputHistory | None = None,
-                step: tuple[float, float] | None = None, stats: DraftStats | None = None,
+                step: tuple[float, float, int] | None = None, stats: DraftStats | None = None,
                 model: StepCost = STEP_COST) -> list[int]:
         """Up to `limit` draft tokens to follow seq's tokens ([] when none match, none pay, or paused), cut
         to the length `draft_length` gives with its kind's acceptance in `stats` (None: the prior).
-        `step`: the step's expected tokens and cost so far (None: a step of this sequence alone)."""
+        `step`: the step's expected tokens, cost so far and decoding sequences (None: this sequence alone)."""
         self._sync(seq)
         self.kind = None
         if self.pause > 0:
@@ -267,7 +272,8 @@ class NgramDrafter:
         kind, drafts = self.match(limit, shared, stats, seq.params.temperature > 0)
         if kind is None:
             return []
-        k = draft_length(len(drafts), stats.rates(kind), len(self.tokens), *(step or ()), model=model)
+        tokens, cost, decoding = step if step is not None else (1.0, None, 1)
+        k = draft_length(len(drafts), stats.rates(kind), len(self.tokens), tokens, cost, model, decoding)
         if k == 0 and stats.probe(kind):
             k = 1
         self.kind = kind if k else None
