@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -208,3 +209,68 @@ def test_async_engine_survives_a_failing_step(llm):
     finally:
         llm.engine.runner.execute = real
         aeng.shutdown()
+
+
+def _reference_keep(x: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """The filters as defined, on the whole row with torch's full sort (an independent reference for the
+    sampler's numpy path, which sorts only the candidates)."""
+    x = x.double()
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if top_k and top_k < x.shape[0]:
+        keep &= x >= torch.topk(x, top_k).values[-1]
+    probs = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
+    if top_p < 1.0:
+        desc = torch.sort(probs, descending=True).values
+        last = min(int(torch.searchsorted(desc.cumsum(-1), torch.tensor(top_p, dtype=torch.float64))), len(desc) - 1)
+        keep &= probs >= desc[last]
+    if min_p > 0.0:
+        keep &= probs >= min_p * probs.max()
+    return keep
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 5.0])
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (40, 0.95, 0.05), (0, 0.95, 0.05), (0, 0.5, 0.0),
+                                               (0, 1.0, 0.1)])
+def test_filters_on_a_whole_vocabulary_match_a_full_sort(scale, top_k, top_p, min_p):
+    gen = torch.Generator().manual_seed(int(scale * 10) + top_k)
+    x = torch.randn(49152, generator=gen) * scale
+    kept = torch.isfinite(filter_logits(x, top_k, top_p, min_p))
+    ref = _reference_keep(x, top_k, top_p, min_p)
+    # (a token exactly on the nucleus' edge may fall either way with the rounding of the cumulative sum)
+    assert int((kept != ref).sum()) <= 1 and int(kept.sum()) >= 1
+
+
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_draws_follow_the_distribution_on_a_whole_vocabulary(top_k):
+    """Draws from a 49k-token row (the vectorised softmax / cumulative-sum path) against its probabilities:
+    the five likeliest tokens and the rest, chi-square."""
+    from kvstrata.engine.sampler import distribution
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(49152, generator=gen) * 2.0
+    x[[11, 222, 3333, 44444, 49000]] = torch.tensor([11.0, 10.5, 10.0, 9.2, 9.0])
+    p = torch.softmax(_reference_keep_logits(x, top_k).double(), -1).numpy()
+    d = distribution(x.numpy(), top_k, 1.0, 0.0)
+    draws = [d.draw(gen) for _ in range(20000)]
+    top = [11, 222, 3333, 44444, 49000]
+    counts = np.array([sum(t == k for t in draws) for k in top] + [sum(t not in top for t in draws)], dtype=float)
+    expect = 20000 * np.array([*p[top], 1.0 - p[top].sum()])
+    chi2 = ((counts - expect) ** 2 / expect).sum()
+    assert chi2 < 20.52, (counts, expect)  # 5 degrees of freedom, p = 0.001
+    if top_k:
+        assert all(bool(torch.isfinite(_reference_keep_logits(x, top_k))[t]) for t in set(draws))
+
+
+def _reference_keep_logits(x: torch.Tensor, top_k: int) -> torch.Tensor:
+    return x.masked_fill(~_reference_keep(x, top_k, 1.0, 0.0), float("-inf"))
+
+
+def test_argmax_takes_the_first_maximum_like_torch():
+    from kvstrata.engine.sampler import argmax
+
+    x = torch.randn(3, 49152)
+    x[0, [5, 900]] = 50.0  # a tie: the first wins
+    x[1, 77] = float("nan")  # NaN counts as the maximum
+    x[2] = float("-inf")
+    assert argmax(x).tolist() == x.argmax(-1).tolist() == [5, 77, 0]
+    assert int(argmax(x[0])) == 5

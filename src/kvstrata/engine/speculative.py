@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstrata.engine.sampler import filter_logits, processed, token_logprob
+from kvstrata.engine.sampler import argmax, processed, sampling_distribution, token_logprob
 from kvstrata.sched.sequence import Sequence
 
 NGRAMS = (8, 4, 3, 2, 1)  # suffix lengths matched, longest first (5-7 add nothing measurable over 4 and 8)
@@ -338,17 +338,6 @@ class OutputHistory:
         return 0, []
 
 
-def target_probs(seq: Sequence, row: torch.Tensor) -> torch.Tensor | None:
-    """The request's sampling distribution for one row of logits (V,) under its whole transform, given the
-    tokens the sequence holds now; None when it is degenerate (the sampler then takes the mode)."""
-    p = seq.params
-    row = filter_logits(processed(seq, row) / p.temperature, p.top_k, p.top_p, p.min_p)
-    probs = torch.softmax(row, -1)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-        return None
-    return probs
-
-
 def verify_token(seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
     """The token to emit at this row given the draft proposed for it (None: the row past the drafts).
     Greedy: the argmax (so a draft is kept iff it is the argmax). Sampling: the draft kept with
@@ -357,23 +346,16 @@ def verify_token(seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
     (structured output) masks the row in its current state and then takes the emitted token, so row i
     is masked as if drafts 0 .. i-1 were emitted: they were, or verification stopped before row i."""
     p = seq.params
-    if p.greedy:
-        tok = int(processed(seq, row).argmax())
+    d = None if p.greedy else sampling_distribution(seq, row)
+    if d is None:  # greedy, or a degenerate distribution (the sampler takes its mode too)
+        tok = int(argmax(processed(seq, row)))
+    elif draft is None:
+        tok = d.draw(seq.generator)
+    elif float(torch.rand((), generator=seq.generator)) < d.prob(draft):
+        tok = draft
     else:
-        probs = target_probs(seq, row)
-        if probs is None:
-            tok = int(processed(seq, row).argmax())
-        elif draft is None:
-            tok = int(torch.multinomial(probs, 1, generator=seq.generator))
-        elif float(torch.rand((), generator=seq.generator)) < float(probs[draft]):
-            tok = draft
-        else:
-            rest = probs.clone()
-            rest[draft] = 0.0
-            if float(rest.sum()) <= 0:  # (p(draft) == 1 and the uniform draw was 1.0: keep the draft)
-                tok = draft
-            else:
-                tok = int(torch.multinomial(rest / rest.sum(), 1, generator=seq.generator))
+        rest = d.without(draft)
+        tok = draft if rest is None else rest.draw(seq.generator)  # (p(draft) == 1 and the draw was 1.0)
     if seq.logits_processor is not None:
         seq.logits_processor.accept(tok)
     if p.logprobs is not None:
