@@ -29,6 +29,8 @@ BENCHES = [
      "startup.md"),
     ("engine", ["-m", "benchmarks.engine_bench"], "engine.md"),
     ("speculative decoding (prompt lookup) on agent turns", ["-m", "benchmarks.speculative"], "speculative.md"),
+    ("sampled decoding (the sampler beside torch ops; sampled against greedy tok/s)", ["-m", "benchmarks.sampling"],
+     "sampling.md"),
     ("tier TTFT", ["-m", "benchmarks.tier_ttft"], "tier_ttft.md"),
     ("int8 KV codec effect on output", ["-m", "benchmarks.kv_codec_effect"], "kv_codec_effect.md"),
     ("tier bandwidth", ["-m", "benchmarks.tier_bandwidth"], "tier_bandwidth.md"),
@@ -44,7 +46,7 @@ BENCHES = [
     ("memory: compaction on a long session", ["-m", "benchmarks.memory_compaction"], "memory_compaction.md"),
     ("peers side by side (kvstrata, llama.cpp, transformers)", ["-m", "benchmarks.peers.run_peers"], "peers.md"),
 ]
-QUICK = {"benchmarks.engine_bench", "benchmarks.speculative", "benchmarks.agent_replay", "benchmarks.peers.run_peers"}  # take --quick
+QUICK = {"benchmarks.engine_bench", "benchmarks.speculative", "benchmarks.sampling", "benchmarks.agent_replay", "benchmarks.peers.run_peers"}  # take --quick
 
 
 def present(module: str) -> bool:

@@ -4,6 +4,12 @@ Order (as vLLM): repetition / frequency / presence penalties on the raw logits; 
 from the raw model distribution (log_softmax of the logits before any processing); then temperature,
 then top-k, top-p and min-p filtering of the tempered distribution, then one draw from the request's
 own generator, so a seeded request gives the same tokens alone or in any batch.
+
+On the CPU the filters and the draw run in numpy on the tokens the filters keep (`distribution`): after
+top-k a few dozen, for top-p only the tokens that can be in the nucleus are sorted. torch's CPU sort,
+multinomial and argmax over the default model's 49k-token row took 5 ms, 1.5 ms and 0.1 ms here, which
+made a sampled token with llama.cpp's default settings cost ~3 ms beside a ~4 ms decode step
+(`python -m benchmarks.sampling`).
 """
 
 from __future__ import annotations
@@ -112,10 +118,10 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
     keep = None
     if top_p < 1.0:
         # the smallest prefix of the sorted probabilities whose mass reaches top_p (the token that
-        # crosses it is kept); tokens tied with the least likely kept one stay too, so the choice
-        # never depends on sort order
-        # never sort a whole vocabulary: a token below (1 - top_p) / n is never in the nucleus (the tokens
-        # from the last kept one down would weigh less than n times that, so less than 1 - top_p)
+        # crosses it is kept); tokens tied with the least likely kept one stay too, so the choice never
+        # depends on sort order. Only candidates are sorted: a token below (1 - top_p) / n is never in the
+        # nucleus (were it the last one kept, it and the n or fewer tokens after it would weigh less than
+        # 1 - top_p, so the prefix before it would already reach top_p)
         head = p[p >= (1.0 - top_p) / p.shape[0]]
         desc = -np.sort(-head)
         last = min(int(np.searchsorted(_cumsum(desc), top_p)), desc.shape[0] - 1)
