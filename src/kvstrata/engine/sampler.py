@@ -24,19 +24,23 @@ from kvstrata.sched.sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """logits (V,) for one sequence; returns a penalized copy (or the same tensor when none apply)."""
+    """logits (V,) for one sequence; returns a penalized copy on the CPU (or the same tensor when none
+    apply). numpy: the same rules as torch ops on the row took 0.6-0.7 ms a token here."""
     p = seq.params
     if not p.has_penalties:
         return logits
-    logits = logits.clone()
+    x = _rows(logits).copy()
+    V = x.shape[0]
     if p.repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019), over prompt and output, as HF does
-        seen = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long)
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        seen = np.zeros(V, dtype=np.bool_)
+        seen[np.fromiter(seq.all_token_ids, dtype=np.int64)] = True
+        ids = np.flatnonzero(seen)
+        v, rp = x[ids], x.dtype.type(p.repetition_penalty)
+        x[ids] = np.where(v > 0, v / rp, v * rp)
     if (p.frequency_penalty or p.presence_penalty) and seq.output_token_ids:  # OpenAI: output tokens only
-        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[0]).to(logits.dtype)
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+        counts = np.bincount(np.fromiter(seq.output_token_ids, dtype=np.int64), minlength=V)[:V].astype(x.dtype)
+        x -= x.dtype.type(p.frequency_penalty) * counts + x.dtype.type(p.presence_penalty) * (counts > 0)
+    return torch.from_numpy(x)
 
 
 class Distribution:
