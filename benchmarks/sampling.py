@@ -34,19 +34,26 @@ PROMPTS = ["Write a short story about a robot learning to paint.", "Explain how 
            "List five tips for writing clean Python code.", "Describe the water cycle to a ten-year-old."]
 
 
-def torch_rules(row: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float, gen: torch.Generator) -> int:
-    """The same rules as torch operations over the whole row (the peer)."""
-    x = row / t
+def torch_keep(x: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Which tokens of a tempered row (V,) the rules keep, as torch operations over the whole row with a
+    full sort (the peer here; tests/engine/test_sampling.py's independent reference)."""
+    keep = torch.ones_like(x, dtype=torch.bool)
     if top_k and top_k < x.shape[0]:
-        x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
+        keep &= x >= torch.topk(x, top_k).values[-1]
+    probs = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
     if top_p < 1.0:
-        probs = torch.softmax(x, -1)
         desc = torch.sort(probs, descending=True).values
-        last = int(torch.searchsorted(desc.cumsum(-1), torch.tensor(top_p, dtype=desc.dtype)).clamp(max=len(desc) - 1))
-        x = x.masked_fill(probs < desc[last], float("-inf"))
+        last = min(int(torch.searchsorted(desc.cumsum(-1), torch.tensor(top_p, dtype=desc.dtype))), len(desc) - 1)
+        keep &= probs >= desc[last]
     if min_p > 0.0:
-        probs = torch.softmax(x, -1)
-        x = x.masked_fill(probs < min_p * probs.max(), float("-inf"))
+        keep &= probs >= min_p * probs.max()
+    return keep
+
+
+def torch_rules(row: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float, gen: torch.Generator) -> int:
+    """The rules and the draw as torch operations over the whole row."""
+    x = row / t
+    x = x.masked_fill(~torch_keep(x, top_k, top_p, min_p), float("-inf"))
     return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
 
 

@@ -8,9 +8,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.sampling import torch_keep
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import FinishReason, KvstrataError
-from kvstrata.engine.sampler import filter_logits
+from kvstrata.engine.sampler import distribution
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """The sampler's filters (`distribution`) as a mask on the row: -inf where a token is not kept."""
+    d = distribution(logits.numpy(), top_k, top_p, min_p)
+    if d is None or d.ids is None:
+        return logits
+    keep = torch.zeros(logits.shape[0], dtype=torch.bool)
+    keep[torch.from_numpy(d.ids)] = True
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 @pytest.fixture(scope="module")
@@ -211,23 +222,6 @@ def test_async_engine_survives_a_failing_step(llm):
         aeng.shutdown()
 
 
-def _reference_keep(x: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """The filters as defined, on the whole row with torch's full sort (an independent reference for the
-    sampler's numpy path, which sorts only the candidates)."""
-    x = x.double()
-    keep = torch.ones_like(x, dtype=torch.bool)
-    if top_k and top_k < x.shape[0]:
-        keep &= x >= torch.topk(x, top_k).values[-1]
-    probs = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
-    if top_p < 1.0:
-        desc = torch.sort(probs, descending=True).values
-        last = min(int(torch.searchsorted(desc.cumsum(-1), torch.tensor(top_p, dtype=torch.float64))), len(desc) - 1)
-        keep &= probs >= desc[last]
-    if min_p > 0.0:
-        keep &= probs >= min_p * probs.max()
-    return keep
-
-
 @pytest.mark.parametrize("scale", [0.5, 2.0, 5.0])
 @pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (40, 0.95, 0.05), (0, 0.95, 0.05), (0, 0.5, 0.0),
                                                (0, 1.0, 0.1)])
@@ -235,7 +229,7 @@ def test_filters_on_a_whole_vocabulary_match_a_full_sort(scale, top_k, top_p, mi
     gen = torch.Generator().manual_seed(int(scale * 10) + top_k)
     x = torch.randn(49152, generator=gen) * scale
     kept = torch.isfinite(filter_logits(x, top_k, top_p, min_p))
-    ref = _reference_keep(x, top_k, top_p, min_p)
+    ref = torch_keep(x.double(), top_k, top_p, min_p)
     # (a token exactly on the nucleus' edge may fall either way with the rounding of the cumulative sum)
     assert int((kept != ref).sum()) <= 1 and int(kept.sum()) >= 1
 
@@ -244,12 +238,11 @@ def test_filters_on_a_whole_vocabulary_match_a_full_sort(scale, top_k, top_p, mi
 def test_draws_follow_the_distribution_on_a_whole_vocabulary(top_k):
     """Draws from a 49k-token row (the vectorised softmax / cumulative-sum path) against its probabilities:
     the five likeliest tokens and the rest, chi-square."""
-    from kvstrata.engine.sampler import distribution
-
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(49152, generator=gen) * 2.0
     x[[11, 222, 3333, 44444, 49000]] = torch.tensor([11.0, 10.5, 10.0, 9.2, 9.0])
-    p = torch.softmax(_reference_keep_logits(x, top_k).double(), -1).numpy()
+    kept = torch_keep(x.double(), top_k, 1.0, 0.0)
+    p = torch.softmax(x.double().masked_fill(~kept, float("-inf")), -1).numpy()
     d = distribution(x.numpy(), top_k, 1.0, 0.0)
     draws = [d.draw(gen) for _ in range(20000)]
     top = [11, 222, 3333, 44444, 49000]
@@ -258,11 +251,7 @@ def test_draws_follow_the_distribution_on_a_whole_vocabulary(top_k):
     chi2 = ((counts - expect) ** 2 / expect).sum()
     assert chi2 < 20.52, (counts, expect)  # 5 degrees of freedom, p = 0.001
     if top_k:
-        assert all(bool(torch.isfinite(_reference_keep_logits(x, top_k))[t]) for t in set(draws))
-
-
-def _reference_keep_logits(x: torch.Tensor, top_k: int) -> torch.Tensor:
-    return x.masked_fill(~_reference_keep(x, top_k, 1.0, 0.0), float("-inf"))
+        assert all(bool(kept[t]) for t in set(draws))
 
 
 def test_argmax_takes_the_first_maximum_like_torch():

@@ -21,7 +21,8 @@ from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
 from kvstrata.engine.speculative import (LOW_ACCEPT, NGRAMS, PRIOR_FIRST, PROBE_EVERY, STEP_COST, STEP_ROWS, DraftStats,
                                          NgramDrafter, OutputHistory, StepCost, draft_budget, draft_length,
-                                         expected_accepted, verify_token)
+                                         expected_accepted)
+from kvstrata.engine.sampler import next_token
 from kvstrata.sched.sequence import Sequence
 
 native = pytest.importorskip("kvstrata.native")
@@ -200,7 +201,7 @@ def _ref_probs(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray
     return e / e.sum()
 
 
-def _emitted(logits: torch.Tensor, draft: int, params: SamplingParams, n: int, rule=verify_token) -> np.ndarray:
+def _emitted(logits: torch.Tensor, draft: int, params: SamplingParams, n: int, rule=next_token) -> np.ndarray:
     seq = Sequence("r", 0, [0], params)  # its own seeded generator
     counts = np.zeros(logits.shape[0])
     for _ in range(n):
@@ -264,7 +265,7 @@ def test_sampling_rule_preserves_the_masked_distribution(draft):
     n = 20000
     counts = np.zeros(6)
     for _ in range(n):
-        counts[verify_token(seq, logits, draft)] += 1
+        counts[next_token(seq, logits, draft)] += 1
     keep = p > 0
     assert counts[~keep].sum() == 0 and counts[1] == 0
     chi2 = (((counts - n * p) ** 2)[keep] / (n * p[keep])).sum()

@@ -23,9 +23,9 @@ from kvstrata.core import (
     SamplingParams,
 )
 from kvstrata.engine.runner import ModelRunner
-from kvstrata.engine.sampler import Sampler
+from kvstrata.engine.sampler import Sampler, next_token
 from kvstrata.engine.speculative import (MAX_DRAFT, DraftStats, NgramDrafter, OutputHistory, StepCost, draft_budget,
-                                         expected_accepted, verify_token)
+                                         expected_accepted)
 from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
                                    resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
@@ -297,7 +297,7 @@ class LLMEngine:
         accepted = 0
         for i in range(len(drafts) + 1):
             draft = drafts[i] if i < len(drafts) else None
-            tok = verify_token(seq, logits[i], draft)
+            tok = next_token(seq, logits[i], draft)
             self._push_token(seq, tok)
             if tok != draft or seq.finish_reason is not None:
                 break

@@ -52,17 +52,22 @@ class Distribution:
     def __init__(self, ids: np.ndarray | None, probs: np.ndarray) -> None:
         self.ids, self.probs = ids, probs
 
-    def prob(self, token: int) -> float:
+    def _at(self, token: int) -> int | None:
+        """Where `token` is in `probs`, None when it is not kept."""
         if self.ids is None:
-            return float(self.probs[token]) if 0 <= token < self.probs.shape[0] else 0.0
+            return token if 0 <= token < self.probs.shape[0] else None
         j = int(np.searchsorted(self.ids, token))
-        return float(self.probs[j]) if j < self.ids.shape[0] and self.ids[j] == token else 0.0
+        return j if j < self.ids.shape[0] and self.ids[j] == token else None
+
+    def prob(self, token: int) -> float:
+        j = self._at(token)
+        return 0.0 if j is None else float(self.probs[j])
 
     def without(self, token: int) -> Distribution | None:
         """The distribution with `token` removed and the rest renormalised; None when nothing else is left."""
         p = self.probs.copy()
-        j = token if self.ids is None else int(np.searchsorted(self.ids, token))
-        if 0 <= j < p.shape[0] and (self.ids is None or self.ids[j] == token):
+        j = self._at(token)
+        if j is not None:
             p[j] = 0.0
         s = p.sum()
         return Distribution(self.ids, p / s) if s > 0 else None
@@ -140,25 +145,6 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
     return Distribution(ids, p)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Masks (to -inf) tokens outside top-k / the top-p nucleus / below min_p * max prob. logits (V,); a
-    degenerate row (NaN, +inf, all -inf) comes back unchanged."""
-    d = distribution(_rows(logits), top_k, top_p, min_p)
-    if d is None or d.ids is None:
-        return logits
-    keep = torch.zeros(logits.shape[0], dtype=torch.bool)
-    keep[torch.from_numpy(d.ids)] = True
-    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
-
-
-def sampling_distribution(seq: Sequence, row: torch.Tensor) -> Distribution | None:
-    """The request's sampling distribution for one row of logits (V,) under its whole transform (penalties,
-    grammar, temperature, top-k / top-p / min-p), given the tokens the sequence holds now; None when it is
-    degenerate (the sampler then takes the mode)."""
-    p = seq.params
-    return distribution(_rows(processed(seq, row)) / np.float32(p.temperature), p.top_k, p.top_p, p.min_p)
-
-
 def processed(seq: Sequence, row: torch.Tensor) -> torch.Tensor:
     """One row of logits (V,) as a request samples from it before the temperature: penalties, then its
     grammar's mask (structured output) in the state the sequence's tokens so far left it in."""
@@ -166,6 +152,32 @@ def processed(seq: Sequence, row: torch.Tensor) -> torch.Tensor:
         return row
     row = apply_penalties(row, seq)
     return seq.logits_processor.mask(row) if seq.logits_processor is not None else row
+
+
+def next_token(seq: Sequence, row: torch.Tensor, draft: int | None = None) -> int:
+    """The token a request emits from one row of logits (V,), given the draft proposed for it (None: no
+    draft; engine/speculative.py). Greedy: the argmax (so a draft is kept iff it is the argmax). Sampling:
+    the draft kept with probability p(draft), else a draw from p without it; without a draft, a draw from
+    p. The grammar (structured output) masks the row in its current state and then takes the emitted token,
+    so with drafts row i is masked as if drafts 0 .. i-1 were emitted: they were, or verification stopped
+    before row i. Logprobs of the emitted token (from the raw logits) are appended when asked."""
+    p = seq.params
+    x = processed(seq, row)
+    d = None if p.greedy else distribution(_rows(x) / np.float32(p.temperature), p.top_k, p.top_p, p.min_p)
+    if d is None:  # greedy, or a degenerate distribution (overflow): its mode
+        tok = int(argmax(x))
+    elif draft is None:
+        tok = d.draw(seq.generator)
+    elif float(torch.rand((), generator=seq.generator)) < d.prob(draft):
+        tok = draft
+    else:
+        rest = d.without(draft)
+        tok = draft if rest is None else rest.draw(seq.generator)  # (p(draft) == 1 and the draw was 1.0)
+    if seq.logits_processor is not None:
+        seq.logits_processor.accept(tok)
+    if p.logprobs is not None:
+        seq.logprobs.append(token_logprob(row, tok, p.logprobs))
+    return tok
 
 
 class Sampler:
@@ -180,18 +192,10 @@ class Sampler:
             for i, t in zip(plain_greedy, argmax(logits[torch.tensor(plain_greedy)]).tolist()):
                 out[i] = t
         for i, seq in enumerate(seqs):
-            p = seq.params
-            if not p.plain:
-                if p.greedy:
-                    out[i] = int(argmax(processed(seq, logits[i])))
-                else:
-                    d = sampling_distribution(seq, logits[i])
-                    # (None: a degenerate distribution, from overflow: its mode)
-                    out[i] = int(argmax(processed(seq, logits[i]))) if d is None else d.draw(seq.generator)
-            if seq.logits_processor is not None:
-                seq.logits_processor.accept(out[i])
-            if p.logprobs is not None:
-                seq.logprobs.append(token_logprob(logits[i], out[i], p.logprobs))
+            if not seq.params.plain:
+                out[i] = next_token(seq, logits[i])
+            elif seq.params.logprobs is not None:  # (plain: no grammar to advance)
+                seq.logprobs.append(token_logprob(logits[i], out[i], seq.params.logprobs))
         return out
 
 

@@ -68,9 +68,6 @@ import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-
-from kvstrata.engine.sampler import argmax, processed, sampling_distribution, token_logprob
 from kvstrata.sched.sequence import Sequence
 
 NGRAMS = (8, 4, 3, 2, 1)  # suffix lengths matched, longest first (5-7 add nothing measurable over 4 and 8)
@@ -336,28 +333,3 @@ class OutputHistory:
                 if hit is not None:
                     return n, self.outputs[hit[0]][hit[1]: hit[1] + k]
         return 0, []
-
-
-def verify_token(seq: Sequence, row: torch.Tensor, draft: int | None) -> int:
-    """The token to emit at this row given the draft proposed for it (None: the row past the drafts).
-    Greedy: the argmax (so a draft is kept iff it is the argmax). Sampling: the draft kept with
-    probability p(draft), else a draw from p without it; without a draft, a draw from p. Logprobs of the
-    emitted token (from the raw logits, as the sampler takes them) are appended when asked. A grammar
-    (structured output) masks the row in its current state and then takes the emitted token, so row i
-    is masked as if drafts 0 .. i-1 were emitted: they were, or verification stopped before row i."""
-    p = seq.params
-    d = None if p.greedy else sampling_distribution(seq, row)
-    if d is None:  # greedy, or a degenerate distribution (the sampler takes its mode too)
-        tok = int(argmax(processed(seq, row)))
-    elif draft is None:
-        tok = d.draw(seq.generator)
-    elif float(torch.rand((), generator=seq.generator)) < d.prob(draft):
-        tok = draft
-    else:
-        rest = d.without(draft)
-        tok = draft if rest is None else rest.draw(seq.generator)  # (p(draft) == 1 and the draw was 1.0)
-    if seq.logits_processor is not None:
-        seq.logits_processor.accept(tok)
-    if p.logprobs is not None:
-        seq.logprobs.append(token_logprob(row, tok, p.logprobs))
-    return tok
