@@ -137,8 +137,7 @@ def test_render_chat_round_trip_on_default_template(llm):
         ("get_weather", {"city": "Paris"}), ("add", {"a": 2, "b": 3})]
     responses = [json.loads(re.fullmatch(r"<tool_response>(.*)</tool_response>", c, re.DOTALL).group(1))
                  for _, c in turns[3:]]
-    assert responses == [{"tool_call_id": "call_a", "name": "get_weather", "content": "18C, sunny"},
-                         {"tool_call_id": "call_b", "name": "add", "content": "5"}]
+    assert responses == [{"name": "get_weather", "content": "18C, sunny"}, {"name": "add", "content": "5"}]
     assert text.endswith("<|im_start|>assistant\n")
     # the whole prompt tokenizes with the special tokens intact
     ids = tok.encode(text, add_special_tokens=False)

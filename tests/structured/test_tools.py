@@ -13,6 +13,7 @@ from kvstrata.tokenizer.tokenizer import CHATML_TEMPLATE, Tokenizer
 from kvstrata.tokenizer.tools import (
     close_objects,
     forced_tool_call_spec,
+    new_call_id,
     parse_tool_calls,
     render_chat,
     template_supports_tools,
@@ -173,9 +174,13 @@ def test_fallback_rendering_on_chatml():
     assert "<|im_start|>user\nWeather in Paris?<|im_end|>" in text
     assert ('<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
             "<|im_end|>") in text
-    assert ('<|im_start|>tool\n<tool_response>{"tool_call_id": "call_1", "name": "get_weather", '
+    assert ('<|im_start|>tool\n<tool_response>{"name": "get_weather", '
             '"content": "18C, sunny"}</tool_response><|im_end|>') in text
     assert text.endswith("<|im_start|>assistant\n")
+    # call ids are random (new_call_id): the same conversation under other ids is the same prompt, so a
+    # greedy agent run reproduces (an id in the prompt changed a BFCL job's transcript from its 3rd turn)
+    other = json.loads(json.dumps(CONV).replace("call_1", new_call_id()))
+    assert other != CONV and render_chat(tok, other, tools=[WEATHER]) == text
     none = render_chat(tok, CONV, tools=[WEATHER], tool_choice="none")
     assert "<tools>" not in none and "<tool_call>{" in none  # history still shown, tools not advertised
     no_sys = render_chat(tok, CONV[1:], tools=[WEATHER])

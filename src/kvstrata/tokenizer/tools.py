@@ -9,7 +9,10 @@ ChatML) gets the fallback format below, documented in docs/structured.md:
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` per call;
 - assistant tool calls rendered as those tags in the assistant's content;
 - tool results as a message of role `tool` whose content is
-  `<tool_response>{"tool_call_id": ..., "name": ..., "content": ...}</tool_response>`.
+  `<tool_response>{"name": ..., "content": ...}</tool_response>`. The call's id is not written: ids are
+  random (new_call_id), so writing them would make the same conversation a different prompt each time it
+  runs (greedy agent jobs would not reproduce) and spend ~15 tokens of noise on every result; results
+  follow their calls in order, as in Hermes / Qwen2.5's templates.
 
 Both shapes use the same `<tool_call>` JSON that Hermes and Qwen models emit, so `parse_tool_calls`
 reads the output of either, and `forced_tool_call_spec` makes the sampler produce exactly it.
@@ -293,8 +296,7 @@ def _fallback(msgs: list[dict[str, Any]], tools: list[dict] | None) -> list[dict
             content = "\n".join(([m["content"]] if m["content"] else []) + calls)
             out.append({"role": "assistant", "content": content})
         elif m["role"] == "tool":
-            body = {"tool_call_id": m["tool_call_id"], "name": m.get("name") or names.get(m["tool_call_id"]),
-                    "content": m["content"]}
+            body = {"name": m.get("name") or names.get(m["tool_call_id"]), "content": m["content"]}
             out.append({"role": "tool", "content": "<tool_response>" + json.dumps(body, ensure_ascii=False)
                         + "</tool_response>"})
         else:
