@@ -168,3 +168,22 @@ def test_bad_compaction_key_is_a_clear_error(bad):
 
     with pytest.raises(KvstrataError, match="compaction"):
         JobSpec.parse({"tasks": [{"user": "hi", "compaction": bad}]})
+
+
+def test_default_sizes_fit_what_the_tools_leave_of_the_window():
+    """Unset summary / recent sizes shrink so the compacted context (fixed part, summary, recent turns)
+    takes at most half of the room the system prompt and tools leave below the threshold; before, a
+    session whose tools filled most of a small window could never compact (the job ended at
+    context_length). Sizes given explicitly are kept; a fixed part that leaves no room is a clear error."""
+    from kvstrata.memory.compaction import CompactionError, CompactionPolicy, fit_policy
+
+    roomy = fit_policy(CompactionPolicy(threshold_tokens=7680), 8192, 300)  # the 8k defaults, unchanged
+    assert (roomy.summary_max_tokens, roomy.keep_recent_tokens) == (384, 1024)
+    tight = fit_policy(CompactionPolicy(threshold_tokens=3584), 4096, 2918)  # 18 BFCL tools in a 4k window
+    room = 3584 - 2918
+    assert 16 <= tight.summary_max_tokens <= room // 4 and tight.keep_recent_tokens > 0
+    assert tight.summary_max_tokens + tight.keep_recent_tokens <= room // 2
+    given = fit_policy(CompactionPolicy(threshold_tokens=3584, keep_recent_tokens=900, summary_max_tokens=300), 4096, 2918)
+    assert (given.summary_max_tokens, given.keep_recent_tokens) == (300, 900)
+    with pytest.raises(CompactionError, match="tool definitions take 3560"):
+        fit_policy(CompactionPolicy(threshold_tokens=3584), 4096, 3560)

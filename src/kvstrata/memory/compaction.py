@@ -60,6 +60,37 @@ def summary_limit(policy: CompactionPolicy, window: int) -> int:
     return min(384, window // 8) if policy.summary_max_tokens is None else policy.summary_max_tokens
 
 
+def fixed_tokens(tok: Any, sess: Session) -> int:
+    """Tokens of what no compaction can shorten: the system prompt and the tool definitions, rendered as
+    every turn renders them (with an empty user message, which the fallback format needs)."""
+    msgs = ([{"role": "system", "content": sess.system_prompt}] if sess.system_prompt else []) + [
+        {"role": "user", "content": ""}]
+    text = render_chat(tok, msgs, tools=sess.tools or None, tool_choice="auto" if sess.tools else None,
+                       add_generation_prompt=False)
+    return len(tok.encode(text, add_special_tokens=False))
+
+
+def fit_policy(policy: CompactionPolicy, window: int, fixed: int) -> CompactionPolicy:
+    """The policy with its unset sizes filled for this window and this session's fixed part (`fixed`: system
+    prompt and tools). Defaults: a summary of up to min(384, window / 8) tokens and about min(1024,
+    window / 4) recent tokens kept, each cut so that the compacted context (fixed part, summary, recent
+    turns) takes at most half of the room the fixed part leaves below the threshold: the rest is for the
+    turns until the next compaction. Without that cut a session whose tools fill most of a small window
+    (a 4,096 window with 2,900 tokens of tool definitions) could never compact: the fixed sizes alone
+    made the compacted context longer than the one it replaced. Sizes given explicitly are kept."""
+    room = (policy.threshold_tokens or window - summary_limit(policy, window) - 128) - fixed
+    if room < 64:
+        raise CompactionError(f"the system prompt and tool definitions take {fixed} of the window's {window} tokens: "
+                              "no room is left for a summary and recent turns")
+    summary = policy.summary_max_tokens
+    if summary is None:
+        summary = max(16, min(summary_limit(policy, window), room // 4))
+    recent = policy.keep_recent_tokens
+    if recent is None:
+        recent = max(0, min(1024, window // 4, room // 2 - summary))
+    return dataclasses.replace(policy, keep_recent_tokens=recent, summary_max_tokens=summary)
+
+
 def default_threshold(policy: CompactionPolicy, window: int, max_tokens: int) -> int:
     """Where to compact by default: before the next step (`max_tokens`) stops fitting, and early enough
     that the summary turn (the context so far, the request, the summary) still fits, so it reads the
@@ -116,9 +147,7 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
     e = aeng.engine
     tok = e.tokenizer
     n = e.max_model_len
-    policy = dataclasses.replace(
-        policy, keep_recent_tokens=min(1024, n // 4) if policy.keep_recent_tokens is None else policy.keep_recent_tokens,
-        summary_max_tokens=summary_limit(policy, n))
+    policy = fit_policy(policy, n, fixed_tokens(tok, sess))
     cut = choose_cut(tok, sess, policy.keep_recent_tokens)
     start, _ = _visible(sess)
     # the summary turn reads the session as it was up to the cut, spliced onto the stored ids (cached)
