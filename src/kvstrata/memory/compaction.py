@@ -148,7 +148,7 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
     tok = e.tokenizer
     n = e.max_model_len
     policy = fit_policy(policy, n, fixed_tokens(tok, sess))
-    cut = choose_cut(tok, sess, policy.keep_recent_tokens)
+    cut = choose_cut(tok, sess, policy.keep_recent_tokens or 0)
     start, _ = _visible(sess)
     # the summary turn reads the session as it was up to the cut, spliced onto the stored ids (cached)
     view = copy.copy(sess)
