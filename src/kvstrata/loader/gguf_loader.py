@@ -176,8 +176,10 @@ def load_gguf(path: str, dtype: torch.dtype):
     sid = source_id(g)
     start, end = g.metadata_span
     digest = hashlib.sha256(g.raw_bytes(start, end)).hexdigest()
-    # Built on its own thread: loading tokenizer.json (or converting it, the first time) overlaps with
-    # reading and packing the weights, which run mostly outside the GIL.
+    # Built on its own thread, so a first start's conversion (seconds of Python) can overlap with
+    # building the int8 weights in torch ops, which release the GIL. A cached start gains little:
+    # tokenizers' from_file holds the GIL for its ~0.12 s (measured with a thread spinning beside it), so
+    # the engine's thread waits for it in Thread.start.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstrata-tokenizer")
     tok = pool.submit(tokenizer_from_gguf, path, g.metadata, digest, kvstrata_home() / "tokenizers", cfg.eos_token_ids)
     pool.shutdown(wait=False)
