@@ -6,7 +6,8 @@ Steps (each skipped when its output already exists; a stamp file makes a full re
 2. extract it into the cache directory
 3. CMake-configure ``vendor/llama.cpp`` for the CPU (no CURL, no OpenSSL, no web-UI download, static
    libraries, native CPU flags) and build the targets ``llama-server`` and ``llama-bench`` with ``-j2``
-   under ``nice``
+   under ``nice``; where the CPU lists AMX but a probe's tile instruction faults (a VM), without AMX
+   (the bindings of step 4 do not get this yet)
 4. only with ``--bindings`` (or ``KVSTRATA_PEER_BINDINGS=1``): build a wheel of the llama-cpp-python
    bindings from the same sdist (``CMAKE_ARGS`` CPU-only) once into the cache, then ``pip install``
    it into the running interpreter's environment. Off by default: the wheel compiles ggml and
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +60,53 @@ CMAKE_OPTIONS = [
     "-DLLAMA_BUILD_SERVER=ON",
 ]
 TARGETS = ["llama-server", "llama-bench"]
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# Executes one AMX tile instruction after asking the kernel for the tile state (ARCH_REQ_XCOMP_PERM).
+AMX_PROBE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    if (syscall(SYS_arch_prctl, 0x1023, 18)) return 2;
+    struct { uint8_t palette, start; uint8_t r[14]; uint16_t colsb[16]; uint8_t rows[16]; } __attribute__((packed)) cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1; cfg.colsb[0] = 64; cfg.rows[0] = 16;
+    _tile_loadconfig(&cfg);
+    _tile_zero(0);
+    _tile_release();
+    return 0;
+}
+"""
+
+
+def amx_faults() -> bool:
+    """True where the CPU lists AMX but its tile instructions fault. Seen on a VM (Xeon, kernel 6.18)
+    whose kernel grants the tile permission but where `tilezero` raises SIGILL: -march=native then builds
+    llama.cpp's AMX kernels, and llama-server dies at its first matrix product."""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if "amx_tile" not in flags.split() or cc is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "amx.c", Path(d) / "amx"
+        src.write_text(AMX_PROBE)
+        if subprocess.run([cc, "-O1", "-mamx-tile", str(src), "-o", str(exe)], capture_output=True).returncode:
+            return False  # a compiler without AMX support builds no AMX kernels either
+        return subprocess.run([str(exe)], capture_output=True).returncode != 0
+
+
+def cmake_options() -> list[str]:
+    """CMAKE_OPTIONS, and where AMX faults (`amx_faults`) the AMX instructions -march=native would enable
+    turned off (explicit -mno- flags win over -march's, in either order)."""
+    if not amx_faults():
+        return list(CMAKE_OPTIONS)
+    say("this CPU lists AMX but its tile instructions fault here: building llama.cpp without AMX")
+    return [*CMAKE_OPTIONS, f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 BINDINGS_CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF "
                        "-DLLAVA_BUILD=OFF")  # no multimodal library: the benchmarks do not use it
 
@@ -109,10 +158,11 @@ def extract(root: Path, sdist: Path, version: str) -> Path:
 
 def build_llamacpp(root: Path, src: Path, version: str, jobs: int) -> tuple[dict, list[list[str]], float]:
     llama_src = src / "vendor" / "llama.cpp"
-    build = root / "build" / f"llama.cpp-{version}"
+    options = cmake_options()
+    build = root / "build" / (f"llama.cpp-{version}" + ("-noamx" if options != CMAKE_OPTIONS else ""))
     log = root / "logs" / "build.log"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    configure = ["cmake", "-S", str(llama_src), "-B", str(build), *gen, *CMAKE_OPTIONS]
+    configure = ["cmake", "-S", str(llama_src), "-B", str(build), *gen, *options]
     compile_ = [*nice_prefix(), "cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs)]
     seconds = 0.0
     if not (build / "CMakeCache.txt").is_file():
@@ -169,7 +219,8 @@ def prepare(*, bindings: bool = False, force: bool = False, jobs: int = 2,
     stamp_file = stamp_path(version)
     if stamp_file.is_file() and not force:
         stamp = json.loads(stamp_file.read_text())
-        if all(Path(p).is_file() for p in stamp["binaries"].values()) and (
+        built_for = Path(stamp["binaries"]["llama-server"]).parent.parent.name.endswith("-noamx")
+        if all(Path(p).is_file() for p in stamp["binaries"].values()) and built_for == amx_faults() and (
             not bindings or bindings_installed(version)
         ):
             say(f"llama.cpp peer {version} ready (cached in {root}; --force rebuilds)")
