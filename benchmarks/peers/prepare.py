@@ -20,6 +20,7 @@ Usage: ``python -m benchmarks.peers.prepare [--bindings] [--force] [--jobs 2]``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -81,6 +82,7 @@ int main(void) {
 """
 
 
+@functools.lru_cache(maxsize=1)
 def amx_faults() -> bool:
     """True where the CPU lists AMX but its tile instructions fault. Seen on a VM (Xeon, kernel 6.18)
     whose kernel grants the tile permission but where `tilezero` raises SIGILL: -march=native then builds
@@ -100,10 +102,10 @@ def amx_faults() -> bool:
         return subprocess.run([str(exe)], capture_output=True).returncode != 0
 
 
-def cmake_options() -> list[str]:
-    """CMAKE_OPTIONS, and where AMX faults (`amx_faults`) the AMX instructions -march=native would enable
+def cmake_options(amx: str) -> list[str]:
+    """CMAKE_OPTIONS; with `amx` "off" (`amx_faults`) the AMX instructions -march=native would enable
     turned off (explicit -mno- flags win over -march's, in either order)."""
-    if not amx_faults():
+    if amx != "off":
         return list(CMAKE_OPTIONS)
     say("this CPU lists AMX but its tile instructions fault here: building llama.cpp without AMX")
     return [*CMAKE_OPTIONS, f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
@@ -156,10 +158,10 @@ def extract(root: Path, sdist: Path, version: str) -> Path:
     return src
 
 
-def build_llamacpp(root: Path, src: Path, version: str, jobs: int) -> tuple[dict, list[list[str]], float]:
+def build_llamacpp(root: Path, src: Path, version: str, jobs: int, amx: str = "native") -> tuple[dict, list[list[str]], float]:
     llama_src = src / "vendor" / "llama.cpp"
-    options = cmake_options()
-    build = root / "build" / (f"llama.cpp-{version}" + ("-noamx" if options != CMAKE_OPTIONS else ""))
+    options = cmake_options(amx)
+    build = root / "build" / (f"llama.cpp-{version}" + ("-noamx" if amx == "off" else ""))
     log = root / "logs" / "build.log"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = ["cmake", "-S", str(llama_src), "-B", str(build), *gen, *options]
@@ -217,10 +219,10 @@ def prepare(*, bindings: bool = False, force: bool = False, jobs: int = 2,
     """Build what is missing and return the stamp (also written to `stamp_path(version)`)."""
     root = cache_dir()
     stamp_file = stamp_path(version)
+    amx = "off" if amx_faults() else "native"  # a build with AMX where it faults is rebuilt without
     if stamp_file.is_file() and not force:
         stamp = json.loads(stamp_file.read_text())
-        built_for = Path(stamp["binaries"]["llama-server"]).parent.parent.name.endswith("-noamx")
-        if all(Path(p).is_file() for p in stamp["binaries"].values()) and built_for == amx_faults() and (
+        if all(Path(p).is_file() for p in stamp["binaries"].values()) and stamp.get("amx", "native") == amx and (
             not bindings or bindings_installed(version)
         ):
             say(f"llama.cpp peer {version} ready (cached in {root}; --force rebuilds)")
@@ -229,11 +231,12 @@ def prepare(*, bindings: bool = False, force: bool = False, jobs: int = 2,
     t0 = time.monotonic()
     sdist = download_sdist(root, version)
     src = extract(root, sdist, version)
-    binaries, build_cmds, build_s = build_llamacpp(root, src, version, jobs)
+    binaries, build_cmds, build_s = build_llamacpp(root, src, version, jobs, amx)
     stamp = {
         "llama_cpp_python": version,
         "llama_cpp_commit": LLAMA_CPP_COMMIT,
         "binaries": binaries,
+        "amx": amx,
         "build_commands": [shlex.join(c) for c in build_cmds],
         "build_seconds": round(build_s, 1),
         "compiler": subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1],

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,7 @@ def test_prepare_is_instant_when_stamped(tmp_path, monkeypatch, capsys):
     from benchmarks.peers import prepare
 
     monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))
+    monkeypatch.setattr(prepare, "amx_faults", lambda: False)
     exe = tmp_path / "bin"
     exe.write_text("")
     stamp = {"llama_cpp_python": "x", "binaries": {"llama-server": str(exe), "llama-bench": str(exe)}}
@@ -62,6 +64,39 @@ def test_prepare_is_instant_when_stamped(tmp_path, monkeypatch, capsys):
     common.stamp_path().write_text(json.dumps(stamp))
     assert prepare.prepare(bindings=False) == stamp
     assert "ready" in capsys.readouterr().out
+
+
+def test_a_build_with_amx_is_redone_without_where_amx_faults(tmp_path, monkeypatch):
+    """A stamp from a build with AMX (or from before the probe) on a CPU whose tile instructions fault
+    (llama-server died with SIGILL there) is rebuilt, into its own directory, with AMX turned off."""
+    from benchmarks.peers import prepare
+
+    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))
+    monkeypatch.setattr(prepare, "amx_faults", lambda: True)
+    exe = tmp_path / "bin"
+    exe.write_text("")
+    common.stamp_path().parent.mkdir(parents=True)
+    common.stamp_path().write_text(json.dumps({"binaries": {"llama-server": str(exe), "llama-bench": str(exe)}}))
+    runs: list[list[str]] = []
+
+    def fake_run(cmd, **kw):
+        runs.append(cmd)
+        if "--build" in cmd:  # the compile step: the binaries appear
+            for t in prepare.TARGETS:
+                (Path(cmd[cmd.index("--build") + 1]) / "bin").mkdir(parents=True, exist_ok=True)
+                (Path(cmd[cmd.index("--build") + 1]) / "bin" / t).write_text("")
+        return 0.0
+
+    monkeypatch.setattr(prepare, "run", fake_run)
+    monkeypatch.setattr(prepare, "download_sdist", lambda root, version: tmp_path / "sdist.tar.gz")
+    monkeypatch.setattr(prepare, "extract", lambda root, sdist, version: tmp_path / "src")
+    stamp = prepare.prepare(bindings=False)
+    configure = next(c for c in runs if c[0] == "cmake" and "-S" in c)
+    assert f"-DCMAKE_CXX_FLAGS={prepare.NO_AMX}" in configure and "-mno-amx-int8" in prepare.NO_AMX
+    assert stamp["amx"] == "off" and Path(stamp["binaries"]["llama-server"]).parts[-3].endswith("-noamx")
+    assert json.loads(common.stamp_path().read_text())["amx"] == "off"
+    runs.clear()
+    assert prepare.prepare(bindings=False)["amx"] == "off" and not runs  # stamped: instant from here on
 
 
 def test_free_port_is_bindable():
