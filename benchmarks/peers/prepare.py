@@ -239,7 +239,8 @@ def prepare(*, bindings: bool = False, force: bool = False, jobs: int = 2,
         "amx": amx,
         "build_commands": [shlex.join(c) for c in build_cmds],
         "build_seconds": round(build_s, 1),
-        "compiler": subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1],
+        "compiler": (subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+                     if shutil.which("c++") else []),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "bindings": None,
     }
