@@ -37,15 +37,19 @@ def ceilings(quick: bool = False, redis_url: str | None = None) -> dict:
     return {**{k: getattr(p, k) for k in keys}, "profile": p}
 
 
+def cpu_info(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ("model name", "flags"), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.split(":", 1)[0].strip() == field), "")
+    except OSError:
+        return ""
+
+
 def machine() -> str:
     """Architecture, CPU model (figures from machines that differ only in it are not comparable: the VMs
     these ran on were AMD EPYC and, later, Intel Xeon), cores and Python."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
+    model = cpu_info("model name")
     return f"{platform.machine()}{', ' + model if model else ''}, {os.cpu_count()} cores, {platform.python_version()}"
 
 

@@ -87,12 +87,10 @@ def amx_faults() -> bool:
     """True where the CPU lists AMX but its tile instructions fault. Seen on a VM (Xeon, kernel 6.18)
     whose kernel grants the tile permission but where `tilezero` raises SIGILL: -march=native then builds
     llama.cpp's AMX kernels, and llama-server dies at its first matrix product."""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return False
+    from benchmarks.common import cpu_info
+
     cc = shutil.which("cc") or shutil.which("gcc")
-    if "amx_tile" not in flags.split() or cc is None:
+    if "amx_tile" not in cpu_info("flags").split() or cc is None:
         return False
     with tempfile.TemporaryDirectory() as d:
         src, exe = Path(d) / "amx.c", Path(d) / "amx"

@@ -65,9 +65,7 @@ def fixed_tokens(tok: Any, sess: Session) -> int:
     every turn renders them (with an empty user message, which the fallback format needs)."""
     msgs = ([{"role": "system", "content": sess.system_prompt}] if sess.system_prompt else []) + [
         {"role": "user", "content": ""}]
-    text = render_chat(tok, msgs, tools=sess.tools or None, tool_choice="auto" if sess.tools else None,
-                       add_generation_prompt=False)
-    return len(tok.encode(text, add_special_tokens=False))
+    return len(_context_ids(tok, sess, msgs))
 
 
 def fit_policy(policy: CompactionPolicy, window: int, fixed: int) -> CompactionPolicy:
@@ -78,7 +76,7 @@ def fit_policy(policy: CompactionPolicy, window: int, fixed: int) -> CompactionP
     turns until the next compaction. Without that cut a session whose tools fill most of a small window
     (a 4,096 window with 2,900 tokens of tool definitions) could never compact: the fixed sizes alone
     made the compacted context longer than the one it replaced. Sizes given explicitly are kept."""
-    room = (policy.threshold_tokens or window - summary_limit(policy, window) - 128) - fixed
+    room = (policy.threshold_tokens or default_threshold(policy, window, 0)) - fixed
     if room < 64:
         raise CompactionError(f"the system prompt and tool definitions take {fixed} of the window's {window} tokens: "
                               "no room is left for a summary and recent turns")
@@ -192,9 +190,11 @@ async def compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, 
     return res
 
 
-def _context_ids(tok: Any, sess: Session) -> list[int]:
-    """The token ids of the session's context as the next turn renders it (without the generation prompt)."""
-    text = render_chat(tok, turns.history(sess), tools=sess.tools or None, tool_choice="auto" if sess.tools else None,
+def _context_ids(tok: Any, sess: Session, messages: list[dict] | None = None) -> list[int]:
+    """The token ids of the session's context as the next turn renders it (without the generation prompt);
+    `messages` in place of its history where given, with its tools."""
+    msgs = turns.history(sess) if messages is None else messages
+    text = render_chat(tok, msgs, tools=sess.tools or None, tool_choice="auto" if sess.tools else None,
                        add_generation_prompt=False)
     return tok.encode(text, add_special_tokens=False)
 
