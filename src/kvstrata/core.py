@@ -210,3 +210,8 @@ class RequestOutput:
     @property
     def text(self) -> str:
         return self.outputs[0].text
+
+
+def dtype_name(dtype) -> str:
+    """A dtype's plain name ("float16") from the name itself, a torch dtype or a numpy dtype."""
+    return str(dtype).removeprefix("torch.")

@@ -12,26 +12,37 @@ is saved once under $KVSTRATA_HOME/layouts, one file per checkpoint path (~250 M
 model), and memory-mapped on later starts after its checks (loader/tensor_file.py). It is keyed by the
 checkpoint's identity (path, size, mtime, sampled content: loader.file_identity): when the checkpoint
 changes, or is touched, it is rebuilt and overwritten. KVSTRATA_LAYOUT_CACHE=0 turns it off.
+
+The file also holds the RoPE cos / sin tables for every position the model has (as model/layers.py
+builds them in torch), so the native step can start from the file alone without importing torch
+(`cached_int8_arrays`, ~1.1 s of a 1.6 s start here); the LlamaModel is then built from the same
+arrays only when something asks for it (`int8_model_from_arrays`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import threading
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+import numpy as np
 
-from kvstrata.model.llama import LlamaModel
-from kvstrata.model.quant import PerTokenInt8Linear
+if TYPE_CHECKING:
+    import torch
+
+    from kvstrata.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
-LAYOUT_VERSION = "int8-v2"  # bump when what is stored, or how it is built, changes (v2: XXH3 checksums)
+# bump when what is stored, or how it is built, changes (v2: XXH3 checksums; v3: the RoPE tables)
+LAYOUT_VERSION = "int8-v3"
 _INT8_W, _INT8_S = ".int8_weight", ".int8_scale"
+ROPE_COS, ROPE_SIN = "rotary.cos_table", "rotary.sin_table"  # (num_positions, head_dim) float32
 _NO_INIT_LOCK = threading.Lock()
 
 
@@ -39,6 +50,8 @@ _NO_INIT_LOCK = threading.Lock()
 def _no_init():
     """nn.Linear and nn.Embedding constructors skip their random initializers while this is held (one
     holder at a time: the patched class attributes are process-wide)."""
+    from torch import nn
+
     with _NO_INIT_LOCK:
         saved = [(cls, cls.__dict__["reset_parameters"]) for cls in (nn.Linear, nn.Embedding)]
         try:
@@ -53,6 +66,8 @@ def _no_init():
 def _skeleton(lm, dtype: torch.dtype) -> LlamaModel:
     """A LlamaModel whose parameters are uninitialized CPU memory (allocated, never touched, so never
     resident): every one is replaced from the checkpoint before use."""
+    from kvstrata.model.llama import LlamaModel
+
     with _no_init():
         return LlamaModel(lm.config, dtype, lm.rope_freqs)
 
@@ -77,12 +92,24 @@ def layout_path(lm) -> Path:
 
 
 def _identity(lm) -> str:
-    return f"{LAYOUT_VERSION}|torch {torch.__version__}|{lm.identity}"
+    return f"{LAYOUT_VERSION}|torch {_torch_version()}|{lm.identity}"
+
+
+@functools.cache
+def _torch_version() -> str:
+    """torch's version as installed, read without importing it."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        import torch
+
+        return torch.__version__
 
 
 def save_int8_layout(lm, model: LlamaModel) -> None:
     """Stores an int8 model's built weights (before the engine releases its plain int8 copies)."""
     from kvstrata.loader.tensor_file import save_tensors
+    from kvstrata.model.quant import PerTokenInt8Linear
 
     state: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
@@ -91,27 +118,52 @@ def save_int8_layout(lm, model: LlamaModel) -> None:
             state[name + _INT8_W], state[name + _INT8_S] = mod.int8
     for name, p in model.named_parameters():
         state[name] = p.detach()
+    import torch
+
+    n = lm.config.max_position_embeddings  # (the engine slices its max_model_len from these)
+    state[ROPE_COS], state[ROPE_SIN] = (t.to(torch.float32).contiguous() for t in model.rotary._cos_sin(torch.arange(n)))
     if save_tensors(layout_path(lm), _identity(lm), state):
         log.info("cached the int8 layout of %s at %s", lm.path, layout_path(lm))
 
 
+def cached_int8_arrays(lm) -> dict[str, np.ndarray] | None:
+    """The int8 layout of `lm` as numpy views of its file (no torch import), or None when there is no
+    trustworthy entry, or one this engine cannot read without torch (bfloat16 tensors, no RoPE tables)."""
+    from kvstrata.loader.tensor_file import load_arrays
+
+    got = load_arrays(layout_path(lm), _identity(lm))
+    if got is None or ROPE_COS not in got or any(dtype == "bfloat16" for _, dtype in got.values()):
+        return None
+    return {name: a for name, (a, _) in got.items()}
+
+
 def cached_int8_model(lm) -> LlamaModel | None:
     """The int8 model from the layout cache, or None when there is no trustworthy entry for `lm`."""
-    from kvstrata.loader.tensor_file import load_tensors
+    arrays = cached_int8_arrays(lm)
+    return None if arrays is None else int8_model_from_arrays(lm, arrays)
 
-    path = layout_path(lm)
-    state = load_tensors(path, _identity(lm))
-    if state is None:
-        return None
+
+def int8_model_from_arrays(lm, arrays: dict[str, np.ndarray]) -> LlamaModel | None:
+    """The int8 LlamaModel over the layout's arrays (shared, not copied), with the stored RoPE tables for
+    every position; None (logged) when they do not fit the model."""
+    from kvstrata.loader.tensor_file import as_tensor
+
+    state = {k: as_tensor(a, str(a.dtype)) for k, a in arrays.items()}
     try:
-        return _int8_model_from_state(lm, state)
+        model = _int8_model_from_state(lm, state)
     except (KeyError, ValueError, RuntimeError, AttributeError) as e:  # a layout of another shape
-        log.warning("ignoring the cached layout %s (it will be rebuilt): %s", path, e)
+        log.warning("ignoring the cached layout %s (it will be rebuilt): %s", layout_path(lm), e)
         return None
+    model.rotary.cos_table, model.rotary.sin_table = state[ROPE_COS], state[ROPE_SIN]
+    return model
 
 
 def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
+    import torch
+    from torch import nn
+
     from kvstrata.loader.tensor_file import drop_pages
+    from kvstrata.model.quant import PerTokenInt8Linear
 
     if "x86" in torch.backends.quantized.supported_engines:  # as quantize_model_int8 sets it (before packing)
         torch.backends.quantized.engine = "x86"
@@ -124,7 +176,7 @@ def _int8_model_from_state(lm, state: dict[str, torch.Tensor]) -> LlamaModel:
                                   mapped=True)
 
     modules = [build(name) for name in names]  # (fbgemm packs on the torch path's first use: quant.py)
-    placed, assigned = set(), set()
+    placed, assigned = {ROPE_COS, ROPE_SIN}, set()
     for name, mod in zip(names, modules):
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, mod)

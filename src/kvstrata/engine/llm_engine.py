@@ -1,4 +1,11 @@
-"""The synchronous engine: add requests, step (schedule -> run model -> sample -> update), collect outputs."""
+"""The synchronous engine: add requests, step (schedule -> run model -> sample -> update), collect outputs.
+
+On the CPU fast path (int8 weights from the layout cache, the native step) the engine is built and runs
+without importing torch: the native step reads the layout's arrays, the KV pool is numpy over anonymous
+maps, greedy sampling is numpy. torch (~1.1 s to import on a 2-core machine, most of a 1.6 s start) is
+imported only when something needs it: a sampled or grammar-constrained request, logprobs, a KV tier,
+the torch path (`model`, built from the same arrays on first use), or the torch views of the pool.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,11 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence as Seq
-
-import torch
+from typing import TYPE_CHECKING, Sequence as Seq
 
 from kvstrata.config import EngineConfig
 from kvstrata.core import (
@@ -26,8 +33,10 @@ from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler, next_token
 from kvstrata.engine.speculative import (MAX_DRAFT, DraftStats, NgramDrafter, OutputHistory, StepCost, draft_budget,
                                          expected_accepted)
-from kvstrata.engine.setup import (auto_quantization, build_model, keep_freed_host_memory, pool_blocks, release_int8_copies,
-                                   resolve_device_dtype, resolve_kv_dtype, setup_native_decode, trim_freed_host_memory)
+from kvstrata.engine.layout import int8_model_from_arrays
+from kvstrata.engine.setup import (auto_quantization, build_model, device_dtype_names, device_type, keep_freed_host_memory,
+                                   layout_arrays, pool_blocks, release_int8_copies, resolve_kv_dtype, setup_native_decode,
+                                   trim_freed_host_memory)
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.pool import BlockPool
@@ -37,6 +46,11 @@ from kvstrata.sched.scheduler import Scheduler
 from kvstrata.sched.sequence import Sequence
 from kvstrata.startup import Phases, arena_key, gc_paused, release_gc, remember_arena
 from kvstrata.tokenizer.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstrata.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -59,43 +73,49 @@ class LLMEngine:
     def _build(self, cfg: EngineConfig, loaded) -> None:
         # the settings as given (the command line names them so before the engine resolves `auto`)
         hint_key = arena_key(cfg.model, cfg.quantization, cfg.device, cfg.dtype)
-        self.device, self.dtype = resolve_device_dtype(cfg)
+        self.device_name, self.dtype_name = device_dtype_names(cfg)  # ("cpu", "float32"): torch not needed
+        self.device_type = device_type(self.device_name)
         if cfg.quantization == "auto":  # resolved once, so the fingerprint and the config name the real mode
-            cfg = dataclasses.replace(cfg, quantization=auto_quantization(self.device, self.dtype))
+            cfg = dataclasses.replace(cfg, quantization=auto_quantization(self.device_name, self.dtype_name))
         self.config = cfg
         phases = Phases()
-        if self.device.type == "cpu":
-            if cfg.num_threads:
-                torch.set_num_threads(cfg.num_threads)
+        if self.device_type == "cpu":
             keep_freed_host_memory()
-        lm = loaded if loaded is not None else load_model(cfg.model, self.dtype)
+        lm = loaded if loaded is not None else load_model(cfg.model, self.dtype_name)
         phases.mark("metadata")
         self.model_config = mc = lm.config
         self.model_path = lm.path
         self.quantization = lm.quantization
-        self.model = build_model(lm, self.dtype, self.device, cfg.quantization)
+        self._lm, self._model, self._model_lock = lm, None, threading.Lock()
+        # the int8 layout's arrays where the layout cache holds this model (read without torch)
+        self._layout = layout_arrays(lm, self.dtype_name, self.device_name, cfg.quantization)
+        if self._layout is None:
+            self._set_torch_threads()
+            self._model = build_model(lm, self.dtype_name, self.device_name, cfg.quantization)
         phases.mark("weights")
         self.tokenizer = lm.tokenizer  # (loaded meanwhile, see loader/gguf_loader.py)
-        if self.device.type == "cpu":
+        if self.device_type == "cpu":
             trim_freed_host_memory()
         phases.mark("tokenizer")
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if mc.sliding_window and self.max_model_len > mc.sliding_window:
             log.warning("capping max_model_len to the model's sliding window %d", mc.sliding_window)
             self.max_model_len = mc.sliding_window
-        self.model.rotary.build_table(self.max_model_len, self.dtype)
-        # The fingerprint names everything that makes a KV block's bytes what they are.
+        if self._model is not None:
+            self._set_rope(self._model)
+        # The fingerprint names everything that makes a KV block's bytes what they are (dtypes as torch
+        # names them: "torch.float32", as caches written before have them).
         fp = hashlib.sha256()
-        self.kv_dtype = resolve_kv_dtype(cfg, self.dtype, cfg.quantization)
-        for part in (lm.source_id, str(self.dtype), "layout:LBSHD", cfg.block_size, mc.rope_theta, mc.rope_scaling,
-                     cfg.quantization):
+        self.kv_dtype_name = resolve_kv_dtype(cfg, self.dtype_name, cfg.quantization)
+        for part in (lm.source_id, f"torch.{self.dtype_name}", "layout:LBSHD", cfg.block_size, mc.rope_theta,
+                     mc.rope_scaling, cfg.quantization):
             fp.update(str(part).encode())
-        if self.kv_dtype != self.dtype:  # (only then, so caches written before this option keep their name)
-            fp.update(f"kv:{self.kv_dtype}".encode())
+        if self.kv_dtype_name != self.dtype_name:  # (only then, so caches written before this option keep their name)
+            fp.update(f"kv:torch.{self.kv_dtype_name}".encode())
         self.fingerprint = fp.hexdigest()
-        nblocks = pool_blocks(cfg, mc, self.kv_dtype, self.device, self.max_model_len)
-        self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype,
-                              self.device)
+        nblocks = pool_blocks(cfg, mc, self.kv_dtype_name, self.device_name, self.max_model_len)
+        self.pool = BlockPool(nblocks, cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype_name,
+                              self.device_name)
         self.kv = KVManager(self.pool, self.fingerprint, cfg.enable_prefix_caching)
         phases.mark("rope+pool")
         stack = build_tier_stack(cfg, self.fingerprint, self.pool)
@@ -106,12 +126,27 @@ class LLMEngine:
         self.placement = PlacementModel(None, model_spec(mc), self.offload.tier_names if self.offload else [])
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.program_priority)
         self.scheduler.on_preempt = self._on_preempt
-        self.runner = ModelRunner(self.model, self.kv, self.device)
-        self.runner.native = setup_native_decode(cfg, self.model, self.pool, self.device)
+        self.runner = ModelRunner(self._get_model, self.kv, self.device_name)
+        if self._layout is not None:
+            from kvstrata.native.decode import LayoutWeights
+
+            weights = LayoutWeights(mc, self._layout, self.max_model_len)
+            self.runner.native = setup_native_decode(cfg, weights, self.pool, self.device_name)
+        else:
+            self.runner.native = setup_native_decode(cfg, self._model, self.pool, self.device_name)
         if self.runner.native is not None and loaded is None:  # the next start of these settings backs it early
             remember_arena(hint_key, self.runner.native.weight_bytes)
-        release_int8_copies(self.model)
-        if self.device.type == "cpu":
+        if self._model is not None:
+            release_int8_copies(self._model)
+        elif self.runner.native is not None:  # the native step copied the layout's int8 weights: their pages go back
+            from kvstrata.loader.tensor_file import drop_pages
+
+            for name, a in self._layout.items():  # type: ignore[union-attr]
+                if name.endswith(".int8_weight"):
+                    drop_pages(a)
+        else:  # no native step: every step runs on the torch path
+            self._get_model()
+        if self.device_type == "cpu":
             trim_freed_host_memory()
         phases.mark("native step")
         self.start_phases = phases
@@ -124,7 +159,7 @@ class LLMEngine:
         self.shared_outputs = (OutputHistory(cfg.speculative_shared) if self.speculative and cfg.speculative_shared
                                else None)
         self.draft_stats = DraftStats()  # acceptance per kind of draft, learned over this engine's requests
-        self.step_cost = (StepCost.of(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, self.pool.k.element_size(),
+        self.step_cost = (StepCost.of(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, self.pool.element_size,
                                       self.runner.native.weight_bytes) if self.speculative else None)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -134,10 +169,63 @@ class LLMEngine:
                          "accepted_draft_tokens": 0}
         log.info("engine ready in %.1fs: %s, KV pool up to %d blocks of %d tokens (%.0f MiB, committed as used), "
                  "device %s, dtype %s, quantization %s, native decode %s", phases.total, mc.name or cfg.model, nblocks,
-                 cfg.block_size, nblocks * self.pool.block_bytes / 2**20, self.device,
-                 self.dtype if self.kv_dtype == self.dtype else f"{self.dtype}, KV {self.kv_dtype}", cfg.quantization,
-                 "on" if self.runner.native is not None else "off")
-        log.debug("start phases (s): %s", phases.report())
+                 cfg.block_size, nblocks * self.pool.block_bytes / 2**20, self.device_name,
+                 self.dtype_name if self.kv_dtype_name == self.dtype_name else f"{self.dtype_name}, KV {self.kv_dtype_name}",
+                 cfg.quantization, "on" if self.runner.native is not None else "off")
+        log.debug("start phases (s): %s%s", phases.report(), "" if "torch" in sys.modules else " (torch not imported)")
+
+    # -- torch, and the model, where needed -------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device(self.device_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.kv_dtype_name)
+
+    @property
+    def model(self) -> LlamaModel:
+        """The LlamaModel (the torch path's); an engine started from the layout cache builds it now, over
+        the same arrays the native step was given."""
+        return self._get_model()
+
+    def _get_model(self) -> LlamaModel:
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._set_torch_threads()
+                    cfg = self.config
+                    model = int8_model_from_arrays(self._lm, self._layout) if self._layout is not None else None
+                    if model is None:
+                        model = build_model(self._lm, self.dtype_name, self.device_name, cfg.quantization)
+                    self._set_rope(model)
+                    self._model = model
+        return self._model
+
+    def _set_torch_threads(self) -> None:
+        if self.device_type == "cpu" and self.config.num_threads:
+            import torch
+
+            torch.set_num_threads(self.config.num_threads)
+
+    def _set_rope(self, model: LlamaModel) -> None:
+        """The model's RoPE tables for max_model_len positions: the layout's (the very table the native step
+        reads) where the model came from it, else built."""
+        rot = model.rotary
+        if rot.cos_table is not None and rot.cos_table.shape[0] >= self.max_model_len:
+            rot.cos_table, rot.sin_table = rot.cos_table[: self.max_model_len], rot.sin_table[: self.max_model_len]
+        else:
+            rot.build_table(self.max_model_len, self.dtype)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(
@@ -290,7 +378,7 @@ class LLMEngine:
             if budget <= 0:
                 break
 
-    def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _verify(self, seq: Sequence, logits) -> None:
         """Emit the accepted drafts and one more token from the rows (1 + k, V) of seq's last token and its
         k drafts; only the accepted tokens count as computed, so rejected rows leave nothing behind."""
         drafts, seq.draft_token_ids = seq.draft_token_ids, []

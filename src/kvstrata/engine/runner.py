@@ -2,37 +2,46 @@
 
 On CPU in float32 every step goes to the native step (native/) when the engine has one: each row's
 arithmetic is then independent of the rest of the step. The torch path below (CUDA, bf16 compute, no C
-compiler) batches rows through PyTorch kernels whose summation order can change with the batch."""
+compiler) batches rows through PyTorch kernels whose summation order can change with the batch.
+The native step needs no torch: the model, and torch with it, is asked for (`get_model`) only when a
+step takes the torch path."""
 
 from __future__ import annotations
 
 import logging
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvstrata.core import KvstrataError
 from kvstrata.kv.manager import KVManager
-from kvstrata.model.attention import PER_SEQ_DECODE_MAX, AttnMetadata, DecodeSeq, PrefillSpan
-from kvstrata.model.llama import LlamaModel
 from kvstrata.sched.scheduler import SchedulerOutput
 from kvstrata.sched.sequence import Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstrata.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVManager, device: torch.device) -> None:
-        self.model = model
+    def __init__(self, get_model: Callable[[], LlamaModel], kv: KVManager, device: Any) -> None:
+        """`get_model`: gives the model (built on first call where the engine started without it)."""
+        self.get_model = get_model
         self.kv = kv
         self.pool = kv.pool
-        self.device = device
+        self.device = device  # a torch device or its name
         self.bs = kv.block_size
         # a NativeDecoder (native/decode.py), set by the engine: every step then runs in one C call, each
         # row with the same arithmetic whatever else the step holds (batch invariance)
         self.native = None
         self.native_steps = 0
 
-    def _execute_native(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+    @property
+    def model(self) -> LlamaModel:
+        return self.get_model()
+
+    def _execute_native(self, so: SchedulerOutput) -> tuple[list[Sequence], Any]:
         """The whole step (prefill chunks and decodes of any number of sequences) in one native call."""
         bs = self.bs
         tokens: list[int] = []
@@ -59,21 +68,26 @@ class ModelRunner:
             elif start + n == seq.num_tokens:  # caught up: the last position's logits give the next token
                 out_rows.append(len(tokens) - 1)
                 seqs.append(seq)
-        t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-        logits = self.native.step(t(tokens), t(positions), t(slots), t(row_seq), tables, t(out_rows))
+        logits = self.native.step(tokens, positions, slots, row_seq, tables, out_rows)
         self.native_steps += 1
         return seqs, logits
 
-    def execute(self, so: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Runs one step. Returns the sequences that get a next token this step and their logits: one row
-        each, or 1 + len(seq.draft_token_ids) consecutive rows for a sequence with drafts."""
+    def execute(self, so: SchedulerOutput) -> tuple[list[Sequence], Any]:
+        """Runs one step. Returns the sequences that get a next token this step and their logits (a numpy
+        array from the native step, a tensor from the torch path): one row each, or
+        1 + len(seq.draft_token_ids) consecutive rows for a sequence with drafts."""
         if self.native is not None and so.scheduled:
             try:
                 return self._execute_native(so)
             except KvstrataError as e:  # the step wrote nothing it needs: the torch path redoes it
                 log.error("native step failed (%s); continuing on the torch path, which is not batch-invariant", e)
                 self.native = None
-        dev, bs = self.device, self.bs
+        import torch
+
+        from kvstrata.model.attention import PER_SEQ_DECODE_MAX, AttnMetadata, DecodeSeq, PrefillSpan
+
+        model = self.model  # (first, so a model built now sets its threads before torch runs)
+        dev, bs = torch.device(str(self.device)), self.bs
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
@@ -125,7 +139,7 @@ class ModelRunner:
         meta.slot_mapping = torch.cat(slots).to(dev)
         if not ids:
             return [], None
-        logits = self.model(
+        logits = model(
             torch.tensor(ids, device=dev),
             torch.cat(positions).to(dev),
             self.pool.k_layers,

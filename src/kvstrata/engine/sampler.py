@@ -10,22 +10,38 @@ top-k a few dozen, for top-p only the tokens that can be in the nucleus are sort
 multinomial and argmax over the default model's 49k-token row took 5 ms, 1.5 ms and 0.1 ms here, which
 made a sampled token with llama.cpp's default settings cost ~3 ms beside a ~4 ms decode step
 (`python -m benchmarks.sampling`).
+
+Logits come as torch tensors (the torch path) or numpy arrays (the native step): greedy requests never
+need torch; torch is imported where a request needs it (a seeded draw, logprobs, a grammar's mask).
 """
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from typing import TYPE_CHECKING, Any, Sequence as Seq
 
 import numpy as np
-import torch
 
 from kvstrata.core import TokenLogprob
 from kvstrata.sched.sequence import Sequence
 
+if TYPE_CHECKING:
+    import torch
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """logits (V,) for one sequence; returns a penalized copy on the CPU (or the same tensor when none
-    apply). numpy: the same rules as torch ops on the row took 0.6-0.7 ms a token here."""
+Logits = Any  # a torch tensor or a numpy array
+
+
+def _torch(x: Logits) -> torch.Tensor:
+    """The logits as a torch tensor (a numpy array shared, not copied)."""
+    if isinstance(x, np.ndarray):
+        import torch
+
+        return torch.from_numpy(x)
+    return x
+
+
+def apply_penalties(logits: Logits, seq: Sequence) -> Logits:
+    """logits (V,) for one sequence; returns a penalized copy on the CPU, of the kind given (or the same
+    row when none apply). numpy: the same rules as torch ops on the row took 0.6-0.7 ms a token here."""
     p = seq.params
     if not p.has_penalties:
         return logits
@@ -40,7 +56,7 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     if (p.frequency_penalty or p.presence_penalty) and seq.output_token_ids:  # OpenAI: output tokens only
         counts = np.bincount(np.fromiter(seq.output_token_ids, dtype=np.int64), minlength=V)[:V].astype(x.dtype)
         x -= x.dtype.type(p.frequency_penalty) * counts + x.dtype.type(p.presence_penalty) * (counts > 0)
-    return torch.from_numpy(x)
+    return x if isinstance(logits, np.ndarray) else _torch(x)
 
 
 class Distribution:
@@ -74,6 +90,8 @@ class Distribution:
 
     def draw(self, generator: torch.Generator | None) -> int:
         """One token by inverse CDF, its uniform from the request's own generator."""
+        import torch
+
         c = _cumsum(self.probs)
         u = float(torch.rand((), dtype=torch.float64, generator=generator))
         j = int(np.searchsorted(c, u * c[-1], side="right"))
@@ -86,21 +104,25 @@ _SMALL = 4096  # rows longer than this go through torch's vectorised softmax and
 
 
 def _cumsum(p: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(p).cumsum(0).numpy() if p.shape[0] > _SMALL else np.cumsum(p)
+    return _torch(p).cumsum(0).numpy() if p.shape[0] > _SMALL else np.cumsum(p)
 
 
-def _rows(t: torch.Tensor) -> np.ndarray:
-    """A tensor of logits as a numpy array, without a copy for a CPU float32 / float64 tensor."""
+def _rows(t: Logits) -> np.ndarray:
+    """Logits as a numpy array, without a copy for a CPU float32 / float64 tensor or array."""
+    if isinstance(t, np.ndarray):
+        return t if t.dtype in (np.float32, np.float64) else t.astype(np.float32)
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
         t = t.to("cpu", torch.float32)
     return t.numpy()
 
 
-def argmax(logits: torch.Tensor) -> np.ndarray:
+def argmax(logits: Logits) -> np.ndarray:
     """Index of the first maximum of each row (NaN counts as the maximum, as torch.argmax). numpy: one
     pass; torch's CPU argmax over a 49k-token row takes ~100 us here, 20x longer."""
-    if logits.device.type != "cpu":
+    if not isinstance(logits, np.ndarray) and logits.device.type != "cpu":
         return logits.argmax(-1).cpu().numpy()
     return _rows(logits).argmax(-1)
 
@@ -120,7 +142,7 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
         ids = np.flatnonzero(x >= kth)  # tokens tied with the k-th all stay
         x = x[ids]
     if x.shape[0] > _SMALL:  # a whole vocabulary: torch's vectorised softmax (numpy's exp is 5x slower here)
-        p = torch.softmax(torch.from_numpy(x), -1).double().numpy()
+        p = _torch(x).softmax(-1).double().numpy()
     else:
         p = np.exp((x - m).astype(np.float64, copy=False))
         p /= p.sum()
@@ -145,16 +167,16 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
     return Distribution(ids, p)
 
 
-def processed(seq: Sequence, row: torch.Tensor) -> torch.Tensor:
+def processed(seq: Sequence, row: Logits) -> Logits:
     """One row of logits (V,) as a request samples from it before the temperature: penalties, then its
-    grammar's mask (structured output) in the state the sequence's tokens so far left it in."""
+    grammar's mask (structured output, in torch) in the state the sequence's tokens so far left it in."""
     if seq.params.plain:
         return row
     row = apply_penalties(row, seq)
-    return seq.logits_processor.mask(row) if seq.logits_processor is not None else row
+    return seq.logits_processor.mask(_torch(row)) if seq.logits_processor is not None else row
 
 
-def next_token(seq: Sequence, row: torch.Tensor, draft: int | None = None) -> int:
+def next_token(seq: Sequence, row: Logits, draft: int | None = None) -> int:
     """The token a request emits from one row of logits (V,), given the draft proposed for it (None: no
     draft; engine/speculative.py). Greedy: the argmax (so a draft is kept iff it is the argmax). Sampling:
     the draft kept with probability p(draft), else a draw from p without it; without a draft, a draw from
@@ -168,7 +190,7 @@ def next_token(seq: Sequence, row: torch.Tensor, draft: int | None = None) -> in
         tok = int(argmax(x))
     elif draft is None:
         tok = d.draw(seq.generator)
-    elif float(torch.rand((), generator=seq.generator)) < d.prob(draft):
+    elif _uniform(seq.generator) < d.prob(draft):
         tok = draft
     else:
         rest = d.without(draft)
@@ -180,8 +202,14 @@ def next_token(seq: Sequence, row: torch.Tensor, draft: int | None = None) -> in
     return tok
 
 
+def _uniform(generator: torch.Generator | None) -> float:
+    import torch
+
+    return float(torch.rand((), generator=generator))
+
+
 class Sampler:
-    def __call__(self, seqs: Seq[Sequence], logits: torch.Tensor) -> list[int]:
+    def __call__(self, seqs: Seq[Sequence], logits: Logits) -> list[int]:
         """logits (S, V) fp32 for S sequences -> one token id each; appends logprobs when asked."""
         S = logits.shape[0]
         out = [0] * S
@@ -189,7 +217,7 @@ class Sampler:
         if len(plain_greedy) == S:  # all greedy: no gather of their rows
             out = argmax(logits).tolist()
         elif plain_greedy:
-            for i, t in zip(plain_greedy, argmax(logits[torch.tensor(plain_greedy)]).tolist()):
+            for i, t in zip(plain_greedy, argmax(logits[plain_greedy]).tolist()):
                 out[i] = t
         for i, seq in enumerate(seqs):
             if not seq.params.plain:
@@ -199,8 +227,10 @@ class Sampler:
         return out
 
 
-def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
-    lp = torch.log_softmax(logits, -1)
+def token_logprob(logits: Logits, token: int, top_n: int) -> TokenLogprob:
+    import torch
+
+    lp = torch.log_softmax(_torch(logits), -1)
     top: list[tuple[int, float]] = []
     if top_n:
         v, ix = torch.topk(lp, top_n)

@@ -1,36 +1,73 @@
-"""Engine start-up helpers: device and dtype choice, model construction, KV pool sizing."""
+"""Engine start-up helpers: device and dtype choice, model construction, KV pool sizing.
+
+Devices and dtypes are named by strings here ("cpu", "float16"), so an engine on the CPU fast path can be
+set up without importing torch (engine/llm_engine.py); `resolve_device_dtype` gives the torch objects.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-
-import torch
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kvstrata.config import EngineConfig
-from kvstrata.core import KvstrataError
-from kvstrata.engine.layout import cached_int8_model, layout_enabled, model_from_weights, save_int8_layout
+from kvstrata.core import KvstrataError, dtype_name
+from kvstrata.engine.layout import cached_int8_arrays, cached_int8_model, layout_enabled, model_from_weights, save_int8_layout
 from kvstrata.kv.pool import BlockPool
 from kvstrata.model.config import ModelConfig
-from kvstrata.model.llama import LlamaModel
-from kvstrata.model.quant import PerTokenInt8Linear
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstrata.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _torch_may_have_cuda() -> bool:
+    """Whether the installed torch could see a CUDA device, asked without importing it where possible: a
+    CPU-only build ships no libtorch_cuda / libc10_cuda."""
+    if "torch" in sys.modules:
+        return True  # (already imported: asking it is cheap)
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return True
+    lib = Path(spec.origin).parent / "lib"
+    return not lib.is_dir() or any(lib.glob("lib*cuda*.so*"))
+
+
+def device_dtype_names(cfg: EngineConfig) -> tuple[str, str]:
+    """(device, compute dtype) as names ("cpu" / "cuda:1", "float32"); imports torch only to ask for CUDA
+    where a CUDA build of torch is installed."""
+    dev = cfg.device
+    if dev == "auto" or dev.startswith("cuda"):
+        has_cuda = False
+        if _torch_may_have_cuda():
+            import torch
+
+            has_cuda = torch.cuda.is_available()
+        if dev == "auto":
+            dev = "cuda" if has_cuda else "cpu"
+        elif not has_cuda:
+            raise KvstrataError(f"device {dev!r} asked for but no CUDA device is available; use --device cpu")
+    if cfg.dtype == "auto":
+        # bf16 matmul has no native CPU support on common x86 parts (~1.3 GFLOP/s measured): fp32 there.
+        return dev, "bfloat16" if dev.startswith("cuda") else "float32"
+    return dev, cfg.dtype
 
 
 def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    dev = cfg.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise KvstrataError(f"device {dev!r} asked for but no CUDA device is available; use --device cpu")
-    device = torch.device(dev)
-    if cfg.dtype == "auto":
-        # bf16 matmul has no native CPU support on common x86 parts (~1.3 GFLOP/s measured): fp32 there.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = _DTYPES[cfg.dtype]
-    return device, dtype
+    import torch
+
+    dev, dt = device_dtype_names(cfg)
+    return torch.device(dev), getattr(torch, dt)
+
+
+def device_type(device: Any) -> str:
+    """"cpu" / "cuda" from a name ("cuda:1") or a torch device."""
+    return str(device).split(":")[0]
 
 
 def keep_freed_host_memory() -> bool:
@@ -67,10 +104,24 @@ def trim_freed_host_memory() -> None:
         pass
 
 
-def build_model(lm, dtype: torch.dtype, device: torch.device, quantization: str = "none") -> LlamaModel:
+def _layout_cacheable(lm, dtype: Any, device: Any, quantization: str) -> bool:
+    return (quantization == "int8" and device_type(device) == "cpu" and dtype_name(dtype) == "float32"
+            and layout_enabled(lm))
+
+
+def layout_arrays(lm, dtype: Any, device: Any, quantization: str):
+    """The int8 layout's arrays where this engine's model would come from the layout cache and the cache
+    holds it (read without torch), else None."""
+    return cached_int8_arrays(lm) if _layout_cacheable(lm, dtype, device, quantization) else None
+
+
+def build_model(lm, dtype: Any, device: Any, quantization: str = "none") -> LlamaModel:
     """The model the engine runs, in `quantization` (resolved, not auto). The CPU int8 path comes from the
     layout cache when it holds this checkpoint, and is stored there when built (engine/layout.py)."""
-    cache = quantization == "int8" and device.type == "cpu" and dtype == torch.float32 and layout_enabled(lm)
+    import torch
+
+    dtype, device = getattr(torch, dtype_name(dtype)), torch.device(str(device))
+    cache = _layout_cacheable(lm, dtype, device, quantization)
     if cache:
         model = cached_int8_model(lm)
         if model is not None:
@@ -86,6 +137,7 @@ def release_int8_copies(model: LlamaModel) -> None:
     back to the page cache (fbgemm's packed copy for the torch path is made from them if that path ever
     runs); copies built in memory are packed for the torch path and dropped."""
     from kvstrata.loader.tensor_file import drop_pages
+    from kvstrata.model.quant import PerTokenInt8Linear
 
     for mod in model.modules():
         if isinstance(mod, PerTokenInt8Linear):
@@ -95,22 +147,23 @@ def release_int8_copies(model: LlamaModel) -> None:
                 mod.release_int8()
 
 
-def resolve_kv_dtype(cfg: EngineConfig, dtype: torch.dtype, quantization: str) -> torch.dtype:
-    """--kv-dtype auto: float16 on the CPU int8 fast path (half the KV bytes; its accuracy bound against
-    transformers holds unchanged, tests/engine/test_reference.py), else the compute dtype (the exact
-    paths stay exact)."""
+def resolve_kv_dtype(cfg: EngineConfig, dtype: Any, quantization: str) -> str:
+    """The KV dtype's name. --kv-dtype auto: float16 on the CPU int8 fast path (half the KV bytes; its
+    accuracy bound against transformers holds unchanged, tests/engine/test_reference.py), else the compute
+    dtype (the exact paths stay exact)."""
     if cfg.kv_dtype != "auto":
-        return _DTYPES[cfg.kv_dtype]
-    return torch.float16 if quantization == "int8" and dtype == torch.float32 else dtype
+        return cfg.kv_dtype
+    return "float16" if quantization == "int8" and dtype_name(dtype) == "float32" else dtype_name(dtype)
 
 
-def auto_quantization(device: torch.device, dtype: torch.dtype) -> str:
+def auto_quantization(device: Any, dtype: Any) -> str:
     """What --quantization auto means here: int8 (and with it the native decode step) where the engine
     computes in float32 on CPU, the weights as loaded anywhere else."""
-    return "int8" if device.type == "cpu" and dtype == torch.float32 else "none"
+    return "int8" if device_type(device) == "cpu" and dtype_name(dtype) == "float32" else "none"
 
 
 def apply_quantization(model: LlamaModel, mode: str, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    import torch
     if mode == "none":
         return model
     if mode == "int8":
@@ -128,20 +181,22 @@ def apply_quantization(model: LlamaModel, mode: str, device: torch.device, dtype
     raise KvstrataError(f"unknown quantization {mode!r}; choose none, int8 or int4")
 
 
-def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, device: torch.device):
-    """The native step (native/) for this engine, or None when it is off or cannot run here.
+def setup_native_decode(cfg: EngineConfig, model, pool: BlockPool, device: Any):
+    """The native step (native/) for this engine, or None when it is off or cannot run here. `model`: a
+    LlamaModel or an int8 layout's arrays (native.decode.LayoutWeights).
 
     `auto` uses it on CPU in float32 (fp32, int8 or int4 weights) when it builds and says why when it
     does not; `on` makes any reason an error."""
     from kvstrata.startup import discard_arena, take_arena
 
-    if cfg.native_decode == "off" or (cfg.native_decode == "auto" and device.type != "cpu"):
+    on_cpu = device_type(device) == "cpu"
+    if cfg.native_decode == "off" or (cfg.native_decode == "auto" and not on_cpu):
         discard_arena()
         return None
     from kvstrata.native import library, native_status
     from kvstrata.native.decode import NativeDecoder, unsupported_reason
 
-    reason = unsupported_reason(model, pool.k.dtype) if device.type == "cpu" else "the native decode step runs on CPU"
+    reason = unsupported_reason(model, pool.dtype_name) if on_cpu else "the native decode step runs on CPU"
     lib = None
     if reason is None:
         lib = library()
@@ -153,23 +208,24 @@ def setup_native_decode(cfg: EngineConfig, model: LlamaModel, pool: BlockPool, d
         log.warning("native step off (the torch path is not batch-invariant): %s", reason)
         return None
     base, length, waited = take_arena()  # (backed while the command started, startup.py)
-    nat = NativeDecoder(model, pool, lib, (base, length))
+    nat = NativeDecoder(model, pool, lib, (base, length), threads=cfg.num_threads)
     if base:
         log.debug("weight arena: %s map backed during start-up (%.0f MiB; waited %.3f s for it)",
                   "in the" if nat.arena_mapped else "too small to use, replaced by its own:", length / 2**20, waited)
     return nat
 
 
-def pool_blocks(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_model_len: int | None = None) -> int:
+def pool_blocks(cfg: EngineConfig, mc: ModelConfig, dtype: Any, device: Any, max_model_len: int | None = None) -> int:
     """Blocks of the device KV pool: --kv-device-bytes, else --kv-device-fraction of free memory, on CPU
     at most what max_num_seqs sequences of max_model_len tokens can use. On CPU this is a cap reserved as
     address space, committed as blocks are first used (kv/pool.py); on CUDA it is allocated up front."""
     per_block = BlockPool.bytes_per_block(cfg.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
     if cfg.kv_device_bytes:
         budget = cfg.kv_device_bytes
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+    elif device_type(device) == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(str(device)))
         budget = int(free * cfg.kv_device_fraction)
     else:
         budget = int(_available_ram() * cfg.kv_device_fraction)

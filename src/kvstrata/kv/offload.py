@@ -38,6 +38,8 @@ DURABLE_KEYS_REMEMBERED = 1 << 16  # keys known written to the durable tiers (ab
 def build_tier_stack(cfg: EngineConfig, fingerprint: str, pool: BlockPool | None = None):
     """The TierStack the config asks for (host, disk, remote, fastest first), or None. With the `pool`,
     the disk tier knows how large a block can be and never reads a larger file."""
+    if not (cfg.kv_host_bytes or cfg.kv_disk_dir or cfg.kv_redis_url):
+        return None  # (before importing the tiers, which need torch)
     from kvstrata.tiers import DiskTier, HostTier, RedisTier, TierStack
     from kvstrata.tiers.codec import max_encoded_bytes
 

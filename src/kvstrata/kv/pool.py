@@ -13,6 +13,10 @@ fills it. The tensors never move: model/attention.py's
 per-layer views and the native decode step's pointers (native/decode.py) stay valid, with nothing to
 re-point. On CUDA the pool is allocated up front (device memory is the engine's alone).
 
+On CPU the maps are held as numpy arrays (`k_array`, `v_array`; bfloat16 as its 16-bit patterns), and
+`k` / `v` are torch views of them made on first use: an engine whose every step runs in the native
+step never imports torch (engine/llm_engine.py).
+
 Every block is in exactly one state (the accounting invariant `free + cached + in_use == total`):
   - free: no content worth keeping, ref_count 0; either released (in `free_ids`) or never handed out
     (ids from `num_touched` up);
@@ -28,11 +32,14 @@ import logging
 import mmap
 import sys
 from collections import OrderedDict, deque
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
+import numpy as np
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import KvstrataError, dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 _HUGE = 2 << 20
@@ -40,23 +47,34 @@ _HUGE = 2 << 20
 STAGE_BYTES = 64 << 20  # host-to-GPU restore copies are staged in pinned buffers of at most this
 
 
-def _reserved_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, mmap.mmap | None]:
-    """Zeros of `shape`, and the map behind them. On CPU (POSIX): a view of a private anonymous map whose
-    pages the kernel supplies zero-filled on first write, so nothing is resident until used. Elsewhere
-    torch.zeros (and no map)."""
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # (bfloat16: its bit patterns)
+
+
+def _reserved_zeros(shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, mmap.mmap | None]:
+    """Zeros of `shape` on the host, and the map behind them. POSIX: a view of a private anonymous map
+    whose pages the kernel supplies zero-filled on first write, so nothing is resident until used.
+    Elsewhere numpy zeros (and no map)."""
     n = 1
     for d in shape:
         n *= d
-    nbytes = n * torch.empty(0, dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS") or nbytes == 0:
-        return torch.zeros(shape, dtype=dtype, device=device), None
+    nbytes = n * ITEMSIZE[dtype]
+    if not hasattr(mmap, "MAP_ANONYMOUS") or nbytes == 0:
+        return np.zeros(shape, dtype=_NP[dtype]), None
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
     try:
         mm = mmap.mmap(-1, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
         raise KvstrataError(f"cannot reserve {nbytes} bytes of address space for the KV pool ({e.strerror}); "
                             "lower --kv-device-bytes or --kv-device-fraction") from None
-    return torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm  # the tensor keeps the map alive
+    return np.frombuffer(mm, dtype=_NP[dtype], count=n).reshape(shape), mm  # the array keeps the map alive
+
+
+def _torch_view(a: np.ndarray, dtype: str) -> torch.Tensor:
+    import torch
+
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def _advise_huge_pages(maps: list[mmap.mmap]) -> None:
@@ -82,22 +100,42 @@ class BlockPool:
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
+        dtype: Any = "float32",
+        device: Any = "cpu",
     ) -> None:
+        """`dtype`: float32, float16 or bfloat16 (a name or a torch dtype); `device`: a name or a torch
+        device."""
         assert num_blocks > 0 and block_size > 0
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k, k_map = _reserved_zeros(shape, dtype, device)
-        self.v, v_map = _reserved_zeros(shape, dtype, device)
+        self.dtype_name = dtype_name(dtype)
+        if self.dtype_name not in ITEMSIZE:
+            raise KvstrataError(f"KV pool dtype must be float32, float16 or bfloat16, got {self.dtype_name}")
+        self.element_size = ITEMSIZE[self.dtype_name]
+        self.shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.layer_stride = num_blocks * block_size * num_kv_heads * head_dim  # elements from one layer to the next
+        self.device_type = str(device).split(":")[0]
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._maps: list[mmap.mmap] = []
+        self.k_array: np.ndarray | None = None  # the host memory (CPU pools)
+        self.v_array: np.ndarray | None = None
+        if self.device_type == "cpu":
+            self.k_array, k_map = _reserved_zeros(self.shape, self.dtype_name)
+            self.v_array, v_map = _reserved_zeros(self.shape, self.dtype_name)
+            self._maps = [m for m in (k_map, v_map) if m is not None]
+        else:
+            import torch
+
+            tdt = getattr(torch, self.dtype_name)
+            self._k = torch.zeros(self.shape, dtype=tdt, device=device)
+            self._v = torch.zeros(self.shape, dtype=tdt, device=device)
         # Huge pages only once each layer's blocks in use fill one (2 MiB): advised from the start, the
         # first block of every layer would make a whole huge page resident (~120 MiB for the default model
         # before a single token is cached).
-        self._maps = [m for m in (k_map, v_map) if m is not None]
-        per_layer_block = self.k[0, 0].numel() * self.k.element_size()
+        per_layer_block = block_size * num_kv_heads * head_dim * self.element_size
         self._huge_at = -(-_HUGE // per_layer_block) if self._maps and sys.platform == "linux" else None
-        self.k_layers = list(self.k.unbind(0))  # views, one per layer
-        self.v_layers = list(self.v.unbind(0))
+        self._k_layers: list[torch.Tensor] | None = None
+        self._v_layers: list[torch.Tensor] | None = None
         self.ref_count = [0] * num_blocks
         self.block_key: list[bytes | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
@@ -108,14 +146,49 @@ class BlockPool:
         self.evict_hooks: list[EvictHook] = []
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "token_mismatch": 0}
 
+    # -- the memory ----------------------------------------------------------------------------------
+    @property
+    def k(self) -> torch.Tensor:
+        """K of every layer (num_layers, num_blocks, block_size, KVH, d) as a torch tensor (on CPU a view of
+        `k_array`, made on first use)."""
+        if self._k is None:
+            self._k = _torch_view(self.k_array, self.dtype_name)  # type: ignore[arg-type]
+        return self._k
+
+    @property
+    def v(self) -> torch.Tensor:
+        if self._v is None:
+            self._v = _torch_view(self.v_array, self.dtype_name)  # type: ignore[arg-type]
+        return self._v
+
+    @property
+    def k_layers(self) -> list[torch.Tensor]:
+        """Views of `k`, one per layer."""
+        if self._k_layers is None:
+            self._k_layers = list(self.k.unbind(0))
+        return self._k_layers
+
+    @property
+    def v_layers(self) -> list[torch.Tensor]:
+        if self._v_layers is None:
+            self._v_layers = list(self.v.unbind(0))
+        return self._v_layers
+
+    def pointers(self) -> tuple[int, int]:
+        """Addresses of the K and V memory (what the native step reads and writes)."""
+        if self.k_array is not None:
+            return self.k_array.ctypes.data, self.v_array.ctypes.data  # type: ignore[union-attr]
+        return self.k.data_ptr(), self.v.data_ptr()
+
     @staticmethod
-    def bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype=torch.float32) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    def bytes_per_block(block_size, num_layers, num_kv_heads, head_dim, dtype: Any = "float32") -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * ITEMSIZE[dtype_name(dtype)]
 
     @property
     def block_bytes(self) -> int:
         """Bytes of one block's K and V across all layers (the unit the tiers move)."""
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
+        L, _, bs, kvh, d = self.shape
+        return 2 * L * bs * kvh * d * self.element_size
 
     # -- accounting -------------------------------------------------------------------------------
     @property
@@ -215,6 +288,8 @@ class BlockPool:
 
     def block_payload(self, b: int) -> torch.Tensor:
         """(2, num_layers, block_size, KVH, d) copy of one block's K and V (the tiers' payload)."""
+        import torch
+
         return torch.stack((self.k[:, b], self.v[:, b])).contiguous()
 
     def load_payload(self, b: int, payload: torch.Tensor) -> None:
@@ -232,10 +307,12 @@ class BlockPool:
         layer and block was ~100x slower than the bus (a 4,096-token restore on an H200: 0.5 GB/s)."""
         if not blocks:
             return
-        if self.k.device.type == "cpu":
+        if self.device_type == "cpu":
             for b, p in zip(blocks, payloads):
                 self.load_payload(b, p)
             return
+        import torch
+
         dev_type = self.k.device
         if all(p.is_pinned() for p in payloads):  # (a pinned host tier's blobs): straight across
             for b, p in zip(blocks, payloads):

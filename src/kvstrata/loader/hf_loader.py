@@ -56,12 +56,15 @@ def hf_config(d: Path) -> ModelConfig:
     return cfg
 
 
-def load_hf(path: str, dtype: torch.dtype):
+def load_hf(path: str, dtype):
     from safetensors import safe_open
+
+    from kvstrata.core import dtype_name
 
     from kvstrata.loader import LoadedModel
     from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir
 
+    dtype = getattr(torch, dtype_name(dtype))
     d = Path(path)
     cfg = hf_config(d)
     cfg_path = d / "config.json"

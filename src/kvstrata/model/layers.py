@@ -41,8 +41,8 @@ def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> t
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     rs = cfg.rope_scaling
-    if rope_freqs is not None:
-        return inv / rope_freqs.float()
+    if rope_freqs is not None:  # (a numpy array from the GGUF loader, or a tensor)
+        return inv / torch.as_tensor(rope_freqs).float()
     if rs is None:
         return inv
     if rs["rope_type"] == "linear":

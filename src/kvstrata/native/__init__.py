@@ -3,9 +3,10 @@
 The C sources ship with the package and are built once per source version, compiler and CPU with the
 host's C compiler (`-O3 -march=native -fopenmp`, a few seconds; keyed by the sources, the compiler
 binary and the CPU's flags, so later starts only load it), into $KVSTRATA_HOME/native (default
-~/.cache/kvstrata/native), then loaded with ctypes. It must be loaded after torch: its OpenMP runtime
-then resolves to the libgomp torch already loaded, so both share one thread team instead of two
-fighting over the cores. Where no compiler is available the engine keeps the torch path and says why
+~/.cache/kvstrata/native), then loaded with ctypes. Its OpenMP runtime must be the one torch uses, so both share one thread team
+instead of two fighting over the cores: torch's bundled libgomp is loaded first, by path and without
+importing torch (`_share_torch_openmp`), so the step runs in a process that has not imported torch
+and torch, imported later, finds the same runtime loaded. Where no compiler is available the engine keeps the torch path and says why
 (`native_status()`); `KVSTRATA_NATIVE=0` turns the native path off.
 """
 
@@ -14,14 +15,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
-
-import torch  # noqa: F401  (loaded first on purpose: see the module docstring)
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -110,9 +111,50 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _share_torch_openmp() -> None:
+    """Loads the OpenMP runtime torch ships (torch/lib/libgomp*.so*) globally, without importing torch, so
+    the step's own reference to libgomp.so.1 and torch's, whenever it is imported, resolve to that one
+    runtime. Where torch ships none (or is loaded already) it imports torch, as before."""
+    if "torch" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torch")
+    libdir = Path(spec.origin).parent / "lib" if spec is not None and spec.origin else None
+    found = sorted(libdir.glob("libgomp*.so*")) if libdir is not None and libdir.is_dir() else []
+    if not found:
+        import torch  # noqa: F401  (its runtime first)
+
+        return
+    ctypes.CDLL(str(found[0]), mode=ctypes.RTLD_GLOBAL)
+
+
+def default_threads() -> int:
+    """The step's threads when none are set: torch's intra-op count where torch is loaded; else as torch
+    would choose it: OMP_NUM_THREADS, or the physical cores this process may run on."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return _default_threads()
+
+
+@functools.cache
+def _default_threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add((None, c))
+    return max(1, len(cores))
+
+
 def load(march: str = "native") -> ctypes.CDLL:
     """Builds (or finds in the cache) and loads the library for `march`, with its C signatures declared."""
     path = build(march=march)
+    _share_torch_openmp()
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:  # a damaged cached build (truncated file, wrong architecture): rebuild once

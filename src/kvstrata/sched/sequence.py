@@ -6,10 +6,12 @@ import enum
 import random
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvstrata.core import FinishReason, RequestClass, RequestMetrics, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SeqStatus(enum.Enum):
@@ -57,6 +59,8 @@ class Sequence:
         if self.params.logprobs is not None:
             self.logprobs = []
         if not self.params.greedy:
+            import torch  # (a sampled request draws from torch's generator: greedy ones never import it)
+
             # any integer seed maps deterministically into torch's 64-bit seed range
             seed = (self.params.seed + self.index) & (2**63 - 1) if self.params.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator().manual_seed(seed)
