@@ -242,6 +242,8 @@ class _NoOne:
         self.taken: list[int] = []
 
     def mask(self, row):
+        if isinstance(row, np.ndarray):  # (the native step's logits)
+            return np.where(np.arange(row.shape[0]) == 1, np.float32("-inf"), row)
         return row.masked_fill(torch.arange(row.shape[0]) == 1, float("-inf"))
 
     def accept(self, tok):

@@ -12,7 +12,8 @@ made a sampled token with llama.cpp's default settings cost ~3 ms beside a ~4 ms
 (`python -m benchmarks.sampling`).
 
 Logits come as torch tensors (the torch path) or numpy arrays (the native step): greedy requests never
-need torch; torch is imported where a request needs it (a seeded draw, logprobs, a grammar's mask).
+need torch, nor do grammars (their masks take either kind); torch is imported where a request needs it
+(a sampled request's generator, logprobs).
 """
 
 from __future__ import annotations
@@ -169,11 +170,11 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
 
 def processed(seq: Sequence, row: Logits) -> Logits:
     """One row of logits (V,) as a request samples from it before the temperature: penalties, then its
-    grammar's mask (structured output, in torch) in the state the sequence's tokens so far left it in."""
+    grammar's mask (structured output) in the state the sequence's tokens so far left it in."""
     if seq.params.plain:
         return row
     row = apply_penalties(row, seq)
-    return seq.logits_processor.mask(_torch(row)) if seq.logits_processor is not None else row
+    return seq.logits_processor.mask(row) if seq.logits_processor is not None else row
 
 
 def next_token(seq: Sequence, row: Logits, draft: int | None = None) -> int:

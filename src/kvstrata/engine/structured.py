@@ -40,7 +40,10 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from kvstrata.core import KvstrataError
 from kvstrata.tokenizer.json_bounds import bounded_json_object
@@ -72,9 +75,9 @@ class LogitsProcessor(abc.ABC):
     """
 
     @abc.abstractmethod
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (V,) fp32 -> a new (V,) tensor with every disallowed token at -inf; the input is not
-        modified. V may exceed the tokenizer's vocabulary: rows beyond it (padding) are always masked.
+    def mask(self, logits):
+        """logits (V,) fp32, a numpy array (the native step's) or a torch tensor -> a new (V,) row of the
+        same kind with every disallowed token at -inf; the input is not modified. V may exceed the tokenizer's vocabulary: rows beyond it (padding) are always masked.
         EOS is allowed exactly when the text so far is a complete match."""
 
     @abc.abstractmethod
@@ -108,6 +111,8 @@ class GrammarProcessor(LogitsProcessor):
 
     def allowed(self, V: int) -> torch.Tensor:
         """(V,) bool: which token ids may come next (ids >= the tokenizer's vocabulary never)."""
+        import torch
+
         return torch.from_numpy(self._allowed(V))
 
     def _allowed(self, V: int) -> np.ndarray:
@@ -121,12 +126,16 @@ class GrammarProcessor(LogitsProcessor):
         out[: self.n_tok] = bits[: self.n_tok]
         return out
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+    def mask(self, logits):
         allowed = self._allowed(logits.shape[-1])
         if not allowed.any():  # only in the matcher's error state: end the sequence with EOS
             self._log_error("no token is allowed")
             allowed = np.zeros_like(allowed)
             allowed[[t for t in self.eos_ids if t < allowed.shape[0]] or slice(None)] = True
+        if isinstance(logits, np.ndarray):
+            return np.where(allowed, logits, logits.dtype.type("-inf"))
+        import torch
+
         if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
             # numpy, single-threaded: a 49k-element torch op is split over the intra-op thread pool,
             # which stalls for a scheduler slice (tens of ms) whenever the cores are busy elsewhere

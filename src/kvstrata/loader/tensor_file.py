@@ -137,8 +137,6 @@ def load_tensors(path: Path, identity: str):
     arrays = load_arrays(path, identity)
     if arrays is None:
         return None
-    import torch
-
     return {name: as_tensor(a, dtype) for name, (a, dtype) in arrays.items()}
 
 

@@ -218,7 +218,8 @@ class NativeDecoder:
     def step(self, tokens, positions, slots, row_seq, tables: list[list[int]], out_rows) -> np.ndarray:
         """One engine step: rows (T,) of token, position, pool slot and index into `tables` (one block table
         per sequence; any integer sequences or CPU tensors); each row attends over positions 0..its own of
-        its sequence. -> next-token logits (len(out_rows), vocab) float32 numpy for the rows out_rows."""
+        its sequence. -> next-token logits (len(out_rows), vocab) float32 for the rows out_rows: a numpy
+        array, or a torch tensor (sharing its memory) when the tokens came as one."""
         from kvstrata.native import default_threads
 
         meta = np.array([np.asarray(x, dtype=np.int64) for x in (tokens, positions, slots, row_seq)], dtype=np.int64)
@@ -239,6 +240,10 @@ class NativeDecoder:
             raise KvstrataError({-1: "the native step ran out of memory",
                                  -2: "a position lies outside the RoPE table (max_model_len)",
                                  -3: "a token id or an output row is out of range"}.get(rc, f"native step failed ({rc})"))
+        if not isinstance(tokens, (list, tuple, np.ndarray)):
+            import torch
+
+            return torch.from_numpy(logits)
         return logits
 
     def decode(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> np.ndarray:
