@@ -9,6 +9,7 @@ process started (`--log-level debug`), so a slow start names its cause. The proc
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import sys
 import time
@@ -34,6 +35,21 @@ def _process_start_wall() -> float:
 
 
 PROCESS_START = _process_start_wall()
+
+
+def torch_may_have_cuda() -> bool:
+    """Whether the installed torch could see a CUDA device, answered without importing it where it can
+    be (importing torch takes ~1.1 s on a 2-core machine): a CPU-only build ships no libtorch_cuda /
+    libc10_cuda. True where torch is loaded already (asking it is then cheap) or cannot be told."""
+    if "torch" in sys.modules:
+        return True
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return True
+    from pathlib import Path
+
+    lib = Path(spec.origin).parent / "lib"
+    return not lib.is_dir() or any(lib.glob("lib*cuda*.so*"))
 
 
 def since_process_start(wall: float | None = None) -> float:

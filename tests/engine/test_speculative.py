@@ -225,10 +225,9 @@ def test_sampling_rule_preserves_the_distribution(draft):
     assert chi2 < CHI2_DF5_P001, (counts, n * p)
 
     def broken(seq, row, d):  # on rejection, redraws from p with the draft left in
-        probs = torch.tensor(p)
-        if float(torch.rand((), generator=seq.generator)) < p[d]:
+        if seq.generator.random() < p[d]:
             return d
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+        return int(seq.generator.choice(len(p), p=p))
 
     if 0 < p[draft] < 1:
         bad = _emitted(logits, draft, params, n, broken)

@@ -481,8 +481,8 @@ def test_generate_on_the_default_model_stays_under_half_a_gib_and_imports_nothin
 def test_a_start_from_the_layout_cache_needs_no_torch_and_gives_the_tokens_of_the_built_model(tiny_ggufs, tmp_path):
     """The first start quantizes in torch and stores the layout; the next runs from the layout's arrays
     without importing torch, and its tokens are those of the model built in torch (the native step reads
-    the same int8 values and the same RoPE table either way). A seeded sampled request then imports torch
-    for its generator and draws what a process that had torch from the start draws."""
+    the same int8 values and the same RoPE table either way). A seeded sampled request with logprobs needs
+    no torch either, and draws what a process that had torch from the start draws."""
     import json
 
     src = tmp_path / "m.gguf"
@@ -503,8 +503,8 @@ def test_a_start_from_the_layout_cache_needs_no_torch_and_gives_the_tokens_of_th
     cached, second = run()
     assert second == "TORCH False" and cached == built and len(cached) == 24
     assert run(KVSTRATA_LAYOUT_CACHE="0") == (built, "TORCH True")
-    sampled, third = run("--temperature", "0.8", "--seed", "3")
-    assert third == "TORCH True"
+    sampled, third = run("--temperature", "0.8", "--seed", "3", "--logprobs", "2")
+    assert third == "TORCH False"
     llm = LLM(str(src), kv_device_bytes="4M")
     params = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=3)
     assert llm.generate("The quick brown fox", params)[0].outputs[0].token_ids == sampled

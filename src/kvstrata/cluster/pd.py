@@ -42,7 +42,7 @@ def export_blocks(e, ids: Sequence[int]) -> list[tuple[bytes, list[int], bytes]]
         if b is None:
             break
         toks = list(ids[i * bs : (i + 1) * bs])
-        out.append((key, toks, codec.encode(e.pool.block_payload(b).cpu(), key=key, token_ids=toks,
+        out.append((key, toks, codec.encode(e.pool.block_payload(b), key=key, token_ids=toks,
                                             fingerprint=e.fingerprint, codec="raw")))
     return out
 

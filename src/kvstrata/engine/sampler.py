@@ -12,8 +12,8 @@ made a sampled token with llama.cpp's default settings cost ~3 ms beside a ~4 ms
 (`python -m benchmarks.sampling`).
 
 Logits come as torch tensors (the torch path) or numpy arrays (the native step): greedy requests never
-need torch, nor do grammars (their masks take either kind); torch is imported where a request needs it
-(a sampled request's generator, logprobs).
+need torch, nor do sampled ones (draws from a per-request numpy PCG64), logprobs or grammars (their
+masks take either kind).
 """
 
 from __future__ import annotations
@@ -89,23 +89,23 @@ class Distribution:
         s = p.sum()
         return Distribution(self.ids, p / s) if s > 0 else None
 
-    def draw(self, generator: torch.Generator | None) -> int:
+    def draw(self, generator: np.random.Generator | None) -> int:
         """One token by inverse CDF, its uniform from the request's own generator."""
-        import torch
-
-        c = _cumsum(self.probs)
-        u = float(torch.rand((), dtype=torch.float64, generator=generator))
+        c = np.cumsum(self.probs)
+        u = _uniform(generator)
         j = int(np.searchsorted(c, u * c[-1], side="right"))
         if j >= c.shape[0]:  # (u * total rounded up to the total: the last token with mass)
             j = int(np.flatnonzero(self.probs)[-1])
         return j if self.ids is None else int(self.ids[j])
 
 
-_SMALL = 4096  # rows longer than this go through torch's vectorised softmax and cumsum
+_SMALL = 4096  # rows longer than this: exp in float32 (numpy's vectorised loop), then widened
+_DEFAULT_RNG = np.random.default_rng()  # (draws of a sequence without a generator of its own)
 
 
-def _cumsum(p: np.ndarray) -> np.ndarray:
-    return _torch(p).cumsum(0).numpy() if p.shape[0] > _SMALL else np.cumsum(p)
+def _uniform(generator: np.random.Generator | None) -> float:
+    """A uniform in [0, 1) from the request's generator (a PCG64 seeded per request: sched/sequence.py)."""
+    return float((generator or _DEFAULT_RNG).random())
 
 
 def _rows(t: Logits) -> np.ndarray:
@@ -142,8 +142,10 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
         kth = np.partition(x, V - top_k)[V - top_k]
         ids = np.flatnonzero(x >= kth)  # tokens tied with the k-th all stay
         x = x[ids]
-    if x.shape[0] > _SMALL:  # a whole vocabulary: torch's vectorised softmax (numpy's exp is 5x slower here)
-        p = _torch(x).softmax(-1).double().numpy()
+    if x.shape[0] > _SMALL:  # a whole vocabulary: float32 exp (numpy's SIMD loop; float64's is ~5x slower)
+        e = np.exp(x - m, dtype=np.float32)
+        p = e.astype(np.float64)
+        p /= p.sum()
     else:
         p = np.exp((x - m).astype(np.float64, copy=False))
         p /= p.sum()
@@ -156,7 +158,7 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
         # 1 - top_p, so the prefix before it would already reach top_p)
         head = p[p >= (1.0 - top_p) / p.shape[0]]
         desc = -np.sort(-head)
-        last = min(int(np.searchsorted(_cumsum(desc), top_p)), desc.shape[0] - 1)
+        last = min(int(np.searchsorted(np.cumsum(desc), top_p)), desc.shape[0] - 1)
         keep = p >= desc[last]
     if min_p > 0.0:
         above = p >= min_p * p.max()  # (a ratio to the top token: the same before or after top-p)
@@ -203,12 +205,6 @@ def next_token(seq: Sequence, row: Logits, draft: int | None = None) -> int:
     return tok
 
 
-def _uniform(generator: torch.Generator | None) -> float:
-    import torch
-
-    return float(torch.rand((), generator=generator))
-
-
 class Sampler:
     def __call__(self, seqs: Seq[Sequence], logits: Logits) -> list[int]:
         """logits (S, V) fp32 for S sequences -> one token id each; appends logprobs when asked."""
@@ -229,11 +225,15 @@ class Sampler:
 
 
 def token_logprob(logits: Logits, token: int, top_n: int) -> TokenLogprob:
-    import torch
-
-    lp = torch.log_softmax(_torch(logits), -1)
+    """The emitted token's log-probability under the raw logits and the top_n most likely tokens' (numpy,
+    float64 accumulation: within 1e-6 of torch's float32 log_softmax)."""
+    x = _rows(logits).astype(np.float64)
+    m = x.max()
+    lp = x - (m + np.log(np.exp(x - m).sum()))
     top: list[tuple[int, float]] = []
     if top_n:
-        v, ix = torch.topk(lp, top_n)
-        top = list(zip(ix.tolist(), v.tolist()))
+        k = min(top_n, lp.shape[0])
+        ix = np.argpartition(-lp, k - 1)[:k]
+        ix = ix[np.lexsort((ix, -lp[ix]))]  # most likely first; ties by token id
+        top = [(int(i), float(lp[i])) for i in ix]
     return TokenLogprob(token, float(lp[token]), top)

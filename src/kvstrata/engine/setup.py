@@ -6,10 +6,7 @@ set up without importing torch (engine/llm_engine.py); `resolve_device_dtype` gi
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvstrata.config import EngineConfig
@@ -17,6 +14,7 @@ from kvstrata.core import KvstrataError, dtype_name
 from kvstrata.engine.layout import cached_int8_arrays, cached_int8_model, layout_enabled, model_from_weights, save_int8_layout
 from kvstrata.kv.pool import BlockPool
 from kvstrata.model.config import ModelConfig
+from kvstrata.startup import torch_may_have_cuda
 
 if TYPE_CHECKING:
     import torch
@@ -26,25 +24,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _torch_may_have_cuda() -> bool:
-    """Whether the installed torch could see a CUDA device, asked without importing it where possible: a
-    CPU-only build ships no libtorch_cuda / libc10_cuda."""
-    if "torch" in sys.modules:
-        return True  # (already imported: asking it is cheap)
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.origin:
-        return True
-    lib = Path(spec.origin).parent / "lib"
-    return not lib.is_dir() or any(lib.glob("lib*cuda*.so*"))
-
-
 def device_dtype_names(cfg: EngineConfig) -> tuple[str, str]:
     """(device, compute dtype) as names ("cpu" / "cuda:1", "float32"); imports torch only to ask for CUDA
     where a CUDA build of torch is installed."""
     dev = cfg.device
     if dev == "auto" or dev.startswith("cuda"):
         has_cuda = False
-        if _torch_may_have_cuda():
+        if torch_may_have_cuda():
             import torch
 
             has_cuda = torch.cuda.is_available()

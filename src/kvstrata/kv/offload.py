@@ -49,7 +49,7 @@ def build_tier_stack(cfg: EngineConfig, fingerprint: str, pool: BlockPool | None
         tiers.append(HostTier(cfg.kv_host_bytes))
         codecs.append("raw")
     if cfg.kv_disk_dir:
-        most = max_encoded_bytes((2, *pool.k[:, 0].shape), pool.k.dtype, len(fingerprint)) if pool else None
+        most = max_encoded_bytes((2, pool.shape[0], *pool.shape[2:]), pool.dtype_name, len(fingerprint)) if pool else None
         tiers.append(DiskTier(cfg.kv_disk_dir, cfg.kv_disk_bytes or DEFAULT_DISK_BYTES, max_blob_bytes=most))
         codecs.append(cfg.kv_cold_codec)
     if cfg.kv_redis_url:
@@ -90,7 +90,7 @@ class Offload:
         targets = self.stack.durable_targets
         if not targets:
             return
-        if self.stack.offer(key, token_ids, self.pool.block_payload(b).cpu(), targets):
+        if self.stack.offer(key, token_ids, self.pool.block_payload(b), targets):
             self.counters["blocks_written_behind"] += 1
             self._durable[key] = None
             if len(self._durable) > DURABLE_KEYS_REMEMBERED:
@@ -104,7 +104,7 @@ class Offload:
         return self.stack.wait_written(keys, timeout)
 
     def _offer(self, b: int, key: bytes, token_ids: Sequence[int]) -> None:
-        if self.stack.offer(key, token_ids, self.pool.block_payload(b).cpu()):
+        if self.stack.offer(key, token_ids, self.pool.block_payload(b)):
             self.counters["blocks_written_down"] += 1
         else:
             self.counters["offers_dropped"] += 1
@@ -129,7 +129,7 @@ class Offload:
         for key, token_ids in items:
             if self.pool.num_available == 0:
                 break
-            payload = self.stack.load(key, token_ids)
+            payload = self.stack.load(key, token_ids, numpy=self.pool.numpy_payloads)
             if payload is None:
                 self.counters["blocks_load_failed"] += 1
                 break
@@ -184,11 +184,11 @@ class Offload:
             b = self.pool.key_to_block.get(key)
             if not t.contains(key):
                 if b is None:
-                    payload = self.stack.load(key, toks)  # only in another tier: copy it across
+                    payload = self.stack.load(key, toks, numpy=True)  # only in another tier: copy it across
                     if payload is None:
                         break
                 else:
-                    payload = self.pool.block_payload(b).cpu()
+                    payload = self.pool.block_payload(b)
                 blob = kvcodec.encode(payload, key=key, token_ids=toks, fingerprint=self.fingerprint, codec=codec)
                 if not t.put(key, blob):
                     failed += 1

@@ -286,13 +286,29 @@ class BlockPool:
         self.key_to_block[key] = b
         return True
 
-    def block_payload(self, b: int) -> torch.Tensor:
-        """(2, num_layers, block_size, KVH, d) copy of one block's K and V (the tiers' payload)."""
+    @property
+    def numpy_payloads(self) -> bool:
+        """Whether this pool's payloads are numpy arrays (a CPU pool numpy has the dtype of)."""
+        return self.k_array is not None and self.dtype_name in ("float32", "float16")
+
+    def block_payload(self, b: int):
+        """(2, num_layers, block_size, KVH, d) copy of one block's K and V in host memory (the tiers'
+        payload): a numpy array where `numpy_payloads`, else a CPU tensor."""
+        if self.numpy_payloads:
+            return np.stack((self.k_array[:, b], self.v_array[:, b]))  # type: ignore[index]
         import torch
 
-        return torch.stack((self.k[:, b], self.v[:, b])).contiguous()
+        return torch.stack((self.k[:, b], self.v[:, b])).contiguous().cpu()
 
-    def load_payload(self, b: int, payload: torch.Tensor) -> None:
+    def load_payload(self, b: int, payload) -> None:
+        if isinstance(payload, np.ndarray) and self.numpy_payloads and payload.dtype == self.k_array.dtype:  # type: ignore[union-attr]
+            self.k_array[:, b] = payload[0]  # type: ignore[index]
+            self.v_array[:, b] = payload[1]  # type: ignore[index]
+            return
+        if isinstance(payload, np.ndarray):
+            import torch
+
+            payload = torch.from_numpy(payload)
         self.k[:, b].copy_(payload[0])
         self.v[:, b].copy_(payload[1])
 
@@ -301,7 +317,7 @@ class BlockPool:
         assert key is not None, f"block {b} is not registered"
         return key
 
-    def load_payloads(self, blocks: list[int], payloads: list[torch.Tensor]) -> None:
+    def load_payloads(self, blocks: list[int], payloads: list) -> None:
         """load_payload for many blocks. On a GPU the host payloads are staged in pinned memory and cross
         the bus in copies of up to STAGE_BYTES, then scattered on the device: one small pageable copy per
         layer and block was ~100x slower than the bus (a 4,096-token restore on an H200: 0.5 GB/s)."""
@@ -313,6 +329,7 @@ class BlockPool:
             return
         import torch
 
+        payloads = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in payloads]
         dev_type = self.k.device
         if all(p.is_pinned() for p in payloads):  # (a pinned host tier's blobs): straight across
             for b, p in zip(blocks, payloads):

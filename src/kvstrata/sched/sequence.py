@@ -6,12 +6,9 @@ import enum
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+import numpy as np
 
 from kvstrata.core import FinishReason, RequestClass, RequestMetrics, SamplingParams, TokenLogprob
-
-if TYPE_CHECKING:
-    import torch
 
 
 class SeqStatus(enum.Enum):
@@ -38,7 +35,7 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None
     text: str = ""
     num_preemptions: int = 0
-    generator: torch.Generator | None = None
+    generator: np.random.Generator | None = None
     metrics: RequestMetrics = None  # type: ignore[assignment]
     detok: object = None  # IncrementalDetokenizer, set by the engine
     # Constrained decoding state (engine/structured.py LogitsProcessor): mask(logits) before sampling,
@@ -59,11 +56,9 @@ class Sequence:
         if self.params.logprobs is not None:
             self.logprobs = []
         if not self.params.greedy:
-            import torch  # (a sampled request draws from torch's generator: greedy ones never import it)
-
-            # any integer seed maps deterministically into torch's 64-bit seed range
+            # a seeded request gets the same draws alone or in any batch: each completion its own PCG64
             seed = (self.params.seed + self.index) & (2**63 - 1) if self.params.seed is not None else random.getrandbits(63)
-            self.generator = torch.Generator().manual_seed(seed)
+            self.generator = np.random.Generator(np.random.PCG64(seed))
 
     @property
     def seq_id(self) -> str:

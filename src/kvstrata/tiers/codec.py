@@ -18,6 +18,9 @@ Byte layout (little-endian; `docs/tiers.md` has the table):
     .   4  header CRC-32 of every header byte before it
     then payload_len bytes of payload.
 
+Payloads are numpy arrays (what a CPU engine's pool gives: no torch needed) or torch tensors; `decode`
+returns a tensor, or with `numpy=True` an array where numpy has the dtype (float32, float16).
+
 The payload checksum detects storage and transfer corruption; it is not a defence against an attacker
 who can write into the tier (use a private Redis for that). XXH3 (xxhash) runs at ~20 GB/s on one core
 here, where zlib's CRC-32 did 4-7 and blake2b ~1.3: CRC-32 was ~15 % of a 4,096-token restore from the
@@ -32,11 +35,14 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+import numpy as np
 
-from kvstrata.core import BLOCK_KEY_BYTES, KvstrataError
+from kvstrata.core import BLOCK_KEY_BYTES, KvstrataError, dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +51,9 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)  # 1: the payload checksum is CRC-32
 _FIXED = struct.Struct("<4sHHIQI32s")  # magic, version, flags, header_len, payload_len, payload_crc, key
 _CRC = struct.Struct("<I")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a block may hold
+_NUMPY = {"float32": np.float32, "float16": np.float16}  # those numpy has
+Payload = Any  # a (2, L, T, H, D) numpy array or CPU torch tensor
 MAX_HEADER_BYTES = 1 << 20
 HEADER_ALIGN = 16
 
@@ -105,87 +112,117 @@ class ChecksumError(CorruptBlockError):
 # ---- payload codecs ------------------------------------------------------------------------------
 
 
-def _as_bytes_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+def _as_bytes_view(x: Payload) -> memoryview:
+    """The bytes of a contiguous CPU tensor or array, without a copy."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x).reshape(-1).view(np.uint8).data
+    import torch
+
+    return x.contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def _name(x: Payload) -> str:
+    return dtype_name(x.dtype)
 
 
 # A tensor over a read-only buffer (a host tier's immutable bytes) is only ever read here (decode's
 # contract); torch warns once that it could not protect it, which is no news to this module.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
-                        module=__name__.replace(".", r"\."))
+for _msg in ("The given buffer is not writable", "The given NumPy array is not writable"):
+    warnings.filterwarnings("ignore", message=_msg, category=UserWarning, module=__name__.replace(".", r"\."))
 
 
-def _tensor_from(buf: memoryview, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """A tensor over `buf`, never a copy: copying each restored block into fresh memory first (one page
-    fault per 4 KiB) cost a 4,096-token host-tier restore 52 of its 227 ms."""
+def _array_from(buf: memoryview, dtype: Any, shape: Sequence[int]) -> np.ndarray:
+    """A read-only array over `buf`, never a copy: copying each restored block into fresh memory first
+    (one page fault per 4 KiB) cost a 4,096-token host-tier restore 52 of its 227 ms."""
     if len(buf) == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+        return np.empty(tuple(shape), dtype=dtype)
+    return np.frombuffer(buf, dtype=dtype).reshape(tuple(shape))
+
+
+def _as_kind(x: np.ndarray, dtype: str, numpy: bool) -> Payload:
+    """`x` (the block's values in numpy, or its 16-bit patterns for bfloat16) as the kind asked for."""
+    if numpy and dtype in _NUMPY:
+        return x
+    import torch
+
+    if not x.size:
+        return torch.empty(x.shape, dtype=getattr(torch, dtype))
+    t = torch.from_numpy(x)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 class PayloadCodec:
-    """Turns a KV tensor into payload bytes and back. `payload_nbytes` lets decode check sizes."""
+    """Turns a KV block into payload bytes and back. `payload_nbytes` lets decode check sizes."""
 
     name = "?"
 
-    def encode(self, x: torch.Tensor) -> list[memoryview]:
+    def encode(self, x: Payload) -> list[memoryview]:
         raise NotImplementedError
 
-    def payload_nbytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
+    def payload_nbytes(self, shape: Sequence[int], dtype: Any) -> int:
         raise NotImplementedError
 
-    def decode(self, buf: memoryview, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, buf: memoryview, shape: Sequence[int], dtype: Any, numpy: bool = False) -> Payload:
+        """The block as a torch tensor, or with `numpy` a numpy array where numpy has the dtype."""
         raise NotImplementedError
 
 
 class RawCodec(PayloadCodec):
-    """The tensor's bytes as they are: exact."""
+    """The block's bytes as they are: exact."""
 
     name = "raw"
 
-    def encode(self, x: torch.Tensor) -> list[memoryview]:
+    def encode(self, x: Payload) -> list[memoryview]:
         return [_as_bytes_view(x)]
 
-    def payload_nbytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
+    def payload_nbytes(self, shape: Sequence[int], dtype: Any) -> int:
         n = 1
         for s in shape:
             n *= int(s)
-        return n * torch.empty((), dtype=dtype).element_size()
+        return n * _ITEMSIZE[dtype_name(dtype)]
 
-    def decode(self, buf: memoryview, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        return _tensor_from(buf, dtype, shape)
+    def decode(self, buf: memoryview, shape: Sequence[int], dtype: Any, numpy: bool = False) -> Payload:
+        name = dtype_name(dtype)
+        return _as_kind(_array_from(buf, _NUMPY.get(name, np.uint16), shape), name, numpy)
 
 
 class Int8Codec(PayloadCodec):
     """Per-channel symmetric int8 for cold tiers.
 
     x: (2, L, T, H, D). A channel is one (K|V, layer, head, dim) column across the block's T tokens:
-    scale = max|x| / 127 over T, q = round(x / scale) in [-127, 127]; so |x - q*scale| <= scale / 2.
-    Payload: q as int8 (2*L*T*H*D bytes) then scales as float32 (2*L*1*H*D*4 bytes).
+    scale = max|x| / 127 over T, q = round(x / scale) in [-127, 127] (halves to even); so
+    |x - q*scale| <= scale / 2. Payload: q as int8 (2*L*T*H*D bytes) then scales as float32
+    (2*L*1*H*D*4 bytes). In numpy (torch only to widen bfloat16): the same float32 operations, the same
+    bytes as the torch ops they replaced.
     """
 
     name = "int8"
 
-    def encode(self, x: torch.Tensor) -> list[memoryview]:
-        if x.dim() != 5:
+    def encode(self, x: Payload) -> list[memoryview]:
+        if x.ndim != 5:
             raise KvstrataError(f"int8 codec needs a (2, L, T, H, D) block, got shape {tuple(x.shape)}")
-        xf = x.float()
-        scale = xf.abs().amax(dim=2, keepdim=True) / 127.0  # (2, L, 1, H, D)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+        xf = x.astype(np.float32) if isinstance(x, np.ndarray) else x.float().numpy()
+        scale = np.abs(xf).max(axis=2, keepdims=True) / np.float32(127.0)  # (2, L, 1, H, D)
+        scale = np.where(scale > 0, scale, np.float32(1.0))
+        q = np.clip(np.round(xf / scale), -127, 127).astype(np.int8)
         return [_as_bytes_view(q), _as_bytes_view(scale)]
 
-    def payload_nbytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
+    def payload_nbytes(self, shape: Sequence[int], dtype: Any) -> int:
         two, layers, tokens, heads, dim = (int(s) for s in shape)
         return two * layers * tokens * heads * dim + two * layers * heads * dim * 4
 
-    def decode(self, buf: memoryview, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, buf: memoryview, shape: Sequence[int], dtype: Any, numpy: bool = False) -> Payload:
         two, layers, tokens, heads, dim = (int(s) for s in shape)
         nq = two * layers * tokens * heads * dim
-        q = _tensor_from(buf[:nq], torch.int8, shape)
-        scale = _tensor_from(buf[nq:], torch.float32, (two, layers, 1, heads, dim))
-        return (q.float() * scale).to(dtype)
+        q = _array_from(buf[:nq], np.int8, shape)
+        scale = _array_from(buf[nq:], np.float32, (two, layers, 1, heads, dim))
+        x = q.astype(np.float32) * scale
+        name = dtype_name(dtype)
+        if name in _NUMPY:
+            return _as_kind(x.astype(_NUMPY[name], copy=False), name, numpy)
+        import torch
+
+        return torch.from_numpy(x).to(getattr(torch, name))
 
 
 CODECS: dict[str, PayloadCodec] = {c.name: c for c in (RawCodec(), Int8Codec())}
@@ -198,7 +235,7 @@ def get_codec(name: str) -> PayloadCodec:
         raise KvstrataError(f"unknown KV codec {name!r}; choose one of {sorted(CODECS)}") from None
 
 
-def max_encoded_bytes(shape: Sequence[int], dtype: torch.dtype, fingerprint_len: int = 64) -> int:
+def max_encoded_bytes(shape: Sequence[int], dtype: Any, fingerprint_len: int = 64) -> int:
     """The most bytes one block of `shape` (2, L, T, H, D) and `dtype` encodes to in any codec: a tier can
     check a stored blob's size against it before reading it (a larger file cannot be a block)."""
     payload = max(c.payload_nbytes(shape, dtype) for c in CODECS.values())
@@ -214,7 +251,7 @@ def max_encoded_bytes(shape: Sequence[int], dtype: torch.dtype, fingerprint_len:
 class BlockHeader:
     version: int
     key: bytes
-    dtype: torch.dtype
+    dtype_name: str  # "float32", "bfloat16", "float16"
     codec: str
     fingerprint: str
     shape: tuple[int, ...]
@@ -222,6 +259,12 @@ class BlockHeader:
     header_len: int
     payload_len: int
     payload_crc: int  # (the payload checksum: CRC-32 in version 1, XXH3 in version 2)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
 
 def _payload_check(version: int, parts: Sequence[memoryview | bytes]) -> int:
@@ -241,9 +284,9 @@ def _payload_check(version: int, parts: Sequence[memoryview | bytes]) -> int:
     return h.intdigest() & 0xFFFFFFFF
 
 
-def _pack_header(key: bytes, dtype: torch.dtype, codec: str, fingerprint: str, shape: Sequence[int],
+def _pack_header(key: bytes, dtype: str, codec: str, fingerprint: str, shape: Sequence[int],
                  token_ids: Sequence[int], payload_len: int, payload_crc: int) -> bytes:
-    dname, fp = _DTYPE_NAMES[dtype].encode(), fingerprint.encode()
+    dname, fp = dtype.encode(), fingerprint.encode()
     var = b"".join([
         struct.pack("<B", len(dname)), dname,
         struct.pack("<B", len(codec)), codec.encode(),
@@ -258,19 +301,20 @@ def _pack_header(key: bytes, dtype: torch.dtype, codec: str, fingerprint: str, s
     return head + _CRC.pack(zlib.crc32(head))
 
 
-def encode(x: torch.Tensor, *, key: bytes, token_ids: Sequence[int], fingerprint: str,
-           codec: str = "raw") -> bytes:
-    """Encode one block. x: (2, L, T, H, D) CPU tensor (float32 / bfloat16 / float16)."""
-    if x.dtype not in _DTYPE_NAMES:
-        raise KvstrataError(f"KV dtype {x.dtype} is not supported by the block codec; use {sorted(_DTYPES)}")
+def encode(x: Payload, *, key: bytes, token_ids: Sequence[int], fingerprint: str, codec: str = "raw") -> bytes:
+    """Encode one block. x: (2, L, T, H, D) numpy array (float32 / float16) or tensor (float32 /
+    bfloat16 / float16; moved to the CPU)."""
+    if _name(x) not in _ITEMSIZE:
+        raise KvstrataError(f"KV dtype {x.dtype} is not supported by the block codec; use {sorted(_ITEMSIZE)}")
     if len(key) != BLOCK_KEY_BYTES:
         raise KvstrataError(f"block key must be {BLOCK_KEY_BYTES} bytes, got {len(key)}")
-    x = x.detach()
-    if x.device.type != "cpu":
-        x = x.cpu()
+    if not isinstance(x, np.ndarray):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
     parts = get_codec(codec).encode(x)
     payload_len = sum(p.nbytes for p in parts)
-    header = _pack_header(key, x.dtype, codec, fingerprint, tuple(x.shape), token_ids, payload_len,
+    header = _pack_header(key, _name(x), codec, fingerprint, tuple(x.shape), token_ids, payload_len,
                           _payload_check(FORMAT_VERSION, parts))
     return b"".join([header, *parts])
 
@@ -319,11 +363,10 @@ def read_header(blob: bytes | bytearray | memoryview, *, header_only: bool = Fal
         raise MalformedBlockError(f"header fields do not parse ({e})") from None
     if off > header_len - _CRC.size or any(mv[off : header_len - _CRC.size]):
         raise MalformedBlockError(f"header fields end at {off}, header_len says {header_len - _CRC.size}")
-    if dname not in _DTYPES or codec not in CODECS:
+    if dname not in _ITEMSIZE or codec not in CODECS:
         raise MalformedBlockError(f"unknown dtype {dname!r} or codec {codec!r}")
-    dtype = _DTYPES[dname]
     try:
-        expected_payload = CODECS[codec].payload_nbytes(shape, dtype)
+        expected_payload = CODECS[codec].payload_nbytes(shape, dname)
     except (ValueError, TypeError):
         raise MalformedBlockError(f"shape {shape} does not suit codec {codec!r}") from None
     if payload_len != expected_payload:
@@ -334,7 +377,7 @@ def read_header(blob: bytes | bytearray | memoryview, *, header_only: bool = Fal
         raise TruncatedBlockError(f"{len(mv)} bytes, header says {header_len + payload_len}")
     elif len(mv) > header_len + payload_len:
         raise MalformedBlockError(f"{len(mv) - header_len - payload_len} bytes after the payload")
-    return BlockHeader(version, bytes(key), dtype, codec, fingerprint, tuple(shape), tuple(token_ids),
+    return BlockHeader(version, bytes(key), dname, codec, fingerprint, tuple(shape), tuple(token_ids),
                        header_len, payload_len, payload_crc)
 
 
@@ -367,8 +410,9 @@ def verify(blob: bytes | bytearray | memoryview, *, expected_fingerprint: str | 
 
 
 def decode(blob: bytes | bytearray | memoryview, expected_fingerprint: str, expected_key: bytes,
-           expected_token_ids: Sequence[int], *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Verify `blob` against what the caller expects and return the block tensor (2, L, T, H, D).
+           expected_token_ids: Sequence[int], *, out: torch.Tensor | None = None, numpy: bool = False) -> Payload:
+    """Verify `blob` against what the caller expects and return the block tensor (2, L, T, H, D) (with
+    `numpy`, a numpy array where numpy has the block's dtype).
 
     Raises a CorruptBlockError subclass naming the reason. The result shares memory with `blob`: read it
     (copy it into the pool, encode it again), never write into it; with a bytearray blob, pass ownership
@@ -378,7 +422,7 @@ def decode(blob: bytes | bytearray | memoryview, expected_fingerprint: str, expe
     h = verify(blob, expected_fingerprint=expected_fingerprint, expected_key=expected_key,
                expected_token_ids=expected_token_ids)
     payload = memoryview(blob)[h.header_len : h.header_len + h.payload_len]
-    x = CODECS[h.codec].decode(payload, h.shape, h.dtype)
+    x = CODECS[h.codec].decode(payload, h.shape, h.dtype_name, numpy=numpy and out is None)
     if out is None:
         return x
     if tuple(out.shape) != h.shape:
@@ -392,5 +436,5 @@ def recode(blob: bytes | bytearray, codec: str) -> bytes:
     if h.codec == codec:
         return bytes(blob)
     payload = memoryview(blob)[h.header_len : h.header_len + h.payload_len]
-    x = CODECS[h.codec].decode(payload, h.shape, h.dtype)
+    x = CODECS[h.codec].decode(payload, h.shape, h.dtype_name, numpy=True)
     return encode(x, key=h.key, token_ids=h.token_ids, fingerprint=h.fingerprint, codec=codec)

@@ -18,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 def _cuda_available() -> bool:
+    from kvstrata.startup import torch_may_have_cuda
+
+    if not torch_may_have_cuda():  # (a CPU build of torch: not imported for the question)
+        return False
     try:
         import torch
 

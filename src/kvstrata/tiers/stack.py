@@ -5,6 +5,8 @@ The stack owns policy only (kvstrata.tiers.policy); the tiers own bytes. Every l
 tried, so a corrupt or foreign block can cost a recompute but never a wrong answer. Writes (offers,
 promotions, write-downs) go through one mover thread with a queue bounded in bytes: when it is full
 the write is dropped and counted, so the engine never blocks on, or grows memory for, a cache.
+Payloads are numpy arrays (a CPU engine's, no torch needed) or torch tensors; `load(numpy=True)` gives
+arrays where numpy has the block's dtype.
 """
 
 from __future__ import annotations
@@ -13,17 +15,38 @@ import functools
 import logging
 import threading
 from collections import Counter, deque
+import sys
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+import numpy as np
 
 from kvstrata.core import KvstrataError
 from kvstrata.tiers import codec as kvcodec
 from kvstrata.tiers.base import Blob, Tier
 from kvstrata.tiers.policy import TierPolicy, prefix_holders
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
+
+
+def _nbytes(x: Any) -> int:
+    return int(x.nbytes) if isinstance(x, np.ndarray) else x.numel() * x.element_size()
+
+
+def _copy_as(x: Any, numpy: bool) -> Any:
+    """A copy of a queued payload, as the kind a load asked for (numpy only where numpy has its dtype)."""
+    if isinstance(x, np.ndarray):
+        if numpy:
+            return x.copy()
+        import torch
+
+        return torch.from_numpy(x.copy())
+    if numpy and x.dtype.is_floating_point and x.element_size() in (2, 4) and str(x.dtype) != "torch.bfloat16":
+        return x.numpy().copy()
+    return x.clone()
 
 
 @dataclass
@@ -32,7 +55,7 @@ class _Job:
     key: bytes
     targets: list[int]
     nbytes: int
-    payload: torch.Tensor | None = None  # offers: (2, L, T, H, D)
+    payload: Any = None  # offers: (2, L, T, H, D), a numpy array or a CPU tensor
     token_ids: tuple[int, ...] = ()
     blob: Blob | None = None  # promotions / demotions: an encoded block
 
@@ -112,14 +135,15 @@ class TierStack:
                     found[job.targets[0]][j] = True
         return [self.tiers[t].name for t in prefix_holders(found, len(keys))]
 
-    def load(self, key: bytes, token_ids: Sequence[int]) -> torch.Tensor | None:
-        """The verified block (2, L, T, H, D) from the fastest tier with a good copy, or None.
+    def load(self, key: bytes, token_ids: Sequence[int], numpy: bool = False) -> torch.Tensor | np.ndarray | None:
+        """The verified block (2, L, T, H, D) from the fastest tier with a good copy, or None; a tensor, or
+        with `numpy` an array where numpy has the block's dtype.
 
         A copy that fails verification is removed from its tier and counted as a discard; the next
         tier is tried. A hit is promoted (in the background) to the faster tiers. A block still queued
         for writing is served from the queue.
         """
-        x = self._load_inflight(key, token_ids)
+        x = self._load_inflight(key, token_ids, numpy)
         if x is not None:
             return x
         for i, tier in enumerate(self.tiers):
@@ -127,7 +151,7 @@ class TierStack:
             if blob is None:
                 continue
             try:
-                x = kvcodec.decode(blob, self.fingerprint, key, token_ids)  # may alias a bytearray blob
+                x = kvcodec.decode(blob, self.fingerprint, key, token_ids, numpy=numpy)  # may alias a bytearray blob
             except kvcodec.CorruptBlockError as e:
                 tier.remove(key)
                 with self._cv:
@@ -141,24 +165,24 @@ class TierStack:
                 snapshot = blob if isinstance(blob, bytes) else bytes(blob)  # x may alias `blob`
                 self._enqueue(_Job("promote", key, targets, len(blob), blob=snapshot))
             return x
-        x = self._load_inflight(key, token_ids)  # evicted and queued for a lower tier while we looked
+        x = self._load_inflight(key, token_ids, numpy)  # evicted and queued for a lower tier while we looked
         if x is not None:
             return x
         with self._cv:
             self._load_misses += 1
         return None
 
-    def _load_inflight(self, key: bytes, token_ids: Sequence[int]) -> torch.Tensor | None:
+    def _load_inflight(self, key: bytes, token_ids: Sequence[int], numpy: bool = False) -> Any:
         with self._cv:
             job = self._inflight.get(key)
         if job is None:
             return None
         if job.payload is not None:
-            x = job.payload.clone() if job.token_ids == tuple(int(t) for t in token_ids) else None
+            x = _copy_as(job.payload, numpy) if job.token_ids == tuple(int(t) for t in token_ids) else None
         else:
             assert job.blob is not None  # a write-down or demotion carries its encoded block
             try:
-                x = kvcodec.decode(bytes(job.blob), self.fingerprint, key, token_ids)
+                x = kvcodec.decode(bytes(job.blob), self.fingerprint, key, token_ids, numpy=numpy)
             except kvcodec.CorruptBlockError:
                 x = None
         if x is not None:
@@ -168,7 +192,7 @@ class TierStack:
 
     # ---- writes (queued; the mover thread does them) ----
 
-    def offer(self, key: bytes, token_ids: Sequence[int], payload: torch.Tensor,
+    def offer(self, key: bytes, token_ids: Sequence[int], payload: Any,
               targets: Sequence[int] | None = None) -> bool:
         """Queue a block (2, L, T, H, D) for writing down; never blocks. False if dropped (queue full).
         `targets`: tier indices to write it to (default: the policy's offer targets).
@@ -178,7 +202,7 @@ class TierStack:
         targets = self.policy.offer_targets(len(self.tiers)) if targets is None else list(targets)
         if not targets:
             return False
-        job = _Job("offer", key, targets, payload.numel() * payload.element_size(), payload=payload,
+        job = _Job("offer", key, targets, _nbytes(payload), payload=payload,
                    token_ids=tuple(int(t) for t in token_ids))
         return self._enqueue(job)
 
@@ -279,9 +303,7 @@ class TierStack:
             self._enqueue(_Job("demote", key, [target], len(blob), blob=blob))
 
     def _run(self) -> None:
-        # one OpenMP thread here: a second team beside the engine's would oversubscribe the CPUs and make
-        # libgomp sleep at every barrier of every engine op (engine/async_engine.py)
-        torch.set_num_threads(1)
+        self._torch_threads_set = False
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._queue or self._closing)
@@ -303,7 +325,16 @@ class TierStack:
                     self._busy -= 1
                     self._cv.notify_all()
 
+    def _one_torch_thread(self) -> None:
+        """One OpenMP thread for any torch op on the mover thread (a bfloat16 payload's): a second team
+        beside the engine's would oversubscribe the CPUs and make libgomp sleep at every barrier of
+        every engine op (engine/async_engine.py). numpy payloads run no torch op here."""
+        if not getattr(self, "_torch_threads_set", True) and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+            self._torch_threads_set = True
+
     def _do(self, job: _Job) -> None:
+        self._one_torch_thread()
         encoded: dict[str, bytes] = {}
         if job.blob is not None:
             encoded[kvcodec.read_header(job.blob).codec] = bytes(job.blob)
