@@ -3,7 +3,7 @@
 Two parts, both in one process so the machine's state hits every row alike:
 - The sampler alone, per row of real logits (the default model's 49,152-token rows, taken from a greedy
   run): kvstrata's sampler (engine/sampler.py: numpy on the tokens top-k / top-p keep, a draw by inverse
-  CDF) against the same rules as torch operations on the whole row (softmax, sort for top-p, topk, and
+  CDF from a numpy PCG64) against the same rules as torch operations on the whole row (softmax, sort for top-p, topk, and
   torch.multinomial: how the sampler worked before, and how a plain torch sampler does it).
 - Decode tokens/s at batch 1 and 8 with each sampling setting against greedy, the settings run in turn
   within each repetition (median of the repetitions), on the default engine and on one with speculative
@@ -57,14 +57,15 @@ def torch_rules(row: torch.Tensor, t: float, top_k: int, top_p: float, min_p: fl
     return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
 
 
-def ours(row: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float, gen: torch.Generator) -> int:
+def ours(row: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float, gen: np.random.Generator) -> int:
     d = distribution(row.numpy() / np.float32(t), top_k, top_p, min_p)
     assert d is not None
     return d.draw(gen)
 
 
 def per_row_us(fn, rows: list[torch.Tensor], cfg: dict, reps: int) -> float:
-    gen = torch.Generator().manual_seed(0)
+    # each its own generator: torch's for the torch rules, a PCG64 for kvstrata's (sched/sequence.py)
+    gen = torch.Generator().manual_seed(0) if fn is torch_rules else np.random.Generator(np.random.PCG64(0))
     args = (cfg["temperature"], cfg.get("top_k", 0), cfg.get("top_p", 1.0), cfg.get("min_p", 0.0))
     fn(rows[0], *args, gen)
     t = time.perf_counter()
@@ -80,7 +81,7 @@ def real_rows(llm: LLM, ids: list[list[int]], n: int) -> list[torch.Tensor]:
     orig = type(sampler).__call__
 
     def grab(self, seqs, logits):
-        rows.extend(logits[i].clone() for i in range(logits.shape[0]))
+        rows.extend(torch.tensor(np.array(logits[i])) for i in range(logits.shape[0]))  # (numpy from the native step)
         return orig(self, seqs, logits)
 
     type(sampler).__call__ = grab

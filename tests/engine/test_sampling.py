@@ -264,3 +264,23 @@ def test_argmax_takes_the_first_maximum_like_torch():
     x[2] = float("-inf")
     assert argmax(x).tolist() == x.argmax(-1).tolist() == [5, 77, 0]
     assert int(argmax(x[0])) == 5
+
+
+def test_the_blockwise_inverse_cdf_picks_what_the_whole_cumulative_sum_picks():
+    """A whole-vocabulary draw sums the row in blocks and accumulates only the block its target falls in;
+    it must pick the token the plain cumulative sum picks, never a token without mass, the last token with
+    mass when u rounds up to the total, and work for rows of any length around the block size."""
+    from kvstrata.engine.sampler import _CDF_BLOCK, _inverse_cdf
+
+    rng = np.random.default_rng(5)
+    for n in (49152, 4097, 3 * _CDF_BLOCK + 1):
+        p = np.exp(rng.standard_normal(n) * 3)
+        p[rng.random(n) < 0.3] = 0.0  # tokens without mass, the tail among them
+        p[-50:] = 0.0
+        p /= p.sum()
+        c = np.cumsum(p)
+        for u in [*rng.random(2000), 0.0, np.nextafter(1.0, 0.0)]:
+            j = _inverse_cdf(p, float(u))
+            want = int(np.searchsorted(c, u * c[-1], side="right"))
+            want = want if want < n else int(np.flatnonzero(p)[-1])
+            assert p[j] > 0 and (j == want or abs(c[j] - u * c[-1]) < 1e-12), (n, u, j, want)

@@ -91,16 +91,42 @@ class Distribution:
 
     def draw(self, generator: np.random.Generator | None) -> int:
         """One token by inverse CDF, its uniform from the request's own generator."""
-        c = np.cumsum(self.probs)
-        u = _uniform(generator)
-        j = int(np.searchsorted(c, u * c[-1], side="right"))
-        if j >= c.shape[0]:  # (u * total rounded up to the total: the last token with mass)
-            j = int(np.flatnonzero(self.probs)[-1])
+        j = _inverse_cdf(self.probs, _uniform(generator))
         return j if self.ids is None else int(self.ids[j])
 
 
 _SMALL = 4096  # rows longer than this: exp in float32 (numpy's vectorised loop), then widened
 _DEFAULT_RNG = np.random.default_rng()  # (draws of a sequence without a generator of its own)
+
+
+_CDF_BLOCK = 1024
+
+
+def _inverse_cdf(p: np.ndarray, u: float) -> int:
+    """The first index whose cumulative probability exceeds u times the total (a token with mass). A long
+    row is summed in blocks and only the block the target falls in is accumulated: numpy's cumsum over a
+    49k-token row is a scalar loop (~180 us here), the block sums are vectorised."""
+    n = p.shape[0]
+    if n <= _SMALL:
+        c = np.cumsum(p)
+        j = int(np.searchsorted(c, u * c[-1], side="right"))
+    else:
+        B = _CDF_BLOCK
+        cs = np.cumsum(np.add.reduceat(p, np.arange(0, n, B)))
+        target = u * cs[-1]
+        b = int(np.searchsorted(cs, target, side="right"))
+        j = n
+        if b < cs.shape[0]:
+            lo = b * B
+            c = np.cumsum(p[lo : lo + B])
+            k = int(np.searchsorted(c, target - (cs[b - 1] if b else 0.0), side="right"))
+            if k >= c.shape[0]:  # (rounding at the block's end: its last token with mass)
+                nz = np.flatnonzero(p[lo : lo + B])
+                k = int(nz[-1]) if nz.shape[0] else c.shape[0]
+            j = lo + k
+    if j >= n:  # (u * total rounded up to the total: the last token with mass)
+        j = int(np.flatnonzero(p)[-1])
+    return j
 
 
 def _uniform(generator: np.random.Generator | None) -> float:
