@@ -511,6 +511,46 @@ def test_a_start_from_the_layout_cache_needs_no_torch_and_gives_the_tokens_of_th
     assert llm.generate("The quick brown fox", SamplingParams(max_tokens=24, ignore_eos=True))[0].outputs[0].token_ids == built
 
 
+def test_serve_with_tiers_answers_sampled_session_and_structured_requests_without_torch(tiny_ggufs, tmp_path):
+    """`kvstrata serve` with `make serve`'s tiers (host and disk) on a model whose layout is cached: a
+    sampled completion with logprobs, a session's two chat turns (its blocks written behind to the disk
+    tier, the second turn reusing them) and a json_object request all answer, and torch's library is never
+    mapped into the server process (the server, its tiers and its sampler run on numpy)."""
+    import httpx
+
+    from tests.server.harness import ServerProcess
+
+    src = tmp_path / "m.gguf"
+    shutil.copy(tiny_ggufs["Q8_0"], src)
+    LLM(str(src), kv_device_bytes="4M")  # (builds and stores the layout: this process has torch)
+    srv = ServerProcess(["--model", str(src), "--served-model-name", "tiny", "--kv-device-bytes", "8M",
+                         "--kv-host-bytes", "8M", "--kv-disk-dir", str(tmp_path / "kv"),
+                         "--session-store", f"sqlite:///{tmp_path / 'sessions.db'}"], tmp_path / "serve.log")
+    try:
+        srv.wait_ready()
+        r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0.9, "seed": 4,
+            "logprobs": 2, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 8
+        msgs = [{"role": "user", "content": "Tell me about foxes and dogs. " * 8}]
+        for turn in range(2):
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, headers={"X-Session-Id": "s1"},
+                           json={"model": "tiny", "messages": msgs, "max_tokens": 6, "temperature": 0.7})
+            assert r.status_code == 200, r.text
+            msgs += [r.json()["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the first turn's KV reused
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "A JSON object, please."}], "max_tokens": 24,
+            "response_format": {"type": "json_object"}})
+        assert r.status_code == 200, r.text
+        assert list((tmp_path / "kv").rglob("*")), "nothing was written to the disk tier"
+        maps = Path(f"/proc/{srv.proc.pid}/maps").read_text() if sys.platform.startswith("linux") else ""
+        assert "libtorch_cpu" not in maps, srv.output()
+    finally:
+        srv.close()
+
+
 def test_the_rope_table_for_fewer_positions_is_a_prefix_of_the_stored_one():
     """The layout stores the RoPE tables for every position the model has; an engine of a shorter
     max_model_len slices them, where a model built in torch builds its own table for its length: the
