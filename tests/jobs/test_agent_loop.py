@@ -140,3 +140,19 @@ def test_a_task_naming_an_unknown_tool_fails_alone(tiny_aeng, store):
     assert recs["bad"]["status"] == "failed" and "nonexistent" in recs["bad"]["error"]
     assert recs["good"]["status"] == "done"
 
+
+
+def test_a_task_whose_compaction_cannot_shorten_its_context_says_why(tiny_aeng, store):
+    """A system prompt that fills most of the window leaves compaction nothing to shorten: the task goes on
+    with its oldest turns left out of the prompt, and its result says why compaction was refused (not
+    only a log line); a task that never needs to compact has no reason there."""
+    turn = "the quick brown fox jumps over the lazy dog " * 6
+    job = {"tasks": [{"id": "refused", "system": "Follow these rules with care. " * 120, "user": turn, "tools": [],
+                      "max_tokens": 8, "sampling": {"ignore_eos": True}, "followups": [turn] * 6, "max_steps": 50,
+                      "compaction": {}},
+                     {"id": "short", "user": "hello", "tools": [], "max_tokens": 4}]}
+    _, recs = run_job(tiny_aeng, store, job)
+    r = recs["refused"]
+    assert r["status"] == "done" and r["compactions"] == 0, (r["finish_reason"], r["error"])
+    assert r["compaction_refused"] and "system prompt" in r["compaction_refused"], r["compaction_refused"]
+    assert recs["short"]["compaction_refused"] is None

@@ -169,9 +169,8 @@ def distribution(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> Distr
         ids = np.flatnonzero(x >= kth)  # tokens tied with the k-th all stay
         x = x[ids]
     if x.shape[0] > _SMALL:  # a whole vocabulary: float32 exp (numpy's SIMD loop; float64's is ~5x slower)
-        e = np.exp(x - m, dtype=np.float32)
-        p = e.astype(np.float64)
-        p /= p.sum()
+        p = np.exp(x - m, dtype=np.float32).astype(np.float64)
+        p *= 1.0 / p.sum()  # (a multiply: dividing 49k doubles took ~45 us here)
     else:
         p = np.exp((x - m).astype(np.float64, copy=False))
         p /= p.sum()

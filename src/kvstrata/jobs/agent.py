@@ -63,6 +63,7 @@ class Agent:
         self.rc, self.task, self.tools = rc, task, tools
         self.eng = rc.aeng.engine
         self.sess: Session | None = None
+        self.compaction_refused: list[str] = []  # why compacting could not shorten the context, each time
 
     async def _db(self, fn, *a, **kw):
         return await asyncio.to_thread(fn, *a, **kw)
@@ -129,7 +130,8 @@ class Agent:
         except Exception as e:  # an engine or store error for this task: it fails, the job goes on
             log.exception("task %s failed", t.id)
             reason, error = "error", f"{type(e).__name__}: {e}"
-        summary = summarize(self.sess.messages, self.sess.metadata, reason, error)
+        summary = summarize(self.sess.messages, self.sess.metadata, reason, error,
+                            self.compaction_refused[-1] if self.compaction_refused else None)
         state = TaskState.FAILED if error else TaskState.DONE
         await self._db(self.rc.store.update_job_task, self.rc.job_id, t.index, state=state, result=summary,
                        error=error)
@@ -168,7 +170,7 @@ class Agent:
         if policy is not None and len(plan.prompt) + t.max_tokens > policy.threshold_tokens:
             await self.rc.skv.resume(s)  # the summary reads the old prefix: bring it back first
             if await maybe_compact(self.rc.aeng, self.rc.store, self.rc.skv, s, ANY_OWNER, policy,
-                                   len(plan.prompt) + t.max_tokens) is not None:
+                                   len(plan.prompt) + t.max_tokens, self.compaction_refused) is not None:
                 plan = turns.plan_turn(self.eng, s, [], make_params)
         if room[0] < 1:
             return "context_length"

@@ -18,12 +18,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("job_id", "task_index", "task_id", "status", "finish_reason", "final_answer", "error", "steps",
-               "tool_calls", "tool_errors", "compactions", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+               "tool_calls", "tool_errors", "compactions", "compaction_refused", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
                "computed_prompt_tokens", "timings", "session_id", "metadata", "transcript")
 
 
-def summarize(messages: list[dict], meta: dict, reason: str | None, error: str | None) -> dict:
-    """A finished task's result without its transcript: counts and timings read from the messages."""
+def summarize(messages: list[dict], meta: dict, reason: str | None, error: str | None,
+              compaction_refused: str | None = None) -> dict:
+    """A finished task's result without its transcript: counts and timings read from the messages, and
+    why compacting last failed to shorten the context (None: it never did)."""
     steps = [m for m in messages if m.get("role") == "assistant" and "kvstrata" in m]
     tools = [m for m in messages if m.get("role") == "tool" and "kvstrata" in m]
     k = [m["kvstrata"] for m in steps]
@@ -41,6 +43,7 @@ def summarize(messages: list[dict], meta: dict, reason: str | None, error: str |
         "tool_calls": len(tools),
         "tool_errors": sum(1 for m in tools if m["kvstrata"].get("error")),
         "compactions": sum(1 for m in messages if m.get("role") == "compaction"),
+        "compaction_refused": compaction_refused,
         "prompt_tokens": sum(x.get("prompt_tokens", 0) for x in k),
         "completion_tokens": sum(x.get("completion_tokens", 0) for x in k),
         "cached_prompt_tokens": sum(x.get("cached_prompt_tokens", 0) for x in k),

@@ -218,13 +218,16 @@ def _fitting_plan(e: Any, view: Session, ask: list[dict], policy: CompactionPoli
 
 
 async def maybe_compact(aeng: Any, store: Any, skv: Any, sess: Session, owner: Owner, policy: CompactionPolicy,
-                        next_prompt_tokens: int) -> dict[str, Any] | None:
+                        next_prompt_tokens: int, refused: list[str] | None = None) -> dict[str, Any] | None:
     """Compact when `next_prompt_tokens` (the next turn's prompt plus its output room) passes the
-    policy's threshold; None when it does not, or when there is nothing to compact."""
+    policy's threshold; None when it does not, or when there is nothing to compact, or when compacting
+    could not shorten it (why is appended to `refused`, when given)."""
     if policy.threshold_tokens is None or next_prompt_tokens <= policy.threshold_tokens:
         return None
     try:
         return await compact(aeng, store, skv, sess, owner, policy, reason="threshold")
     except CompactionError as e:
         log.info("session %s not compacted: %s", sess.id, e)
+        if refused is not None:
+            refused.append(str(e))
         return None
