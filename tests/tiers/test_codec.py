@@ -184,3 +184,35 @@ def test_recode_keeps_identity():
     y = codec.decode(blob8, FP, b.key, b.token_ids)
     assert torch.allclose(y, b.x, atol=float(b.x.abs().max()) / 127)
     assert codec.recode(b.blob(), "raw") == b.blob()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_numpy_payloads_encode_and_decode_as_the_torch_ops_did(dtype):
+    """The codec's arithmetic is numpy: a block given as an array or as a tensor encodes to the same bytes,
+    the int8 payload is byte for byte the torch formula it replaced (scale = max|x| / 127 per channel,
+    round halves to even, clamp), and `numpy=True` decodes to arrays (tensors for bfloat16)."""
+    import numpy as np
+
+    x = make_block(5, dtype=dtype).x
+    x[0, 0, :, 0, 0] = 0.0  # an all-zero channel: scale 1
+    x[1, 0, 3, 1, 2] = 2.5 * (x[1, 0, :, 1, 2].abs().max() / 127.0)  # (a value on a rounding half)
+    key = block_key(None, list(range(SHAPE[2])), FP)
+    toks = list(range(SHAPE[2]))
+    for name in ("raw", "int8"):
+        blob = codec.encode(x, key=key, token_ids=toks, fingerprint=FP, codec=name)
+        if dtype != torch.bfloat16:
+            assert codec.encode(x.numpy(), key=key, token_ids=toks, fingerprint=FP, codec=name) == blob
+        if name == "int8":
+            xf = x.float()
+            scale = xf.abs().amax(dim=2, keepdim=True) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+            h = codec.read_header(blob)
+            assert blob[h.header_len:] == q.numpy().tobytes() + scale.numpy().tobytes()
+            want = (q.float() * scale).to(dtype)
+        else:
+            want = x
+        got = codec.decode(blob, FP, key, toks, numpy=True)
+        assert isinstance(got, np.ndarray) == (dtype != torch.bfloat16)
+        assert torch.equal(torch.as_tensor(got) if isinstance(got, np.ndarray) else got, want)
+        assert torch.equal(codec.decode(blob, FP, key, toks), want)

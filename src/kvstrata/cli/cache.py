@@ -79,7 +79,7 @@ def _stats(tier) -> dict:
         nbytes += h.header_len + h.payload_len
         models[h.fingerprint[:16]] += 1
         codecs[h.codec] += 1
-        dtypes[str(h.dtype).removeprefix("torch.")] += 1
+        dtypes[h.dtype_name] += 1
     return dict(tier=tier.name, location=_location(tier), blocks=blocks, bytes=nbytes, unreadable=unreadable,
                 models=dict(models), codecs=dict(codecs), dtypes=dict(dtypes))
 
