@@ -7,9 +7,9 @@ Steps (each skipped when its output already exists; a stamp file makes a full re
 3. CMake-configure ``vendor/llama.cpp`` for the CPU (no CURL, no OpenSSL, no web-UI download, static
    libraries, native CPU flags) and build the targets ``llama-server`` and ``llama-bench`` with ``-j2``
    under ``nice``; where the CPU lists AMX but a probe's tile instruction faults (a VM), without AMX
-   (the bindings of step 4 do not get this yet)
 4. only with ``--bindings`` (or ``KVSTRATA_PEER_BINDINGS=1``): build a wheel of the llama-cpp-python
-   bindings from the same sdist (``CMAKE_ARGS`` CPU-only) once into the cache, then ``pip install``
+   bindings from the same sdist (``CMAKE_ARGS`` CPU-only, without AMX where it faults, cached apart
+   from a wheel with it) once into the cache, then ``pip install``
    it into the running interpreter's environment. Off by default: the wheel compiles ggml and
    libllama a second time (about 11.5 minutes on 2 cores, on top of about 7.5 for the binaries)
    and no benchmark needs it; once built, the cached wheel installs in a second.
@@ -111,6 +111,14 @@ BINDINGS_CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_
                        "-DLLAVA_BUILD=OFF")  # no multimodal library: the benchmarks do not use it
 
 
+def bindings_cmake_args(amx: str) -> str:
+    """CMAKE_ARGS of the bindings' wheel (split like a shell line by its build backend); with `amx` "off"
+    the same -mno-amx flags as the binaries'."""
+    if amx != "off":
+        return BINDINGS_CMAKE_ARGS
+    return f"{BINDINGS_CMAKE_ARGS} '-DCMAKE_C_FLAGS={NO_AMX}' '-DCMAKE_CXX_FLAGS={NO_AMX}'"
+
+
 def say(msg: str) -> None:
     print(f"[bench-peers] {msg}", flush=True)
 
@@ -186,25 +194,30 @@ def bindings_installed(version: str) -> bool:
         return False
 
 
-def install_bindings(root: Path, sdist: Path, version: str, jobs: int) -> tuple[list[list[str]], float]:
-    """Build the wheel once into the cache (CPU-only CMAKE_ARGS), then pip-install it."""
-    wheels = root / "wheels"
+def install_bindings(root: Path, sdist: Path, version: str, jobs: int, amx: str = "native",
+                     reinstall: bool = False) -> tuple[list[list[str]], float]:
+    """Build the wheel once into the cache (CPU-only CMAKE_ARGS; without AMX, in a directory of its own,
+    where `amx` is "off"), then pip-install it (again, with `reinstall`: bindings built for the other
+    AMX setting are installed)."""
+    wheels = root / ("wheels-noamx" if amx == "off" else "wheels")
     log = root / "logs" / "bindings.log"
     cmds: list[list[str]] = []
     seconds = 0.0
     wheel = next(iter(sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))), None)
     if wheel is None:
-        env = dict(os.environ, CMAKE_ARGS=BINDINGS_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
-        say(f"building the llama-cpp-python wheel (CMAKE_ARGS={BINDINGS_CMAKE_ARGS!r}; minutes; log: {log})")
+        args = bindings_cmake_args(amx)
+        env = dict(os.environ, CMAKE_ARGS=args, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+        say(f"building the llama-cpp-python wheel (CMAKE_ARGS={args!r}; minutes; log: {log})")
         cmd = [*nice_prefix(), sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(sdist)]
         seconds += run(cmd, env=env, log=log)
         cmds.append(cmd)
         wheel = next(iter(sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))), None)
         if wheel is None:
             raise PeerMissingError(f"pip wheel produced no wheel in {wheels}; see {log}")
-    if not bindings_installed(version):
+    if reinstall or not bindings_installed(version):
         # its runtime deps (numpy, jinja2, typing-extensions, diskcache) are small; numpy/jinja2 already here
-        cmd = [sys.executable, "-m", "pip", "install", "-q", str(wheel)]
+        cmd = [sys.executable, "-m", "pip", "install", "-q", *(["--force-reinstall", "--no-deps"] if reinstall else []),
+               str(wheel)]
         seconds += run(cmd, log=log)
         cmds.append(cmd)
     else:
@@ -218,8 +231,10 @@ def prepare(*, bindings: bool = False, force: bool = False, jobs: int = 2,
     root = cache_dir()
     stamp_file = stamp_path(version)
     amx = "off" if amx_faults() else "native"  # a build with AMX where it faults is rebuilt without
+    old_amx = None
     if stamp_file.is_file() and not force:
         stamp = json.loads(stamp_file.read_text())
+        old_amx = stamp.get("amx", "native") if stamp.get("bindings") else None
         if all(Path(p).is_file() for p in stamp["binaries"].values()) and stamp.get("amx", "native") == amx and (
             not bindings or bindings_installed(version)
         ):
@@ -243,7 +258,7 @@ def prepare(*, bindings: bool = False, force: bool = False, jobs: int = 2,
         "bindings": None,
     }
     if bindings:
-        cmds, b_s = install_bindings(root, sdist, version, jobs)
+        cmds, b_s = install_bindings(root, sdist, version, jobs, amx, reinstall=old_amx not in (None, amx))
         stamp["bindings"] = {"version": version, "commands": [shlex.join(c) for c in cmds], "seconds": round(b_s, 1)}
     stamp["total_seconds"] = round(time.monotonic() - t0, 1)
     stamp_file.write_text(json.dumps(stamp, indent=2))

@@ -136,3 +136,47 @@ def test_run_peers_rejects_unknown_parts(capsys):
 
     assert run_peers.main(["--parts", "single_stream,bogus"]) == 2
     assert "unknown parts ['bogus']" in capsys.readouterr().err
+
+
+def test_the_bindings_wheel_is_built_without_amx_where_amx_faults_and_reinstalled(tmp_path, monkeypatch):
+    """`--bindings` on a CPU whose AMX faults: the wheel is built with the binaries' -mno-amx flags (one
+    CMAKE_ARGS entry each, as a shell splits it), cached apart from a wheel with AMX, and installed over
+    bindings a stamp says were built with AMX."""
+    import shlex
+
+    from benchmarks.peers import prepare
+
+    monkeypatch.setenv("KVSTRATA_HOME", str(tmp_path))
+    monkeypatch.setattr(prepare, "amx_faults", lambda: True)
+    exe = tmp_path / "bin"
+    exe.write_text("")
+    common.stamp_path().parent.mkdir(parents=True)
+    common.stamp_path().write_text(json.dumps({"binaries": {"llama-server": str(exe), "llama-bench": str(exe)},
+                                               "amx": "native", "bindings": {"version": "x"}}))
+    runs: list[tuple[list[str], dict | None]] = []
+
+    def fake_run(cmd, env=None, **kw):
+        runs.append((cmd, env))
+        if "--build" in cmd:
+            for t in prepare.TARGETS:
+                (Path(cmd[cmd.index("--build") + 1]) / "bin").mkdir(parents=True, exist_ok=True)
+                (Path(cmd[cmd.index("--build") + 1]) / "bin" / t).write_text("")
+        if "wheel" in cmd:
+            out = Path(cmd[cmd.index("-w") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"llama_cpp_python-{prepare.LLAMA_CPP_PYTHON_VERSION}-cp311-linux_x86_64.whl").write_text("")
+        return 0.0
+
+    monkeypatch.setattr(prepare, "run", fake_run)
+    monkeypatch.setattr(prepare, "download_sdist", lambda root, version: tmp_path / "sdist.tar.gz")
+    monkeypatch.setattr(prepare, "extract", lambda root, sdist, version: tmp_path / "src")
+    monkeypatch.setattr(prepare, "bindings_installed", lambda version: True)  # (the ones built with AMX)
+    stamp = prepare.prepare(bindings=True)
+    wheel_cmd, env = next((c, e) for c, e in runs if "wheel" in c)
+    args = shlex.split(env["CMAKE_ARGS"])
+    assert f"-DCMAKE_CXX_FLAGS={prepare.NO_AMX}" in args and f"-DCMAKE_C_FLAGS={prepare.NO_AMX}" in args
+    assert Path(wheel_cmd[wheel_cmd.index("-w") + 1]).name == "wheels-noamx"
+    install = next(c for c, _ in runs if "install" in c)
+    assert "--force-reinstall" in install and install[-1].endswith(".whl") and "wheels-noamx" in install[-1]
+    assert stamp["amx"] == "off" and stamp["bindings"] is not None
+    assert shlex.split(prepare.bindings_cmake_args("native")) == shlex.split(prepare.BINDINGS_CMAKE_ARGS)
