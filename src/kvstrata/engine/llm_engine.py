@@ -14,10 +14,9 @@ import hashlib
 import itertools
 import logging
 import sys
-import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence as Seq
+from typing import Sequence as Seq
 
 from kvstrata.config import EngineConfig
 from kvstrata.core import (
@@ -33,10 +32,9 @@ from kvstrata.engine.runner import ModelRunner
 from kvstrata.engine.sampler import Sampler, next_token
 from kvstrata.engine.speculative import (MAX_DRAFT, DraftStats, NgramDrafter, OutputHistory, StepCost, draft_budget,
                                          expected_accepted)
-from kvstrata.engine.layout import int8_model_from_arrays
-from kvstrata.engine.setup import (auto_quantization, build_model, device_dtype_names, device_type, keep_freed_host_memory,
-                                   layout_arrays, pool_blocks, release_int8_copies, resolve_kv_dtype, setup_native_decode,
-                                   trim_freed_host_memory)
+from kvstrata.engine.setup import (auto_quantization, device_dtype_names, device_type, keep_freed_host_memory,
+                                   pool_blocks, resolve_kv_dtype, trim_freed_host_memory)
+from kvstrata.engine.weights import EngineWeights
 from kvstrata.kv.manager import KVManager
 from kvstrata.kv.offload import Offload, build_tier_stack
 from kvstrata.kv.pool import BlockPool
@@ -46,11 +44,6 @@ from kvstrata.sched.scheduler import Scheduler
 from kvstrata.sched.sequence import Sequence
 from kvstrata.startup import Phases, arena_key, gc_paused, release_gc, remember_arena
 from kvstrata.tokenizer.tokenizer import IncrementalDetokenizer
-
-if TYPE_CHECKING:
-    import torch
-
-    from kvstrata.model.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +55,7 @@ class _Request:
     seqs: list[Sequence]
 
 
-class LLMEngine:
+class LLMEngine(EngineWeights):
     def __init__(self, config: EngineConfig | None = None, loaded=None, **overrides) -> None:
         """`loaded`: an already-built LoadedModel (e.g. random weights made on the GPU by a benchmark)
         used instead of reading `config.model`."""
@@ -86,12 +79,7 @@ class LLMEngine:
         self.model_config = mc = lm.config
         self.model_path = lm.path
         self.quantization = lm.quantization
-        self._lm, self._model, self._model_lock = lm, None, threading.Lock()
-        # the int8 layout's arrays where the layout cache holds this model (read without torch)
-        self._layout = layout_arrays(lm, self.dtype_name, self.device_name, cfg.quantization)
-        if self._layout is None:
-            self._set_torch_threads()
-            self._model = build_model(lm, self.dtype_name, self.device_name, cfg.quantization)
+        self._load_weights(lm)
         phases.mark("weights")
         self.tokenizer = lm.tokenizer  # (loaded meanwhile, see loader/gguf_loader.py)
         if self.device_type == "cpu":
@@ -127,25 +115,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.program_priority)
         self.scheduler.on_preempt = self._on_preempt
         self.runner = ModelRunner(self._get_model, self.kv, self.device_name)
-        if self._layout is not None:
-            from kvstrata.native.decode import LayoutWeights
-
-            weights = LayoutWeights(mc, self._layout, self.max_model_len)
-            self.runner.native = setup_native_decode(cfg, weights, self.pool, self.device_name)
-        else:
-            self.runner.native = setup_native_decode(cfg, self._model, self.pool, self.device_name)
+        self.runner.native = self._native_step(self.pool)
         if self.runner.native is not None and loaded is None:  # the next start of these settings backs it early
             remember_arena(hint_key, self.runner.native.weight_bytes)
-        if self._model is not None:
-            release_int8_copies(self._model)
-        elif self.runner.native is not None:  # the native step copied the layout's int8 weights: their pages go back
-            from kvstrata.loader.tensor_file import drop_pages
-
-            for name, a in self._layout.items():  # type: ignore[union-attr]
-                if name.endswith(".int8_weight"):
-                    drop_pages(a)
-        else:  # no native step: every step runs on the torch path
-            self._get_model()
         if self.device_type == "cpu":
             trim_freed_host_memory()
         phases.mark("native step")
@@ -173,59 +145,6 @@ class LLMEngine:
                  self.dtype_name if self.kv_dtype_name == self.dtype_name else f"{self.dtype_name}, KV {self.kv_dtype_name}",
                  cfg.quantization, "on" if self.runner.native is not None else "off")
         log.debug("start phases (s): %s%s", phases.report(), "" if "torch" in sys.modules else " (torch not imported)")
-
-    # -- torch, and the model, where needed -------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        import torch
-
-        return torch.device(self.device_name)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.dtype_name)
-
-    @property
-    def kv_dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.kv_dtype_name)
-
-    @property
-    def model(self) -> LlamaModel:
-        """The LlamaModel (the torch path's); an engine started from the layout cache builds it now, over
-        the same arrays the native step was given."""
-        return self._get_model()
-
-    def _get_model(self) -> LlamaModel:
-        if self._model is None:
-            with self._model_lock:
-                if self._model is None:
-                    self._set_torch_threads()
-                    cfg = self.config
-                    model = int8_model_from_arrays(self._lm, self._layout) if self._layout is not None else None
-                    if model is None:
-                        model = build_model(self._lm, self.dtype_name, self.device_name, cfg.quantization)
-                    self._set_rope(model)
-                    self._model = model
-        return self._model
-
-    def _set_torch_threads(self) -> None:
-        if self.device_type == "cpu" and self.config.num_threads:
-            import torch
-
-            torch.set_num_threads(self.config.num_threads)
-
-    def _set_rope(self, model: LlamaModel) -> None:
-        """The model's RoPE tables for max_model_len positions: the layout's (the very table the native step
-        reads) where the model came from it, else built."""
-        rot = model.rotary
-        if rot.cos_table is not None and rot.cos_table.shape[0] >= self.max_model_len:
-            rot.cos_table, rot.sin_table = rot.cos_table[: self.max_model_len], rot.sin_table[: self.max_model_len]
-        else:
-            rot.build_table(self.max_model_len, self.dtype)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(
