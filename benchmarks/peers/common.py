@@ -101,7 +101,22 @@ def cpu_pressure() -> dict:
     return out
 
 
-BANDWIDTH_SAMPLE = "torch.sum over a 512 MiB float64 buffer (16x this machine's L3), best of 5"
+def _l3_bytes() -> int | None:
+    """This machine's last-level cache as sysfs gives it (cpu0's index3), or None."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    except (ValueError, IndexError):
+        return None
+
+
+_L3 = _l3_bytes()
+BANDWIDTH_SAMPLE = ("torch.sum over a 512 MiB float64 buffer"
+                    + (f" ({(512 << 20) / _L3:.1f}x this machine's L3)" if _L3 else "") + ", best of 5")
 
 
 def bandwidth_sample() -> float:
