@@ -169,8 +169,7 @@ static inline __attribute__((always_inline)) void scores4p##SUF(const AttnShape 
                         a[i] = _mm512_fmadd_ps(q3, k[i][3], a[i]);                                             \
                     }                                                                                          \
                     __m512 s = _mm512_permutexvar_ps(pick, _mm512_mul_ps(hsum4(a[0], a[1], a[2], a[3]), vscale)); \
-                    _mm_mask_storeu_ps(sc + ((size_t)qi * H + h * G + g) * CHUNK + t0, (__mmask8)((1u << tn) - 1), \
-                                       _mm512_castps512_ps128(s));                                             \
+                    _mm512_mask_storeu_ps(sc + ((size_t)qi * H + h * G + g) * CHUNK + t0, (__mmask16)((1u << tn) - 1), s); \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
