@@ -190,9 +190,10 @@ static inline __attribute__((always_inline)) void values_##NV##SUF(const AttnSha
 }                                                                                                              \
 /* nq consecutive queries of one sequence over one chunk (nq = 1: a decode; more: a decode row and its     \
  * drafts), each position's K row loaded once for all of them; each query's scores, softmax and values are \
- * computed as they would be alone, so a query gets the same bits in either. A position's dot products are  \
- * reduced four at a time (hsum4: the tree of _mm512_reduce_add_ps, so the same bits; a draft step at   \
- * 2,800 context took 0.94-0.96x the time of one reduction each, a lone decode 0.99x). */               \
+ * computed as they would be alone, so a query gets the same bits in either. head_dim 64 goes through     \
+ * scores4p; here (head_dim 128) a position's dot products are reduced four at a time (hsum4: the tree of \
+ * _mm512_reduce_add_ps, so the same bits; measured at head_dim 64 before scores4p: a draft step at 2,800   \
+ * context 0.94-0.96x the time of one reduction each, a lone decode 0.99x). */                             \
 static inline __attribute__((always_inline)) void attn_rows_##NV##SUF(const AttnShape *m, const float *q,     \
         size_t qstride, int nq, const int *nj, const void *kcv, const void *vcv, const int64_t *rows,          \
         float *po, size_t postride, float *pml, size_t pmlstride, float *sc) {                                 \
@@ -339,38 +340,36 @@ attn_fn pick_attn(int D, int kvt) {
  * every query, however its chunks were spread over threads. */
 void merge_partials(const AttnShape *m, int nc, const float *po, const float *pml, float *out) {
     const int H = m->H, D = m->D;
+    float w[nc]; /* each chunk's weight e^(max_c - max), computed once per head for all outputs */
     for (int hh = 0; hh < H; hh++) {
         float mx = -INFINITY, sum = 0.0f, *o = out + (size_t)hh * D;
         for (int c = 0; c < nc; c++) { float v = pml[(size_t)c * H * 2 + 2 * hh]; mx = v > mx ? v : mx; }
+        for (int c = 0; c < nc; c++) {
+            const float *ml = pml + (size_t)c * H * 2 + 2 * hh;
+            w[c] = expf(ml[0] - mx);
+            sum += w[c] * ml[1];
+        }
+        const float inv = 1.0f / sum;
         int d0 = 0;
 #if defined(__AVX512F__)
         /* 64 outputs at a time in registers: each element's o + w * p in chunk order, two roundings, as in
-         * the loop below (which kept o in memory: a store-to-load chain per chunk, ~4 % of a 5-row step) */
+         * the loop below (which keeps o in memory: a store-to-load chain per chunk, ~4 % of a 5-row step) */
         for (; d0 + 64 <= D; d0 += 64) {
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            float s = 0.0f;
             for (int c = 0; c < nc; c++) {
-                const float *ml = pml + (size_t)c * H * 2 + 2 * hh;
-                const float w = expf(ml[0] - mx);
-                s += w * ml[1];
-                const __m512 wv = _mm512_set1_ps(w);
+                const __m512 wv = _mm512_set1_ps(w[c]);
                 const float *pc = po + ((size_t)c * H + hh) * D + d0;
                 for (int j = 0; j < 4; j++) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(wv, _mm512_loadu_ps(pc + 16 * j)));
             }
-            const __m512 inv = _mm512_set1_ps(1.0f / s);
-            for (int j = 0; j < 4; j++) _mm512_storeu_ps(o + d0 + 16 * j, _mm512_mul_ps(acc[j], inv));
+            const __m512 iv = _mm512_set1_ps(inv);
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(o + d0 + 16 * j, _mm512_mul_ps(acc[j], iv));
         }
-        if (d0 == D) continue;
 #endif
         for (int d = d0; d < D; d++) o[d] = 0.0f;
-        for (int c = 0; c < nc; c++) {
-            const float *ml = pml + (size_t)c * H * 2 + 2 * hh;
-            float w = expf(ml[0] - mx);
-            sum += w * ml[1];
+        for (int c = 0; c < nc && d0 < D; c++) {
             const float *pc = po + ((size_t)c * H + hh) * D;
-            for (int d = d0; d < D; d++) o[d] += w * pc[d];
+            for (int d = d0; d < D; d++) o[d] += w[c] * pc[d];
         }
-        float inv = 1.0f / sum;
         for (int d = d0; d < D; d++) o[d] *= inv;
     }
 }

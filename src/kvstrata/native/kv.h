@@ -104,9 +104,6 @@ static inline float exp_neg(float x) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* Sums of the 16 lanes of each of a[0..15] -> lane i holds a[i]'s sum, with the very pairing of
- * _mm512_reduce_add_ps (lanes i + 8, then i + 4, then i + 2, then i + 1; float adds commute exactly), so a
- * score reduced here has the bits a one-at-a-time reduction gives; 46 instructions for 16 sums. */
 /* Four reductions at once with _mm512_reduce_add_ps's tree (halves of 256, then of 128, then lanes i and
  * i + 2, then 0 and 1; additions commute, so each result has the bits of its own reduction): the sums of
  * a[0..3] in lanes 0, 4, 8 and 12. */
@@ -121,6 +118,9 @@ static inline __m512 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     return _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
 }
 
+/* Sums of the 16 lanes of each of a[0..15] -> lane i holds a[i]'s sum, with the very pairing of
+ * _mm512_reduce_add_ps (lanes i + 8, then i + 4, then i + 2, then i + 1; float adds commute exactly), so a
+ * score reduced here has the bits a one-at-a-time reduction gives; 46 instructions for 16 sums. */
 static inline __m512 hsum16(const __m512 a[16]) {
     __m512 w[8], z[4], r[2];
     for (int p = 0; p < 8; p++)
