@@ -174,8 +174,8 @@ def test_the_int8_layout_cache_is_used_and_rebuilt_when_the_file_changes(tiny_gg
     from kvstrata.engine import setup
 
     builds = []
-    real = setup.apply_quantization
-    monkeypatch.setattr(setup, "apply_quantization", lambda *a: builds.append(a[1]) or real(*a))
+    real = setup.int8_model_streamed
+    monkeypatch.setattr(setup, "int8_model_streamed", lambda lm: builds.append("int8") or real(lm))
     src = tmp_path / "m.gguf"
     shutil.copy(tiny_ggufs["Q8_0"], src)
 
@@ -218,6 +218,33 @@ def test_the_int8_layout_cache_is_used_and_rebuilt_when_the_file_changes(tiny_gg
     assert builds == ["int8"] * 6
     engine()
     assert builds == ["int8"] * 6  # and trusted again once rewritten
+
+
+def test_the_int8_model_built_layer_by_layer_is_the_one_built_whole(tiny_ggufs, tiny_llama):
+    """A first start builds the int8 model as the file's tensors are read, quantizing each layer once its
+    last tensor arrives (the float copies of one layer alive at a time): its parameters and int8 weights
+    are those of the float model built whole and then quantized, bit for bit; a weight the model has no
+    place for, or one missing, is a clear error."""
+    from kvstrata.engine.layout import int8_model_streamed, model_from_weights
+    from kvstrata.engine.setup import apply_quantization
+
+    cpu = torch.device("cpu")
+    for lm in (load_model(str(tiny_ggufs["Q8_0"]), "float32"), load_model(str(tiny_llama), "float32")):
+        streamed = int8_model_streamed(lm)
+        whole = apply_quantization(model_from_weights(lm, torch.float32, cpu), "int8", cpu, torch.float32)
+        a, b = dict(streamed.named_parameters()), dict(whole.named_parameters())
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        qa = {n: m.int8 for n, m in streamed.named_modules() if isinstance(m, PerTokenInt8Linear)}
+        qb = {n: m.int8 for n, m in whole.named_modules() if isinstance(m, PerTokenInt8Linear)}
+        assert qa.keys() == qb.keys() and len(qa) == 4 * len(whole.layers) + 1
+        assert all(torch.equal(x, y) for k in qa for x, y in zip(qa[k], qb[k]))
+    weights = dict(lm.weights)
+    lm._weights = {k: v for k, v in weights.items() if k != "layers.1.down_proj.weight"}
+    with pytest.raises(KvstrataError, match="missing.*layers.1.down_proj.weight"):
+        int8_model_streamed(lm)
+    lm._weights = {**weights, "layers.0.extra.weight": torch.zeros(2)}
+    with pytest.raises(KvstrataError, match="layers.0.extra.weight.* has no place"):
+        int8_model_streamed(lm)
 
 
 def _rss_file_kib() -> int:
@@ -450,14 +477,23 @@ def test_the_tokenizer_does_not_import_the_loader():
 
 
 @pytest.mark.slow
-def test_generate_on_the_default_model_stays_under_half_a_gib_and_imports_nothing_it_does_not_use(tmp_path):
-    """`kvstrata generate` with no flags, caches warm (one run first): peak RSS (the kernel's high-water
-    mark of the process's own memory, VmHWM, read by the process as it exits) under 512 MiB, measured
-    338 MiB (the native step's int8 weights 0.13 GiB, the interpreter with numpy and tokenizers, the layout's
-    pages while it is read); torch is never imported (0.85-0.9 GiB when it was). Not wait4's ru_maxrss: a
-    child started with vfork + exec is charged its parent's high-water mark, here the test process's own.
-    Start phases and the first token's time are logged at debug level."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+def test_generate_on_the_default_model_stays_under_a_gib_cold_and_half_a_gib_warm_and_imports_nothing_it_does_not_use(tmp_path):
+    """`kvstrata generate` with no flags, twice in a home of its own. The first start finds no caches: it
+    converts the tokenizer and builds the int8 layout (layer by layer: engine/layout.py) in torch; its peak
+    RSS stays under 1 GiB, measured 0.70-0.9 GiB (1.36 GiB when the whole float model was built first).
+    The second finds them warm: under 512 MiB, measured 338 MiB (the native step's int8 weights 0.13 GiB,
+    the interpreter with numpy and tokenizers, the layout's pages while it is read), and torch is never
+    imported (0.85-0.9 GiB when it was). Peak RSS: the kernel's high-water mark of the process's own
+    memory (VmHWM, read by the process as it exits); not wait4's ru_maxrss: a child started with vfork +
+    exec is charged its parent's high-water mark, here the test process's own. The compiled kernels are
+    shared with the session (a compiler is a process of its own: its memory is never the engine's). Start
+    phases and the first token's time are logged at debug level."""
+    from kvstrata.core import kvstrata_home
+
+    home = tmp_path / "cold-home"
+    home.mkdir()
+    (home / "native").symlink_to(kvstrata_home() / "native", target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "KVSTRATA_HOME": str(home)}
     probe = ("import sys, runpy; sys.argv = ['kvstrata', '--log-level', 'debug', 'generate', "
              "'The capital of France is', '--max-tokens', '16']; from kvstrata.cli.main import main; rc = main(); "
              "heavy = [m for m in ('transformers', 'jinja2', 'llguidance', 'matplotlib', 'redis', 'psycopg', "
@@ -465,17 +501,21 @@ def test_generate_on_the_default_model_stays_under_half_a_gib_and_imports_nothin
              "import gc; print('GC', gc.isenabled(), gc.get_freeze_count() > 0); "
              "print('HWM', next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))); "
              "sys.exit(rc)")
+    peaks = []
     for run in range(2):
         r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "Paris" in r.stdout, r.stdout
+        peaks.append(int(re.search(r"^HWM (\d+)$", r.stdout, re.M).group(1)) / 1024)
+        if run == 0:
+            assert "cached the int8 layout" in r.stderr and "converting the tokenizer" in r.stderr, r.stderr[-3000:]
     out, err = r.stdout, r.stderr
-    assert "Paris" in out and "HEAVY []" in out, out
+    assert "HEAVY []" in out, out
     assert "GC True True" in out, out  # the collector paused for the start, then back, start-up's objects frozen
     assert "start phases" in err and "first token" in err
     if sys.platform.startswith("linux"):  # the second start backed the weight arena while the engine loaded
         assert "weight arena: in the map backed during start-up" in err, err[-3000:]
-    peak_mib = int(re.search(r"^HWM (\d+)$", out, re.M).group(1)) / 1024
-    assert peak_mib < 512, (peak_mib, err[-3000:])
+    assert peaks[0] < 1024 and peaks[1] < 512, (peaks, err[-3000:])
 
 
 def test_a_start_from_the_layout_cache_needs_no_torch_and_gives_the_tokens_of_the_built_model(tiny_ggufs, tmp_path):

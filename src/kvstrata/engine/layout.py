@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvstrata.core import KvstrataError
+
 if TYPE_CHECKING:
     import torch
 
@@ -78,6 +80,57 @@ def model_from_weights(lm, dtype: torch.dtype, device: torch.device) -> LlamaMod
     for layer in model.layers:
         layer.fuse_projections()
     return model.to(device).eval()
+
+
+def int8_model_streamed(lm) -> LlamaModel:
+    """The int8 model `apply_quantization(model_from_weights(...), "int8")` builds, the same bits, built
+    layer by layer from `lm.iter_weights()`: a layer is quantized as soon as its last tensor is read, so the
+    float copies of one layer are alive at a time, not the whole model's (a first start of the default
+    model peaked at 1.36 GiB building it whole; fp32 weights alone are 0.54 GB)."""
+    import torch
+
+    from kvstrata.model.quant import quantize_head_int8, quantize_layer_int8
+
+    model = _skeleton(lm, torch.float32)
+    prefixes = [f"layers.{i}." for i in range(len(model.layers))]
+    wanted = [set(layer.state_dict()) for layer in model.layers]  # each layer's names, without its prefix
+    top_names = {k for k in model.state_dict() if not k.startswith("layers.")}
+    pending: list[dict[str, torch.Tensor]] = [{} for _ in model.layers]
+    top: dict[str, torch.Tensor] = {}
+    complete: set[int] = set()
+    for name, t in lm.iter_weights():
+        i = _layer_of(name)
+        if i is None or i >= len(model.layers):
+            if name not in top_names or name in top:
+                raise KvstrataError(f"{lm.path}: weight {name!r} has no place in this model")
+            top[name] = t
+            continue
+        key = name[len(prefixes[i]):]
+        if key not in wanted[i] or key in pending[i] or i in complete:
+            raise KvstrataError(f"{lm.path}: weight {name!r} has no place in this model")
+        pending[i][key] = t
+        if len(pending[i]) == len(wanted[i]):
+            layer = model.layers[i]
+            layer.load_state_dict(pending[i], strict=True, assign=True)
+            pending[i] = {}
+            layer.fuse_projections()
+            quantize_layer_int8(layer)
+            complete.add(i)
+    missing = sorted(top_names - top.keys())
+    for i in range(len(model.layers)):
+        if i not in complete:
+            missing += [prefixes[i] + k for k in sorted(wanted[i] - pending[i].keys())]
+    if missing:
+        raise KvstrataError(f"{lm.path}: weights missing for this model: {missing[:3]}")
+    model.load_state_dict(top, strict=False, assign=True)
+    return quantize_head_int8(model.eval())
+
+
+def _layer_of(name: str) -> int | None:
+    if not name.startswith("layers."):
+        return None
+    head = name.split(".", 2)[1]
+    return int(head) if head.isdigit() else None
 
 
 def layout_enabled(lm) -> bool:

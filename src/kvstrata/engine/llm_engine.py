@@ -72,14 +72,14 @@ class LLMEngine(EngineWeights):
             cfg = dataclasses.replace(cfg, quantization=auto_quantization(self.device_name, self.dtype_name))
         self.config = cfg
         phases = Phases()
-        if self.device_type == "cpu":
-            keep_freed_host_memory()
         lm = loaded if loaded is not None else load_model(cfg.model, self.dtype_name)
         phases.mark("metadata")
         self.model_config = mc = lm.config
         self.model_path = lm.path
         self.quantization = lm.quantization
-        self._load_weights(lm)
+        self._load_weights(lm)  # (with glibc's own thresholds: a first start's build frees a layer's copies)
+        if self.device_type == "cpu":
+            keep_freed_host_memory()
         phases.mark("weights")
         self.tokenizer = lm.tokenizer  # (loaded meanwhile, see loader/gguf_loader.py)
         if self.device_type == "cpu":

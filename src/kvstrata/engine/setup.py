@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvstrata.config import EngineConfig
 from kvstrata.core import KvstrataError, dtype_name
-from kvstrata.engine.layout import cached_int8_arrays, cached_int8_model, layout_enabled, model_from_weights, save_int8_layout
+from kvstrata.engine.layout import (cached_int8_arrays, cached_int8_model, int8_model_streamed, layout_enabled, model_from_weights,
+                                    save_int8_layout)
 from kvstrata.kv.pool import BlockPool
 from kvstrata.model.config import ModelConfig
 from kvstrata.startup import torch_may_have_cuda
@@ -112,7 +113,10 @@ def build_model(lm, dtype: Any, device: Any, quantization: str = "none") -> Llam
         model = cached_int8_model(lm)
         if model is not None:
             return model
-    model = apply_quantization(model_from_weights(lm, dtype, device), quantization, device, dtype)
+    if quantization == "int8" and device.type == "cpu" and dtype == torch.float32:
+        model = int8_model_streamed(lm)  # (a layer's float weights at a time: the first start's peak memory)
+    else:
+        model = apply_quantization(model_from_weights(lm, dtype, device), quantization, device, dtype)
     if cache:
         save_int8_layout(lm, model)
     return model

@@ -27,12 +27,18 @@ class EngineWeights:
     max_model_len: int
 
     def _load_weights(self, lm) -> None:
-        """The layout's arrays where the layout cache holds this model, else the model built now."""
+        """The layout's arrays where the layout cache holds this model, else the model built now; a model
+        built and stored in the layout cache is let go for the file's arrays, so a first start runs (and
+        holds the memory of) every later one."""
         self._lm, self._model, self._model_lock = lm, None, threading.Lock()
-        self._layout = layout_arrays(lm, self.dtype_name, self.device_name, self.config.quantization)
+        quantization = self.config.quantization
+        self._layout = layout_arrays(lm, self.dtype_name, self.device_name, quantization)
         if self._layout is None:
             self._set_torch_threads()
-            self._model = build_model(lm, self.dtype_name, self.device_name, self.config.quantization)
+            self._model = build_model(lm, self.dtype_name, self.device_name, quantization)
+            self._layout = layout_arrays(lm, self.dtype_name, self.device_name, quantization)
+            if self._layout is not None:
+                self._model = None
 
     def _native_step(self, pool) -> Any:
         """The native step over the layout's arrays (or the model), or None; the int8 copies it made its own

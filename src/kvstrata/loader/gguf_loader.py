@@ -138,14 +138,14 @@ def source_id(g: GGUFFile) -> str:
     return h.hexdigest()
 
 
-def read_weights(g: GGUFFile, cfg: ModelConfig, dtype, path: str) -> dict:
-    """Every weight dequantized to `dtype` (a name or a torch dtype) as torch tensors under our parameter
-    names (Q/K permutation undone)."""
+def iter_weights(g: GGUFFile, cfg: ModelConfig, dtype, path: str):
+    """Every weight dequantized to `dtype` (a name or a torch dtype) as a torch tensor under our parameter
+    name (Q/K permutation undone), one (name, tensor) at a time in the file's order (llama.cpp writes a
+    block's tensors together), so a caller building from them holds one tensor's float copy at a time."""
     import torch
 
     dtype = getattr(torch, dtype_name(dtype))
     unpermute = cfg.architecture in ("llama", "mistral")
-    weights: dict[str, torch.Tensor] = {}  # noqa: F821
     for t in g.tensors:
         if t.name == "rope_freqs.weight":
             continue
@@ -164,8 +164,12 @@ def read_weights(g: GGUFFile, cfg: ModelConfig, dtype, path: str) -> dict:
             arr = _unpermute(arr, cfg.num_heads)
         elif unpermute and kind == "attn_k":
             arr = _unpermute(arr, cfg.num_kv_heads)
-        weights[name] = arr.to(dtype)
-    return weights
+        yield name, arr.to(dtype)
+
+
+def read_weights(g: GGUFFile, cfg: ModelConfig, dtype, path: str) -> dict:
+    """Every weight at once (`iter_weights` into a dict)."""
+    return dict(iter_weights(g, cfg, dtype, path))
 
 
 def load_gguf(path: str, dtype):
@@ -194,4 +198,4 @@ def load_gguf(path: str, dtype):
                   if rope is not None else None)
     quant = ",".join(sorted({t.type_name for t in g.tensors} - {"F32"})) or "F32"
     return LoadedModel(cfg, lambda: read_weights(g, cfg, dtype, path), tok, sid, path, rope_freqs, quant,
-                       identity=file_identity(path, sid))
+                       identity=file_identity(path, sid), stream=lambda: iter_weights(g, cfg, dtype, path))

@@ -103,14 +103,27 @@ def _has_vnni() -> bool:
     return " avx512_vnni" in flags or " avx_vnni" in flags
 
 
+INT8_ROWS = 8192  # output channels quantized per pass (each channel on its own: the same values in any split)
+
+
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A per-token dynamic-quantized Linear with per-output-channel symmetric int8 weights."""
+    """A per-token dynamic-quantized Linear with per-output-channel symmetric int8 weights. Quantized
+    INT8_ROWS channels at a time into the int8 weight, so the temporaries (|w|, the qint8 tensor) stay a
+    few tens of MB: a large LM head or embedding (49k x 576 for the default model, 128k x 4096 for an 8B)
+    does not add its float size again to a start's peak memory."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    with warnings.catch_warnings():  # torch.ao warns that it is moving to torchao; the kernels stay
-        warnings.simplefilter("ignore")
-        qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-    return PerTokenInt8Linear(qw.int_repr(), scale, bias)
+    n = w.shape[0]
+    w8, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+    for r0 in range(0, n, INT8_ROWS):
+        part = w[r0: r0 + INT8_ROWS]
+        s = scale[r0: r0 + INT8_ROWS]
+        torch.clamp((part.abs().amax(dim=1) / 127.0), min=1e-12, out=s)
+        with warnings.catch_warnings():  # torch.ao warns that it is moving to torchao; the kernels stay
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(part, s.double(), torch.zeros(part.shape[0], dtype=torch.long), 0,
+                                            torch.qint8)
+        w8[r0: r0 + INT8_ROWS] = qw.int_repr()
+    return PerTokenInt8Linear(w8, scale, bias)
 
 
 def _pack(w8: torch.Tensor, scale: torch.Tensor) -> nn.Module:
@@ -129,12 +142,24 @@ def _pack(w8: torch.Tensor, scale: torch.Tensor) -> nn.Module:
 
 def quantize_model_int8(model: nn.Module) -> nn.Module:
     """Swaps every projection and the LM head of a LlamaModel (fp32, CPU) for int8 versions, in place."""
+    for layer in model.layers:
+        quantize_layer_int8(layer)
+    return quantize_head_int8(model)
+
+
+def quantize_layer_int8(layer: nn.Module) -> nn.Module:
+    """One decoder layer's fused projections swapped for int8 versions, in place (engine/layout.py builds
+    a model layer by layer with it, the float weights of one layer alive at a time)."""
     if "x86" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "x86"
-    for layer in model.layers:
-        for name in PROJECTIONS:
-            lin: nn.Linear = getattr(layer, name)
-            setattr(layer, name, int8_linear(lin.weight, lin.bias))
+    for name in PROJECTIONS:
+        lin: nn.Linear = getattr(layer, name)
+        setattr(layer, name, int8_linear(lin.weight, lin.bias))
+    return layer
+
+
+def quantize_head_int8(model: nn.Module) -> nn.Module:
+    """The LM head (the embedding where tied) as an int8 copy beside the float embedding, in place."""
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     model.lm_head_q = int8_linear(head, None)
     model.lm_head = None  # (the int8 head replaces it)
