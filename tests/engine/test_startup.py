@@ -100,14 +100,18 @@ def test_the_fast_reader_refuses_damaged_files(tiny_ggufs, tmp_path):
             read_gguf(str(tmp_path / name))
 
 
-def _rewrite(src: Path, dst: Path, template: str) -> None:
-    """A copy of a GGUF file with another chat template (the vocabulary and tensors unchanged)."""
+def _rewrite(src: Path, dst: Path, template: str, tokenizer_model: str | None = None) -> None:
+    """A copy of a GGUF file with another chat template (the vocabulary and tensors unchanged), and
+    another tokenizer model where given."""
     import gguf
 
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "llama")
     for k, f in r.fields.items():
         if k.startswith("GGUF.") or k in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        if k == "tokenizer.ggml.model" and tokenizer_model is not None:
+            w.add_string(k, tokenizer_model)
             continue
         v, vtype = f.contents(), f.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
@@ -153,6 +157,13 @@ def test_the_tokenizer_cache_is_keyed_by_the_metadata_and_a_damaged_entry_is_reb
         f.write_text("{ not json")
     rebuilt = load_model(str(src)).tokenizer
     assert len(conversions) == 3 and rebuilt.encode("The quick brown fox") == first.encode("The quick brown fox")
+    # the conversion runs in a child interpreter (transformers stays out of the engine's process): what
+    # stops it is this process's clear error, and nothing is cached
+    bad = tmp_path / "bad.gguf"
+    _rewrite(src, bad, "{{ 'x' }}", tokenizer_model="no-such-model")
+    with pytest.raises(KvstrataError, match=r"building the tokenizer of .*bad.gguf failed: \w+"):
+        load_model(str(bad)).tokenizer
+    assert len(list((private_home / "tokenizers").glob("*.json"))) == 4  # (two entries of two files: none for the bad one)
 
 
 def _prefill_logits(llm: LLM) -> torch.Tensor:

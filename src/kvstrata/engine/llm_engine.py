@@ -62,6 +62,8 @@ class LLMEngine(EngineWeights):
         with gc_paused():  # (long-lived objects only: see startup.py)
             self._build(config or EngineConfig(**overrides), loaded)
         release_gc()
+        if self.device_type == "cpu":
+            trim_freed_host_memory()  # (what the build freed since its last trim: a first start's float copies)
 
     def _build(self, cfg: EngineConfig, loaded) -> None:
         # the settings as given (the command line names them so before the engine resolves `auto`)

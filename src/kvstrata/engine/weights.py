@@ -5,6 +5,7 @@ dtype_name, kv_dtype_name, device_type, config and max_model_len."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,10 @@ class EngineWeights:
             self._model = build_model(lm, self.dtype_name, self.device_name, quantization)
             self._layout = layout_arrays(lm, self.dtype_name, self.device_name, quantization)
             if self._layout is not None:
+                # its modules hold reference cycles: collected now, or a command's start (the collector
+                # paused, then everything frozen: startup.py) would keep its weights for good (~240 MB)
                 self._model = None
+                gc.collect()
 
     def _native_step(self, pool) -> Any:
         """The native step over the layout's arrays (or the model), or None; the int8 copies it made its own

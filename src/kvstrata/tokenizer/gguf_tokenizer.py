@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,11 +61,33 @@ def _read_cache(cache: Path, meta_cache: Path) -> tuple[tokenizers.Tokenizer | N
 
 
 def _convert(path: str) -> tuple[tokenizers.Tokenizer, dict]:
+    """transformers' conversion, in a child interpreter that writes the result to a temporary directory:
+    importing transformers adds ~235 MiB to a process for good, and a first start converts while it builds
+    the int8 layout, so in the engine's own process the two would add up (a first `kvstrata serve` peaked
+    at 0.95 GiB with it, against its 1 GiB bound)."""
+    log.info("converting the tokenizer of %s (once; cached)", path)
+    src = str(Path(__file__).resolve().parents[2])  # (the directory kvstrata is imported from)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory(prefix="kvstrata-tokenizer-") as d:
+        out = Path(d) / "tokenizer.json"
+        r = subprocess.run([sys.executable, "-c", _CHILD, path, str(out)], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            raise KvstrataError(f"building the tokenizer of {path} failed: {lines[-1] if lines else r.returncode}")
+        return tokenizers.Tokenizer.from_file(str(out)), json.loads(out.with_suffix(".meta.json").read_text())
+
+
+_CHILD = ("import sys; from kvstrata.core import KvstrataError; from kvstrata.tokenizer.gguf_tokenizer import _convert_to\n"
+          "try:\n    _convert_to(sys.argv[1], sys.argv[2])\n"
+          "except KvstrataError as e:\n    sys.exit(f'KvstrataError: {e}')")
+
+
+def _convert_to(path: str, out: str) -> None:
+    """(In the child) converts with transformers and writes tokenizer.json and its settings to `out`."""
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError as e:
         raise KvstrataError(f"building the tokenizer of {path} needs transformers>=5: {e}") from None
-    log.info("converting the tokenizer of %s (once; cached)", path)
     arch, tok_dict, tok_cfg = get_gguf_tokenizer(path)
     backend, _ = convert_gguf_tokenizer(arch, tok_dict)
     meta = {
@@ -70,7 +95,8 @@ def _convert(path: str) -> tuple[tokenizers.Tokenizer, dict]:
         "eos_token": tok_cfg.get("eos_token"),
         "add_bos_token": bool(tok_cfg.get("add_bos_token", False)),
     }
-    return backend, meta
+    backend.save(out)
+    Path(out).with_suffix(".meta.json").write_text(json.dumps(meta))
 
 
 def _write_cache(cache: Path, meta_cache: Path, backend: tokenizers.Tokenizer, meta: dict) -> None:
