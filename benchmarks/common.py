@@ -66,6 +66,11 @@ def portable(text: str) -> str:
 
 
 def write_results(name: str, markdown: str, data: dict) -> Path:
+    """The results as markdown and JSON, both ending with this process's peak RSS (its VmHWM: the engines
+    a benchmark builds in itself included; servers it starts are processes of their own)."""
+    peak = own_peak_rss_mib()
+    data = {**data, "process_peak_rss_mib": peak}
+    markdown = markdown.rstrip("\n") + f"\n\nPeak RSS of the benchmark's process (VmHWM): {peak:,.0f} MiB.\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = RESULTS / f"{name}.md"
     md.write_text(portable(markdown))
@@ -91,6 +96,20 @@ class Timer:
 
     def __exit__(self, *a):
         self.s = time.perf_counter() - self.t0
+
+
+def own_peak_rss_mib() -> float:
+    """This process's own peak resident memory (MiB): VmHWM, its own memory only (getrusage's ru_maxrss,
+    `peak_rss_mib`, of a process started by vfork + exec, as Python starts one, begins at its parent's
+    high-water mark); ru_maxrss off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mib()
 
 
 def peak_rss_mib() -> float:

@@ -65,6 +65,26 @@ def peer_missing() -> str:
     return "" if ok else why
 
 
+PEAK_NOTE = ("Peak RSS: the largest resident set of any one process of the benchmark (itself, or a server or "
+             "peer it started and waited for), as the kernel reports it when the benchmark exits (wait4's "
+             "ru_maxrss). A process started by vfork + exec, as Python starts one, is charged the high-water mark "
+             "its parent had then, so this is an upper bound; each result file gives its own process's peak, and the "
+             "benchmarks that start servers give theirs.")
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
+    """Runs one benchmark: (its exit code, the peak RSS in MiB of the largest process of its tree)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        _, status, usage = os.wait4(p.pid, 0)
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, usage.ru_maxrss / 1024  # (KiB on Linux)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="run every benchmark; results under benchmarks/results/")
     ap.add_argument("names", nargs="*", help="run only the benchmarks whose name contains one of these")
@@ -73,30 +93,31 @@ def main() -> int:
     only = set(a.names)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}"}
     lines = ["# Benchmark index\n", f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} cores.\n",
-             "| benchmark | result file | seconds | status |", "|---|---|---|---|"]
+             "| benchmark | result file | seconds | peak RSS, MiB | status |", "|---|---|---|---|---|"]
     failed = 0
     for name, args, out in BENCHES:
         if only and not any(o in name for o in only):
             continue
         if not present(args[1]):
-            lines.append(f"| {name} | - | - | not present in this checkout |")
+            lines.append(f"| {name} | - | - | - | not present in this checkout |")
             continue
         if args[1] == "benchmarks.peers.run_peers" and (why := peer_missing()):
             msg = (f"skipped: llama.cpp peer not built; run `make bench-peers`, then `make bench` "
                    f"(this part alone: `python -m benchmarks.run_all peers`) ({why})")
             print(f"== {name}: {msg}", flush=True)
-            lines.append(f"| {name} | - | - | {msg} |")
+            lines.append(f"| {name} | - | - | - | {msg} |")
             continue
         print(f"== {name}", flush=True)
         t0 = time.time()
         quick = a.quick and args[1] in QUICK
         if quick and args[1] == "benchmarks.agent_replay":
             out = "agent_replay_quick.md"
-        p = subprocess.run([sys.executable, *args, *(["--quick"] if quick else [])], cwd=ROOT, env=env)
+        rc, peak = run_child([sys.executable, *args, *(["--quick"] if quick else [])], env)
         dt = time.time() - t0
-        status = "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
-        failed += p.returncode != 0
-        lines.append(f"| {name} | [{out}]({out}) | {dt:.0f} | {status} |")
+        status = "ok" if rc == 0 else f"failed (exit {rc})"
+        failed += rc != 0
+        lines.append(f"| {name} | [{out}]({out}) | {dt:.0f} | {peak:,.0f} | {status} |")
+    lines.append(f"\n{PEAK_NOTE}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "index.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

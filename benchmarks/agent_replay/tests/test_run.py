@@ -1,7 +1,6 @@
 """The command's options, its goals and `make bench`'s dispatch of the replay (no server)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -54,11 +53,12 @@ def test_make_bench_quick_runs_the_replay_short(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(run_all, "run_child", lambda cmd, env: calls.append(cmd) or (0, 123.0))
     monkeypatch.setattr(sys, "argv", ["run_all", "--quick", "agent replay"])
     assert run_all.main() == 0
     assert calls == [[sys.executable, "-m", "benchmarks.agent_replay", "--quick"]]
-    assert "agent_replay_quick.md" in (tmp_path / "index.md").read_text()
+    index = (tmp_path / "index.md").read_text()
+    assert "agent_replay_quick.md" in index and "| 123 | ok |" in index and "peak RSS, MiB" in index
     assert run_all.present("benchmarks.agent_replay") and run_all.present("benchmarks.tier_ttft")
     assert not run_all.present("benchmarks.nothing_here")
 
@@ -87,3 +87,13 @@ def test_result_files_name_no_machine_paths():
     root = Path(run.__file__).resolve().parents[2]
     text = f"{root}/.venv/bin/kvstrata --kv-disk-dir {tempfile.gettempdir()}/kv-x -m {Path.home()}/.cache/m.gguf"
     assert run.portable(text) == "./.venv/bin/kvstrata --kv-disk-dir $TMPDIR/kv-x -m ~/.cache/m.gguf"
+
+
+def test_make_bench_reports_each_benchmarks_exit_code_and_peak_memory():
+    import os
+
+    from benchmarks import run_all
+
+    code = "b = bytearray(160 << 20); b[::4096] = b'x' * len(b[::4096]); import sys; sys.exit(3)"
+    rc, peak = run_all.run_child([sys.executable, "-c", code], dict(os.environ))
+    assert rc == 3 and 160 < peak < 1024
