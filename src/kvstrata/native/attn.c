@@ -126,6 +126,7 @@ static inline __attribute__((always_inline)) void pv_##NV##SUF(const AttnShape *
  * two streams share the score loop and the value loop finds its rows in cache (requesting all of V in one
  * burst before the softmax was 12 % slower at 4,096 context). */
 #define PF_AHEAD 8
+#define PVX 6 /* query heads per pass over V in pvx4 */
 
 /* Scores for head_dim 64 (NV = 4), four positions at a time: their K rows (per KV head, 16 registers) are
  * loaded once for every query head of every query, and one query head's four dot products are reduced
@@ -174,10 +175,64 @@ static inline __attribute__((always_inline)) void scores4p##SUF(const AttnShape 
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
+}                                                                                                              \
+/* Values for head_dim 64 of every query of a chunk (sc: (nq, H, CHUNK), each query's softmax done): the  \
+ * query heads of all queries that share a KV head go through its V rows in passes of up to PVX (24         \
+ * accumulator registers), each V row converted once per pass, not once per query. Each output still      \
+ * accumulates p * V from zero in position order over its own query's positions (pv above), so the same   \
+ * bits; a query's positions beyond the shortest query's of the pass (the drafts' last chunk) are taken    \
+ * one query at a time. */                                                                                \
+static inline __attribute__((always_inline)) void pvx4##SUF(const AttnShape *m, const T *vc, const int64_t *rows, \
+        int nq, const int *nj, const float *sc, float *po, size_t postride) {                                  \
+    const int H = m->H, G = H / m->KVH, D = 64;                                                                \
+    for (int h = 0; h < m->KVH; h++) {                                                                         \
+        const T *vh = vc + (size_t)h * D;                                                                      \
+        for (int idx = 0; idx < nq * G;) {                                                                     \
+            const float *p[PVX];                                                                               \
+            float *o[PVX];                                                                                     \
+            int n[PVX], cnt = 0, nmin = CHUNK, nmax = 0;                                                       \
+            for (; idx < nq * G && cnt < PVX; idx++) {                                                         \
+                const int j = idx / G, g = idx % G;                                                            \
+                if (nj[j] <= 0) continue;                                                                      \
+                p[cnt] = sc + ((size_t)j * H + h * G + g) * CHUNK;                                             \
+                o[cnt] = po + j * postride + (size_t)(h * G + g) * D;                                          \
+                n[cnt] = nj[j];                                                                                \
+                nmin = nj[j] < nmin ? nj[j] : nmin;                                                            \
+                nmax = nj[j] > nmax ? nj[j] : nmax;                                                            \
+                cnt++;                                                                                         \
+            }                                                                                                  \
+            if (cnt == 0) break;                                                                               \
+            __m512 acc[PVX][4];                                                                                \
+            for (int i = 0; i < PVX; i++)                                                                      \
+                for (int k = 0; k < 4; k++) acc[i][k] = _mm512_setzero_ps();                                   \
+            for (int t = 0; t < nmin; t++) {                                                                   \
+                __m512 v[4];                                                                                   \
+                for (int k = 0; k < 4; k++) v[k] = ld16##SUF(vh + rows[t] + 16 * k);                           \
+                for (int i = 0; i < PVX; i++) {                                                                \
+                    if (i >= cnt) break;                                                                       \
+                    const __m512 pv = _mm512_set1_ps(p[i][t]);                                                 \
+                    for (int k = 0; k < 4; k++) acc[i][k] = _mm512_fmadd_ps(pv, v[k], acc[i][k]);              \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int t = nmin; t < nmax; t++) {                                                                \
+                __m512 v[4];                                                                                   \
+                for (int k = 0; k < 4; k++) v[k] = ld16##SUF(vh + rows[t] + 16 * k);                           \
+                for (int i = 0; i < PVX; i++) {                                                                \
+                    if (i >= cnt) break;                                                                       \
+                    if (t >= n[i]) continue;                                                                   \
+                    const __m512 pv = _mm512_set1_ps(p[i][t]);                                                 \
+                    for (int k = 0; k < 4; k++) acc[i][k] = _mm512_fmadd_ps(pv, v[k], acc[i][k]);              \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int i = 0; i < cnt; i++)                                                                      \
+                for (int k = 0; k < 4; k++) _mm512_storeu_ps(o[i] + 16 * k, acc[i][k]);                        \
+        }                                                                                                      \
+    }                                                                                                          \
 }
 #define ATTN_ITEM_AVX512(NV, SUF, T)                                                                           \
 PV_AVX512(NV, SUF, T)                                                                                          \
-/* Each query's softmax over its scores (sc: (nq, H, CHUNK)) and its values, as one query alone. */          \
+/* Each query's softmax over its scores (sc: (nq, H, CHUNK)) and its values, as one query alone (head_dim \
+ * 64: the values of all of them in shared passes over V, pvx4, the same bits). */                        \
 static inline __attribute__((always_inline)) void values_##NV##SUF(const AttnShape *m, const T *vc,           \
         const int64_t *rows, int nq, const int *nj, float *sc, float *po, size_t postride, float *pml,         \
         size_t pmlstride) {                                                                                    \
@@ -185,8 +240,9 @@ static inline __attribute__((always_inline)) void values_##NV##SUF(const AttnSha
         if (nj[j] <= 0) continue;                                                                              \
         float *scj = sc + (size_t)j * m->H * CHUNK;                                                            \
         softmax_rows(scj, pml + j * pmlstride, m->H, nj[j]);                                                   \
-        pv_##NV##SUF(m, vc, rows, nj[j], scj, po + j * postride);                                              \
+        if (NV != 4) pv_##NV##SUF(m, vc, rows, nj[j], scj, po + j * postride);                                 \
     }                                                                                                          \
+    if (NV == 4) pvx4##SUF(m, vc, rows, nq, nj, sc, po, postride);                                            \
 }                                                                                                              \
 /* nq consecutive queries of one sequence over one chunk (nq = 1: a decode; more: a decode row and its     \
  * drafts), each position's K row loaded once for all of them; each query's scores, softmax and values are \
