@@ -16,7 +16,8 @@ n-gram drafts it allows). Default model on the path every entry point runs
 the same turns alternately in one process, so load swings on the machine hit both. Batch 1: decode tokens/s
 from the first token to the last (prefill excluded; each prompt's prefix is cached by a one-token warm-up
 first). Concurrent: N turns added at once (prefixes cached), aggregate generated tokens / wall time, each
-engine run twice in the order off, on, on, off and its two runs averaged (the machine's drift cancels).
+engine run four times in the order off, on, on, off, on, off, off, on and its runs averaged (the machine's
+drift cancels).
 
     python -m benchmarks.speculative [--quick]
 """
@@ -121,11 +122,12 @@ def main() -> None:
         rows.append([f"{wname}: batch 1 decode tok/s", f"{tps['off']:.1f}", f"{tps['on']:.1f}",
                      f"{tps['on'] / tps['off']:.2f}x"])
         for n in (8, 32):
-            # off, on, on, off (ABBA): the VM's throughput drifts by 15-20 % over seconds (two engines with
-            # speculation off, run one after the other, differed that much), so each engine's figure is the
-            # mean of a run early and a run late
+            # off, on, on, off, on, off, off, on (ABBA BAAB): the VM's throughput drifts by 15-20 % over
+            # seconds (two engines with speculation off, run one after the other, differed that much; one
+            # ABBA round alone left single runs 10 % apart), so each engine's figure is the mean of four
+            # runs placed evenly over the measurement
             runs = {"off": [], "on": []}
-            for k in ("off", "on", "on", "off"):
+            for k in ("off", "on", "on", "off", "on", "off", "off", "on"):
                 runs[k].append(concurrent(engines[k], prompts, n, a.max_tokens))
             agg = {k: sum(r[0] for r in v) / len(v) for k, v in runs.items()}
             w[f"concurrent_{n}"] = agg
