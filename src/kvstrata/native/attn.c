@@ -180,8 +180,8 @@ static inline __attribute__((always_inline)) void scores4p##SUF(const AttnShape 
  * query heads of all queries that share a KV head go through its V rows in passes of up to PVX (24         \
  * accumulator registers), each V row converted once per pass, not once per query. Each output still      \
  * accumulates p * V from zero in position order over its own query's positions (pv above), so the same   \
- * bits; a query's positions beyond the shortest query's of the pass (the drafts' last chunk) are taken    \
- * one query at a time. */                                                                                \
+ * bits; past the shortest query of the pass (the drafts' last chunk), a V row goes to the queries that     \
+ * reach it. */                                                                                           \
 static inline __attribute__((always_inline)) void pvx4##SUF(const AttnShape *m, const T *vc, const int64_t *rows, \
         int nq, const int *nj, const float *sc, float *po, size_t postride) {                                  \
     const int H = m->H, G = H / m->KVH, D = 64;                                                                \
