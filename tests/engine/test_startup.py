@@ -249,13 +249,47 @@ def test_the_int8_model_built_layer_by_layer_is_the_one_built_whole(tiny_ggufs, 
         qb = {n: m.int8 for n, m in whole.named_modules() if isinstance(m, PerTokenInt8Linear)}
         assert qa.keys() == qb.keys() and len(qa) == 4 * len(whole.layers) + 1
         assert all(torch.equal(x, y) for k in qa for x, y in zip(qa[k], qb[k]))
-    weights = dict(lm.weights)
-    lm._weights = {k: v for k, v in weights.items() if k != "layers.1.down_proj.weight"}
+    weights = dict(lm.iter_weights())
+    lm._stream = lambda: (kv for kv in weights.items() if kv[0] != "layers.1.down_proj.weight")
     with pytest.raises(KvstrataError, match="missing.*layers.1.down_proj.weight"):
         int8_model_streamed(lm)
-    lm._weights = {**weights, "layers.0.extra.weight": torch.zeros(2)}
+    lm._stream = lambda: iter({**weights, "layers.0.extra.weight": torch.zeros(2)}.items())
     with pytest.raises(KvstrataError, match="layers.0.extra.weight.* has no place"):
         int8_model_streamed(lm)
+
+
+def test_an_hf_checkpoint_is_read_a_tensor_at_a_time_under_the_identity_it_always_had(tiny_llama, tmp_path):
+    """Opening an HF checkpoint reads a few rows of each tensor for its identity, the rest as the model is
+    built; the identity is the hash of the whole tensors' first and last 64 values that earlier versions
+    computed (KV blocks cached under it keep their keys), here recomputed from the file read whole."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_llama, d)
+    full = load_file(str(d / "model.safetensors"))
+    full["model.norm.weight"] = full["model.norm.weight"].to(torch.bfloat16)  # another dtype, a 1-D tensor
+    full["model.extra_scalar"] = torch.tensor(3.0)  # a 0-d tensor (named: not the model's, still hashed)
+    save_file(full, str(d / "model.safetensors"))
+    h = hashlib.sha256(b"hf")
+    h.update((d / "config.json").read_bytes())
+    h.update(f"model.safetensors:{os.path.getsize(d / 'model.safetensors')}".encode())
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            if "rotary_emb" in key:
+                continue
+            t = f.get_tensor(key)  # (whole)
+            h.update(f"{key}:{list(t.shape)}:{t.dtype}".encode())
+            flat = t.reshape(-1)
+            h.update(flat[:64].float().numpy().tobytes() + flat[-64:].float().numpy().tobytes())
+    lm = load_model(str(d), "float32")
+    assert lm.source_id == h.hexdigest()
+    got = dict(lm.iter_weights())
+    assert got["embed_tokens.weight"].dtype == torch.float32
+    assert torch.equal(got["embed_tokens.weight"], full["model.embed_tokens.weight"].float())
+    assert torch.equal(got["norm.weight"], full["model.norm.weight"].float())
 
 
 def _rss_file_kib() -> int:

@@ -57,8 +57,9 @@ def hf_config(d: Path) -> ModelConfig:
 
 
 def load_hf(path: str, dtype):
-    from safetensors import safe_open
-
+    """Opens the checkpoint: its config, names and identity now (a few rows of each tensor read for the
+    identity), the weights themselves as they are asked for (`LoadedModel.iter_weights`: one tensor at a
+    time, so the int8 build holds one layer's float copies, engine/layout.py)."""
     from kvstrata.core import dtype_name
 
     from kvstrata.loader import LoadedModel
@@ -68,32 +69,71 @@ def load_hf(path: str, dtype):
     d = Path(path)
     cfg = hf_config(d)
     cfg_path = d / "config.json"
+    shards = _shards(d)
     h = hashlib.sha256(b"hf")
     h.update(cfg_path.read_bytes())
-    weights: dict[str, torch.Tensor] = {}
-    for shard in _shards(d):
-        h.update(f"{shard.name}:{os.path.getsize(shard)}".encode())
+    names: set[str] = set()
+    for shard, f, key, name in _tensors(shards, hashed=h):
+        names.add(name)
+    expected = {"embed_tokens.weight", "norm.weight"} | {f"layers.{i}.q_proj.weight" for i in range(cfg.num_layers)}
+    missing = sorted(expected - names)
+    if missing:
+        raise KvstrataError(f"{d}: checkpoint lacks tensors {missing[:5]}; is it a complete {cfg.architecture} model?")
+    tok = tokenizer_from_hf_dir(d, cfg.eos_token_ids)
+
+    def stream():
+        for shard, f, key, name in _tensors(shards):
+            try:
+                t = f.get_tensor(key)
+            except Exception as e:
+                raise KvstrataError(f"{shard}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+            yield name, t.to(dtype)
+
+    return LoadedModel(cfg, lambda: dict(stream()), tok, h.hexdigest(), str(d), None, "none", stream=stream)
+
+
+def _tensors(shards: list[Path], hashed=None):
+    """(shard, open file, checkpoint key, our name) of every tensor the model takes, shard by shard. With
+    `hashed`, each shard's name and size and each tensor's key, shape, dtype and first and last 64 values
+    go into it (the identity: only those rows of a tensor are read)."""
+    from safetensors import safe_open
+
+    for shard in shards:
+        if hashed is not None:
+            hashed.update(f"{shard.name}:{os.path.getsize(shard)}".encode())
         try:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
                     name = _our_name(key)
                     if name is None:
                         continue
-                    t = f.get_tensor(key)
-                    h.update(f"{key}:{list(t.shape)}:{t.dtype}".encode())
-                    flat = t.reshape(-1)
-                    h.update(flat[:64].float().numpy().tobytes() + flat[-64:].float().numpy().tobytes())
-                    weights[name] = t.to(dtype)
+                    if hashed is not None:
+                        _hash_tensor(hashed, f.get_slice(key), key)
+                    yield shard, f, key, name
         except KvstrataError:
             raise
         except Exception as e:
             raise KvstrataError(f"{shard}: unreadable safetensors file (truncated or corrupt?): {e}") from None
-    expected = {"embed_tokens.weight", "norm.weight"} | {f"layers.{i}.q_proj.weight" for i in range(cfg.num_layers)}
-    missing = sorted(expected - weights.keys())
-    if missing:
-        raise KvstrataError(f"{d}: checkpoint lacks tensors {missing[:5]}; is it a complete {cfg.architecture} model?")
-    tok = tokenizer_from_hf_dir(d, cfg.eos_token_ids)
-    return LoadedModel(cfg, weights, tok, h.hexdigest(), str(d), None, "none")
+
+
+def _hash_tensor(h, sl, key: str) -> None:
+    """key, shape, dtype and the first and last 64 values of a tensor (flattened), read as whole rows of
+    its first dimension: the bytes earlier versions hashed from the whole tensor, so KV blocks cached
+    under a checkpoint's identity keep their keys."""
+    shape = list(sl.get_shape())
+    if not shape:  # a scalar: read whole
+        t = sl[...]
+        rows_head = rows_tail = t.reshape(-1)
+    else:
+        per_row = 1
+        for n in shape[1:]:
+            per_row *= n
+        r = min(shape[0], -(-64 // max(per_row, 1)))
+        rows_head = sl[0:r].reshape(-1)
+        rows_tail = sl[shape[0] - r: shape[0]].reshape(-1)
+        t = rows_head
+    h.update(f"{key}:{shape}:{t.dtype}".encode())
+    h.update(rows_head[:64].float().numpy().tobytes() + rows_tail[-64:].float().numpy().tobytes())
 
 
 def _with_eos(cfg: ModelConfig, extra: tuple[int, ...]) -> ModelConfig:
