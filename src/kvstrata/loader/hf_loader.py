@@ -62,7 +62,7 @@ def load_hf(path: str, dtype):
     time, so the int8 build holds one layer's float copies, engine/layout.py)."""
     from kvstrata.core import dtype_name
 
-    from kvstrata.loader import LoadedModel
+    from kvstrata.loader import LoadedModel, file_identity
     from kvstrata.tokenizer.gguf_tokenizer import tokenizer_from_hf_dir
 
     dtype = getattr(torch, dtype_name(dtype))
@@ -82,14 +82,21 @@ def load_hf(path: str, dtype):
     tok = tokenizer_from_hf_dir(d, cfg.eos_token_ids)
 
     def stream():
-        for shard, f, key, name in _tensors(shards):
-            try:
-                t = f.get_tensor(key)
+        from safetensors import safe_open
+
+        for shard, _, key, name in list(_tensors(shards)):
+            try:  # (a map of its own per tensor: the pages read go when it closes, not at the end)
+                with safe_open(str(shard), framework="pt") as f:
+                    t = f.get_tensor(key)
             except Exception as e:
                 raise KvstrataError(f"{shard}: unreadable safetensors file (truncated or corrupt?): {e}") from None
             yield name, t.to(dtype)
 
-    return LoadedModel(cfg, lambda: dict(stream()), tok, h.hexdigest(), str(d), None, "none", stream=stream)
+    sid = h.hexdigest()
+    # the files as they are now (paths, sizes, mtimes) with the sampled values: what the int8 layout cache
+    # is keyed by, as a GGUF file's identity (engine/layout.py)
+    identity = hashlib.sha256("|".join(file_identity(str(p), sid) for p in (cfg_path, *shards)).encode()).hexdigest()
+    return LoadedModel(cfg, lambda: dict(stream()), tok, sid, str(d), None, "none", identity=identity, stream=stream)
 
 
 def _tensors(shards: list[Path], hashed=None):
