@@ -292,6 +292,29 @@ def test_an_hf_checkpoint_is_read_a_tensor_at_a_time_under_the_identity_it_alway
     assert torch.equal(got["norm.weight"], full["model.norm.weight"].float())
 
 
+def test_an_hf_checkpoint_gets_the_layout_cache_and_a_changed_shard_rebuilds_it(tiny_llama, tmp_path, private_home,
+                                                                                  monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from kvstrata.engine import setup
+
+    builds = []
+    real = setup.int8_model_streamed
+    monkeypatch.setattr(setup, "int8_model_streamed", lambda lm: builds.append(lm.path) or real(lm))
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_llama, d)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    built = LLM(str(d), kv_device_bytes="4M").generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+    assert len(builds) == 1 and len(list((private_home / "layouts").glob("*.kvt"))) == 1
+    cached = LLM(str(d), kv_device_bytes="4M")
+    assert len(builds) == 1 and cached.generate([[5, 6, 7]], params)[0].outputs[0].token_ids == built
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"] * 2
+    save_file(sd, str(d / "model.safetensors"))  # other weights in the same shard: rebuilt, not trusted
+    LLM(str(d), kv_device_bytes="4M")
+    assert len(builds) == 2
+
+
 def _rss_file_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssFile:"):
