@@ -619,6 +619,29 @@ def test_a_start_from_the_layout_cache_needs_no_torch_and_gives_the_tokens_of_th
     assert llm.generate("The quick brown fox", SamplingParams(max_tokens=24, ignore_eos=True))[0].outputs[0].token_ids == built
 
 
+def test_an_hf_checkpoint_starts_from_the_layout_cache_without_torch(tiny_llama, tmp_path):
+    """An HF checkpoint is opened from its shards' headers and a few values read with numpy, so once its
+    layout is cached a start imports no torch, and gives the tokens of the start that built it."""
+    import json
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_llama, d)
+    probe = ("import sys; from kvstrata.cli.main import main; rc = main(sys.argv[1:]); "
+             "print('TORCH', 'torch' in sys.modules); sys.exit(rc)")
+
+    def run() -> tuple[list[int], str]:
+        r = subprocess.run([sys.executable, "-c", probe, "generate", "--model", str(d), "--json", "--max-tokens", "16",
+                            "--ignore-eos", "--kv-device-bytes", "4M", "The quick brown fox"],
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines = r.stdout.splitlines()
+        return json.loads(lines[0])["token_ids"], lines[-1]
+
+    built, first = run()
+    assert first == "TORCH True"  # (nothing cached yet: built in torch)
+    assert run() == (built, "TORCH False") and len(built) == 16
+
+
 def test_serve_with_tiers_answers_sampled_session_and_structured_requests_without_torch(tiny_ggufs, tmp_path):
     """`kvstrata serve` with `make serve`'s tiers (host and disk) on a model whose layout is cached: a
     sampled completion with logprobs, a session's two chat turns (its blocks written behind to the disk
