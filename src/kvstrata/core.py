@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import Sequence
 
 
+def imported(name: str):
+    """The module `name` where it is imported and its import has finished, else None. `name in sys.modules`
+    is not enough where the engine runs beside other threads: a module another thread is importing sits
+    there half built (an engine step asking a half-imported torch for its thread count failed with
+    "partially initialized module 'torch' has no attribute 'get_num_threads'")."""
+    import sys
+
+    mod = sys.modules.get(name)
+    if mod is None or getattr(getattr(mod, "__spec__", None), "_initializing", False):
+        return None
+    return mod
+
+
 def kvstrata_home() -> Path:
     """Where kvstrata keeps what it derives and measures (the session store, converted tokenizers, cached
     weight layouts, compiled kernels, the machine calibration): $KVSTRATA_HOME, else ~/.cache/kvstrata."""

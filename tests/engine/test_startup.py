@@ -759,3 +759,25 @@ def test_the_time_since_process_start_is_read_to_the_clock_tick():
                          capture_output=True, text=True, check=True).stdout
     elapsed = time.time() - t0
     assert 0.0 <= float(out) <= elapsed + 0.011
+
+
+def test_a_module_another_thread_is_still_importing_is_not_used(monkeypatch, tmp_path):
+    """An engine step beside a thread importing torch once asked the half-built module for its thread
+    count and failed ("partially initialized module 'torch' has no attribute 'get_num_threads'"): a module
+    whose import has not finished reads as absent, and the step counts its threads without it."""
+    import importlib.machinery
+    import types
+
+    from kvstrata.core import imported
+    from kvstrata.native import _default_threads, default_threads
+
+    (tmp_path / "slow_kv_mod.py").write_text("from kvstrata.core import imported\nDURING = imported('slow_kv_mod')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import slow_kv_mod
+
+    assert slow_kv_mod.DURING is None and imported("slow_kv_mod") is slow_kv_mod and imported("no_such_kv_mod") is None
+    half = types.ModuleType("torch")  # what sys.modules holds while another thread runs torch's __init__
+    half.__spec__ = importlib.machinery.ModuleSpec("torch", None)
+    half.__spec__._initializing = True
+    monkeypatch.setitem(sys.modules, "torch", half)
+    assert default_threads() == _default_threads()

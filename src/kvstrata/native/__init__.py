@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -115,7 +114,9 @@ def _share_torch_openmp() -> None:
     """Loads the OpenMP runtime torch ships (torch/lib/libgomp*.so*) globally, without importing torch, so
     the step's own reference to libgomp.so.1 and torch's, whenever it is imported, resolve to that one
     runtime. Where torch ships none (or is loaded already) it imports torch, as before."""
-    if "torch" in sys.modules:
+    from kvstrata.core import imported
+
+    if imported("torch") is not None:  # (half imported by another thread: its libgomp may not be loaded yet)
         return
     spec = importlib.util.find_spec("torch")
     libdir = Path(spec.origin).parent / "lib" if spec is not None and spec.origin else None
@@ -130,9 +131,10 @@ def _share_torch_openmp() -> None:
 def default_threads() -> int:
     """The step's threads when none are set: torch's intra-op count where torch is loaded; else as torch
     would choose it: OMP_NUM_THREADS, or the physical cores this process may run on."""
-    if "torch" in sys.modules:
-        return sys.modules["torch"].get_num_threads()
-    return _default_threads()
+    from kvstrata.core import imported
+
+    torch = imported("torch")
+    return torch.get_num_threads() if torch is not None else _default_threads()
 
 
 @functools.cache

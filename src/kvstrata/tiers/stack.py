@@ -15,13 +15,12 @@ import functools
 import logging
 import threading
 from collections import Counter, deque
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from kvstrata.core import KvstrataError
+from kvstrata.core import KvstrataError, imported
 from kvstrata.tiers import codec as kvcodec
 from kvstrata.tiers.base import Blob, Tier
 from kvstrata.tiers.policy import TierPolicy, prefix_holders
@@ -329,8 +328,9 @@ class TierStack:
         """One OpenMP thread for any torch op on the mover thread (a bfloat16 payload's): a second team
         beside the engine's would oversubscribe the CPUs and make libgomp sleep at every barrier of
         every engine op (engine/async_engine.py). numpy payloads run no torch op here."""
-        if not getattr(self, "_torch_threads_set", True) and "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(1)
+        torch = imported("torch") if not getattr(self, "_torch_threads_set", True) else None
+        if torch is not None:
+            torch.set_num_threads(1)
             self._torch_threads_set = True
 
     def _do(self, job: _Job) -> None:
