@@ -250,10 +250,10 @@ def test_the_int8_model_built_layer_by_layer_is_the_one_built_whole(tiny_ggufs, 
         assert qa.keys() == qb.keys() and len(qa) == 4 * len(whole.layers) + 1
         assert all(torch.equal(x, y) for k in qa for x, y in zip(qa[k], qb[k]))
     weights = dict(lm.iter_weights())
-    lm._stream = lambda: (kv for kv in weights.items() if kv[0] != "layers.1.down_proj.weight")
+    lm._weights = lambda: (kv for kv in weights.items() if kv[0] != "layers.1.down_proj.weight")
     with pytest.raises(KvstrataError, match="missing.*layers.1.down_proj.weight"):
         int8_model_streamed(lm)
-    lm._stream = lambda: iter({**weights, "layers.0.extra.weight": torch.zeros(2)}.items())
+    lm._weights = lambda: iter({**weights, "layers.0.extra.weight": torch.zeros(2)}.items())
     with pytest.raises(KvstrataError, match="layers.0.extra.weight.* has no place"):
         int8_model_streamed(lm)
 

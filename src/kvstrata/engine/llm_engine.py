@@ -63,7 +63,7 @@ class LLMEngine(EngineWeights):
             self._build(config or EngineConfig(**overrides), loaded)
         release_gc()
         if self.device_type == "cpu":
-            trim_freed_host_memory()  # (what the build freed since its last trim: a first start's float copies)
+            trim_freed_host_memory()  # (what the build freed since the tokenizer: the native step's setup, a first start's float copies)
 
     def _build(self, cfg: EngineConfig, loaded) -> None:
         # the settings as given (the command line names them so before the engine resolves `auto`)
@@ -120,9 +120,7 @@ class LLMEngine(EngineWeights):
         self.runner.native = self._native_step(self.pool)
         if self.runner.native is not None and loaded is None:  # the next start of these settings backs it early
             remember_arena(hint_key, self.runner.native.weight_bytes)
-        if self.device_type == "cpu":
-            trim_freed_host_memory()
-        phases.mark("native step")
+        phases.mark("native step")  # (what the native step's setup freed is trimmed once the build is done)
         self.start_phases = phases
         self.sampler = Sampler()
         self.speculative = cfg.speculative != "off" and self.runner.native is not None

@@ -24,19 +24,19 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LoadedModel:
     """A checkpoint opened for the engine: config, tokenizer, identity, and its weights.
 
-    `weights` (our parameter names, see model/llama.py, dequantized to the load dtype) are read when
-    asked for when given as a function: an engine that finds its built weights in the layout cache
-    (engine/layout.py) never dequantizes the file. `identity` names the file as it is now (path, size,
-    mtime, sampled content; None where no cache may be derived from it). `stream`, where the loader gives
-    one, reads the same weights one (name, tensor) at a time (`iter_weights`)."""
+    `weights` (our parameter names, see model/llama.py, dequantized to the load dtype): a dict, or a
+    function that reads them from the file one (name, tensor) at a time when asked for, so an engine that
+    finds its built weights in the layout cache (engine/layout.py) never dequantizes the file, and one that
+    builds them holds one tensor's float copy at a time (`iter_weights`). `identity` names the file as it is
+    now (path, size, mtime, sampled content; None where no cache may be derived from it)."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
+    def __init__(self, config: ModelConfig,
+                 weights: dict[str, torch.Tensor] | Callable[[], Iterator[tuple[str, torch.Tensor]]],
                  tokenizer: Tokenizer | Future, source_id: str, path: str, rope_freqs: np.ndarray | torch.Tensor | None = None,
-                 quantization: str = "none", identity: str | None = None,
-                 stream: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None) -> None:
+                 quantization: str = "none", identity: str | None = None) -> None:
         self.config, self.source_id, self.path = config, source_id, path
         self.rope_freqs, self.quantization, self.identity = rope_freqs, quantization, identity
-        self._weights, self._tokenizer, self._stream = weights, tokenizer, stream
+        self._weights, self._tokenizer = weights, tokenizer
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -50,12 +50,12 @@ class LoadedModel:
     def weights(self) -> dict[str, torch.Tensor]:
         """Read from the file on each access when the loader gave a function (never kept here: once the
         model has replaced a tensor, by fusing or quantizing it, its memory goes back)."""
-        return self._weights() if callable(self._weights) else self._weights
+        return dict(self._weights()) if callable(self._weights) else self._weights
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The weights one (name, tensor) at a time: read as they are asked for where the loader can
-        (a GGUF file), else from `weights`."""
-        return self._stream() if self._stream is not None else iter(self.weights.items())
+        """The weights one (name, tensor) at a time, read from the file as they are asked for where the
+        loader gave a function (GGUF and HF files)."""
+        return self._weights() if callable(self._weights) else iter(self._weights.items())
 
 
 

@@ -167,11 +167,6 @@ def iter_weights(g: GGUFFile, cfg: ModelConfig, dtype, path: str):
         yield name, arr.to(dtype)
 
 
-def read_weights(g: GGUFFile, cfg: ModelConfig, dtype, path: str) -> dict:
-    """Every weight at once (`iter_weights` into a dict)."""
-    return dict(iter_weights(g, cfg, dtype, path))
-
-
 def load_gguf(path: str, dtype):
     from kvstrata.core import kvstrata_home
     from kvstrata.loader import LoadedModel, file_identity
@@ -197,5 +192,5 @@ def load_gguf(path: str, dtype):
     rope_freqs = (np.array(_dequantize_array(g.tensor_array(rope), rope, path), dtype=np.float32)
                   if rope is not None else None)
     quant = ",".join(sorted({t.type_name for t in g.tensors} - {"F32"})) or "F32"
-    return LoadedModel(cfg, lambda: read_weights(g, cfg, dtype, path), tok, sid, path, rope_freqs, quant,
-                       identity=file_identity(path, sid), stream=lambda: iter_weights(g, cfg, dtype, path))
+    return LoadedModel(cfg, lambda: iter_weights(g, cfg, dtype, path), tok, sid, path, rope_freqs, quant,
+                       identity=file_identity(path, sid))

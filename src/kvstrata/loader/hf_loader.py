@@ -75,11 +75,12 @@ def load_hf(path: str, dtype):
     for shard in shards:
         h.update(f"{shard.name}:{os.path.getsize(shard)}".encode())
         header, start = _header(shard)
-        for key in sorted(header):  # (the order safetensors' keys() gives)
-            name = _our_name(key)
-            if name is not None:
-                _hash_tensor(h, shard, key, header[key], start)
-                entries.append((shard, key, name))
+        with open(shard, "rb") as f:
+            for key in sorted(header):  # (the order safetensors' keys() gives)
+                name = _our_name(key)
+                if name is not None:
+                    _hash_tensor(h, f, shard, key, header[key], start)
+                    entries.append((shard, key, name))
     names = {name for _, _, name in entries}
     expected = {"embed_tokens.weight", "norm.weight"} | {f"layers.{i}.q_proj.weight" for i in range(cfg.num_layers)}
     missing = sorted(expected - names)
@@ -106,7 +107,7 @@ def load_hf(path: str, dtype):
     # the files as they are now (paths, sizes, mtimes) with the sampled values: what the int8 layout cache
     # is keyed by, as a GGUF file's identity (engine/layout.py)
     identity = hashlib.sha256("|".join(file_identity(str(p), sid) for p in (cfg_path, *shards)).encode()).hexdigest()
-    return LoadedModel(cfg, lambda: dict(stream()), tok, sid, str(d), None, "none", identity=identity, stream=stream)
+    return LoadedModel(cfg, stream, tok, sid, str(d), None, "none", identity=identity)
 
 
 # safetensors dtypes: (torch's name, as the identity names it; numpy's little-endian type, None for bf16)
@@ -136,21 +137,20 @@ def _header(shard: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _hash_tensor(h, shard: Path, key: str, info: dict, start: int) -> None:
+def _hash_tensor(h, f, shard: Path, key: str, info: dict, start: int) -> None:
     """key, shape, dtype and the first and last 64 values (flattened, as float32) of a tensor: the bytes
     earlier versions hashed from the whole tensor in torch, so KV blocks cached under a checkpoint's
-    identity keep their keys; only those values are read."""
+    identity keep their keys; only those values are read (from `f`, the shard open)."""
     dt, shape, (b0, b1) = info["dtype"], list(info["shape"]), info["data_offsets"]
     if dt not in _DTYPES:  # (float8 and the like: through safetensors and torch)
         return _hash_tensor_torch(h, shard, key)
     tname, np_type = _DTYPES[dt]
     item = 2 if np_type is None else np.dtype(np_type).itemsize
     count = min(64, (b1 - b0) // item)
-    with open(shard, "rb") as f:
-        f.seek(start + b0)
-        head = f.read(count * item)
-        f.seek(start + b1 - count * item)
-        tail = f.read(count * item)
+    f.seek(start + b0)
+    head = f.read(count * item)
+    f.seek(start + b1 - count * item)
+    tail = f.read(count * item)
 
     def as_f32(raw: bytes) -> bytes:
         if np_type is None:  # bf16: the high half of a float32
