@@ -114,6 +114,36 @@ def test_the_native_step_gives_a_row_the_same_bits_in_any_step(quantization, kv_
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not native.native_status().get("amx"), reason="the CPU has no AMX tiles (or the kernel refused them)")
+@pytest.mark.parametrize("shape", [dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=320),
+                                   # inputs of 160 and 90: not whole tiles of 64, those products stay on VNNI
+                                   dict(intermediate_size=90)])
+def test_amx_tiles_give_the_bits_of_the_vnni_kernel(shape, tmp_path):
+    """On a CPU with AMX (Intel since Sapphire Rapids) int8 products of 4 rows or more run on its tiles
+    (gemm.c mm_i8_amx); their int32 sums are exact, so every row count, a whole 16-row tile and partial
+    ones, gives the logits and pool contents of the VNNI kernel bit for bit (switched off in the same
+    process)."""
+    model = make_tiny_checkpoint(tmp_path / "m", initializer_range=0.05, **shape)
+    llm = LLM(str(model), kv_device_bytes="32M", quantization="int8", native_decode="on")
+    eng, nat, lib = llm.engine, llm.engine.runner.native, native.library()
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(3, eng.model_config.vocab_size, (150,), generator=g).tolist()
+    try:
+        runs = []
+        for amx in (1, 0):
+            assert lib.kv_amx(amx) == amx
+            seq, got, p = _Seq(eng, ids), [], 0
+            for size in (40, 16, 17, 4, 5, 3, 65):  # a prompt in chunks, then draft-sized steps
+                got.append(_call(nat, [(seq, q) for q in range(p, p + size)], list(range(size))))
+                p += size
+            runs.append((torch.cat(got), _pool_rows(eng, seq, p)))
+    finally:
+        lib.kv_amx(1)
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
 def test_the_engine_runs_every_cpu_step_natively_and_batched_greedy_tokens_match_alone(small_model):
     """Through the engine: a prompt's greedy tokens alone == batched with others (prefill and decode
     rows mixed in its steps) == chunked under a 7-token budget; every step went to the native step."""

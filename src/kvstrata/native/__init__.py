@@ -7,7 +7,9 @@ binary and the CPU's flags, so later starts only load it), into $KVSTRATA_HOME/n
 instead of two fighting over the cores: torch's bundled libgomp is loaded first, by path and without
 importing torch (`_share_torch_openmp`), so the step runs in a process that has not imported torch
 and torch, imported later, finds the same runtime loaded. Where no compiler is available the engine keeps the torch path and says why
-(`native_status()`); `KVSTRATA_NATIVE=0` turns the native path off.
+(`native_status()`); `KVSTRATA_NATIVE=0` turns the native path off. On CPUs with AMX (Intel since
+Sapphire Rapids) int8 products of 4 rows or more (prefill chunks, draft verification, batches) run on its
+tiles, with the same integer sums as VNNI so the same bits; `KVSTRATA_AMX=0` keeps them on VNNI.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def library() -> ctypes.CDLL | None:
         _status.update(available=False, reason=str(e))
         log.warning("native step unavailable, using the torch path: %s", e)
         return None
-    _status.update(available=True, reason="", path=lib._name, vnni=bool(lib.kv_has_vnni()))
+    _status.update(available=True, reason="", path=lib._name, vnni=bool(lib.kv_has_vnni()),
+                   amx=bool(lib.kv_amx(0 if os.environ.get("KVSTRATA_AMX") == "0" else 1)))
     return lib
 
 
@@ -168,6 +171,8 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.kv_model_new.argtypes = [P, P, P, P, P, ctypes.c_size_t]
     lib.kv_model_free.argtypes = [P]
     lib.kv_has_vnni.restype = I
+    lib.kv_amx.restype = I
+    lib.kv_amx.argtypes = [I]
     lib.kv_model_weight_bytes.restype = ctypes.c_size_t
     lib.kv_model_weight_bytes.argtypes = [P]
     lib.kv_model_arena_mapped.restype = I

@@ -2,7 +2,8 @@
  *
  *   int8:  activations quantized per row (quantize_row), u8 x s8 products summed in int32: exact, so
  *          the kernel may block rows and columns however it likes. Then one float formula per element:
- *          y = (float)(acc - zp * rowsum) * (scale_x * scale_w) + b.
+ *          y = (float)(acc - zp * rowsum) * (scale_x * scale_w) + b. On CPUs with AMX (Intel since
+ *          Sapphire Rapids) blocks of 4 rows or more multiply on tiles, the same integer sums.
  *   fp32 / int4: a dot product per element in 16 lanes (lane l sums inputs l, l + 16, ... in order, one
  *          FMA each), then the lanes reduced in one fixed tree; int4 weights are expanded to floats
  *          (d * q + m, one FMA) right before use. The same instruction sequence runs for an element
@@ -82,7 +83,7 @@ static inline __attribute__((always_inline)) void i8_tile(const Mat *W, const Ac
     }
 }
 
-static void i8_store(const Mat *W, const Act *A, int m0, int mr, int p, int np, __m512i acc[I8_MR][4], float *y,
+static void i8_store(const Mat *W, const Act *A, int m0, int mr, int p, int np, const __m512i acc[][4], float *y,
                      int ldy, int add, int c0, int c1) {
     for (int j = 0; j < np; j++) {
         int n0 = 16 * (p + j), lo = c0 > n0 ? c0 - n0 : 0, hi = c1 - n0 < 16 ? c1 - n0 : 16;
@@ -102,7 +103,109 @@ static void i8_store(const Mat *W, const Act *A, int m0, int mr, int p, int np, 
     }
 }
 
+#if KV_AMX
+/* The same products on AMX tiles (Intel since Sapphire Rapids): TDPBUSD multiplies a tile of up to 16
+ * activation rows x 64 inputs (u8) by 64 inputs x 16 weight rows (s8, in the packed layout's groups of 4:
+ * one panel of 16 rows over 16 groups is a tile, rows 256 bytes apart) into 16 x 16 int32 sums. The sums
+ * are exact, so they are the VNNI kernel's to the bit, and the same i8_store makes the floats. Tile 0 holds
+ * the activations, 1-3 the weights, 4-7 one quad's sums. Used where the kernel grants the process its tile
+ * state (arch_prctl) and k is a multiple of 64. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int amx_state; /* 0: not asked yet; 1: tiles granted; -1: refused, or switched off */
+
+int kv_amx(int want) {
+    int s = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+    if (want >= 0 || s == 0) {
+        s = want != 0 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+        __atomic_store_n(&amx_state, s, __ATOMIC_RELEASE);
+    }
+    return s > 0;
+}
+
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileCfg;
+
+/* every call configures its thread's tiles: something else on the thread (oneDNN in torch) may have
+ * configured or released them since */
+static void amx_config(int mr) {
+    TileCfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = t >= 1 && t <= 3 ? 16 : mr;
+    }
+    _tile_loadconfig(&c);
+}
+
+#define AMX_AHEAD 1 /* 4 KB blocks of a quad's weights requested ahead */
+
+static void mm_i8_amx(const Mat *W, const Act *A, int M, float *y, int ldy, int add, int c0, int c1) {
+    const int MB = 96; /* rows per block, as mm_i8 */
+    const int p0 = c0 / 16, p1 = (c1 + 15) / 16, kb_n = W->kp / 64;
+    int32_t sums[16][64] __attribute__((aligned(64)));
+    int cfg = 0;
+    for (int mb = 0; mb < M; mb += MB) {
+        const int me = mb + MB < M ? mb + MB : M;
+        for (int p = p0; p < p1;) {
+            const int np = p1 - p < 4 - p % 4 ? p1 - p : 4 - p % 4; /* the rest of p's quad */
+            const int8_t *w = W->wp + (size_t)(p / 4) * W->kp * 64 + (size_t)(p % 4) * 64;
+            for (int m0 = mb; m0 < me; m0 += 16) {
+                const int mr = me - m0 < 16 ? me - m0 : 16;
+                if (mr != cfg) {
+                    amx_config(mr);
+                    cfg = mr;
+                }
+                const uint8_t *a = A->q + (size_t)m0 * A->ldq;
+                _tile_zero(4);
+                _tile_zero(5);
+                _tile_zero(6);
+                _tile_zero(7);
+                for (int kb = 0; kb < kb_n; kb++) {
+                    const int8_t *wk = w + (size_t)kb * 4096;
+                    for (int l = 0; l < 4096; l += 64) _mm_prefetch((const char *)(wk + AMX_AHEAD * 4096 + l), _MM_HINT_T0);
+                    _tile_loadd(0, a + (size_t)kb * 64, A->ldq);
+                    _tile_loadd(1, wk, 256);
+                    _tile_dpbusd(4, 0, 1);
+                    if (np > 1) {
+                        _tile_loadd(2, wk + 64, 256);
+                        _tile_dpbusd(5, 0, 2);
+                    }
+                    if (np > 2) {
+                        _tile_loadd(3, wk + 128, 256);
+                        _tile_dpbusd(6, 0, 3);
+                    }
+                    if (np > 3) {
+                        _tile_loadd(1, wk + 192, 256);
+                        _tile_dpbusd(7, 0, 1);
+                    }
+                }
+                _tile_stored(4, &sums[0][0], 256);
+                _tile_stored(5, &sums[0][16], 256);
+                _tile_stored(6, &sums[0][32], 256);
+                _tile_stored(7, &sums[0][48], 256);
+                i8_store(W, A, m0, mr, p, np, (const __m512i(*)[4])sums, y, ldy, add, c0, c1);
+            }
+            p += np;
+        }
+    }
+}
+#else
+int kv_amx(int want) { (void)want; return 0; }
+#endif
+
 static void mm_i8(const Mat *W, const Act *A, int M, float *y, int ldy, int add, int c0, int c1) {
+#if KV_AMX
+    if (M >= AMX_MIN_ROWS && W->kp % 64 == 0 && kv_amx(-1)) {
+        mm_i8_amx(W, A, M, y, ldy, add, c0, c1);
+        return;
+    }
+#endif
     const int MB = 96;  /* rows per block: MB x kp bytes stay in L2 while the quads stream by */
     const int p0 = c0 / 16, p1 = (c1 + 15) / 16;
     __m512i acc[I8_MR][4];
@@ -121,13 +224,14 @@ static void mm_i8(const Mat *W, const Act *A, int M, float *y, int ldy, int add,
                     break;
                 switch (mr) { I8_NP(1) I8_NP(2) I8_NP(3) I8_NP(4) I8_NP(5) I8_NP(6) }
 #undef I8_NP
-                i8_store(W, A, m0, mr, p, np, acc, y, ldy, add, c0, c1);
+                i8_store(W, A, m0, mr, p, np, (const __m512i(*)[4])acc, y, ldy, add, c0, c1);
             }
             p += np;
         }
     }
 }
 #else
+int kv_amx(int want) { (void)want; return 0; }
 static void mm_i8(const Mat *W, const Act *A, int M, float *y, int ldy, int add, int c0, int c1) {
     for (int c = c0; c < c1; c++) {
         for (int i = 0; i < M; i++) {
