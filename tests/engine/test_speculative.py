@@ -19,8 +19,8 @@ import torch
 
 from kvstrata import LLM, SamplingParams
 from kvstrata.core import KvstrataError, chain_keys
-from kvstrata.engine.speculative import (LOW_ACCEPT, NGRAMS, PRIOR_FIRST, PROBE_EVERY, STEP_COST, STEP_ROWS, DraftStats,
-                                         NgramDrafter, OutputHistory, StepCost, draft_budget, draft_length,
+from kvstrata.engine.speculative import (AMX_ROW, LOW_ACCEPT, NGRAMS, PRIOR_FIRST, PROBE_EVERY, STEP_COST, STEP_ROWS,
+                                         DraftStats, NgramDrafter, OutputHistory, StepCost, draft_budget, draft_length,
                                          expected_accepted)
 from kvstrata.engine.sampler import next_token
 from kvstrata.sched.sequence import Sequence
@@ -491,6 +491,10 @@ def test_the_step_cost_scales_with_the_model():
     assert StepCost.of(30, 9, 3, 64, 4, int(138.4e6)).read == pytest.approx(2 * ref.read)
     assert ref.plain([1000, 2000]) == pytest.approx(1 + 3000 * (ref.read + ref.attend) + ref.row)
     assert ref.draft_row(1000) == pytest.approx(ref.row + 1000 * ref.attend)
+    # on AMX tiles a row's weight products cost less, its attention the same: longer drafts pay
+    amx = StepCost.of(30, 9, 3, 64, 2, int(138.4e6), amx=True)
+    assert amx.row == AMX_ROW < ref.row and (amx.read, amx.attend) == (ref.read, ref.attend)
+    assert draft_length(12, (0.5, 0.8), 256, model=amx) > draft_length(12, (0.5, 0.8), 256, model=ref)
 
 
 class _Recorder:

@@ -132,7 +132,8 @@ class LLMEngine(EngineWeights):
                                else None)
         self.draft_stats = DraftStats()  # acceptance per kind of draft, learned over this engine's requests
         self.step_cost = (StepCost.of(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, self.pool.element_size,
-                                      self.runner.native.weight_bytes) if self.speculative else None)
+                                      self.runner.native.weight_bytes, amx=self.runner.native.amx)
+                          if self.speculative else None)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)

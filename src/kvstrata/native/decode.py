@@ -209,6 +209,8 @@ class NativeDecoder:
             raise KvstrataError("the native step could not allocate its weights")
         self.weight_bytes = int(lib.kv_model_weight_bytes(self.handle))  # its own int8 copy, beside fbgemm's
         self.arena_mapped = bool(lib.kv_model_arena_mapped(self.handle))  # in the map given, backed ahead
+        # int8 products of 4 rows or more on AMX tiles (native/gemm.c): a step's extra rows cost less
+        self.amx = self.formats == ["int8"] and bool(lib.kv_amx(-1))
 
     def __del__(self) -> None:
         h, self.handle = getattr(self, "handle", None), None
