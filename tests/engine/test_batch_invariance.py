@@ -114,7 +114,7 @@ def test_the_native_step_gives_a_row_the_same_bits_in_any_step(quantization, kv_
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not native.native_status().get("amx"), reason="the CPU has no AMX tiles (or the kernel refused them)")
+@pytest.mark.skipif(not native.native_status().get("amx"), reason="no AMX tiles: not on this CPU, refused by the kernel, or KVSTRATA_AMX=0")
 @pytest.mark.parametrize("shape", [dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=320),
                                    # inputs of 160 and 90: not whole tiles of 64, those products stay on VNNI
                                    dict(intermediate_size=90)])
